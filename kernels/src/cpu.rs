@@ -1,0 +1,411 @@
+//! The CPU backend: runtime ISA detection, a thread pool per thread count,
+//! and the drivers that cut products into cache-sized, parallel pieces.
+//!
+//! Three kernels cover every product:
+//! - GEMV streams packed rows against one token (decode): weights are read
+//!   once, straight from the 2-bit layout.
+//! - GEMM packs 32 output rows at a time into a *panel* of unsigned codes,
+//!   `[quad][32][4]` bytes, and a microkernel multiplies several tokens by it
+//!   with one `vpdpbusd` (or `vpmaddubsw`) per 4 inputs x 16 outputs.
+//! - The transposed product `dX = dY W` packs 32 *columns* of `W` into the
+//!   same panel shape (quads now run over rows), so the same microkernel
+//!   serves it.
+//!
+//! All arithmetic is in integers, so results do not depend on the thread
+//! count or on how the work is split.
+
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use rayon::prelude::*;
+
+use crate::ternary::{GROUP, GROUP_BYTES, ZERO_CODE};
+use crate::{Error, QuantizedActivations, Result, TernaryMatrix};
+
+/// Outputs per panel (the microkernel's width).
+const NR: usize = 32;
+/// Panels a GEMM task packs before it walks the tokens, so that a block of
+/// tokens is reused across `PANELS_PER_TASK * NR` outputs.
+const PANELS_PER_TASK: usize = 4;
+/// Tokens per block inside a GEMM task.
+const TOKENS_PER_BLOCK: usize = 64;
+/// Up to this many tokens, products stream rows (GEMV) instead of packing.
+const GEMV_MAX_TOKENS: usize = 2;
+
+/// A CPU instruction set with a kernel here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Isa {
+    /// Portable Rust on the packed layout (auto-vectorized where it can be).
+    Scalar,
+    /// x86-64 AVX2 (`vpmaddubsw`).
+    Avx2,
+    /// x86-64 AVX-512 F/BW/VL with VNNI (`vpdpbusd`).
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// Every instruction set, best last.
+    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni];
+
+    /// Whether this CPU can run the kernels of `self`.
+    pub fn is_available(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The best instruction set this CPU has.
+    pub fn detect() -> Isa {
+        Isa::ALL
+            .into_iter()
+            .rev()
+            .find(|isa| isa.is_available())
+            .unwrap_or(Isa::Scalar)
+    }
+
+    /// A short name for logs and benchmarks.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512-vnni",
+        }
+    }
+}
+
+/// The CPU backend: an instruction set and a thread count.
+#[derive(Clone)]
+pub struct Cpu {
+    isa: Isa,
+    threads: usize,
+    pool: Arc<rayon::ThreadPool>,
+}
+
+impl std::fmt::Debug for Cpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cpu")
+            .field("isa", &self.isa)
+            .field("threads", &self.threads)
+            .finish()
+    }
+}
+
+/// One pool per thread count, shared by every [`Cpu`] in the process.
+fn pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
+    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
+    let mut pools = POOLS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = pools.get(&threads) {
+        return Ok(p.clone());
+    }
+    let p = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("tern-cpu-{i}"))
+        .build()
+        .map_err(|e| Error::Threads(e.to_string()))?;
+    let p = Arc::new(p);
+    pools.insert(threads, p.clone());
+    Ok(p)
+}
+
+/// The number of threads the OS lets this process use.
+pub fn available_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+impl Cpu {
+    /// A backend with `isa` on `threads` threads (0 means all available).
+    pub fn new(isa: Isa, threads: usize) -> Result<Self> {
+        if !isa.is_available() {
+            return Err(Error::IsaUnavailable(isa.name()));
+        }
+        let threads = if threads == 0 { available_threads() } else { threads };
+        Ok(Self {
+            isa,
+            threads,
+            pool: pool(threads)?,
+        })
+    }
+
+    /// The best instruction set on every available thread.
+    pub fn best() -> Result<Self> {
+        Self::new(Isa::detect(), 0)
+    }
+
+    /// The instruction set in use.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// The number of threads in use.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// `acc[m][n] = sum_k w[n][k] * x[m][k]`, tokens x outputs, row-major.
+    pub fn matmul(&self, w: &TernaryMatrix, x: &QuantizedActivations) -> Result<Vec<i32>> {
+        check_inner("matmul", w.cols(), x.cols())?;
+        let mut out = vec![0i32; x.rows() * w.rows()];
+        self.pool.install(|| {
+            if x.rows() <= GEMV_MAX_TOKENS {
+                for (m, o) in out.chunks_exact_mut(w.rows()).enumerate() {
+                    self.gemv(w, x.row(m), o);
+                }
+            } else {
+                self.gemm(w, x, &mut out);
+            }
+        });
+        Ok(out)
+    }
+
+    /// `acc[m][k] = sum_n w[n][k] * dy[m][n]`, tokens x inputs, row-major.
+    pub fn matmul_t(&self, w: &TernaryMatrix, dy: &QuantizedActivations) -> Result<Vec<i32>> {
+        check_inner("matmul_t", w.rows(), dy.cols())?;
+        let mut out = vec![0i32; dy.rows() * w.cols()];
+        self.pool.install(|| self.gemm_t(w, dy, &mut out));
+        Ok(out)
+    }
+
+    fn gemv(&self, w: &TernaryMatrix, x: &[i8], out: &mut [i32]) {
+        let stride = w.row_stride();
+        let padded = pad(x, stride * 4);
+        let sum: i32 = x.iter().map(|&v| i32::from(v)).sum();
+        #[cfg(target_arch = "x86_64")]
+        let padded = if self.isa == Isa::Avx512Vnni {
+            x86::permute_for_avx512(&padded)
+        } else {
+            padded
+        };
+        // Enough pieces to balance the threads, each at least 64 rows.
+        let per = w.rows().div_ceil(self.threads * 4).max(64);
+        out.par_chunks_mut(per).enumerate().for_each(|(i, o)| {
+            let rows = &w.as_bytes()[i * per * stride..(i * per + o.len()) * stride];
+            self.gemv_rows(rows, stride, &padded, o);
+            o.iter_mut().for_each(|v| *v -= sum);
+        });
+    }
+
+    fn gemv_rows(&self, rows: &[u8], stride: usize, x: &[i8], out: &mut [i32]) {
+        match self.isa {
+            // SAFETY: `Cpu::new` checked that the CPU has the features; the
+            // lengths are those the kernel requires (rows * stride, stride * 4).
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => unsafe { x86::gemv_avx512(rows, stride, x, out) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { x86::gemv_avx2(rows, stride, x, out) },
+            _ => scalar::gemv(rows, stride, x, out),
+        }
+    }
+
+    fn panel(&self, a: &[i8], lda: usize, m: usize, panel: &[u8], quads: usize, c: &mut [i32]) {
+        match self.isa {
+            // SAFETY: features checked by `Cpu::new`; callers size `a`, `panel`
+            // and `c` for `m` rows and `quads` quads.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => unsafe { x86::panel_avx512(a, lda, m, panel, quads, c) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { x86::panel_avx2(a, lda, m, panel, quads, c) },
+            _ => scalar::panel(a, lda, m, panel, quads, c),
+        }
+    }
+
+    /// Forward product for many tokens: tasks own disjoint groups of output
+    /// columns; each packs its panels once and reuses them for every token.
+    fn gemm(&self, w: &TernaryMatrix, x: &QuantizedActivations, out: &mut [i32]) {
+        let (m, n) = (x.rows(), w.rows());
+        let lda = w.row_stride() * 4;
+        let quads = lda / 4;
+        let a = pad_rows(x.data(), m, x.cols(), lda);
+        let sums = row_sums(x.data(), x.cols());
+        let cols_per_task = NR * PANELS_PER_TASK;
+        let out = SharedOut(out.as_mut_ptr());
+        (0..n.div_ceil(cols_per_task)).into_par_iter().for_each(|t| {
+            let n0 = t * cols_per_task;
+            let panels = (n - n0).div_ceil(NR).min(PANELS_PER_TASK);
+            let mut packed = vec![0u8; panels * quads * NR * 4];
+            for (p, dst) in packed.chunks_exact_mut(quads * NR * 4).enumerate() {
+                pack_rows_panel(w, n0 + p * NR, dst);
+            }
+            let mut c = vec![0i32; TOKENS_PER_BLOCK * NR];
+            for m0 in (0..m).step_by(TOKENS_PER_BLOCK) {
+                let mb = (m - m0).min(TOKENS_PER_BLOCK);
+                for (p, panel) in packed.chunks_exact(quads * NR * 4).enumerate() {
+                    self.panel(&a[m0 * lda..], lda, mb, panel, quads, &mut c);
+                    let j0 = n0 + p * NR;
+                    let width = (n - j0).min(NR);
+                    for i in 0..mb {
+                        let src = &c[i * NR..i * NR + width];
+                        // SAFETY: this task alone writes columns n0..n0 + 128 of
+                        // every row, and (m0 + i, j0..j0 + width) is inside out.
+                        let dst = unsafe { out.row(m0 + i, n, j0, width) };
+                        for (d, s) in dst.iter_mut().zip(src) {
+                            *d = s - sums[m0 + i];
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Transposed product: tasks own disjoint groups of input columns; a
+    /// panel holds 32 columns of `W` with quads running over its rows.
+    fn gemm_t(&self, w: &TernaryMatrix, dy: &QuantizedActivations, out: &mut [i32]) {
+        let (m, k) = (dy.rows(), w.cols());
+        let lda = w.rows().div_ceil(4) * 4;
+        let quads = lda / 4;
+        let a = pad_rows(dy.data(), m, dy.cols(), lda);
+        let sums = row_sums(dy.data(), dy.cols());
+        let cols_per_task = NR * PANELS_PER_TASK;
+        let out = SharedOut(out.as_mut_ptr());
+        (0..k.div_ceil(cols_per_task)).into_par_iter().for_each(|t| {
+            let k0 = t * cols_per_task;
+            let panels = (k - k0).div_ceil(NR).min(PANELS_PER_TASK);
+            let mut packed = vec![0u8; panels * quads * NR * 4];
+            for (p, dst) in packed.chunks_exact_mut(quads * NR * 4).enumerate() {
+                pack_cols_panel(w, k0 + p * NR, dst);
+            }
+            let mut c = vec![0i32; TOKENS_PER_BLOCK * NR];
+            for m0 in (0..m).step_by(TOKENS_PER_BLOCK) {
+                let mb = (m - m0).min(TOKENS_PER_BLOCK);
+                for (p, panel) in packed.chunks_exact(quads * NR * 4).enumerate() {
+                    self.panel(&a[m0 * lda..], lda, mb, panel, quads, &mut c);
+                    let j0 = k0 + p * NR;
+                    let width = (k - j0).min(NR);
+                    for i in 0..mb {
+                        let src = &c[i * NR..i * NR + width];
+                        // SAFETY: this task alone writes columns k0..k0 + 128.
+                        let dst = unsafe { out.row(m0 + i, k, j0, width) };
+                        for (d, s) in dst.iter_mut().zip(src) {
+                            *d = s - sums[m0 + i];
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// The output of a product, shared by tasks that write disjoint columns.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut i32);
+
+// SAFETY: tasks write disjoint column ranges of the output (see `row`), and
+// the output outlives the parallel section that uses it.
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// Columns `j0..j0 + width` of row `i` of a `_ x cols` output.
+    ///
+    /// # Safety
+    /// The range must be inside the output and written by no other task.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, i: usize, cols: usize, j0: usize, width: usize) -> &mut [i32] {
+        // SAFETY: guaranteed by the caller.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(i * cols + j0), width) }
+    }
+}
+
+fn check_inner(op: &str, w: usize, x: usize) -> Result<()> {
+    if w == x {
+        Ok(())
+    } else {
+        Err(Error::Mismatch(format!(
+            "{op}: weights take {w} inputs per token, activations have {x}"
+        )))
+    }
+}
+
+/// `x` followed by zeros up to `len`.
+fn pad(x: &[i8], len: usize) -> Vec<i8> {
+    let mut v = Vec::with_capacity(len);
+    v.extend_from_slice(x);
+    v.resize(len, 0);
+    v
+}
+
+/// Rows of `cols` values, each padded with zeros to `lda`.
+fn pad_rows(x: &[i8], rows: usize, cols: usize, lda: usize) -> Vec<i8> {
+    let mut v = vec![0i8; rows * lda];
+    for (dst, src) in v.chunks_exact_mut(lda).zip(x.chunks_exact(cols)) {
+        dst[..cols].copy_from_slice(src);
+    }
+    v
+}
+
+fn row_sums(x: &[i8], cols: usize) -> Vec<i32> {
+    x.chunks_exact(cols)
+        .map(|r| r.iter().map(|&v| i32::from(v)).sum())
+        .collect()
+}
+
+/// Packs rows `n0..n0 + 32` of `w` as a `[quad][32][4]` panel of codes, quads
+/// running over (padded) columns. Rows past the end become zero weights.
+fn pack_rows_panel(w: &TernaryMatrix, n0: usize, dst: &mut [u8]) {
+    let stride = w.row_stride();
+    for j in 0..NR {
+        let n = n0 + j;
+        if n >= w.rows() {
+            for q in dst.chunks_exact_mut(NR * 4) {
+                q[j * 4..j * 4 + 4].fill(ZERO_CODE);
+            }
+            continue;
+        }
+        let row = w.row(n);
+        // Quad q covers columns 4q..4q + 4, which sit at the same bit pair
+        // of four consecutive bytes: one u32, one shift, one mask.
+        for (q, d) in dst.chunks_exact_mut(NR * 4).enumerate().take(stride) {
+            let col = q * 4;
+            let within = col % GROUP;
+            let byte = (col / GROUP) * GROUP_BYTES + within % GROUP_BYTES;
+            let shift = 6 - 2 * (within / GROUP_BYTES) as u32;
+            let b = u32::from_le_bytes([row[byte], row[byte + 1], row[byte + 2], row[byte + 3]]);
+            d[j * 4..j * 4 + 4].copy_from_slice(&((b >> shift) & 0x0303_0303).to_le_bytes());
+        }
+    }
+}
+
+/// Packs columns `k0..k0 + 32` of `w` (k0 a multiple of 32) as a
+/// `[quad][32][4]` panel, quads running over rows: entry `[q][j][t]` is the
+/// code of row `4q + t`, column `k0 + j`. Rows past the end are zero weights.
+fn pack_cols_panel(w: &TernaryMatrix, k0: usize, dst: &mut [u8]) {
+    debug_assert_eq!(k0 % GROUP_BYTES, 0);
+    let byte0 = (k0 / GROUP) * GROUP_BYTES;
+    let shift = 6 - 2 * ((k0 % GROUP) / GROUP_BYTES) as u32;
+    for (q, d) in dst.chunks_exact_mut(NR * 4).enumerate() {
+        for t in 0..4 {
+            let n = q * 4 + t;
+            if n >= w.rows() {
+                for j in 0..NR {
+                    d[j * 4 + t] = ZERO_CODE;
+                }
+                continue;
+            }
+            let src = &w.row(n)[byte0..byte0 + NR];
+            for (j, &b) in src.iter().enumerate() {
+                d[j * 4 + t] = (b >> shift) & 3;
+            }
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! The tern node: CLI commands and benchmarks, composing the kernels and
+//! protocol crates. `main.rs` only parses arguments and maps errors to an
+//! exit code; everything it runs lives here so tests can call it.
+
+pub mod bench;
+pub mod cli;

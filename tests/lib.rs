@@ -1,0 +1,1 @@
+//! Shared helpers for tern's cross-crate integration tests.
