@@ -409,3 +409,27 @@ fn pack_cols_panel(w: &TernaryMatrix, k0: usize, dst: &mut [u8]) {
         }
     }
 }
+
+/// Measures how fast this backend's threads can read `buffer` (bytes per
+/// second): the ceiling a memory-bound kernel such as GEMV can reach. The
+/// buffer should be several times larger than the last-level cache.
+pub fn read_bandwidth(cpu: &Cpu, buffer: &[u64]) -> f64 {
+    let start = std::time::Instant::now();
+    let sum = cpu.pool.install(|| {
+        buffer
+            .par_chunks(1 << 16)
+            .map(|c| {
+                // Eight independent lanes, so the adds never wait on each other.
+                let mut acc = [0u64; 8];
+                for v in c.chunks_exact(8) {
+                    for (a, x) in acc.iter_mut().zip(v) {
+                        *a = a.wrapping_add(*x);
+                    }
+                }
+                acc.iter().fold(0u64, |s, a| s.wrapping_add(*a))
+            })
+            .reduce(|| 0, u64::wrapping_add)
+    });
+    std::hint::black_box(sum);
+    std::mem::size_of_val(buffer) as f64 / start.elapsed().as_secs_f64()
+}

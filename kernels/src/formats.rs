@@ -109,6 +109,16 @@ impl BlockScales {
     }
 }
 
+/// The weights as llama.cpp's quantizers see them: with a zero scale every
+/// value is 0, and so is every code they write (their `id` is 0).
+fn export_trits(m: &crate::TernaryMatrix) -> Vec<i8> {
+    if m.scale() == 0.0 {
+        vec![0; m.rows() * m.cols()]
+    } else {
+        m.to_trits()
+    }
+}
+
 /// The block scale llama.cpp writes: the block's absolute maximum.
 fn block_scale(trits: &[i8], scale: f32) -> f16 {
     if trits.iter().any(|&t| t != 0) {

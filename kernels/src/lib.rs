@@ -45,6 +45,7 @@ pub mod formats;
 pub mod gpu;
 pub mod quant;
 pub mod reference;
+pub mod rng;
 mod ternary;
 
 pub use backend::{Backend, Output, Weights};

@@ -7,38 +7,21 @@ use kernels::Backend;
 use kernels::cpu::{Cpu, Isa};
 use kernels::gpu::{Gpu, GpuOptions};
 
-/// splitmix64: tiny, seeded, good enough to draw test data.
-pub struct Rng(u64);
+/// Test data from the crate's seeded generator.
+pub struct Rng(kernels::rng::SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        Self(kernels::rng::SplitMix64::new(seed))
     }
 
     pub fn trits(&mut self, n: usize) -> Vec<i8> {
-        (0..n).map(|_| self.below(3) as i8 - 1).collect()
+        self.0.trits(n)
     }
 
-    pub fn i8s(&mut self, n: usize) -> Vec<i8> {
-        (0..n).map(|_| self.next() as u8 as i8).collect()
-    }
-
+    /// Values in [-2, 2).
     pub fn f32s(&mut self, n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|_| (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0)
-            .collect()
+        self.0.signed_f32s(n).into_iter().map(|v| v * 2.0).collect()
     }
 }
 

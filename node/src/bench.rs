@@ -1,1 +1,350 @@
+//! `tern bench kernels`: ternary GEMV and GEMM at the shapes of BitNet b1.58
+//! 2B4T, each judged by a ratio measured in the same run.
+//!
+//! - GEMV (decode) is memory-bound, so it is judged against the machine's
+//!   read bandwidth, measured first. Its weights rotate through enough
+//!   copies to exceed the last-level cache many times over, so every call
+//!   streams them from memory, as decoding a real model does.
+//! - GEMM (prefill, training batches) is compute-bound, so it is judged
+//!   against an f32 GEMM of the same shape by the `gemm` crate (the CPU
+//!   matmul behind candle), on the same threads. The ternary timing
+//!   includes quantizing the f32 activations and dequantizing the outputs,
+//!   so both sides take f32 in and give f32 out.
+//!
+//! Every figure is the median of repeated runs.
 
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use kernels::cpu::{self, Cpu};
+use kernels::gpu::{Gpu, GpuOptions};
+use kernels::rng::SplitMix64;
+use kernels::{Backend, QuantizedActivations, TernaryMatrix};
+use serde::Serialize;
+
+use crate::cli::{BackendChoice, KernelsArgs};
+
+/// (rows, cols) of the BitNet b1.58 2B4T linear layers: attention q/o
+/// (2560 x 2560), k/v (640 x 2560), FFN gate/up (6912 x 2560), down (2560 x 6912).
+pub const SHAPES_2B4T: [(usize, usize); 4] = [(2560, 2560), (640, 2560), (6912, 2560), (2560, 6912)];
+/// Tokens per GEMM: a prefill chunk and a training batch.
+pub const GEMM_TOKENS: [usize; 2] = [128, 512];
+/// Bytes of weights the GEMV rotation spans, to defeat the caches.
+const GEMV_WORKING_SET: usize = 256 << 20;
+/// Bytes read to measure the memory bandwidth.
+const BANDWIDTH_BUFFER: usize = 512 << 20;
+
+/// Everything `tern bench kernels` measured.
+#[derive(Debug, Serialize)]
+pub struct KernelsReport {
+    pub machine: Machine,
+    /// Read bandwidth of all CPU threads, bytes per second (median).
+    pub read_bandwidth: f64,
+    pub gemv: Vec<GemvFigure>,
+    pub gemm: Vec<GemmFigure>,
+    /// Backends left out, and why.
+    pub skipped: Vec<String>,
+}
+
+/// The machine the figures come from.
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub threads: usize,
+    pub isa: String,
+}
+
+/// One GEMV measurement.
+#[derive(Debug, Serialize)]
+pub struct GemvFigure {
+    pub backend: String,
+    pub rows: usize,
+    pub cols: usize,
+    /// Packed weight bytes read per call.
+    pub weight_bytes: usize,
+    pub median_seconds: f64,
+    /// Weight bytes per second.
+    pub weight_bandwidth: f64,
+    /// `weight_bandwidth` over the CPU read bandwidth (CPU backends only).
+    pub bandwidth_fraction: Option<f64>,
+}
+
+/// One GEMM measurement.
+#[derive(Debug, Serialize)]
+pub struct GemmFigure {
+    pub backend: String,
+    pub tokens: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub median_seconds: f64,
+    /// Multiply-adds times two per second, in billions.
+    pub gops: f64,
+    pub f32_median_seconds: f64,
+    pub f32_gflops: f64,
+    /// f32 time over ternary time: above 1, ternary is faster.
+    pub speedup_vs_f32: f64,
+}
+
+/// Runs `f` until `budget` has passed (and at least `min_runs` times) after
+/// one warm-up call, and returns the median duration.
+fn median_time(budget: Duration, min_runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let start = Instant::now();
+    let mut times = Vec::new();
+    while times.len() < min_runs || (start.elapsed() < budget && times.len() < 10_000) {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_owned())
+}
+
+/// Runs the kernel benchmark.
+pub fn kernels(args: &KernelsArgs) -> Result<KernelsReport> {
+    let cpu = Cpu::new(cpu::Isa::detect(), args.threads).context("opening the CPU backend")?;
+    let budget = Duration::from_secs_f64(if args.quick { 0.02 } else { args.seconds });
+    let (shapes, tokens, working_set, bw_bytes): (Vec<(usize, usize)>, Vec<usize>, usize, usize) = if args.quick {
+        (vec![(256, 512), (64, 384)], vec![8], 4 << 20, 16 << 20)
+    } else {
+        (
+            SHAPES_2B4T.to_vec(),
+            GEMM_TOKENS.to_vec(),
+            GEMV_WORKING_SET,
+            BANDWIDTH_BUFFER,
+        )
+    };
+
+    progress(args, "measuring memory read bandwidth");
+    let buffer: Vec<u64> = (0..bw_bytes as u64 / 8).collect();
+    let mut samples: Vec<f64> = (0..7).map(|_| cpu::read_bandwidth(&cpu, &buffer)).collect();
+    drop(buffer);
+    samples.sort_by(f64::total_cmp);
+    let read_bandwidth = samples[samples.len() / 2];
+
+    let mut backends = Vec::new();
+    let mut skipped = Vec::new();
+    if args.backend != BackendChoice::Wgpu {
+        backends.push(Backend::Cpu(cpu.clone()));
+    }
+    if args.backend != BackendChoice::Cpu {
+        match Gpu::new(&GpuOptions::default()) {
+            Ok(gpu) if gpu.is_software() && args.backend == BackendChoice::All => skipped.push(format!(
+                "wgpu/{}: a software adapter, not a GPU (pass --backend wgpu to measure it anyway)",
+                gpu.name()
+            )),
+            Ok(gpu) => backends.push(Backend::Wgpu(std::sync::Arc::new(gpu))),
+            Err(e) if args.backend == BackendChoice::Wgpu => return Err(e).context("opening the wgpu backend"),
+            Err(e) => skipped.push(format!("wgpu: {e}")),
+        }
+    }
+
+    let mut rng = SplitMix64::new(0x7e57);
+    let mut gemv = Vec::new();
+    let mut gemm = Vec::new();
+    for backend in &backends {
+        for &(rows, cols) in &shapes {
+            progress(args, &format!("GEMV {rows}x{cols} on {}", backend.name()));
+            gemv.push(bench_gemv(
+                backend,
+                rows,
+                cols,
+                working_set,
+                budget,
+                read_bandwidth,
+                &mut rng,
+            )?);
+        }
+        for &t in &tokens {
+            for &(rows, cols) in &shapes {
+                progress(args, &format!("GEMM {t}x{rows}x{cols} on {}", backend.name()));
+                gemm.push(bench_gemm(backend, &cpu, t, rows, cols, budget, &mut rng)?);
+            }
+        }
+    }
+    Ok(KernelsReport {
+        machine: Machine {
+            cpu: cpu_model(),
+            threads: cpu.threads(),
+            isa: cpu.isa().name().to_owned(),
+        },
+        read_bandwidth,
+        gemv,
+        gemm,
+        skipped,
+    })
+}
+
+fn progress(args: &KernelsArgs, what: &str) {
+    if !args.json {
+        eprintln!("  {what}...");
+    }
+}
+
+fn bench_gemv(
+    backend: &Backend,
+    rows: usize,
+    cols: usize,
+    working_set: usize,
+    budget: Duration,
+    read_bandwidth: f64,
+    rng: &mut SplitMix64,
+) -> Result<GemvFigure> {
+    let w = TernaryMatrix::from_trits(rows, cols, &rng.trits(rows * cols), 0.01)?;
+    let bytes = w.as_bytes().len();
+    let copies = working_set.div_ceil(bytes).max(1);
+    let loaded = (0..copies).map(|_| backend.load(&w)).collect::<Result<Vec<_>, _>>()?;
+    let x = QuantizedActivations::quantize(1, cols, &rng.signed_f32s(cols))?;
+    let mut i = 0;
+    let median = median_time(budget, 10, || {
+        i = (i + 1) % copies;
+        std::hint::black_box(backend.matmul(&loaded[i], &x)?);
+        Ok(())
+    })?;
+    let weight_bandwidth = bytes as f64 / median;
+    Ok(GemvFigure {
+        backend: backend.name(),
+        rows,
+        cols,
+        weight_bytes: bytes,
+        median_seconds: median,
+        weight_bandwidth,
+        bandwidth_fraction: matches!(backend, Backend::Cpu(_)).then(|| weight_bandwidth / read_bandwidth),
+    })
+}
+
+fn bench_gemm(
+    backend: &Backend,
+    cpu: &Cpu,
+    tokens: usize,
+    rows: usize,
+    cols: usize,
+    budget: Duration,
+    rng: &mut SplitMix64,
+) -> Result<GemmFigure> {
+    let trits = rng.trits(rows * cols);
+    let w = TernaryMatrix::from_trits(rows, cols, &trits, 0.01)?;
+    let loaded = backend.load(&w)?;
+    let x = rng.signed_f32s(tokens * cols);
+    let median = median_time(budget, 3, || {
+        let q = QuantizedActivations::quantize(tokens, cols, &x)?;
+        std::hint::black_box(backend.matmul(&loaded, &q)?);
+        Ok(())
+    })?;
+
+    // The f32 baseline: the same weights as f32, y = x W^T, on the same threads.
+    let wf: Vec<f32> = trits.iter().map(|&t| f32::from(t) * 0.01).collect();
+    let mut y = vec![0f32; tokens * rows];
+    let f32_median = median_time(budget, 3, || {
+        // SAFETY: the strides describe x (tokens x cols, row-major), W^T read
+        // from W (rows x cols, row-major) and y (tokens x rows, row-major),
+        // all of which are live and sized for them.
+        unsafe {
+            gemm::gemm(
+                tokens,
+                rows,
+                cols,
+                y.as_mut_ptr(),
+                1,
+                rows as isize,
+                false,
+                x.as_ptr(),
+                1,
+                cols as isize,
+                wf.as_ptr(),
+                cols as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(cpu.threads()),
+            );
+        }
+        std::hint::black_box(&y);
+        Ok(())
+    })?;
+    let ops = 2.0 * (tokens * rows * cols) as f64;
+    Ok(GemmFigure {
+        backend: backend.name(),
+        tokens,
+        rows,
+        cols,
+        median_seconds: median,
+        gops: ops / median / 1e9,
+        f32_median_seconds: f32_median,
+        f32_gflops: ops / f32_median / 1e9,
+        speedup_vs_f32: f32_median / median,
+    })
+}
+
+impl KernelsReport {
+    /// The report as plain-text tables.
+    pub fn to_table(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "\nmachine: {} ({} threads, {})\nmemory read bandwidth: {:.1} GB/s (median of 7)\n",
+            self.machine.cpu,
+            self.machine.threads,
+            self.machine.isa,
+            self.read_bandwidth / 1e9
+        );
+        let _ = writeln!(s, "GEMV (1 token), weights streamed from memory");
+        let _ = writeln!(
+            s,
+            "{:<34} {:>11} {:>10} {:>10} {:>10} {:>9}",
+            "backend", "shape", "weight MB", "median us", "GB/s", "of bw"
+        );
+        for g in &self.gemv {
+            let _ = writeln!(
+                s,
+                "{:<34} {:>11} {:>10.2} {:>10.1} {:>10.1} {:>9}",
+                g.backend,
+                format!("{}x{}", g.rows, g.cols),
+                g.weight_bytes as f64 / 1e6,
+                g.median_seconds * 1e6,
+                g.weight_bandwidth / 1e9,
+                g.bandwidth_fraction
+                    .map_or("-".to_owned(), |f| format!("{:.0}%", f * 100.0))
+            );
+        }
+        let _ = writeln!(s, "\nGEMM against f32 GEMM (gemm crate, same threads)");
+        let _ = writeln!(
+            s,
+            "{:<34} {:>16} {:>10} {:>9} {:>10} {:>9} {:>8}",
+            "backend", "tokens x shape", "median ms", "GOPS", "f32 ms", "f32 GFLOPS", "speedup"
+        );
+        for g in &self.gemm {
+            let _ = writeln!(
+                s,
+                "{:<34} {:>16} {:>10.2} {:>9.1} {:>10.2} {:>9.1} {:>7.2}x",
+                g.backend,
+                format!("{}x{}x{}", g.tokens, g.rows, g.cols),
+                g.median_seconds * 1e3,
+                g.gops,
+                g.f32_median_seconds * 1e3,
+                g.f32_gflops,
+                g.speedup_vs_f32
+            );
+        }
+        for skip in &self.skipped {
+            let _ = writeln!(s, "\nskipped {skip}");
+        }
+        s
+    }
+}

@@ -1,1 +1,76 @@
+//! The command line: argument types and the dispatch to what each command runs.
 
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::bench;
+
+/// tern: a peer-to-peer compute node for BitNet b1.58 models.
+#[derive(Debug, Parser)]
+#[command(name = "tern", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Measure this machine.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// What to benchmark.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Ternary GEMV and GEMM at BitNet b1.58 2B4T shapes, against the memory
+    /// bandwidth and an f32 GEMM baseline measured in the same run.
+    Kernels(KernelsArgs),
+}
+
+/// Arguments of `tern bench kernels`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KernelsArgs {
+    /// Print one JSON document instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Which backends to measure.
+    #[arg(long, value_enum, default_value_t = BackendChoice::All)]
+    pub backend: BackendChoice,
+    /// CPU threads (0: all available).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Seconds to spend measuring each figure (the median of the runs is reported).
+    #[arg(long, default_value_t = 1.0)]
+    pub seconds: f64,
+    /// Small shapes and short runs: checks that everything works, measures nothing useful.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+/// Backends to benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendChoice {
+    /// The CPU with its best instruction set.
+    Cpu,
+    /// The first wgpu adapter.
+    Wgpu,
+    /// Every backend this machine has.
+    All,
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Bench(BenchCommand::Kernels(args)) => {
+            let report = bench::kernels(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_table());
+            }
+            Ok(())
+        }
+    }
+}

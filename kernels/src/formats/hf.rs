@@ -87,7 +87,7 @@ pub fn decode(
         });
     }
     let scale = match convention {
-        WeightScale::Inverse if weight_scale > 0.0 => 1.0 / weight_scale,
+        WeightScale::Inverse if weight_scale.is_finite() && weight_scale > 0.0 => 1.0 / weight_scale,
         WeightScale::Inverse => f32::NAN, // rejected just below
         WeightScale::Direct => weight_scale,
     };

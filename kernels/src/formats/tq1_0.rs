@@ -7,7 +7,7 @@
 
 use half::f16;
 
-use super::{BlockScales, QK_K, block_scale, check_blocks};
+use super::{BlockScales, QK_K, block_scale, check_blocks, export_trits};
 use crate::{Result, TernaryMatrix};
 
 /// Bytes per block.
@@ -36,7 +36,7 @@ fn unpack(q: u8, k: usize) -> i8 {
 pub fn encode(m: &TernaryMatrix) -> Result<Vec<u8>> {
     let len = tensor_bytes(m.rows(), m.cols())?;
     let mut out = Vec::with_capacity(len);
-    for block in m.to_trits().chunks_exact(QK_K) {
+    for block in export_trits(m).chunks_exact(QK_K) {
         out.extend((0..32).map(|i| pack((0..5).map(|n| block[i + 32 * n]))));
         out.extend((0..16).map(|i| pack((0..5).map(|n| block[160 + i + 16 * n]))));
         // Four trits, then a zero digit so the first lands on top.

@@ -4,7 +4,7 @@
 
 use half::f16;
 
-use super::{BlockScales, QK_K, block_scale, check_blocks};
+use super::{BlockScales, QK_K, block_scale, check_blocks, export_trits};
 use crate::{Error, Result, TernaryMatrix};
 
 /// Bytes per block.
@@ -20,7 +20,7 @@ pub fn tensor_bytes(rows: usize, cols: usize) -> Result<usize> {
 pub fn encode(m: &TernaryMatrix) -> Result<Vec<u8>> {
     let len = tensor_bytes(m.rows(), m.cols())?;
     let mut out = Vec::with_capacity(len);
-    for block in m.to_trits().chunks_exact(QK_K) {
+    for block in export_trits(m).chunks_exact(QK_K) {
         for chunk in block.chunks_exact(128) {
             for i in 0..32 {
                 let mut q = 0u8;
