@@ -189,7 +189,7 @@ impl Cpu {
         let padded = pad(x, stride * 4);
         let sum: i32 = x.iter().map(|&v| i32::from(v)).sum();
         #[cfg(target_arch = "x86_64")]
-        let padded = if self.isa == Isa::Avx512Vnni {
+        let padded = if self.isa == Isa::Avx512Vnni && stride * 4 <= x86::AVX512_MAX_COLS {
             x86::permute_for_avx512(&padded)
         } else {
             padded
@@ -208,10 +208,10 @@ impl Cpu {
             // SAFETY: `Cpu::new` checked that the CPU has the features; the
             // lengths are those the kernel requires (rows * stride, stride * 4).
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => unsafe { x86::gemv_avx512(rows, stride, x, out) },
-            // SAFETY: as above.
+            Isa::Avx512Vnni if stride * 4 <= x86::AVX512_MAX_COLS => unsafe { x86::gemv_avx512(rows, stride, x, out) },
+            // SAFETY: as above (AVX-512 implies AVX2).
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { x86::gemv_avx2(rows, stride, x, out) },
+            Isa::Avx2 | Isa::Avx512Vnni => unsafe { x86::gemv_avx2(rows, stride, x, out) },
             _ => scalar::gemv(rows, stride, x, out),
         }
     }
@@ -229,73 +229,71 @@ impl Cpu {
         }
     }
 
-    /// Forward product for many tokens: tasks own disjoint groups of output
-    /// columns; each packs its panels once and reuses them for every token.
+    /// Forward product for many tokens: panels of 32 weight rows.
     fn gemm(&self, w: &TernaryMatrix, x: &QuantizedActivations, out: &mut [i32]) {
-        let (m, n) = (x.rows(), w.rows());
         let lda = w.row_stride() * 4;
-        let quads = lda / 4;
-        let a = pad_rows(x.data(), m, x.cols(), lda);
+        let a = pad_rows(x.data(), x.rows(), x.cols(), lda);
         let sums = row_sums(x.data(), x.cols());
-        let cols_per_task = NR * PANELS_PER_TASK;
-        let out = SharedOut(out.as_mut_ptr());
-        (0..n.div_ceil(cols_per_task)).into_par_iter().for_each(|t| {
-            let n0 = t * cols_per_task;
-            let panels = (n - n0).div_ceil(NR).min(PANELS_PER_TASK);
-            let mut packed = vec![0u8; panels * quads * NR * 4];
-            for (p, dst) in packed.chunks_exact_mut(quads * NR * 4).enumerate() {
-                pack_rows_panel(w, n0 + p * NR, dst);
-            }
-            let mut c = vec![0i32; TOKENS_PER_BLOCK * NR];
-            for m0 in (0..m).step_by(TOKENS_PER_BLOCK) {
-                let mb = (m - m0).min(TOKENS_PER_BLOCK);
-                for (p, panel) in packed.chunks_exact(quads * NR * 4).enumerate() {
-                    self.panel(&a[m0 * lda..], lda, mb, panel, quads, &mut c);
-                    let j0 = n0 + p * NR;
-                    let width = (n - j0).min(NR);
-                    for i in 0..mb {
-                        let src = &c[i * NR..i * NR + width];
-                        // SAFETY: this task alone writes columns n0..n0 + 128 of
-                        // every row, and (m0 + i, j0..j0 + width) is inside out.
-                        let dst = unsafe { out.row(m0 + i, n, j0, width) };
-                        for (d, s) in dst.iter_mut().zip(src) {
-                            *d = s - sums[m0 + i];
-                        }
-                    }
-                }
-            }
-        });
+        self.panel_product(&a, lda, &sums, w.rows(), out, |n0, dst| pack_rows_panel(w, n0, dst));
     }
 
-    /// Transposed product: tasks own disjoint groups of input columns; a
-    /// panel holds 32 columns of `W` with quads running over its rows.
+    /// Transposed product: panels of 32 weight columns, quads over rows.
     fn gemm_t(&self, w: &TernaryMatrix, dy: &QuantizedActivations, out: &mut [i32]) {
-        let (m, k) = (dy.rows(), w.cols());
         let lda = w.rows().div_ceil(4) * 4;
-        let quads = lda / 4;
-        let a = pad_rows(dy.data(), m, dy.cols(), lda);
+        let a = pad_rows(dy.data(), dy.rows(), dy.cols(), lda);
         let sums = row_sums(dy.data(), dy.cols());
+        self.panel_product(&a, lda, &sums, w.cols(), out, |k0, dst| pack_cols_panel(w, k0, dst));
+    }
+
+    /// `out[m][j] = sum_q a[m][4q..4q + 4] . panel_j[q] - sums[m]` for
+    /// `out_cols` outputs, where `pack(j0, dst)` writes the panel of outputs
+    /// `j0..j0 + 32`. Tasks own disjoint (output group, token chunk) blocks:
+    /// each packs its panels once and reuses them for all of its tokens.
+    fn panel_product(
+        &self,
+        a: &[i8],
+        lda: usize,
+        sums: &[i32],
+        out_cols: usize,
+        out: &mut [i32],
+        pack: impl Fn(usize, &mut [u8]) + Sync,
+    ) {
+        let m = sums.len();
+        let quads = lda / 4;
+        let panel_bytes = quads * NR * 4;
         let cols_per_task = NR * PANELS_PER_TASK;
+        let groups = out_cols.div_ceil(cols_per_task);
+        // Enough tasks to keep every thread busy, none under one token block.
+        let chunks = (self.threads * 4)
+            .div_ceil(groups)
+            .min(m.div_ceil(TOKENS_PER_BLOCK))
+            .max(1);
+        let tokens_per_chunk = m.div_ceil(chunks).div_ceil(TOKENS_PER_BLOCK) * TOKENS_PER_BLOCK;
         let out = SharedOut(out.as_mut_ptr());
-        (0..k.div_ceil(cols_per_task)).into_par_iter().for_each(|t| {
-            let k0 = t * cols_per_task;
-            let panels = (k - k0).div_ceil(NR).min(PANELS_PER_TASK);
-            let mut packed = vec![0u8; panels * quads * NR * 4];
-            for (p, dst) in packed.chunks_exact_mut(quads * NR * 4).enumerate() {
-                pack_cols_panel(w, k0 + p * NR, dst);
+        (0..groups * chunks).into_par_iter().for_each(|t| {
+            let (j0, chunk) = ((t / chunks) * cols_per_task, t % chunks);
+            let tokens = chunk * tokens_per_chunk..((chunk + 1) * tokens_per_chunk).min(m);
+            if tokens.is_empty() {
+                return;
+            }
+            let panels = (out_cols - j0).div_ceil(NR).min(PANELS_PER_TASK);
+            let mut packed = vec![0u8; panels * panel_bytes];
+            for (p, dst) in packed.chunks_exact_mut(panel_bytes).enumerate() {
+                pack(j0 + p * NR, dst);
             }
             let mut c = vec![0i32; TOKENS_PER_BLOCK * NR];
-            for m0 in (0..m).step_by(TOKENS_PER_BLOCK) {
-                let mb = (m - m0).min(TOKENS_PER_BLOCK);
-                for (p, panel) in packed.chunks_exact(quads * NR * 4).enumerate() {
+            for m0 in tokens.clone().step_by(TOKENS_PER_BLOCK) {
+                let mb = (tokens.end - m0).min(TOKENS_PER_BLOCK);
+                for (p, panel) in packed.chunks_exact(panel_bytes).enumerate() {
                     self.panel(&a[m0 * lda..], lda, mb, panel, quads, &mut c);
-                    let j0 = k0 + p * NR;
-                    let width = (k - j0).min(NR);
+                    let jp = j0 + p * NR;
+                    let width = (out_cols - jp).min(NR);
                     for i in 0..mb {
-                        let src = &c[i * NR..i * NR + width];
-                        // SAFETY: this task alone writes columns k0..k0 + 128.
-                        let dst = unsafe { out.row(m0 + i, k, j0, width) };
-                        for (d, s) in dst.iter_mut().zip(src) {
+                        // SAFETY: this task alone writes outputs j0..j0 + 128 of
+                        // tokens in its chunk, and (m0 + i, jp..jp + width) is
+                        // inside `out`.
+                        let dst = unsafe { out.row(m0 + i, out_cols, jp, width) };
+                        for (d, s) in dst.iter_mut().zip(&c[i * NR..i * NR + width]) {
                             *d = s - sums[m0 + i];
                         }
                     }
@@ -309,7 +307,7 @@ impl Cpu {
 #[derive(Clone, Copy)]
 struct SharedOut(*mut i32);
 
-// SAFETY: tasks write disjoint column ranges of the output (see `row`), and
+// SAFETY: tasks write disjoint blocks of the output (see `row`), and
 // the output outlives the parallel section that uses it.
 unsafe impl Send for SharedOut {}
 // SAFETY: as above.

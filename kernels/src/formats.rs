@@ -53,7 +53,7 @@ fn check_blocks(
     block_bytes: usize,
     bytes: Option<usize>,
 ) -> Result<usize> {
-    if rows == 0 || cols == 0 || cols % block != 0 {
+    if rows == 0 || cols == 0 || !cols.is_multiple_of(block) {
         return Err(Error::Shape {
             what,
             reason: format!("{rows} x {cols}: rows must be non-empty multiples of {block} elements"),

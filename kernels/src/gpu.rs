@@ -133,7 +133,7 @@ impl Gpu {
         }))
         .map_err(|e| Error::NoAdapter(format!("{}: {e}", info.name)))?;
         device.on_uncaptured_error(Arc::new(|e| tracing::error!("wgpu: {e}")));
-        let adapter_max = u64::from(limits.max_storage_buffer_binding_size).min(limits.max_buffer_size);
+        let adapter_max = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
         let max_binding = options.max_binding.map_or(adapter_max, |m| m.min(adapter_max)) / 4 * 4;
         let storage = |binding, read_only| wgpu::BindGroupLayoutEntry {
             binding,

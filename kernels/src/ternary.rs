@@ -210,7 +210,7 @@ impl TernaryMatrix {
     fn clear_padding(&mut self) {
         let stride = self.row_stride();
         let cols = self.cols;
-        if cols % GROUP == 0 {
+        if cols.is_multiple_of(GROUP) {
             return;
         }
         for row in self.data.chunks_exact_mut(stride) {

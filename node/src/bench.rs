@@ -22,7 +22,7 @@ use kernels::rng::SplitMix64;
 use kernels::{Backend, QuantizedActivations, TernaryMatrix};
 use serde::Serialize;
 
-use crate::cli::{BackendChoice, KernelsArgs};
+use crate::cli::{BackendChoice, KernelsArgs, Op};
 
 /// (rows, cols) of the BitNet b1.58 2B4T linear layers: attention q/o
 /// (2560 x 2560), k/v (640 x 2560), FFN gate/up (6912 x 2560), down (2560 x 6912).
@@ -155,7 +155,7 @@ pub fn kernels(args: &KernelsArgs) -> Result<KernelsReport> {
     let mut gemv = Vec::new();
     let mut gemm = Vec::new();
     for backend in &backends {
-        for &(rows, cols) in &shapes {
+        for &(rows, cols) in shapes.iter().filter(|_| args.only != Some(Op::Gemm)) {
             progress(args, &format!("GEMV {rows}x{cols} on {}", backend.name()));
             gemv.push(bench_gemv(
                 backend,
@@ -167,7 +167,7 @@ pub fn kernels(args: &KernelsArgs) -> Result<KernelsReport> {
                 &mut rng,
             )?);
         }
-        for &t in &tokens {
+        for &t in tokens.iter().filter(|_| args.only != Some(Op::Gemv)) {
             for &(rows, cols) in &shapes {
                 progress(args, &format!("GEMM {t}x{rows}x{cols} on {}", backend.name()));
                 gemm.push(bench_gemm(backend, &cpu, t, rows, cols, budget, &mut rng)?);

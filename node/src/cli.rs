@@ -47,6 +47,18 @@ pub struct KernelsArgs {
     /// Small shapes and short runs: checks that everything works, measures nothing useful.
     #[arg(long)]
     pub quick: bool,
+    /// Measure only GEMV or only GEMM.
+    #[arg(long, value_enum)]
+    pub only: Option<Op>,
+}
+
+/// The products `tern bench kernels` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Op {
+    /// One token (decode).
+    Gemv,
+    /// Batches of tokens (prefill, training).
+    Gemm,
 }
 
 /// Backends to benchmark.

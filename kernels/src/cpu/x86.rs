@@ -54,6 +54,7 @@ pub(super) unsafe fn gemv_avx2(rows: &[u8], stride: usize, x: &[i8], out: &mut [
     debug_assert_eq!(x.len(), stride * 4);
     let ones = _mm256_set1_epi16(1);
     let groups = stride / 32;
+    let ahead = PREFETCH_BYTES.div_ceil(stride) * stride;
     let base = rows.as_ptr();
     let xp = x.as_ptr();
     let mut r = 0;
@@ -62,8 +63,13 @@ pub(super) unsafe fn gemv_avx2(rows: &[u8], stride: usize, x: &[i8], out: &mut [
         for g in 0..groups {
             for (i, a) in acc.iter_mut().enumerate() {
                 // SAFETY: row r + i < out.len() and group g < groups lie inside
-                // `rows`; x holds groups * 128 values.
-                let s = unsafe { group_avx2(base.add((r + i) * stride + g * 32), xp.add(g * 128)) };
+                // `rows`; x holds groups * 128 values. Prefetching is a hint
+                // and never faults, wherever it points.
+                let s = unsafe {
+                    let at = base.add((r + i) * stride + g * 32);
+                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(ahead).cast());
+                    group_avx2(at, xp.add(g * 128))
+                };
                 *a = _mm256_add_epi32(*a, _mm256_madd_epi16(s, ones));
             }
         }
@@ -83,6 +89,10 @@ pub(super) unsafe fn gemv_avx2(rows: &[u8], stride: usize, x: &[i8], out: &mut [
         r += 1;
     }
 }
+
+/// How far ahead the GEMV kernels prefetch, in bytes of the weight stream
+/// (rounded up to whole rows).
+const PREFETCH_BYTES: usize = 8192;
 
 /// Reorders padded activations for [`gemv_avx512`]: each pair of groups
 /// (a 256-column superblock) is stored as four 64-byte vectors, vector `j`
@@ -105,77 +115,100 @@ pub(super) fn permute_for_avx512(x: &[i8]) -> Vec<i8> {
 /// `out[i] = sum_k code[i][k] * x[k]`, AVX-512 VNNI, with `x` from
 /// [`permute_for_avx512`].
 ///
+/// No shifts in the loop: the code in bits 7:6 times `x` is
+/// `(b & 0xC0) * x / 64`, and `vpdpbusd` takes the masked byte (at most 192)
+/// as it is, so each bit pair gets its own accumulator and is scaled once
+/// per row. A lane then sums at most 4 * 192 * 128 per superblock, which
+/// keeps i32 exact for rows of up to [`AVX512_MAX_COLS`] columns.
+///
 /// # Safety
-/// AVX-512 F/BW/VL/VNNI must be present; same lengths as [`gemv_avx2`].
+/// AVX-512 F/BW/VL/VNNI must be present; same lengths as [`gemv_avx2`], and
+/// `stride * 4 <= AVX512_MAX_COLS`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(super) unsafe fn gemv_avx512(rows: &[u8], stride: usize, x: &[i8], out: &mut [i32]) {
     debug_assert_eq!(rows.len(), out.len() * stride);
     debug_assert_eq!(x.len(), stride * 4);
-    let mask = _mm512_set1_epi8(3);
+    debug_assert!(stride * 4 <= AVX512_MAX_COLS);
+    let masks = [
+        _mm512_set1_epi8(0xC0u8 as i8),
+        _mm512_set1_epi8(0x30),
+        _mm512_set1_epi8(0x0C),
+        _mm512_set1_epi8(0x03),
+    ];
     let supers = stride / 64;
-    let odd = stride % 64 != 0;
+    let odd = !stride.is_multiple_of(64);
+    let ahead = PREFETCH_BYTES.div_ceil(stride) * stride;
     let base = rows.as_ptr();
     let xp = x.as_ptr();
-    let tail = |row: *const u8| -> __m256i {
-        if odd {
-            let mask = _mm256_set1_epi8(3);
-            // SAFETY: the odd last group is the 32 bytes at `supers * 64` of
-            // the row, and its 128 activations follow the superblocks in x.
-            unsafe {
-                let b = _mm256_loadu_si256(row.add(supers * 64).cast());
-                let x = xp.add(supers * 256);
-                let mut acc = _mm256_setzero_si256();
-                acc = _mm256_dpbusd_epi32(
-                    acc,
-                    _mm256_and_si256(_mm256_srli_epi16::<6>(b), mask),
-                    _mm256_loadu_si256(x.cast()),
-                );
-                acc = _mm256_dpbusd_epi32(
-                    acc,
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(b), mask),
-                    _mm256_loadu_si256(x.add(32).cast()),
-                );
-                acc = _mm256_dpbusd_epi32(
-                    acc,
-                    _mm256_and_si256(_mm256_srli_epi16::<2>(b), mask),
-                    _mm256_loadu_si256(x.add(64).cast()),
-                );
-                _mm256_dpbusd_epi32(acc, _mm256_and_si256(b, mask), _mm256_loadu_si256(x.add(96).cast()))
+    let tail = |row: *const u8| -> i32 {
+        if !odd {
+            return 0;
+        }
+        let mask = _mm256_set1_epi8(3);
+        // SAFETY: the odd last group is the 32 bytes at `supers * 64` of the
+        // row, and its 128 activations follow the superblocks in x.
+        unsafe {
+            let b = _mm256_loadu_si256(row.add(supers * 64).cast());
+            let x = xp.add(supers * 256);
+            let mut acc = _mm256_setzero_si256();
+            for (j, c) in [
+                _mm256_and_si256(_mm256_srli_epi16::<6>(b), mask),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(b), mask),
+                _mm256_and_si256(_mm256_srli_epi16::<2>(b), mask),
+                _mm256_and_si256(b, mask),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                acc = _mm256_dpbusd_epi32(acc, c, _mm256_loadu_si256(x.add(32 * j).cast()));
             }
-        } else {
-            _mm256_setzero_si256()
+            hsum256(acc)
         }
     };
     let mut r = 0;
     while r < out.len() {
         let n = (out.len() - r).min(4);
-        let mut acc = [_mm512_setzero_si512(); 4];
+        // acc[i][j]: row r + i, bit pair j (scaled by 4^(3 - j)).
+        let mut acc = [[_mm512_setzero_si512(); 4]; 4];
         for s in 0..supers {
             // SAFETY: superblock s < supers lies inside each row, and x holds
-            // supers * 256 permuted values before any odd group.
+            // supers * 256 permuted values before any odd group. Prefetching
+            // is a hint and never faults, wherever it points.
             unsafe {
                 let xs = xp.add(s * 256);
-                let x0 = _mm512_loadu_si512(xs.cast());
-                let x1 = _mm512_loadu_si512(xs.add(64).cast());
-                let x2 = _mm512_loadu_si512(xs.add(128).cast());
-                let x3 = _mm512_loadu_si512(xs.add(192).cast());
+                let xv = [
+                    _mm512_loadu_si512(xs.cast()),
+                    _mm512_loadu_si512(xs.add(64).cast()),
+                    _mm512_loadu_si512(xs.add(128).cast()),
+                    _mm512_loadu_si512(xs.add(192).cast()),
+                ];
                 for (i, a) in acc.iter_mut().enumerate().take(n) {
-                    let b = _mm512_loadu_si512(base.add((r + i) * stride + s * 64).cast());
-                    *a = _mm512_dpbusd_epi32(*a, _mm512_and_si512(_mm512_srli_epi16::<6>(b), mask), x0);
-                    *a = _mm512_dpbusd_epi32(*a, _mm512_and_si512(_mm512_srli_epi16::<4>(b), mask), x1);
-                    *a = _mm512_dpbusd_epi32(*a, _mm512_and_si512(_mm512_srli_epi16::<2>(b), mask), x2);
-                    *a = _mm512_dpbusd_epi32(*a, _mm512_and_si512(b, mask), x3);
+                    let at = base.add((r + i) * stride + s * 64);
+                    // Hardware prefetchers stop at 4 KiB pages; decode streams
+                    // weights from memory, so ask for them ahead.
+                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(ahead).cast());
+                    let b = _mm512_loadu_si512(at.cast());
+                    for j in 0..4 {
+                        a[j] = _mm512_dpbusd_epi32(a[j], _mm512_and_si512(b, masks[j]), xv[j]);
+                    }
                 }
             }
         }
         for (i, a) in acc.iter().enumerate().take(n) {
+            let sum = _mm512_add_epi32(
+                _mm512_add_epi32(_mm512_srai_epi32::<6>(a[0]), _mm512_srai_epi32::<4>(a[1])),
+                _mm512_add_epi32(_mm512_srai_epi32::<2>(a[2]), a[3]),
+            );
             // SAFETY: row r + i is inside `rows`.
-            let t = tail(unsafe { base.add((r + i) * stride) });
-            out[r + i] = _mm512_reduce_add_epi32(*a) + hsum256(t);
+            out[r + i] = _mm512_reduce_add_epi32(sum) + tail(unsafe { base.add((r + i) * stride) });
         }
         r += n;
     }
 }
+
+/// Columns up to which [`gemv_avx512`]'s scaled accumulators stay exact:
+/// 2^31 / (4 * 192 * 128) superblocks of 256 columns.
+pub(super) const AVX512_MAX_COLS: usize = (1 << 31) / (4 * 192 * 128) * 256;
 
 /// Panel microkernel, AVX-512 VNNI: `MR` rows of `a` times one 32-wide panel.
 ///

@@ -137,7 +137,7 @@ impl Dtype {
 
 /// Decodes little-endian master weights to f32.
 pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
-    if bytes.len() % dtype.size() != 0 {
+    if !bytes.len().is_multiple_of(dtype.size()) {
         return Err(Error::Length {
             what: "master weights",
             expected: bytes.len() / dtype.size() * dtype.size(),

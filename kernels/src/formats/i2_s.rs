@@ -17,7 +17,7 @@ const WHAT: &str = "I2_S tensor";
 
 /// Bytes of a `rows x cols` tensor (cols a multiple of 128).
 pub fn tensor_bytes(rows: usize, cols: usize) -> Result<usize> {
-    if rows == 0 || cols == 0 || cols % GROUP != 0 {
+    if rows == 0 || cols == 0 || !cols.is_multiple_of(GROUP) {
         return Err(Error::Shape {
             what: WHAT,
             reason: format!("{rows} x {cols}: rows must be non-empty multiples of {GROUP} elements"),

@@ -23,7 +23,7 @@ pub fn tensor_bytes(rows: usize, cols: usize) -> Result<usize> {
 /// Packs base-3 digits (most significant first) into one byte.
 fn pack(trits: impl Iterator<Item = i8>) -> u8 {
     let q = trits.fold(0u16, |q, t| q * 3 + (t + 1) as u16);
-    ((q * 256 + 242) / 243) as u8
+    (q * 256).div_ceil(243) as u8
 }
 
 /// The `k`-th trit (0 = most significant) of a packed byte, as -1, 0 or +1.

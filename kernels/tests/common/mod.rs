@@ -8,6 +8,7 @@ use kernels::cpu::{Cpu, Isa};
 use kernels::gpu::{Gpu, GpuOptions};
 
 /// Test data from the crate's seeded generator.
+#[derive(Debug)]
 pub struct Rng(kernels::rng::SplitMix64);
 
 impl Rng {
