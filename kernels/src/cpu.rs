@@ -186,7 +186,7 @@ impl Cpu {
 
     fn gemv(&self, w: &TernaryMatrix, x: &[i8], out: &mut [i32]) {
         let stride = w.row_stride();
-        let padded = pad(x, stride * 4);
+        let padded = pad_rows(x, 1, x.len(), stride * 4);
         let sum: i32 = x.iter().map(|&v| i32::from(v)).sum();
         #[cfg(target_arch = "x86_64")]
         let padded = if self.isa == Isa::Avx512Vnni && stride * 4 <= x86::AVX512_MAX_COLS {
@@ -333,14 +333,6 @@ fn check_inner(op: &str, w: usize, x: usize) -> Result<()> {
             "{op}: weights take {w} inputs per token, activations have {x}"
         )))
     }
-}
-
-/// `x` followed by zeros up to `len`.
-fn pad(x: &[i8], len: usize) -> Vec<i8> {
-    let mut v = Vec::with_capacity(len);
-    v.extend_from_slice(x);
-    v.resize(len, 0);
-    v
 }
 
 /// Rows of `cols` values, each padded with zeros to `lda`.

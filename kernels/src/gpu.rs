@@ -282,7 +282,7 @@ impl Gpu {
         let x_words = w.words * 4;
         let max_chunk_rows = w.chunks.iter().map(|c| c.rows).max().unwrap_or(0);
         let per_token = (x_words * 4).max(max_chunk_rows * 4) as u64;
-        let block = self.token_block(per_token, MATMUL_TOKENS_PER_GROUP, w)?;
+        let block = self.token_block(per_token, MATMUL_TOKENS_PER_GROUP)?;
         let pipeline = self.pipeline(Kernel::Matmul);
         let mut out = vec![0i32; x.rows() * w.rows];
         for m0 in (0..x.rows()).step_by(block) {
@@ -325,7 +325,7 @@ impl Gpu {
         let dy_words = w.rows.div_ceil(4);
         let out_cols = w.words * 16;
         let per_token = (dy_words * 4).max(out_cols * 4) as u64;
-        let block = self.token_block(per_token, 1, w)?;
+        let block = self.token_block(per_token, 1)?;
         let pipeline = self.pipeline(Kernel::MatmulT);
         let mut out = vec![0i32; dy.rows() * w.cols];
         for m0 in (0..dy.rows()).step_by(block) {
@@ -375,7 +375,7 @@ impl Gpu {
 
     /// How many tokens one dispatch takes so that `per_token` bytes each
     /// stay under the binding limit and the dispatch under its group limit.
-    fn token_block(&self, per_token: u64, tokens_per_group: usize, w: &GpuMatrix) -> Result<usize> {
+    fn token_block(&self, per_token: u64, tokens_per_group: usize) -> Result<usize> {
         if per_token > self.max_binding {
             return Err(Error::TooLarge {
                 bytes: per_token,
@@ -383,7 +383,6 @@ impl Gpu {
                 limit: self.max_binding,
             });
         }
-        let _ = w;
         Ok(((self.max_binding / per_token) as usize).clamp(1, MAX_GROUPS * tokens_per_group))
     }
 
