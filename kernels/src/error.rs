@@ -57,6 +57,56 @@ pub enum Error {
     /// A thread pool could not be built.
     #[error("thread pool: {0}")]
     Threads(String),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A model file or directory that is not what it claims to be:
+    /// truncated, corrupted, a wrong magic, a tensor that disagrees with its shape.
+    #[error("{what}: {reason}")]
+    Format { what: String, reason: String },
+    /// A model configuration tern cannot run; names the field.
+    #[error("unsupported model config: `{field}`: {reason}")]
+    Config { field: String, reason: String },
+    /// The tokenizer could not be loaded or used.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// More tokens than the model's context holds.
+    #[error("{what}: {needed} tokens do not fit the context of {max}")]
+    Context {
+        what: &'static str,
+        needed: usize,
+        max: usize,
+    },
+}
+
+impl Error {
+    /// A [`Error::Format`] error.
+    pub fn format(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Format {
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// A [`Error::Config`] error.
+    pub fn config(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Config {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// An [`Error::Io`] error about `path`.
+    pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.as_ref().display().to_string(),
+            source,
+        }
+    }
 }
 
 /// `Result` with the crate's [`Error`].

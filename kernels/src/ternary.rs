@@ -16,7 +16,80 @@
 //! of one `u32`. A row whose length is not a multiple of [`GROUP`] is padded
 //! with code 1 (weight 0), so padding never changes a result.
 
+use std::ops::{Deref, Range};
+use std::sync::Arc;
+
 use crate::{Error, Result};
+
+/// Immutable bytes that clone without copying: an owned buffer, or a window
+/// into something larger that outlives every clone (a memory-mapped file).
+#[derive(Clone)]
+pub struct SharedBytes {
+    owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    start: usize,
+    len: usize,
+}
+
+impl SharedBytes {
+    /// A window `range` into `owner`.
+    pub fn new(owner: Arc<dyn AsRef<[u8]> + Send + Sync>, range: Range<usize>) -> Result<Self> {
+        let total = (*owner).as_ref().len();
+        if range.start > range.end || range.end > total {
+            return Err(Error::Length {
+                what: "shared byte range",
+                expected: total,
+                actual: range.end,
+            });
+        }
+        Ok(Self {
+            owner,
+            start: range.start,
+            len: range.end - range.start,
+        })
+    }
+}
+
+impl SharedBytes {
+    /// A sub-window `range` of these bytes, sharing the owner.
+    pub fn slice(&self, range: Range<usize>) -> Result<Self> {
+        if range.start > range.end || range.end > self.len {
+            return Err(Error::Length {
+                what: "shared byte range",
+                expected: self.len,
+                actual: range.end,
+            });
+        }
+        Ok(Self {
+            owner: self.owner.clone(),
+            start: self.start + range.start,
+            len: range.end - range.start,
+        })
+    }
+}
+
+impl From<Vec<u8>> for SharedBytes {
+    fn from(v: Vec<u8>) -> Self {
+        let len = v.len();
+        Self {
+            owner: Arc::new(v),
+            start: 0,
+            len,
+        }
+    }
+}
+
+impl Deref for SharedBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &(*self.owner).as_ref()[self.start..self.start + self.len]
+    }
+}
+
+impl std::fmt::Debug for SharedBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SharedBytes({} bytes)", self.len)
+    }
+}
 
 /// Columns per packed group.
 pub const GROUP: usize = 128;
@@ -28,12 +101,19 @@ pub(crate) const ZERO_CODE: u8 = 1;
 const ZERO_BYTE: u8 = 0b0101_0101;
 
 /// A ternary weight matrix in tern's packed layout, with a per-tensor scale.
-#[derive(Clone, PartialEq)]
+/// Cloning shares the packed bytes.
+#[derive(Clone)]
 pub struct TernaryMatrix {
     rows: usize,
     cols: usize,
     scale: f32,
-    data: Vec<u8>,
+    data: SharedBytes,
+}
+
+impl PartialEq for TernaryMatrix {
+    fn eq(&self, other: &Self) -> bool {
+        self.rows == other.rows && self.cols == other.cols && self.scale == other.scale && *self.data == *other.data
+    }
 }
 
 impl std::fmt::Debug for TernaryMatrix {
@@ -101,40 +181,62 @@ impl TernaryMatrix {
             rows,
             cols,
             scale,
-            data,
+            data: data.into(),
         })
     }
 
     /// Takes bytes already in tern's layout, checking length and codes.
-    pub fn from_packed(rows: usize, cols: usize, data: Vec<u8>, scale: f32) -> Result<Self> {
-        check_shape(rows, cols)?;
-        check_scale("ternary matrix", scale)?;
-        let stride = row_bytes(cols);
-        let expected = rows.checked_mul(stride).ok_or_else(|| overflow(rows, cols))?;
-        if data.len() != expected {
-            return Err(Error::Length {
-                what: "packed ternary matrix",
-                expected,
-                actual: data.len(),
-            });
+    pub fn from_packed(rows: usize, cols: usize, mut data: Vec<u8>, scale: f32) -> Result<Self> {
+        check_packed(rows, cols, &data, scale)?;
+        clear_padding(&mut data, cols);
+        Ok(Self {
+            rows,
+            cols,
+            scale,
+            data: data.into(),
+        })
+    }
+
+    /// Like [`TernaryMatrix::from_packed`] but without a copy where it can:
+    /// the bytes stay where they are (a memory map) unless ragged rows carry
+    /// padding codes that must be cleared.
+    pub fn from_shared(rows: usize, cols: usize, data: SharedBytes, scale: f32) -> Result<Self> {
+        check_packed(rows, cols, &data, scale)?;
+        if !cols.is_multiple_of(GROUP) {
+            return Self::from_packed(rows, cols, data.to_vec(), scale);
         }
-        if let Some(index) = data.iter().position(|&b| has_code3(b)) {
-            return Err(Error::Code {
-                what: "packed ternary matrix",
-                index: index * 4,
-                value: 3,
-            });
-        }
-        let mut m = Self {
+        Ok(Self {
             rows,
             cols,
             scale,
             data,
-        };
-        m.clear_padding();
-        Ok(m)
+        })
     }
+}
 
+fn check_packed(rows: usize, cols: usize, data: &[u8], scale: f32) -> Result<()> {
+    check_shape(rows, cols)?;
+    check_scale("ternary matrix", scale)?;
+    let stride = row_bytes(cols);
+    let expected = rows.checked_mul(stride).ok_or_else(|| overflow(rows, cols))?;
+    if data.len() != expected {
+        return Err(Error::Length {
+            what: "packed ternary matrix",
+            expected,
+            actual: data.len(),
+        });
+    }
+    if let Some(index) = data.iter().position(|&b| has_code3(b)) {
+        return Err(Error::Code {
+            what: "packed ternary matrix",
+            index: index * 4,
+            value: 3,
+        });
+    }
+    Ok(())
+}
+
+impl TernaryMatrix {
     /// A matrix of zeros.
     pub fn zeros(rows: usize, cols: usize, scale: f32) -> Result<Self> {
         check_shape(rows, cols)?;
@@ -144,7 +246,7 @@ impl TernaryMatrix {
             rows,
             cols,
             scale,
-            data: vec![ZERO_BYTE; len],
+            data: vec![ZERO_BYTE; len].into(),
         })
     }
 
@@ -206,18 +308,22 @@ impl TernaryMatrix {
         Ok(self)
     }
 
-    /// Sets every padding code to zero weight, so equal matrices have equal bytes.
-    fn clear_padding(&mut self) {
-        let stride = self.row_stride();
-        let cols = self.cols;
-        if cols.is_multiple_of(GROUP) {
-            return;
-        }
-        for row in self.data.chunks_exact_mut(stride) {
-            for c in cols..stride * 4 {
-                let (byte, shift) = locate(c);
-                row[byte] = (row[byte] & !(3 << shift)) | (ZERO_CODE << shift);
-            }
+    /// The packed bytes as shared storage.
+    pub fn shared_bytes(&self) -> &SharedBytes {
+        &self.data
+    }
+}
+
+/// Sets every padding code to zero weight, so equal matrices have equal bytes.
+fn clear_padding(data: &mut [u8], cols: usize) {
+    let stride = row_bytes(cols);
+    if cols.is_multiple_of(GROUP) {
+        return;
+    }
+    for row in data.chunks_exact_mut(stride) {
+        for c in cols..stride * 4 {
+            let (byte, shift) = locate(c);
+            row[byte] = (row[byte] & !(3 << shift)) | (ZERO_CODE << shift);
         }
     }
 }

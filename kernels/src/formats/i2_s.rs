@@ -9,7 +9,7 @@
 //! converted there are not this format.
 
 use crate::ternary::GROUP;
-use crate::{Error, Result, TernaryMatrix};
+use crate::{Error, Result, SharedBytes, TernaryMatrix};
 
 /// Bytes after the codes: the f32 scale, padded for alignment.
 pub const TAIL_BYTES: usize = 32;
@@ -54,4 +54,21 @@ pub fn decode(rows: usize, cols: usize, bytes: &[u8]) -> Result<TernaryMatrix> {
     let (codes, tail) = bytes.split_at(expected - TAIL_BYTES);
     let scale = f32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]);
     TernaryMatrix::from_packed(rows, cols, codes.to_vec(), scale)
+}
+
+/// Like [`decode`], but the codes stay where they are (a memory map): tern's
+/// layout is `I2_S`'s, so a mapped file is used without a copy.
+pub fn decode_shared(rows: usize, cols: usize, bytes: &SharedBytes) -> Result<TernaryMatrix> {
+    let expected = tensor_bytes(rows, cols)?;
+    if bytes.len() != expected {
+        return Err(Error::Length {
+            what: WHAT,
+            expected,
+            actual: bytes.len(),
+        });
+    }
+    let tail = &bytes[expected - TAIL_BYTES..];
+    let scale = f32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]);
+    let codes = bytes.slice(0..expected - TAIL_BYTES)?;
+    TernaryMatrix::from_shared(rows, cols, codes, scale)
 }

@@ -9,8 +9,10 @@ use kernels::gpu::{Gpu, GpuOptions};
 
 /// Test data from the crate's seeded generator.
 #[derive(Debug)]
+#[allow(dead_code)]
 pub struct Rng(kernels::rng::SplitMix64);
 
+#[allow(dead_code)]
 impl Rng {
     pub fn new(seed: u64) -> Self {
         Self(kernels::rng::SplitMix64::new(seed))

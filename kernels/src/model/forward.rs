@@ -1,0 +1,380 @@
+//! [`Model`]: the forward pass of `BitNetForCausalLM` with a KV cache,
+//! batched prefill and one-token decode, and generation.
+//!
+//! Every BitLinear runs on the [`Backend`] (GEMM for prefill, GEMV for
+//! decode); norms, RoPE, attention and the LM head run on the CPU in f32,
+//! in a fixed order, so a backend changes only where the exact integer
+//! products are computed, not the floats around them.
+
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use super::sample::Sampler;
+use super::tensor::{FloatTensor, dot};
+use super::weights::{ModelWeights, Proj};
+use super::{Activation, Config};
+use crate::{Backend, Error, QuantizedActivations, Result, Weights};
+
+struct Layer {
+    norms: [Vec<f32>; 4],
+    projs: Vec<Weights>,
+}
+
+/// A model ready to run on a backend.
+pub struct Model {
+    config: Config,
+    backend: Backend,
+    embed: FloatTensor,
+    head: FloatTensor,
+    norm: Vec<f32>,
+    layers: Vec<Layer>,
+    inv_freq: Vec<f32>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("config", &self.config)
+            .field("backend", &self.backend.name())
+            .finish()
+    }
+}
+
+/// Keys and values of the positions seen so far, per layer.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+    max: usize,
+}
+
+impl KvCache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The most positions it can hold (the model's context).
+    pub fn capacity(&self) -> usize {
+        self.max
+    }
+
+    /// Forgets every position.
+    pub fn clear(&mut self) {
+        self.len = 0;
+        self.k.iter_mut().chain(self.v.iter_mut()).for_each(Vec::clear);
+    }
+}
+
+/// Which positions' logits a forward pass returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Every new position: `tokens x vocab`.
+    All,
+    /// The last position only: `vocab`.
+    Last,
+}
+
+/// Timings of one generation.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill_secs: f64,
+    pub decode_secs: f64,
+    /// Generation stopped because the context was full.
+    pub context_full: bool,
+}
+
+impl GenerationStats {
+    /// Prompt tokens per second of prefill.
+    pub fn prefill_tps(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill_secs.max(1e-9)
+    }
+
+    /// Tokens per second of decode (each decoded token after the first,
+    /// which comes from the prefill's logits).
+    pub fn decode_tps(&self) -> f64 {
+        self.generated_tokens.saturating_sub(1) as f64 / self.decode_secs.max(1e-9)
+    }
+}
+
+impl Model {
+    /// Loads the weights on `backend`.
+    pub fn new(weights: &ModelWeights, backend: Backend) -> Result<Self> {
+        weights.validate()?;
+        let c = weights.config.clone();
+        let layers = weights
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(Layer {
+                    norms: l.norms.clone(),
+                    projs: Proj::ALL
+                        .iter()
+                        .map(|&p| backend.load(l.proj(p)))
+                        .collect::<Result<_>>()?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let dim = c.head_dim;
+        let inv_freq = (0..dim / 2)
+            .map(|i| 1.0 / c.rope_theta.powf((2 * i) as f32 / dim as f32))
+            .collect();
+        Ok(Self {
+            backend,
+            embed: weights.embed.clone(),
+            head: weights.head().clone(),
+            norm: weights.norm.clone(),
+            layers,
+            inv_freq,
+            config: c,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// An empty cache for this model's context.
+    pub fn new_cache(&self) -> KvCache {
+        let n = self.config.num_layers;
+        KvCache {
+            k: vec![Vec::new(); n],
+            v: vec![Vec::new(); n],
+            len: 0,
+            max: self.config.max_position_embeddings,
+        }
+    }
+
+    /// Runs `tokens` at the positions after those in `cache`, appends their
+    /// keys and values, and returns logits (`Logits::All`: one row of vocab per
+    /// token; `Logits::Last`: the last token's).
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>> {
+        let h = self.forward_hidden(tokens, cache)?;
+        let c = &self.config;
+        let t = tokens.len();
+        let (rows, x) = match which {
+            Logits::All => (t, &h[..]),
+            Logits::Last => (1, &h[(t - 1) * c.hidden_size..]),
+        };
+        let mut logits = vec![0f32; rows * c.vocab_size];
+        self.head.matmul_t(x, rows, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// The final-normed hidden states of `tokens` (`tokens x hidden`).
+    pub fn forward_hidden(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let t = tokens.len();
+        if t == 0 {
+            return Err(Error::Mismatch("a forward pass needs at least one token".into()));
+        }
+        if cache.len + t > cache.max {
+            return Err(Error::Context {
+                what: "forward pass",
+                needed: cache.len + t,
+                max: cache.max,
+            });
+        }
+        if cache.k.len() != self.layers.len() {
+            return Err(Error::Mismatch("the KV cache belongs to another model".into()));
+        }
+        let hd = c.hidden_size;
+        let mut x = vec![0f32; t * hd];
+        for (row, &tok) in x.chunks_exact_mut(hd).zip(tokens) {
+            if tok as usize >= c.vocab_size {
+                return Err(Error::Mismatch(format!(
+                    "token {tok} is outside the vocabulary of {}",
+                    c.vocab_size
+                )));
+            }
+            self.embed.row_into(tok as usize, row);
+        }
+        let start = cache.len;
+        for (li, layer) in self.layers.iter().enumerate() {
+            // Attention.
+            let h = rms_norm(&x, &layer.norms[0], c.rms_norm_eps);
+            let hq = QuantizedActivations::quantize(t, hd, &h)?;
+            let mut q = self.linear(&layer.projs[0], &hq)?;
+            let mut k = self.linear(&layer.projs[1], &hq)?;
+            let v = self.linear(&layer.projs[2], &hq)?;
+            self.rope(&mut q, t, c.num_heads, start);
+            self.rope(&mut k, t, c.num_kv_heads, start);
+            cache.k[li].extend_from_slice(&k);
+            cache.v[li].extend_from_slice(&v);
+            let attn = self.attention(&q, &cache.k[li], &cache.v[li], t, start);
+            let a = rms_norm(&attn, &layer.norms[2], c.rms_norm_eps);
+            let o = self.linear(&layer.projs[3], &QuantizedActivations::quantize(t, c.q_dim(), &a)?)?;
+            add(&mut x, &o);
+            // Feed-forward.
+            let h = rms_norm(&x, &layer.norms[1], c.rms_norm_eps);
+            let hq = QuantizedActivations::quantize(t, hd, &h)?;
+            let gate = self.linear(&layer.projs[4], &hq)?;
+            let up = self.linear(&layer.projs[5], &hq)?;
+            let m = glu(c.hidden_act, &gate, &up);
+            let m = rms_norm(&m, &layer.norms[3], c.rms_norm_eps);
+            let d = self.linear(
+                &layer.projs[6],
+                &QuantizedActivations::quantize(t, c.intermediate_size, &m)?,
+            )?;
+            add(&mut x, &d);
+        }
+        cache.len += t;
+        Ok(rms_norm(&x, &self.norm, c.rms_norm_eps))
+    }
+
+    fn linear(&self, w: &Weights, x: &QuantizedActivations) -> Result<Vec<f32>> {
+        Ok(self.backend.matmul(w, x)?.values)
+    }
+
+    /// Rotates pairs `(i, i + d/2)` of each head, as transformers' `rotate_half` does.
+    fn rope(&self, x: &mut [f32], tokens: usize, heads: usize, start: usize) {
+        let d = self.config.head_dim;
+        let half = d / 2;
+        let width = heads * d;
+        for t in 0..tokens {
+            let pos = (start + t) as f32;
+            let (cos, sin): (Vec<f32>, Vec<f32>) = self
+                .inv_freq
+                .iter()
+                .map(|f| {
+                    let a = pos * f;
+                    (a.cos(), a.sin())
+                })
+                .unzip();
+            for h in 0..heads {
+                let head = &mut x[t * width + h * d..t * width + (h + 1) * d];
+                for i in 0..half {
+                    let (a, b) = (head[i], head[i + half]);
+                    head[i] = a * cos[i] - b * sin[i];
+                    head[i + half] = b * cos[i] + a * sin[i];
+                }
+            }
+        }
+    }
+
+    /// Causal grouped-query attention of `tokens` new queries over the cache.
+    fn attention(&self, q: &[f32], k: &[f32], v: &[f32], tokens: usize, start: usize) -> Vec<f32> {
+        let c = &self.config;
+        let (d, heads, kv_dim) = (c.head_dim, c.num_heads, c.kv_dim());
+        let group = heads / c.num_kv_heads;
+        let scale = (d as f32).powf(-0.5);
+        let mut out = vec![0f32; tokens * heads * d];
+        let work = |(i, o): (usize, &mut [f32])| {
+            let (t, h) = (i / heads, i % heads);
+            let kvh = h / group;
+            let qh = &q[(t * heads + h) * d..(t * heads + h + 1) * d];
+            let seen = start + t + 1;
+            let mut scores: Vec<f32> = (0..seen)
+                .map(|p| dot(qh, &k[p * kv_dim + kvh * d..p * kv_dim + (kvh + 1) * d]) * scale)
+                .collect();
+            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            let mut sum = 0f32;
+            for s in &mut scores {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            for (p, s) in scores.iter().enumerate() {
+                let w = s * inv;
+                let vp = &v[p * kv_dim + kvh * d..p * kv_dim + (kvh + 1) * d];
+                for (acc, &val) in o.iter_mut().zip(vp) {
+                    *acc += w * val;
+                }
+            }
+        };
+        if tokens * (start + tokens) * heads >= 4096 {
+            out.par_chunks_mut(d).enumerate().for_each(work);
+        } else {
+            out.chunks_mut(d).enumerate().for_each(work);
+        }
+        out
+    }
+
+    /// Generates up to `max_tokens` after `prompt`, calling `on_token` with
+    /// each new token (return `false` to stop). Stops after a token in
+    /// `stop`, or when the context is full. Returns the new tokens.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        max_tokens: usize,
+        sampler: &mut Sampler,
+        stop: &[u32],
+        mut on_token: impl FnMut(u32) -> bool,
+    ) -> Result<(Vec<u32>, GenerationStats)> {
+        let max = self.config.max_position_embeddings;
+        if prompt.is_empty() {
+            return Err(Error::Mismatch("the prompt has no tokens".into()));
+        }
+        if prompt.len() >= max {
+            return Err(Error::Context {
+                what: "prompt",
+                needed: prompt.len() + 1,
+                max,
+            });
+        }
+        let mut stats = GenerationStats {
+            prompt_tokens: prompt.len(),
+            ..Default::default()
+        };
+        let mut cache = self.new_cache();
+        let mut history = prompt.to_vec();
+        let mut out = Vec::new();
+        let t0 = Instant::now();
+        let mut logits = self.forward(prompt, &mut cache, Logits::Last)?;
+        stats.prefill_secs = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        while out.len() < max_tokens {
+            let tok = sampler.sample(&mut logits, &history);
+            out.push(tok);
+            history.push(tok);
+            if !on_token(tok) || stop.contains(&tok) || out.len() == max_tokens {
+                break;
+            }
+            if cache.len() == max {
+                stats.context_full = true;
+                break;
+            }
+            logits = self.forward(&[tok], &mut cache, Logits::Last)?;
+        }
+        stats.decode_secs = t1.elapsed().as_secs_f64();
+        stats.generated_tokens = out.len();
+        Ok((out, stats))
+    }
+}
+
+/// `weight * x / sqrt(mean(x^2) + eps)` per row, as transformers' `BitNetRMSNorm`.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    let n = weight.len();
+    let mut out = vec![0f32; x.len()];
+    for (o, row) in out.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
+        let ms = row.iter().map(|v| f64::from(v * v)).sum::<f64>() / n as f64;
+        let r = 1.0 / ((ms as f32) + eps).sqrt();
+        for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
+            *o = w * (v * r);
+        }
+    }
+    out
+}
+
+/// `act(gate) * up`.
+fn glu(act: Activation, gate: &[f32], up: &[f32]) -> Vec<f32> {
+    gate.iter().zip(up).map(|(&g, &u)| act.apply(g) * u).collect()
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}

@@ -1,0 +1,337 @@
+//! Hugging Face model directories: `config.json`, `model.safetensors` (or
+//! shards with `model.safetensors.index.json`), `tokenizer.json`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use safetensors::{Dtype as StDtype, SafeTensors};
+use serde_json::{Value, json};
+
+use super::tensor::{FloatDtype, FloatTensor};
+use super::weights::{LoadedModel, ModelFormat, ModelWeights, NORMS, Proj};
+use super::{Config, LayerWeights, Tokenizer, write_atomic};
+use crate::formats::hf::{self as packed, Dtype, WeightScale};
+use crate::{Error, Result, SharedBytes, TernaryMatrix};
+
+/// One tensor found in a safetensors file.
+struct Found {
+    dtype: StDtype,
+    shape: Vec<usize>,
+    data: SharedBytes,
+}
+
+/// Every tensor of a directory's safetensors files, by name.
+fn read_tensors(dir: &Path) -> Result<HashMap<String, Found>> {
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<String> = if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let v: Value =
+            serde_json::from_str(&text).map_err(|e| Error::format(index.display().to_string(), e.to_string()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| Error::format(index.display().to_string(), "no weight_map"))?;
+        let mut files: Vec<String> = map.values().filter_map(Value::as_str).map(str::to_string).collect();
+        files.sort();
+        files.dedup();
+        if files.iter().any(|f| f.contains('/') || f.contains("..")) {
+            return Err(Error::format(
+                index.display().to_string(),
+                "shard names must be plain file names",
+            ));
+        }
+        files
+    } else {
+        vec!["model.safetensors".into()]
+    };
+    let mut out = HashMap::new();
+    for name in files {
+        let path = dir.join(&name);
+        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        // SAFETY: read-only map of a file tern does not modify while loaded
+        // (tern writes models to a temporary file and renames it).
+        let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?);
+        let what = path.display().to_string();
+        let st = SafeTensors::deserialize(&map[..]).map_err(|e| Error::format(&what, e.to_string()))?;
+        let base = map.as_ptr() as usize;
+        for (tname, view) in st.tensors() {
+            let start = view.data().as_ptr() as usize - base;
+            let data = SharedBytes::new(map.clone(), start..start + view.data().len())?;
+            out.insert(
+                tname,
+                Found {
+                    dtype: view.dtype(),
+                    shape: view.shape().to_vec(),
+                    data,
+                },
+            );
+        }
+    }
+    Ok(out)
+}
+
+pub(super) fn load(dir: &Path) -> Result<LoadedModel> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let config = Config::from_hf_json(&text)?;
+    let raw: Value = serde_json::from_str(&text).map_err(|e| Error::format("config.json", e.to_string()))?;
+    let quant = raw.get("quantization_config").filter(|q| !q.is_null()).ok_or_else(|| {
+        Error::config(
+            "quantization_config",
+            "missing: tern runs BitNet b1.58 (quant_method \"bitnet\") checkpoints",
+        )
+    })?;
+    if quant.get("quant_method").and_then(Value::as_str) != Some("bitnet") {
+        return Err(Error::config(
+            "quantization_config.quant_method",
+            "only \"bitnet\" is supported",
+        ));
+    }
+    if quant.get("use_rms_norm").and_then(Value::as_bool) == Some(true) {
+        return Err(Error::config(
+            "quantization_config.use_rms_norm",
+            "an RMSNorm inside BitLinear is not supported",
+        ));
+    }
+    let linear_class = quant.get("linear_class").and_then(Value::as_str);
+    if let Some(lc) = linear_class
+        && lc != "bitlinear"
+        && lc != "autobitlinear"
+    {
+        return Err(Error::config(
+            "quantization_config.linear_class",
+            format!("`{lc}` is not supported"),
+        ));
+    }
+    let convention = WeightScale::from_linear_class(linear_class);
+    let tokenizer = Tokenizer::from_hf_dir(dir, &config)?;
+    let tensors = read_tensors(dir)?;
+
+    let get = |name: &str| -> Result<&Found> {
+        tensors
+            .get(name)
+            .ok_or_else(|| Error::format(dir.display().to_string(), format!("no tensor {name}")))
+    };
+    let float = |name: &str| -> Result<FloatTensor> {
+        let t = get(name)?;
+        let dtype =
+            float_dtype(t.dtype).ok_or_else(|| Error::format(name, format!("dtype {:?} is not a float", t.dtype)))?;
+        let (rows, cols) = match t.shape.as_slice() {
+            [n] => (1, *n),
+            [r, c] => (*r, *c),
+            s => return Err(Error::format(name, format!("shape {s:?} is not a matrix"))),
+        };
+        FloatTensor::new(dtype, rows, cols, t.data.clone()).map_err(|e| Error::format(name, e.to_string()))
+    };
+    let vector = |name: &str| -> Result<Vec<f32>> { Ok(float(name)?.to_f32()) };
+
+    let mut any_master = false;
+    let mut layers = Vec::with_capacity(config.num_layers);
+    for i in 0..config.num_layers {
+        let prefix = format!("model.layers.{i}");
+        let [a, b, c, d] = NORMS.map(|(hf, _)| vector(&format!("{prefix}.{hf}.weight")));
+        let norms = [a?, b?, c?, d?];
+        let mut projs = Vec::with_capacity(7);
+        for p in Proj::ALL {
+            let name = format!("{prefix}.{}.weight", p.hf_name());
+            let (rows, cols) = p.shape(&config);
+            let t = get(&name)?;
+            let m = if t.dtype == StDtype::U8 {
+                if t.shape != [packed::packed_rows(rows), cols] {
+                    return Err(Error::format(
+                        &name,
+                        format!(
+                            "packed shape {:?}, expected {:?}",
+                            t.shape,
+                            [packed::packed_rows(rows), cols]
+                        ),
+                    ));
+                }
+                let sname = format!("{prefix}.{}.weight_scale", p.hf_name());
+                let s = vector(&sname)?;
+                if s.len() != 1 {
+                    return Err(Error::format(sname, "weight_scale must hold one value"));
+                }
+                packed::decode(rows, cols, &t.data, s[0], convention)
+            } else {
+                any_master = true;
+                let dtype = match t.dtype {
+                    StDtype::F32 => Dtype::F32,
+                    StDtype::F16 => Dtype::F16,
+                    StDtype::BF16 => Dtype::Bf16,
+                    other => return Err(Error::format(&name, format!("dtype {other:?} is not a BitNet weight"))),
+                };
+                if t.shape != [rows, cols] {
+                    return Err(Error::format(
+                        &name,
+                        format!("shape {:?}, expected {:?}", t.shape, [rows, cols]),
+                    ));
+                }
+                packed::quantize_master(rows, cols, dtype, &t.data)
+            };
+            projs.push(m.map_err(|e| Error::format(&name, e.to_string()))?);
+        }
+        let projs: [TernaryMatrix; 7] = projs.try_into().map_err(|_| Error::format("layer", "projections"))?;
+        layers.push(LayerWeights { norms, projs });
+    }
+    let lm_head = if config.tie_word_embeddings {
+        None
+    } else {
+        Some(float("lm_head.weight")?)
+    };
+    let weights = ModelWeights {
+        embed: float("model.embed_tokens.weight")?,
+        lm_head,
+        norm: vector("model.norm.weight")?,
+        layers,
+        config,
+    };
+    Ok(LoadedModel {
+        weights,
+        tokenizer,
+        format: if any_master {
+            ModelFormat::HfMaster
+        } else {
+            ModelFormat::HfPacked
+        },
+    })
+}
+
+fn float_dtype(d: StDtype) -> Option<FloatDtype> {
+    match d {
+        StDtype::F32 => Some(FloatDtype::F32),
+        StDtype::F16 => Some(FloatDtype::F16),
+        StDtype::BF16 => Some(FloatDtype::Bf16),
+        _ => None,
+    }
+}
+
+/// A tensor to serialize.
+struct Out {
+    dtype: StDtype,
+    shape: Vec<usize>,
+    data: SharedBytes,
+}
+
+impl safetensors::View for &Out {
+    fn dtype(&self) -> StDtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+pub(super) fn save(w: &ModelWeights, tok: &Tokenizer, format: ModelFormat, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let c = &w.config;
+    let f32s = |v: &[f32]| -> SharedBytes { v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>().into() };
+    let float_out = |t: &FloatTensor| -> Out {
+        let (dtype, data) = match t.dtype() {
+            FloatDtype::F32 => (StDtype::F32, t.shared_bytes().clone()),
+            FloatDtype::F16 => (StDtype::F16, t.shared_bytes().clone()),
+            FloatDtype::Bf16 => (StDtype::BF16, t.shared_bytes().clone()),
+            // safetensors has no Q8_0: widen to f32.
+            FloatDtype::Q8_0 => (StDtype::F32, f32s(&t.to_f32())),
+        };
+        Out {
+            dtype,
+            shape: vec![t.rows(), t.cols()],
+            data,
+        }
+    };
+    let mut out: BTreeMap<String, Out> = BTreeMap::new();
+    out.insert("model.embed_tokens.weight".into(), float_out(&w.embed));
+    if let Some(h) = &w.lm_head {
+        out.insert("lm_head.weight".into(), float_out(h));
+    }
+    out.insert(
+        "model.norm.weight".into(),
+        Out {
+            dtype: StDtype::F32,
+            shape: vec![w.norm.len()],
+            data: f32s(&w.norm),
+        },
+    );
+    for (i, l) in w.layers.iter().enumerate() {
+        let prefix = format!("model.layers.{i}");
+        for (n, (hf, _)) in l.norms.iter().zip(NORMS) {
+            out.insert(
+                format!("{prefix}.{hf}.weight"),
+                Out {
+                    dtype: StDtype::F32,
+                    shape: vec![n.len()],
+                    data: f32s(n),
+                },
+            );
+        }
+        for p in Proj::ALL {
+            let m = l.proj(p);
+            let name = format!("{prefix}.{}", p.hf_name());
+            if format == ModelFormat::HfPacked {
+                let (bytes, scale) = packed::encode(m, WeightScale::Direct);
+                out.insert(
+                    format!("{name}.weight"),
+                    Out {
+                        dtype: StDtype::U8,
+                        shape: vec![packed::packed_rows(m.rows()), m.cols()],
+                        data: bytes.into(),
+                    },
+                );
+                out.insert(
+                    format!("{name}.weight_scale"),
+                    Out {
+                        dtype: StDtype::F32,
+                        shape: vec![1],
+                        data: f32s(&[scale]),
+                    },
+                );
+            } else {
+                out.insert(
+                    format!("{name}.weight"),
+                    Out {
+                        dtype: StDtype::F32,
+                        shape: vec![m.rows(), m.cols()],
+                        data: f32s(&master(m)),
+                    },
+                );
+            }
+        }
+    }
+    let quant = if format == ModelFormat::HfPacked {
+        json!({"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "offline"})
+    } else {
+        json!({"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"})
+    };
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    let bytes = safetensors::serialize(out.iter().map(|(k, v)| (k.clone(), v)), Some(meta))
+        .map_err(|e| Error::format("model.safetensors", e.to_string()))?;
+    write_atomic(&dir.join("model.safetensors"), |f| std::io::Write::write_all(f, &bytes))?;
+    let config = c.to_hf_json(&quant);
+    write_atomic(&dir.join("config.json"), |f| {
+        std::io::Write::write_all(f, config.as_bytes())
+    })?;
+    tok.save_hf(dir)
+}
+
+/// Master weights whose absmean quantization gives back `m` exactly: each
+/// non-zero weight is `±scale / density` (density = the share of non-zero
+/// weights), so the mean absolute value is `scale`.
+fn master(m: &TernaryMatrix) -> Vec<f32> {
+    let trits = m.to_trits();
+    let nonzero = trits.iter().filter(|&&t| t != 0).count();
+    let magnitude = if nonzero == 0 {
+        0.0
+    } else {
+        (f64::from(m.scale()) * trits.len() as f64 / nonzero as f64) as f32
+    };
+    trits.iter().map(|&t| f32::from(t) * magnitude).collect()
+}

@@ -1,0 +1,295 @@
+//! [`FloatTensor`]: the model's non-ternary matrices (token embedding, an
+//! untied LM head) kept in their file's element type and read in place.
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::{Error, Result, SharedBytes};
+
+/// Element types of float tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FloatDtype {
+    F32,
+    F16,
+    Bf16,
+    /// llama.cpp `Q8_0`: blocks of 32 int8 values with one f16 scale.
+    Q8_0,
+}
+
+/// Elements per `Q8_0` block.
+pub const Q8_0_BLOCK: usize = 32;
+const Q8_0_BYTES: usize = 34;
+
+impl FloatDtype {
+    /// Bytes of `n` elements (`n` a multiple of 32 for `Q8_0`).
+    pub fn bytes(self, n: usize) -> Option<usize> {
+        match self {
+            FloatDtype::F32 => n.checked_mul(4),
+            FloatDtype::F16 | FloatDtype::Bf16 => n.checked_mul(2),
+            FloatDtype::Q8_0 => n.is_multiple_of(Q8_0_BLOCK).then(|| n / Q8_0_BLOCK * Q8_0_BYTES),
+        }
+    }
+
+    /// A short name: `f32`, `f16`, `bf16`, `q8_0`.
+    pub fn name(self) -> &'static str {
+        match self {
+            FloatDtype::F32 => "f32",
+            FloatDtype::F16 => "f16",
+            FloatDtype::Bf16 => "bf16",
+            FloatDtype::Q8_0 => "q8_0",
+        }
+    }
+}
+
+/// A row-major `rows x cols` matrix of floats in a storage type.
+#[derive(Clone, Debug)]
+pub struct FloatTensor {
+    dtype: FloatDtype,
+    rows: usize,
+    cols: usize,
+    data: SharedBytes,
+}
+
+impl FloatTensor {
+    /// Wraps stored bytes, checking their length.
+    pub fn new(dtype: FloatDtype, rows: usize, cols: usize, data: SharedBytes) -> Result<Self> {
+        let expected = rows
+            .checked_mul(cols)
+            .and_then(|n| dtype.bytes(n))
+            .filter(|_| dtype != FloatDtype::Q8_0 || cols.is_multiple_of(Q8_0_BLOCK))
+            .ok_or_else(|| Error::Shape {
+                what: "float tensor",
+                reason: format!("{rows} x {cols} is not a valid {} shape", dtype.name()),
+            })?;
+        if data.len() != expected {
+            return Err(Error::Length {
+                what: "float tensor",
+                expected,
+                actual: data.len(),
+            });
+        }
+        Ok(Self {
+            dtype,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    /// Encodes f32 values in `dtype`.
+    pub fn from_f32(dtype: FloatDtype, rows: usize, cols: usize, values: &[f32]) -> Result<Self> {
+        if values.len() != rows.saturating_mul(cols) {
+            return Err(Error::Length {
+                what: "float tensor",
+                expected: rows.saturating_mul(cols),
+                actual: values.len(),
+            });
+        }
+        let bytes: Vec<u8> = match dtype {
+            FloatDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            FloatDtype::F16 => values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
+            FloatDtype::Bf16 => values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
+            FloatDtype::Q8_0 => {
+                if !cols.is_multiple_of(Q8_0_BLOCK) {
+                    return Err(Error::Shape {
+                        what: "q8_0 tensor",
+                        reason: format!("{cols} columns are not a multiple of {Q8_0_BLOCK}"),
+                    });
+                }
+                let mut out = Vec::with_capacity(values.len() / Q8_0_BLOCK * Q8_0_BYTES);
+                for block in values.chunks_exact(Q8_0_BLOCK) {
+                    let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let d = amax / 127.0;
+                    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+                    out.extend(f16::from_f32(d).to_le_bytes());
+                    out.extend(block.iter().map(|v| (v * id).round() as i8 as u8));
+                }
+                out
+            }
+        };
+        Self::new(dtype, rows, cols, bytes.into())
+    }
+
+    pub fn dtype(&self) -> FloatDtype {
+        self.dtype
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The stored bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// The stored bytes, shared.
+    pub fn shared_bytes(&self) -> &SharedBytes {
+        &self.data
+    }
+
+    /// Decodes row `r` into `out` (`cols` values).
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        let n = self.cols;
+        match self.dtype {
+            FloatDtype::F32 => {
+                let b = &self.data[r * n * 4..(r + 1) * n * 4];
+                for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            FloatDtype::F16 => {
+                let b = &self.data[r * n * 2..(r + 1) * n * 2];
+                decode_f16(b, out);
+            }
+            FloatDtype::Bf16 => {
+                let b = &self.data[r * n * 2..(r + 1) * n * 2];
+                for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
+                    *o = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16);
+                }
+            }
+            FloatDtype::Q8_0 => {
+                let per = n / Q8_0_BLOCK * Q8_0_BYTES;
+                let b = &self.data[r * per..(r + 1) * per];
+                for (o, blk) in out.chunks_exact_mut(Q8_0_BLOCK).zip(b.chunks_exact(Q8_0_BYTES)) {
+                    let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+                    for (v, &q) in o.iter_mut().zip(&blk[2..]) {
+                        *v = f32::from(q as i8) * d;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every value as f32, row-major.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        for (r, o) in out.chunks_exact_mut(self.cols.max(1)).enumerate() {
+            self.row_into(r, o);
+        }
+        out
+    }
+
+    /// `out[t][r] = x[t] . row[r]` for `tokens` rows of `x` (each `cols`
+    /// long): the LM head's product, with rows split across threads. Each
+    /// dot product is summed in a fixed order, so the result does not depend
+    /// on the thread count.
+    pub fn matmul_t(&self, x: &[f32], tokens: usize, out: &mut [f32]) -> Result<()> {
+        let (n, k) = (self.rows, self.cols);
+        if x.len() != tokens * k || out.len() != tokens * n {
+            return Err(Error::Mismatch(format!(
+                "{tokens} tokens of {k} against a {n} x {k} tensor: got {} inputs, {} outputs",
+                x.len(),
+                out.len()
+            )));
+        }
+        const CHUNK: usize = 64;
+        let mut partial = vec![0f32; n * tokens];
+        partial.par_chunks_mut(CHUNK * tokens).enumerate().for_each_init(
+            || vec![0f32; k],
+            |row, (chunk, dst)| {
+                for (i, d) in dst.chunks_exact_mut(tokens).enumerate() {
+                    self.row_into(chunk * CHUNK + i, row);
+                    for (t, v) in d.iter_mut().enumerate() {
+                        *v = dot(row, &x[t * k..(t + 1) * k]);
+                    }
+                }
+            },
+        );
+        for (r, p) in partial.chunks_exact(tokens).enumerate() {
+            for (t, &v) in p.iter().enumerate() {
+                out[t * n + r] = v;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn decode_f16(b: &[u8], out: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    let halves: &[f16] = match bytemuck::try_cast_slice(b) {
+        Ok(h) => h,
+        Err(_) => {
+            for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
+                *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+            return;
+        }
+    };
+    halves.convert_to_f32_slice(&mut out[..halves.len()]);
+}
+
+/// A dot product with a fixed summation order (16 lanes, then a fixed tree),
+/// which the compiler vectorizes.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ar.iter().zip(br) {
+        tail += x * y;
+    }
+    let mut w = 16;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+    }
+    acc[0] + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    #[test]
+    fn dtypes_round_trip_and_multiply() {
+        let mut rng = SplitMix64::new(3);
+        let (rows, cols) = (70, 96);
+        let values = rng.signed_f32s(rows * cols);
+        let x = rng.signed_f32s(3 * cols);
+        for dtype in [FloatDtype::F32, FloatDtype::F16, FloatDtype::Bf16, FloatDtype::Q8_0] {
+            let t = FloatTensor::from_f32(dtype, rows, cols, &values).unwrap();
+            let back = t.to_f32();
+            let tol = match dtype {
+                FloatDtype::F32 => 0.0,
+                FloatDtype::F16 => 1e-3,
+                FloatDtype::Bf16 => 1e-2,
+                FloatDtype::Q8_0 => 1e-2,
+            };
+            for (a, b) in values.iter().zip(&back) {
+                assert!((a - b).abs() <= tol, "{dtype:?}: {a} vs {b}");
+            }
+            let mut out = vec![0f32; 3 * rows];
+            t.matmul_t(&x, 3, &mut out).unwrap();
+            for tok in 0..3 {
+                for r in 0..rows {
+                    let want: f64 = (0..cols)
+                        .map(|c| f64::from(back[r * cols + c]) * f64::from(x[tok * cols + c]))
+                        .sum();
+                    assert!((out[tok * rows + r] as f64 - want).abs() < 1e-4, "{dtype:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_lengths_are_errors() {
+        assert!(FloatTensor::new(FloatDtype::F16, 2, 3, vec![0u8; 11].into()).is_err());
+        assert!(FloatTensor::new(FloatDtype::Q8_0, 1, 33, vec![0u8; 34].into()).is_err());
+        let t = FloatTensor::from_f32(FloatDtype::F32, 2, 2, &[1.0; 4]).unwrap();
+        assert!(t.matmul_t(&[1.0; 3], 1, &mut [0.0; 2]).is_err());
+    }
+}

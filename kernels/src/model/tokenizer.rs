@@ -1,0 +1,535 @@
+//! [`Tokenizer`]: the model's own tokenizer, through the `tokenizers` crate.
+//!
+//! A Hugging Face directory carries `tokenizer.json`, used as it is. A GGUF
+//! file carries the BPE vocabulary and merges in `tokenizer.ggml.*`; tern
+//! rebuilds the same tokenizer from them (byte-level BPE, the pre-tokenizer
+//! that `tokenizer.ggml.pre` names, the BOS that `add_bos_token` asks for).
+//! tern's own GGUF files also carry the whole `tokenizer.json` under
+//! `tokenizer.huggingface.json`, which is preferred when present.
+
+use std::path::Path;
+
+use serde_json::{Value as Json, json};
+
+use super::chat;
+use super::config::Config;
+use super::gguf::{GgufFile, Value};
+use super::write_atomic;
+use crate::{Error, Result};
+
+/// The Llama 3 pre-tokenizer pattern (`tokenizer.ggml.pre = "llama-bpe"`),
+/// which BitNet b1.58 2B4T's tokenizer uses.
+const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Special tokens of generated tokenizers, as Llama 3 names them.
+pub const BOS: &str = "<|begin_of_text|>";
+pub const EOS: &str = "<|end_of_text|>";
+pub const EOT: &str = "<|eot_id|>";
+
+/// A tokenizer with the model's special tokens and chat template.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    json: String,
+    bos: Option<u32>,
+    eos: Vec<u32>,
+    chat_template: Option<String>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab", &self.vocab_size())
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .finish()
+    }
+}
+
+fn tk_err(e: impl std::fmt::Display) -> Error {
+    Error::Tokenizer(e.to_string())
+}
+
+impl Tokenizer {
+    /// Parses a `tokenizer.json` document.
+    pub fn from_json(json: &str, bos: Option<u32>, eos: Vec<u32>, chat_template: Option<String>) -> Result<Self> {
+        let inner: tokenizers::Tokenizer = json.parse().map_err(tk_err)?;
+        Ok(Self {
+            inner,
+            json: json.to_string(),
+            bos,
+            eos,
+            chat_template,
+        })
+    }
+
+    /// Reads `tokenizer.json` (required) and `tokenizer_config.json`
+    /// (optional: chat template) from a Hugging Face directory.
+    pub fn from_hf_dir(dir: &Path, config: &Config) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(Error::Tokenizer(format!(
+                "{} is missing: the model directory has no tokenizer",
+                path.display()
+            )));
+        }
+        let json = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let tc = dir.join("tokenizer_config.json");
+        let template = std::fs::read_to_string(&tc)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Json>(&t).ok())
+            .and_then(|v| v.get("chat_template").and_then(Json::as_str).map(str::to_string));
+        Self::from_json(&json, config.bos_token_id, config.eos_token_ids.clone(), template)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
+    }
+
+    /// Rebuilds the tokenizer from GGUF metadata.
+    pub fn from_gguf(f: &GgufFile) -> Result<Self> {
+        let id = |k: &str| f.get(k).and_then(Value::as_u64).map(|v| v as u32);
+        let bos = id("tokenizer.ggml.bos_token_id");
+        let mut eos: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
+            .iter()
+            .filter_map(|k| id(k))
+            .collect();
+        eos.dedup();
+        let template = f
+            .get("tokenizer.chat_template")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        if let Some(json) = f.get("tokenizer.huggingface.json").and_then(Value::as_str) {
+            return Self::from_json(json, bos, eos, template);
+        }
+        let model = f.get("tokenizer.ggml.model").and_then(Value::as_str).ok_or_else(|| {
+            Error::Tokenizer("the GGUF file has no tokenizer (tokenizer.ggml.model is missing)".into())
+        })?;
+        if model != "gpt2" {
+            return Err(Error::Tokenizer(format!(
+                "tokenizer.ggml.model `{model}` is not supported (only gpt2-style byte-level BPE is)"
+            )));
+        }
+        let strings = |k: &str| -> Result<Vec<String>> {
+            f.get(k)
+                .and_then(Value::as_array)
+                .ok_or_else(|| Error::Tokenizer(format!("{k} is missing")))?
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| Error::Tokenizer(format!("{k} holds a non-string")))
+                })
+                .collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?;
+        let types: Vec<u64> = f
+            .get("tokenizer.ggml.token_type")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
+            .unwrap_or_default();
+        let pre = f.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+        let add_bos = f
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let json = bpe_json(&tokens, &types, &merges, pre, if add_bos { bos } else { None })?;
+        Self::from_json(&json, bos, eos, template)
+    }
+
+    /// Tokens in the vocabulary, special tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The BOS token id, if the model has one.
+    pub fn bos(&self) -> Option<u32> {
+        self.bos
+    }
+
+    /// Tokens that end generation.
+    pub fn eos(&self) -> &[u32] {
+        &self.eos
+    }
+
+    /// The chat template, if the model has one.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
+    /// The `tokenizer.json` document.
+    pub fn json(&self) -> &str {
+        &self.json
+    }
+
+    /// A token's text, if the id exists.
+    pub fn token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// A token's id.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Encodes text. With `add_special`, the post-processor adds what the
+    /// tokenizer says (a BOS for Llama 3-style tokenizers), and nothing else.
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        Ok(self.inner.encode(text, add_special).map_err(tk_err)?.get_ids().to_vec())
+    }
+
+    /// Decodes ids; `skip_special` drops special tokens.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special).map_err(tk_err)
+    }
+
+    /// Renders a conversation with the model's chat template (or, when it has
+    /// none, BitNet b1.58 2B4T's).
+    pub fn render_chat(&self, messages: &[chat::Message], add_generation_prompt: bool) -> Result<String> {
+        let bos = self.bos.and_then(|b| self.token(b)).unwrap_or_default();
+        let eos = self.eos.first().and_then(|&e| self.token(e)).unwrap_or_default();
+        let template = self.chat_template.as_deref().unwrap_or(chat::BITNET_2B4T_TEMPLATE);
+        chat::render(template, messages, add_generation_prompt, &bos, &eos)
+    }
+
+    /// Writes `tokenizer.json` and `tokenizer_config.json` into a directory.
+    pub fn save_hf(&self, dir: &Path) -> Result<()> {
+        write_atomic(&dir.join("tokenizer.json"), |f| {
+            std::io::Write::write_all(f, self.json.as_bytes())
+        })?;
+        let name = |id: Option<u32>| id.and_then(|i| self.token(i));
+        let cfg = json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": name(self.bos),
+            "eos_token": name(self.eos.last().copied()),
+            "chat_template": self.chat_template.as_deref().unwrap_or(chat::BITNET_2B4T_TEMPLATE),
+            "model_max_length": 1_000_000,
+        });
+        let text = serde_json::to_string_pretty(&cfg).unwrap_or_default();
+        write_atomic(&dir.join("tokenizer_config.json"), |f| {
+            std::io::Write::write_all(f, text.as_bytes())
+        })
+    }
+
+    /// The `tokenizer.*` GGUF metadata for a model of `config`'s vocabulary:
+    /// llama.cpp's keys (tokens, types, merges, special ids, template) and the
+    /// exact `tokenizer.json`.
+    pub fn gguf_metadata(&self, config: &Config) -> Result<Vec<(String, Value)>> {
+        let doc: Json = serde_json::from_str(&self.json).map_err(tk_err)?;
+        let vocab = self.inner.get_vocab(true);
+        let mut tokens = vec![String::new(); config.vocab_size];
+        let mut filled = vec![false; config.vocab_size];
+        for (t, id) in vocab {
+            if let Some(slot) = tokens.get_mut(id as usize) {
+                *slot = t;
+                filled[id as usize] = true;
+            }
+        }
+        let special: std::collections::HashSet<u32> = doc
+            .get("added_tokens")
+            .and_then(Json::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter(|t| t.get("special").and_then(Json::as_bool) == Some(true))
+                    .filter_map(|t| t.get("id").and_then(Json::as_u64).map(|i| i as u32))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut types = Vec::with_capacity(config.vocab_size);
+        for (i, t) in tokens.iter_mut().enumerate() {
+            if !filled[i] {
+                *t = format!("[PAD{i}]");
+                types.push(Value::I32(5));
+            } else if special.contains(&(i as u32)) {
+                types.push(Value::I32(3));
+            } else {
+                types.push(Value::I32(1));
+            }
+        }
+        let merges: Vec<Value> = doc
+            .pointer("/model/merges")
+            .and_then(Json::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|m| match m {
+                        Json::String(s) => Some(s.clone()),
+                        Json::Array(p) => Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?)),
+                        _ => None,
+                    })
+                    .map(Value::Str)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let adds_bos = self.bos.is_some_and(|b| {
+            self.inner
+                .encode("a", true)
+                .map(|e| e.get_ids().first() == Some(&b))
+                .unwrap_or(false)
+        });
+        let mut meta = vec![
+            ("tokenizer.ggml.model".to_string(), Value::Str("gpt2".into())),
+            ("tokenizer.ggml.pre".to_string(), Value::Str(pre_name(&doc).into())),
+            (
+                "tokenizer.ggml.tokens".to_string(),
+                Value::Array(tokens.into_iter().map(Value::Str).collect()),
+            ),
+            ("tokenizer.ggml.token_type".to_string(), Value::Array(types)),
+            ("tokenizer.ggml.merges".to_string(), Value::Array(merges)),
+            ("tokenizer.ggml.add_bos_token".to_string(), Value::Bool(adds_bos)),
+        ];
+        if let Some(b) = self.bos {
+            meta.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
+        }
+        if let Some(&e) = self.eos.first() {
+            meta.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(e)));
+        }
+        if let Some(&e) = self.eos.get(1) {
+            meta.push(("tokenizer.ggml.eot_token_id".into(), Value::U32(e)));
+        }
+        meta.push((
+            "tokenizer.chat_template".into(),
+            Value::Str(
+                self.chat_template
+                    .as_deref()
+                    .unwrap_or(chat::BITNET_2B4T_TEMPLATE)
+                    .into(),
+            ),
+        ));
+        meta.push(("tokenizer.huggingface.json".into(), Value::Str(self.json.clone())));
+        Ok(meta)
+    }
+
+    /// A byte-level BPE tokenizer trained on tern's built-in corpus, padded
+    /// with reserved special tokens to exactly `vocab_size` entries. Ids 0, 1
+    /// and 2 are `<|begin_of_text|>`, `<|end_of_text|>` and `<|eot_id|>`.
+    /// Deterministic: the same size always gives the same tokenizer.
+    pub fn generated(vocab_size: usize) -> Result<Self> {
+        if vocab_size < 300 {
+            return Err(Error::config(
+                "vocab_size",
+                "a byte-level tokenizer needs at least 300 tokens",
+            ));
+        }
+        let merges = train_merges(CORPUS, (vocab_size - 3 - 256).min(2000));
+        let mut tokens: Vec<String> = vec![BOS.into(), EOS.into(), EOT.into()];
+        tokens.extend(byte_alphabet());
+        let mut types = vec![3u64; 3];
+        types.extend(std::iter::repeat_n(1, 256));
+        for (a, b) in &merges {
+            tokens.push(format!("{a}{b}"));
+            types.push(1);
+        }
+        let mut n = 0;
+        while tokens.len() < vocab_size {
+            tokens.push(format!("<|reserved_special_token_{n}|>"));
+            types.push(3);
+            n += 1;
+        }
+        let merges: Vec<String> = merges.iter().map(|(a, b)| format!("{a} {b}")).collect();
+        let json = bpe_json(&tokens, &types, &merges, "default", Some(0))?;
+        Self::from_json(&json, Some(0), vec![1, 2], Some(chat::BITNET_2B4T_TEMPLATE.into()))
+    }
+}
+
+/// The name llama.cpp gives a tokenizer's pre-tokenizer.
+fn pre_name(doc: &Json) -> &'static str {
+    let text = doc.get("pre_tokenizer").map(|p| p.to_string()).unwrap_or_default();
+    if text.contains("\\p{N}{1,3}") {
+        "llama-bpe"
+    } else {
+        "default"
+    }
+}
+
+/// GPT-2's byte-to-unicode table: every byte as a printable character.
+fn byte_alphabet() -> Vec<String> {
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut chars: Vec<u32> = printable.clone();
+    let mut extra = 0;
+    for b in 0..256u32 {
+        if !printable.contains(&b) {
+            printable.push(b);
+            chars.push(256 + extra);
+            extra += 1;
+        }
+    }
+    let mut table = vec![String::new(); 256];
+    for (b, c) in printable.iter().zip(chars) {
+        table[*b as usize] = char::from_u32(c).map(String::from).unwrap_or_default();
+    }
+    table
+}
+
+/// Learns `n` byte-level BPE merges from `text`: split on spaces (a space
+/// joins the following word, as GPT-2's pre-tokenizer does), then merge the
+/// most frequent pair, ties broken by the pair itself, so the result is
+/// deterministic.
+fn train_merges(text: &str, n: usize) -> Vec<(String, String)> {
+    let table = byte_alphabet();
+    let mut words: std::collections::BTreeMap<Vec<String>, usize> = Default::default();
+    let mut start = 0;
+    let bytes = text.as_bytes();
+    for i in 1..=bytes.len() {
+        if i == bytes.len() || (bytes[i] == b' ' && bytes[i - 1] != b' ') || bytes[i] == b'\n' {
+            let word: Vec<String> = bytes[start..i].iter().map(|&b| table[b as usize].clone()).collect();
+            if !word.is_empty() {
+                *words.entry(word).or_default() += 1;
+            }
+            start = i;
+        }
+    }
+    let mut words: Vec<(Vec<String>, usize)> = words.into_iter().collect();
+    let mut merges = Vec::with_capacity(n);
+    while merges.len() < n {
+        let mut counts: std::collections::BTreeMap<(&str, &str), usize> = Default::default();
+        for (w, c) in &words {
+            for p in w.windows(2) {
+                *counts.entry((&p[0], &p[1])).or_default() += c;
+            }
+        }
+        let Some(((a, b), count)) = counts.into_iter().max_by(|x, y| x.1.cmp(&y.1).then(y.0.cmp(&x.0))) else {
+            break;
+        };
+        if count < 2 {
+            break;
+        }
+        let (a, b) = (a.to_string(), b.to_string());
+        for (w, _) in &mut words {
+            let mut i = 0;
+            while i + 1 < w.len() {
+                if w[i] == a && w[i + 1] == b {
+                    let joined = format!("{a}{b}");
+                    w.splice(i..i + 2, [joined]);
+                }
+                i += 1;
+            }
+        }
+        merges.push((a, b));
+    }
+    merges
+}
+
+/// A `tokenizer.json` document for byte-level BPE.
+fn bpe_json(tokens: &[String], types: &[u64], merges: &[String], pre: &str, bos: Option<u32>) -> Result<String> {
+    let mut vocab = serde_json::Map::new();
+    let mut added = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        let ty = types.get(i).copied().unwrap_or(1);
+        if ty == 3 || ty == 4 {
+            added.push(json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": ty == 4, "special": ty == 3}));
+        }
+        vocab.insert(t.clone(), json!(i));
+    }
+    let pre_tokenizer = match pre {
+        "llama-bpe" | "llama3" | "llama-v3" | "smaug-bpe" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
+        "default" | "gpt2" | "gpt-2" => {
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
+        }
+        other => {
+            return Err(Error::Tokenizer(format!(
+                "tokenizer.ggml.pre `{other}` is not supported"
+            )));
+        }
+    };
+    let post = match bos {
+        Some(b) => {
+            let name = tokens.get(b as usize).cloned().unwrap_or_default();
+            json!({"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": name, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": name, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": name, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {name.clone(): {"id": name, "ids": [b], "tokens": [name]}}})
+        }
+        None => Json::Null,
+    };
+    let doc = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": post,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges},
+    });
+    serde_json::to_string(&doc).map_err(tk_err)
+}
+
+/// The text generated tokenizers learn their merges from.
+const CORPUS: &str = "\
+Ternary weights take three values: minus one, zero and plus one. A model whose weights are ternary \
+needs two bits a weight instead of sixteen, and its products are additions and subtractions. \
+The swarm is a set of computers that agree to share their work. A node in the swarm runs the model on \
+its own hardware, signs the result, and returns it named by its hash. Peers check the work by running \
+it again; exact integer arithmetic makes honest results equal, bit for bit. \
+The quick brown fox jumps over the lazy dog. The five boxing wizards jump quickly. \
+Fine-tuning a low-rank adapter needs little memory: the base model stays frozen, and only two small \
+matrices per layer learn. The adapter is the part that changes, so it is the part that travels. \
+User: What is the capital of France?\nAssistant: The capital of France is Paris.\n\
+User: How many legs does a spider have?\nAssistant: A spider has eight legs.\n\
+User: Write a short poem about the sea.\nAssistant: The sea is wide, the sea is deep, it sings the shore to sleep.\n\
+In the beginning there was the word, and the word was counted, and the counting was exact. \
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 2024 3.14159 42. Punctuation: (a) [b] {c} \"d\" 'e' - f, g; h! i? \
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_tokenizer_round_trips_and_is_deterministic() {
+        let t = Tokenizer::generated(512).unwrap();
+        assert_eq!(t.vocab_size(), 512);
+        let text = "The swarm checks ternary results, bit for bit: 3.14!";
+        let ids = t.encode(text, true).unwrap();
+        assert_eq!(ids[0], 0, "BOS from the post-processor");
+        assert!(ids.len() < text.len(), "merges shorten the text: {}", ids.len());
+        assert_eq!(t.decode(&ids, true).unwrap(), text);
+        assert_eq!(t.json(), Tokenizer::generated(512).unwrap().json());
+        // Non-ASCII survives the byte-level round trip.
+        let uni = "Zürich — 東京 🚀";
+        assert_eq!(t.decode(&t.encode(uni, false).unwrap(), false).unwrap(), uni);
+    }
+
+    #[test]
+    fn gpt2_metadata_rebuilds_the_same_tokenizer() {
+        // The fixture tokenizer was written by the Python `tokenizers` library.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bitnet_tiny");
+        let config = Config::from_hf_json(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        let hf = Tokenizer::from_hf_dir(&dir, &config).unwrap();
+        let meta = hf.gguf_metadata(&config).unwrap();
+        let meta: Vec<_> = meta
+            .into_iter()
+            .filter(|(k, _)| k != "tokenizer.huggingface.json")
+            .collect();
+        let bytes = write_meta(&meta);
+        let f = GgufFile::parse(std::sync::Arc::new(bytes), "meta").unwrap();
+        let rebuilt = Tokenizer::from_gguf(&f).unwrap();
+        for text in [
+            "The swarm checks ternary results by hash, bit for bit.",
+            "  spaces\n\nand lines",
+            "Zürich 42",
+        ] {
+            assert_eq!(
+                hf.encode(text, true).unwrap(),
+                rebuilt.encode(text, true).unwrap(),
+                "{text:?}"
+            );
+        }
+    }
+
+    fn write_meta(meta: &[(String, Value)]) -> Vec<u8> {
+        let dir = std::env::temp_dir().join(format!("tern-tok-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("meta.gguf");
+        super::super::gguf::write(&p, meta, &[]).unwrap();
+        std::fs::read(p).unwrap()
+    }
+}
