@@ -162,3 +162,22 @@ fn tempdir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+backend_test!(greedy_64_tokens_agree_with_the_scalar_cpu, |backend: &Backend| {
+    use kernels::cpu::{Cpu, Isa};
+    let reference = Backend::Cpu(Cpu::new(Isa::Scalar, 1).unwrap());
+    for (name, weights) in [
+        ("fixture", model::load(&fixture()).unwrap().weights),
+        ("tiny preset", model::init::random(model::Preset::Tiny, 9).unwrap().0),
+    ] {
+        let prompt = [0u32, 40, 41, 42, 43];
+        let run = |b: Backend| {
+            let m = Model::new(&weights, b).unwrap();
+            let mut s = Sampler::new(SamplingParams::default()).unwrap();
+            m.generate(&prompt, 64, &mut s, &[], |_| true).unwrap().0
+        };
+        let want = run(reference.clone());
+        assert_eq!(want.len(), 64);
+        assert_eq!(run(backend.clone()), want, "{name} on {}", backend.name());
+    }
+});

@@ -87,7 +87,7 @@ pub struct GemmFigure {
 
 /// Runs `f` until `budget` has passed (and at least `min_runs` times) after
 /// one warm-up call, and returns the median duration.
-fn median_time(budget: Duration, min_runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+pub(crate) fn median_time(budget: Duration, min_runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;
     let start = Instant::now();
     let mut times = Vec::new();
@@ -100,7 +100,7 @@ fn median_time(budget: Duration, min_runs: usize, mut f: impl FnMut() -> Result<
     Ok(times[times.len() / 2])
 }
 
-fn cpu_model() -> String {
+pub(crate) fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::bench;
+use crate::{bench, model_bench, model_cmd};
 
 /// tern: a peer-to-peer compute node for BitNet b1.58 models.
 #[derive(Debug, Parser)]
@@ -19,6 +19,27 @@ pub enum Command {
     /// Measure this machine.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Make, inspect and convert model files.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Generate text from a prompt, streaming it, then report tokens/s.
+    Generate(model_cmd::GenerateArgs),
+    /// Perplexity of a text file, and optionally every position's logits.
+    Eval(model_cmd::EvalArgs),
+}
+
+/// `tern model ...`.
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Write a random model with real shapes and a tokenizer, from a seed.
+    Init(model_cmd::InitArgs),
+    /// Architecture, tensor table, bytes and content id of a model.
+    Inspect(model_cmd::InspectArgs),
+    /// Convert a model to another format.
+    Convert(model_cmd::ConvertArgs),
+    /// Load a model and print the process's peak resident memory (for benchmarks).
+    #[command(hide = true)]
+    LoadRss { path: std::path::PathBuf },
 }
 
 /// What to benchmark.
@@ -27,6 +48,9 @@ pub enum BenchCommand {
     /// Ternary GEMV and GEMM at BitNet b1.58 2B4T shapes, against the memory
     /// bandwidth and an f32 GEMM baseline measured in the same run.
     Kernels(KernelsArgs),
+    /// Prefill and decode tokens/s of a model in each ternary format, beside
+    /// the memory-bandwidth bound, and the peak memory of loading it.
+    Model(model_bench::ModelBenchArgs),
 }
 
 /// Arguments of `tern bench kernels`.
@@ -84,5 +108,20 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Bench(BenchCommand::Model(args)) => {
+            let report = model_bench::run(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_table());
+            }
+            Ok(())
+        }
+        Command::Model(ModelCommand::Init(a)) => model_cmd::init(&a),
+        Command::Model(ModelCommand::Inspect(a)) => model_cmd::inspect(&a),
+        Command::Model(ModelCommand::Convert(a)) => model_cmd::convert(&a),
+        Command::Model(ModelCommand::LoadRss { path }) => model_bench::load_rss(&path),
+        Command::Generate(a) => model_cmd::generate(&a),
+        Command::Eval(a) => model_cmd::eval(&a),
     }
 }

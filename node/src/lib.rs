@@ -4,3 +4,5 @@
 
 pub mod bench;
 pub mod cli;
+pub mod model_bench;
+pub mod model_cmd;

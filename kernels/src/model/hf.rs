@@ -335,3 +335,17 @@ fn master(m: &TernaryMatrix) -> Vec<f32> {
     };
     trits.iter().map(|&t| f32::from(t) * magnitude).collect()
 }
+
+pub(super) fn tensor_table(dir: &Path) -> Result<Vec<super::weights::TensorEntry>> {
+    let mut t: Vec<_> = read_tensors(dir)?
+        .into_iter()
+        .map(|(name, f)| super::weights::TensorEntry {
+            name,
+            dtype: format!("{:?}", f.dtype),
+            shape: f.shape.iter().map(|&d| d as u64).collect(),
+            bytes: f.data.len() as u64,
+        })
+        .collect();
+    t.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(t)
+}

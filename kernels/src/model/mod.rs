@@ -28,7 +28,7 @@ pub use forward::{GenerationStats, KvCache, Logits, Model, rms_norm};
 pub use sample::{Sampler, SamplingParams};
 pub use tensor::{FloatDtype, FloatTensor};
 pub use tokenizer::Tokenizer;
-pub use weights::{LayerWeights, LoadedModel, ModelFormat, ModelWeights, Proj, load, save};
+pub use weights::{LayerWeights, LoadedModel, ModelFormat, ModelWeights, Proj, TensorEntry, load, save, tensor_table};
 
 use crate::{Error, Result};
 

@@ -523,3 +523,32 @@ fn save_gguf(w: &ModelWeights, tok: &Tokenizer, format: ModelFormat, out: &Path)
     }
     gguf::write(out, &meta, &tensors)
 }
+
+/// One tensor as stored in a model file.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct TensorEntry {
+    pub name: String,
+    /// The stored type: `TQ2_0`, `I2_S`, `BF16`, `U8` ...
+    pub dtype: String,
+    /// Dimensions, outermost first (`[rows, cols]`).
+    pub shape: Vec<u64>,
+    pub bytes: u64,
+}
+
+/// The tensors a model file or directory stores, in file order.
+pub fn tensor_table(path: &Path) -> Result<Vec<TensorEntry>> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        return hf::tensor_table(path);
+    }
+    let f = GgufFile::open(path)?;
+    Ok(f.tensors
+        .iter()
+        .map(|t| TensorEntry {
+            name: t.name.clone(),
+            dtype: ggml_type::name(t.ggml_type),
+            shape: t.dims.iter().rev().copied().collect(),
+            bytes: t.len as u64,
+        })
+        .collect())
+}
