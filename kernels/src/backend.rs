@@ -96,6 +96,32 @@ impl Backend {
         Ok(Output { acc, values })
     }
 
+    /// [`Backend::matmul`] of several weights that share the input `x` (a
+    /// block's q, k, v or gate, up): identical results, one dispatch on the CPU.
+    pub fn matmul_many(&self, ws: &[&Weights], x: &QuantizedActivations) -> Result<Vec<Output>> {
+        let accs = match self {
+            Backend::Cpu(c) => {
+                let ms = ws
+                    .iter()
+                    .map(|w| match w {
+                        Weights::Cpu(m) => Ok(&**m),
+                        other => Err(self.wrong(other)),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                c.matmul_many(&ms, x)?
+            }
+            Backend::Wgpu(_) => ws.iter().map(|w| self.matmul_acc(w, x)).collect::<Result<_>>()?,
+        };
+        Ok(accs
+            .into_iter()
+            .zip(ws)
+            .map(|(acc, w)| {
+                let values = dequantize(&acc, x.scales(), w.scale());
+                Output { acc, values }
+            })
+            .collect())
+    }
+
     /// The transposed product `dX = dY W` (backpropagation through a frozen
     /// ternary layer): one row of `w.cols()` per token of `dy`.
     pub fn matmul_t(&self, w: &Weights, dy: &QuantizedActivations) -> Result<Output> {

@@ -176,6 +176,47 @@ impl Cpu {
         Ok(out)
     }
 
+    /// [`Cpu::matmul`] of several matrices that share an input (a block's q,
+    /// k and v, or gate and up): for decode, one parallel pass over all their
+    /// rows instead of one per matrix, so threads wake once and share the work.
+    pub fn matmul_many(&self, ws: &[&TernaryMatrix], x: &QuantizedActivations) -> Result<Vec<Vec<i32>>> {
+        for w in ws {
+            check_inner("matmul", w.cols(), x.cols())?;
+        }
+        if x.rows() > GEMV_MAX_TOKENS || ws.len() < 2 {
+            return ws.iter().map(|w| self.matmul(w, x)).collect();
+        }
+        let stride = ws[0].row_stride();
+        let total: usize = ws.iter().map(|w| w.rows()).sum();
+        let per = total.div_ceil(self.threads * 4).max(64);
+        let mut outs: Vec<Vec<i32>> = ws.iter().map(|w| vec![0i32; x.rows() * w.rows()]).collect();
+        self.pool.install(|| {
+            for m in 0..x.rows() {
+                let xr = x.row(m);
+                let padded = pad_rows(xr, 1, xr.len(), stride * 4);
+                let sum: i32 = xr.iter().map(|&v| i32::from(v)).sum();
+                #[cfg(target_arch = "x86_64")]
+                let padded = if self.isa == Isa::Avx512Vnni && stride * 4 <= x86::AVX512_MAX_COLS {
+                    x86::permute_for_avx512(&padded)
+                } else {
+                    padded
+                };
+                let mut jobs: Vec<(&[u8], &mut [i32])> = Vec::new();
+                for (w, out) in ws.iter().zip(outs.iter_mut()) {
+                    let rows = w.rows();
+                    for (i, o) in out[m * rows..(m + 1) * rows].chunks_mut(per).enumerate() {
+                        jobs.push((&w.as_bytes()[i * per * stride..(i * per + o.len()) * stride], o));
+                    }
+                }
+                jobs.into_par_iter().for_each(|(rows, o)| {
+                    self.gemv_rows(rows, stride, &padded, o);
+                    o.iter_mut().for_each(|v| *v -= sum);
+                });
+            }
+        });
+        Ok(outs)
+    }
+
     /// `acc[m][k] = sum_n w[n][k] * dy[m][n]`, tokens x inputs, row-major.
     pub fn matmul_t(&self, w: &TernaryMatrix, dy: &QuantizedActivations) -> Result<Vec<i32>> {
         check_inner("matmul_t", w.rows(), dy.cols())?;

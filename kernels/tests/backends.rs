@@ -139,3 +139,21 @@ fn chunked_upload_splits_and_refuses_rows_that_cannot_fit() {
         Err(Error::TooLarge { .. })
     ));
 }
+
+backend_test!(matmul_many_equals_separate_products, |b: &Backend| {
+    let mut rng = Rng::new(23);
+    for &(tokens, cols) in &[(1, 256), (2, 300), (5, 128)] {
+        let (w1, x) = random_case(&mut rng, tokens, 200, cols);
+        let (w2, _) = random_case(&mut rng, tokens, 64, cols);
+        let (w3, _) = random_case(&mut rng, tokens, 7, cols);
+        let ws = [b.load(&w1).unwrap(), b.load(&w2).unwrap(), b.load(&w3).unwrap()];
+        let many = b.matmul_many(&[&ws[0], &ws[1], &ws[2]], &x).unwrap();
+        for (w, got) in ws.iter().zip(&many) {
+            assert_eq!(got, &b.matmul(w, &x).unwrap(), "{tokens} tokens x {cols}");
+        }
+    }
+    let (w, x) = random_case(&mut rng, 1, 8, 64);
+    let (other, _) = random_case(&mut rng, 1, 8, 65);
+    let (w, other) = (b.load(&w).unwrap(), b.load(&other).unwrap());
+    assert!(b.matmul_many(&[&w, &other], &x).is_err());
+});

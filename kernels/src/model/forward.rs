@@ -206,9 +206,7 @@ impl Model {
             // Attention.
             let h = rms_norm(&x, &layer.norms[0], c.rms_norm_eps);
             let hq = QuantizedActivations::quantize(t, hd, &h)?;
-            let mut q = self.linear(&layer.projs[0], &hq)?;
-            let mut k = self.linear(&layer.projs[1], &hq)?;
-            let v = self.linear(&layer.projs[2], &hq)?;
+            let [mut q, mut k, v] = self.linears([&layer.projs[0], &layer.projs[1], &layer.projs[2]], &hq)?;
             self.rope(&mut q, t, c.num_heads, start);
             self.rope(&mut k, t, c.num_kv_heads, start);
             cache.k[li].extend_from_slice(&k);
@@ -220,8 +218,7 @@ impl Model {
             // Feed-forward.
             let h = rms_norm(&x, &layer.norms[1], c.rms_norm_eps);
             let hq = QuantizedActivations::quantize(t, hd, &h)?;
-            let gate = self.linear(&layer.projs[4], &hq)?;
-            let up = self.linear(&layer.projs[5], &hq)?;
+            let [gate, up] = self.linears([&layer.projs[4], &layer.projs[5]], &hq)?;
             let m = glu(c.hidden_act, &gate, &up);
             let m = rms_norm(&m, &layer.norms[3], c.rms_norm_eps);
             let d = self.linear(
@@ -232,6 +229,14 @@ impl Model {
         }
         cache.len += t;
         Ok(rms_norm(&x, &self.norm, c.rms_norm_eps))
+    }
+
+    fn linears<const N: usize>(&self, ws: [&Weights; N], x: &QuantizedActivations) -> Result<[Vec<f32>; N]> {
+        let outs = self.backend.matmul_many(&ws, x)?;
+        let values: Vec<Vec<f32>> = outs.into_iter().map(|o| o.values).collect();
+        values
+            .try_into()
+            .map_err(|_| Error::Mismatch("matmul_many returned the wrong number of outputs".into()))
     }
 
     fn linear(&self, w: &Weights, x: &QuantizedActivations) -> Result<Vec<f32>> {

@@ -193,7 +193,11 @@ impl FloatTensor {
             || vec![0f32; k],
             |row, (chunk, dst)| {
                 for (i, d) in dst.chunks_exact_mut(tokens).enumerate() {
-                    self.row_into(chunk * CHUNK + i, row);
+                    let r = chunk * CHUNK + i;
+                    if tokens <= 2 && self.fused_dots(r, x, d).is_some() {
+                        continue;
+                    }
+                    self.row_into(r, row);
                     for (t, v) in d.iter_mut().enumerate() {
                         *v = dot(row, &x[t * k..(t + 1) * k]);
                     }
@@ -206,6 +210,88 @@ impl FloatTensor {
             }
         }
         Ok(())
+    }
+}
+
+impl FloatTensor {
+    /// `out[t] = x[t] . row[r]` straight from 16-bit storage with AVX-512,
+    /// bit-identical to decoding the row and calling [`dot`]; `None` where
+    /// that path does not apply.
+    #[allow(unreachable_code, unused_variables)]
+    fn fused_dots(&self, r: usize, x: &[f32], out: &mut [f32]) -> Option<()> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let bf16 = match self.dtype {
+                FloatDtype::Bf16 => true,
+                FloatDtype::F16 => false,
+                _ => return None,
+            };
+            if !(std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("f16c")) {
+                return None;
+            }
+            let k = self.cols;
+            let row = &self.data[r * k * 2..(r + 1) * k * 2];
+            for (t, o) in out.iter_mut().enumerate() {
+                // SAFETY: the CPU has AVX-512F and F16C (checked above); the
+                // row holds `k` 16-bit values and each `x` row `k` floats.
+                *o = unsafe { x86::dot16(row, &x[t * k..(t + 1) * k], bf16) };
+            }
+            return Some(());
+        }
+        None
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// The dot product of a row of bf16 (or f16) values with `x`, in
+    /// exactly [`super::dot`]'s order: 16 lanes of separate multiply and
+    /// add, a sequential tail, then the same reduction tree.
+    #[target_feature(enable = "avx512f,f16c")]
+    pub(super) unsafe fn dot16(row: &[u8], x: &[f32], bf16: bool) -> f32 {
+        let k = x.len();
+        let full = k / 16 * 16;
+        let mut acc = _mm512_setzero_ps();
+        let mut i = 0;
+        while i < full {
+            // SAFETY: i + 16 <= k, so 32 bytes of `row` and 16 floats of `x` are in bounds.
+            let (h, xv) = unsafe {
+                (
+                    _mm256_loadu_si256(row.as_ptr().add(2 * i).cast()),
+                    _mm512_loadu_ps(x.as_ptr().add(i)),
+                )
+            };
+            let w = if bf16 {
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            } else {
+                _mm512_cvtph_ps(h)
+            };
+            acc = _mm512_add_ps(acc, _mm512_mul_ps(w, xv));
+            i += 16;
+        }
+        let mut tail = 0f32;
+        for j in full..k {
+            let bits = u16::from_le_bytes([row[2 * j], row[2 * j + 1]]);
+            let w = if bf16 {
+                f32::from_bits(u32::from(bits) << 16)
+            } else {
+                half::f16::from_bits(bits).to_f32()
+            };
+            tail += w * x[j];
+        }
+        let mut lanes = [0f32; 16];
+        // SAFETY: `lanes` holds 16 floats.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc) };
+        let mut w = 16;
+        while w > 1 {
+            w /= 2;
+            for i in 0..w {
+                lanes[i] += lanes[i + w];
+            }
+        }
+        lanes[0] + tail
     }
 }
 
@@ -280,6 +366,25 @@ mod tests {
                         .map(|c| f64::from(back[r * cols + c]) * f64::from(x[tok * cols + c]))
                         .sum();
                     assert!((out[tok * rows + r] as f64 - want).abs() < 1e-4, "{dtype:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fused_16_bit_dots_equal_decoded_dots_bit_for_bit() {
+        let mut rng = SplitMix64::new(4);
+        for cols in [16, 40, 256, 1000] {
+            let values = rng.signed_f32s(5 * cols);
+            let x = rng.signed_f32s(cols);
+            for dtype in [FloatDtype::F16, FloatDtype::Bf16] {
+                let t = FloatTensor::from_f32(dtype, 5, cols, &values).unwrap();
+                let mut fused = vec![0f32; 5];
+                t.matmul_t(&x, 1, &mut fused).unwrap();
+                let decoded = t.to_f32();
+                for (r, f) in fused.iter().enumerate() {
+                    let want = dot(&decoded[r * cols..(r + 1) * cols], &x);
+                    assert_eq!(f.to_bits(), want.to_bits(), "{dtype:?} {cols}");
                 }
             }
         }
