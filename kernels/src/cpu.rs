@@ -192,15 +192,7 @@ impl Cpu {
         let mut outs: Vec<Vec<i32>> = ws.iter().map(|w| vec![0i32; x.rows() * w.rows()]).collect();
         self.pool.install(|| {
             for m in 0..x.rows() {
-                let xr = x.row(m);
-                let padded = pad_rows(xr, 1, xr.len(), stride * 4);
-                let sum: i32 = xr.iter().map(|&v| i32::from(v)).sum();
-                #[cfg(target_arch = "x86_64")]
-                let padded = if self.isa == Isa::Avx512Vnni && stride * 4 <= x86::AVX512_MAX_COLS {
-                    x86::permute_for_avx512(&padded)
-                } else {
-                    padded
-                };
+                let (padded, sum) = self.gemv_input(x.row(m), stride);
                 let mut jobs: Vec<(&[u8], &mut [i32])> = Vec::new();
                 for (w, out) in ws.iter().zip(outs.iter_mut()) {
                     let rows = w.rows();
@@ -227,6 +219,20 @@ impl Cpu {
 
     fn gemv(&self, w: &TernaryMatrix, x: &[i8], out: &mut [i32]) {
         let stride = w.row_stride();
+        let (padded, sum) = self.gemv_input(x, stride);
+        // Enough pieces to balance the threads, each at least 64 rows.
+        let per = w.rows().div_ceil(self.threads * 4).max(64);
+        out.par_chunks_mut(per).enumerate().for_each(|(i, o)| {
+            let rows = &w.as_bytes()[i * per * stride..(i * per + o.len()) * stride];
+            self.gemv_rows(rows, stride, &padded, o);
+            o.iter_mut().for_each(|v| *v -= sum);
+        });
+    }
+
+    /// One token's activations as the GEMV kernels read them (padded to the
+    /// row stride, permuted for AVX-512), and their sum, which the kernels'
+    /// unsigned codes (weight + 1) make them subtract.
+    fn gemv_input(&self, x: &[i8], stride: usize) -> (Vec<i8>, i32) {
         let padded = pad_rows(x, 1, x.len(), stride * 4);
         let sum: i32 = x.iter().map(|&v| i32::from(v)).sum();
         #[cfg(target_arch = "x86_64")]
@@ -235,13 +241,7 @@ impl Cpu {
         } else {
             padded
         };
-        // Enough pieces to balance the threads, each at least 64 rows.
-        let per = w.rows().div_ceil(self.threads * 4).max(64);
-        out.par_chunks_mut(per).enumerate().for_each(|(i, o)| {
-            let rows = &w.as_bytes()[i * per * stride..(i * per + o.len()) * stride];
-            self.gemv_rows(rows, stride, &padded, o);
-            o.iter_mut().for_each(|v| *v -= sum);
-        });
+        (padded, sum)
     }
 
     fn gemv_rows(&self, rows: &[u8], stride: usize, x: &[i8], out: &mut [i32]) {

@@ -21,12 +21,24 @@ pub enum RunBackend {
     Wgpu,
 }
 
-/// Opens a backend; `threads` 0 means every core.
-pub fn open_backend(choice: RunBackend, threads: usize) -> Result<Backend> {
-    Ok(match choice {
-        RunBackend::Cpu => Backend::Cpu(Cpu::new(Isa::detect(), threads)?),
-        RunBackend::Wgpu => Backend::wgpu().context("opening the wgpu backend")?,
-    })
+/// Where and how wide a command runs the model.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    #[arg(long, value_enum, default_value_t = RunBackend::Cpu)]
+    pub backend: RunBackend,
+    /// CPU threads (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+impl RunArgs {
+    /// Opens the backend.
+    pub fn open(&self) -> Result<Backend> {
+        Ok(match self.backend {
+            RunBackend::Cpu => Backend::Cpu(Cpu::new(Isa::detect(), self.threads)?),
+            RunBackend::Wgpu => Backend::wgpu().context("opening the wgpu backend")?,
+        })
+    }
 }
 
 /// Arguments of `tern model init`.
@@ -229,11 +241,8 @@ pub struct GenerateArgs {
     /// The same seed (and model, prompt, parameters) gives the same text.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    #[arg(long, value_enum, default_value_t = RunBackend::Cpu)]
-    pub backend: RunBackend,
-    /// CPU threads (0: all).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
+    #[command(flatten)]
+    pub run: RunArgs,
     /// Print one JSON document at the end instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -275,7 +284,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     } else {
         tok.encode(&args.prompt, true)?
     };
-    let backend = open_backend(args.backend, args.threads)?;
+    let backend = args.run.open()?;
     let model = Model::new(&m.weights, backend)?;
     let mut stop: Vec<u32> = tok.eos().to_vec();
     if let Some(e) = tok.token_id(model::tokenizer::EOT) {
@@ -351,10 +360,8 @@ pub struct EvalArgs {
     /// Tokens per window (default: the model's context).
     #[arg(long)]
     pub window: Option<usize>,
-    #[arg(long, value_enum, default_value_t = RunBackend::Cpu)]
-    pub backend: RunBackend,
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
+    #[command(flatten)]
+    pub run: RunArgs,
     #[arg(long)]
     pub json: bool,
 }
@@ -384,7 +391,7 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     if ids.len() < 2 {
         bail!("{} has fewer than two tokens: nothing to score", args.text.display());
     }
-    let model = Model::new(&m.weights, open_backend(args.backend, args.threads)?)?;
+    let model = Model::new(&m.weights, args.run.open()?)?;
     let vocab = m.weights.config.vocab_size;
     let mut all_logits: Vec<f32> = Vec::new();
     let (mut nll, mut predicted, mut windows) = (0f64, 0usize, 0usize);
