@@ -32,7 +32,7 @@ pub const GEMM_TOKENS: [usize; 2] = [128, 512];
 /// Bytes of weights the GEMV rotation spans, to defeat the caches.
 const GEMV_WORKING_SET: usize = 256 << 20;
 /// Bytes read to measure the memory bandwidth.
-const BANDWIDTH_BUFFER: usize = 512 << 20;
+pub(crate) const BANDWIDTH_BUFFER: usize = 512 << 20;
 
 /// Everything `tern bench kernels` measured.
 #[derive(Debug, Serialize)]
@@ -96,8 +96,20 @@ pub(crate) fn median_time(budget: Duration, min_runs: usize, mut f: impl FnMut()
         f()?;
         times.push(t.elapsed().as_secs_f64());
     }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    Ok(median(times))
+}
+
+/// The median of some samples (the upper one of an even count).
+pub(crate) fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+/// The read bandwidth of `cpu`'s threads over a buffer of `bytes`, bytes per
+/// second: the median of 7 passes.
+pub(crate) fn median_read_bandwidth(cpu: &Cpu, bytes: usize) -> f64 {
+    let buffer: Vec<u64> = (0..bytes as u64 / 8).collect();
+    median((0..7).map(|_| cpu::read_bandwidth(cpu, &buffer)).collect())
 }
 
 pub(crate) fn cpu_model() -> String {
@@ -128,11 +140,7 @@ pub fn kernels(args: &KernelsArgs) -> Result<KernelsReport> {
     };
 
     progress(args, "measuring memory read bandwidth");
-    let buffer: Vec<u64> = (0..bw_bytes as u64 / 8).collect();
-    let mut samples: Vec<f64> = (0..7).map(|_| cpu::read_bandwidth(&cpu, &buffer)).collect();
-    drop(buffer);
-    samples.sort_by(f64::total_cmp);
-    let read_bandwidth = samples[samples.len() / 2];
+    let read_bandwidth = median_read_bandwidth(&cpu, bw_bytes);
 
     let mut backends = Vec::new();
     let mut skipped = Vec::new();

@@ -16,7 +16,7 @@ use kernels::cpu::{self, Cpu};
 use kernels::model::{self, Logits, Model, ModelFormat, Preset, Proj};
 use serde::Serialize;
 
-use crate::bench::{cpu_model, median_time};
+use crate::bench::{BANDWIDTH_BUFFER, cpu_model, median, median_read_bandwidth, median_time};
 
 /// Arguments of `tern bench model`.
 #[derive(Debug, Clone, clap::Args)]
@@ -141,11 +141,7 @@ fn measure(
     drop(weights);
 
     say(args, "measuring memory read bandwidth");
-    let buffer: Vec<u64> = vec![1; (512 << 20) / 8];
-    let mut bws: Vec<f64> = (0..7).map(|_| cpu::read_bandwidth(cpu, &buffer)).collect();
-    bws.sort_by(f64::total_cmp);
-    let bandwidth = bws[3];
-    drop(buffer);
+    let bandwidth = median_read_bandwidth(cpu, BANDWIDTH_BUFFER);
 
     let prompt: Vec<u32> = (0..args.prompt_tokens as u32).map(|i| 3 + (i * 7919) % 250).collect();
     let mut figures = Vec::new();
@@ -189,8 +185,7 @@ fn measure(
             logits = model.forward(&[tok], &mut cache, Logits::Last)?;
             times.push(t.elapsed().as_secs_f64());
         }
-        times.sort_by(f64::total_cmp);
-        let per_token = times[times.len() / 2];
+        let per_token = median(times);
         let bound = bandwidth / bytes_per_token as f64;
         figures.push(ModelFigure {
             format: format.name().into(),

@@ -41,19 +41,9 @@ pub fn encode(m: &TernaryMatrix) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Decodes `rows x cols` weights.
+/// Decodes `rows x cols` weights into a copy.
 pub fn decode(rows: usize, cols: usize, bytes: &[u8]) -> Result<TernaryMatrix> {
-    let expected = tensor_bytes(rows, cols)?;
-    if bytes.len() != expected {
-        return Err(Error::Length {
-            what: WHAT,
-            expected,
-            actual: bytes.len(),
-        });
-    }
-    let (codes, tail) = bytes.split_at(expected - TAIL_BYTES);
-    let scale = f32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]);
-    TernaryMatrix::from_packed(rows, cols, codes.to_vec(), scale)
+    decode_shared(rows, cols, &SharedBytes::from(bytes.to_vec()))
 }
 
 /// Like [`decode`], but the codes stay where they are (a memory map): tern's

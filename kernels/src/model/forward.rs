@@ -202,13 +202,14 @@ impl Model {
             self.embed.row_into(tok as usize, row);
         }
         let start = cache.len;
+        let rope = self.rope_table(start, t);
         for (li, layer) in self.layers.iter().enumerate() {
             // Attention.
             let h = rms_norm(&x, &layer.norms[0], c.rms_norm_eps);
             let hq = QuantizedActivations::quantize(t, hd, &h)?;
             let [mut q, mut k, v] = self.linears([&layer.projs[0], &layer.projs[1], &layer.projs[2]], &hq)?;
-            self.rope(&mut q, t, c.num_heads, start);
-            self.rope(&mut k, t, c.num_kv_heads, start);
+            apply_rope(&mut q, &rope, c.num_heads, c.head_dim);
+            apply_rope(&mut k, &rope, c.num_kv_heads, c.head_dim);
             cache.k[li].extend_from_slice(&k);
             cache.v[li].extend_from_slice(&v);
             let attn = self.attention(&q, &cache.k[li], &cache.v[li], t, start);
@@ -243,30 +244,19 @@ impl Model {
         Ok(self.backend.matmul(w, x)?.values)
     }
 
-    /// Rotates pairs `(i, i + d/2)` of each head, as transformers' `rotate_half` does.
-    fn rope(&self, x: &mut [f32], tokens: usize, heads: usize, start: usize) {
-        let d = self.config.head_dim;
-        let half = d / 2;
-        let width = heads * d;
-        for t in 0..tokens {
-            let pos = (start + t) as f32;
-            let (cos, sin): (Vec<f32>, Vec<f32>) = self
-                .inv_freq
-                .iter()
-                .map(|f| {
+    /// `(cos, sin)` of every rotary frequency at positions `start..start +
+    /// tokens`, one row of `head_dim / 2` per position: computed once per
+    /// forward pass and shared by q and k of every layer.
+    fn rope_table(&self, start: usize, tokens: usize) -> Vec<(f32, f32)> {
+        (start..start + tokens)
+            .flat_map(|p| {
+                let pos = p as f32;
+                self.inv_freq.iter().map(move |f| {
                     let a = pos * f;
                     (a.cos(), a.sin())
                 })
-                .unzip();
-            for h in 0..heads {
-                let head = &mut x[t * width + h * d..t * width + (h + 1) * d];
-                for i in 0..half {
-                    let (a, b) = (head[i], head[i + half]);
-                    head[i] = a * cos[i] - b * sin[i];
-                    head[i + half] = b * cos[i] + a * sin[i];
-                }
-            }
-        }
+            })
+            .collect()
     }
 
     /// Causal grouped-query attention of `tokens` new queries over the cache.
@@ -371,6 +361,21 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
         }
     }
     out
+}
+
+/// Rotates pairs `(i, i + d/2)` of each head, as transformers' `rotate_half`
+/// does, with one `table` row (see `Model::rope_table`) per token.
+fn apply_rope(x: &mut [f32], table: &[(f32, f32)], heads: usize, d: usize) {
+    let half = d / 2;
+    for (row, cs) in x.chunks_exact_mut(heads * d).zip(table.chunks_exact(half)) {
+        for head in row.chunks_exact_mut(d) {
+            for (i, &(cos, sin)) in cs.iter().enumerate() {
+                let (a, b) = (head[i], head[i + half]);
+                head[i] = a * cos - b * sin;
+                head[i + half] = b * cos + a * sin;
+            }
+        }
+    }
 }
 
 /// `act(gate) * up`.

@@ -284,14 +284,7 @@ mod x86 {
         let mut lanes = [0f32; 16];
         // SAFETY: `lanes` holds 16 floats.
         unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc) };
-        let mut w = 16;
-        while w > 1 {
-            w /= 2;
-            for i in 0..w {
-                lanes[i] += lanes[i + w];
-            }
-        }
-        lanes[0] + tail
+        super::reduce16(lanes, tail)
     }
 }
 
@@ -325,14 +318,21 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     for (x, y) in ar.iter().zip(br) {
         tail += x * y;
     }
+    reduce16(acc, tail)
+}
+
+/// [`dot`]'s final step, shared with the SIMD paths so they stay
+/// bit-identical: halve the 16 lanes three times, then add the tail.
+#[inline]
+fn reduce16(mut lanes: [f32; 16], tail: f32) -> f32 {
     let mut w = 16;
     while w > 1 {
         w /= 2;
         for i in 0..w {
-            acc[i] += acc[i + w];
+            lanes[i] += lanes[i + w];
         }
     }
-    acc[0] + tail
+    lanes[0] + tail
 }
 
 #[cfg(test)]

@@ -88,6 +88,11 @@ pub(super) const NORMS: [(&str, &str); 4] = [
     ("mlp.ffn_sub_norm", "ffn_sub_norm"),
 ];
 
+/// The widths of a block's four norms, in [`NORMS`] order.
+pub(super) fn norm_widths(c: &Config) -> [usize; 4] {
+    [c.hidden_size, c.hidden_size, c.q_dim(), c.intermediate_size]
+}
+
 /// One decoder block's weights.
 #[derive(Clone, Debug)]
 pub struct LayerWeights {
@@ -154,8 +159,7 @@ impl ModelWeights {
                 let m = l.proj(p);
                 check(format!("layer {i} {}", p.hf_name()), (m.rows(), m.cols()), p.shape(c))?;
             }
-            let widths = [c.hidden_size, c.hidden_size, c.q_dim(), c.intermediate_size];
-            for ((n, w), (name, _)) in l.norms.iter().zip(widths).zip(NORMS) {
+            for ((n, w), (name, _)) in l.norms.iter().zip(norm_widths(c)).zip(NORMS) {
                 check(format!("layer {i} {name}"), (1, n.len()), (1, w))?;
             }
         }
@@ -170,11 +174,8 @@ impl ModelWeights {
     /// Parameters, counting each ternary weight once.
     pub fn parameters(&self) -> u64 {
         let c = &self.config;
-        let per_layer: usize = Proj::ALL.iter().map(|p| p.shape(c).0 * p.shape(c).1).sum::<usize>()
-            + 3 * c.hidden_size
-            + c.q_dim()
-            + c.intermediate_size
-            - c.hidden_size;
+        let per_layer: usize =
+            Proj::ALL.iter().map(|p| p.shape(c).0 * p.shape(c).1).sum::<usize>() + norm_widths(c).iter().sum::<usize>();
         (c.num_layers * per_layer
             + c.vocab_size * c.hidden_size * (1 + usize::from(self.lm_head.is_some()))
             + c.hidden_size) as u64
@@ -365,11 +366,8 @@ fn load_gguf(path: &Path) -> Result<LoadedModel> {
     let mut format = None;
     let mut layers = Vec::with_capacity(config.num_layers);
     for i in 0..config.num_layers {
-        let norms = [0, 1, 2, 3].map(|n| vector(&format!("blk.{i}.{}.weight", NORMS[n].1)));
-        let norms = {
-            let [a, b, c, d] = norms;
-            [a?, b?, c?, d?]
-        };
+        let [a, b, c, d] = NORMS.map(|(_, g)| vector(&format!("blk.{i}.{g}.weight")));
+        let norms = [a?, b?, c?, d?];
         let mut projs = Vec::with_capacity(7);
         for p in Proj::ALL {
             let name = format!("blk.{i}.{}.weight", p.gguf_name());
