@@ -81,6 +81,15 @@ pub enum Error {
         needed: usize,
         max: usize,
     },
+    /// A training or evaluation data file with a bad record; names the line.
+    #[error("{file}:{line}: {reason}")]
+    Data { file: String, line: usize, reason: String },
+    /// An adapter that does not fit the model it is applied to.
+    #[error("adapter does not fit this model: {0}")]
+    AdapterMismatch(String),
+    /// Training produced a loss or gradient that is NaN or infinite.
+    #[error("training diverged at step {step}: {what} is not finite")]
+    Diverged { step: u64, what: &'static str },
 }
 
 impl Error {

@@ -48,6 +48,7 @@ pub mod quant;
 pub mod reference;
 pub mod rng;
 mod ternary;
+pub mod train;
 
 pub use backend::{Backend, Output, Weights};
 pub use error::{Error, Result};

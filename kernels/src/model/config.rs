@@ -50,6 +50,24 @@ impl Activation {
             Activation::Relu => x.max(0.0),
         }
     }
+
+    /// The derivative of [`Activation::apply`] at `x` (0 at relu's kink).
+    pub fn derivative(self, x: f32) -> f32 {
+        match self {
+            Activation::Relu2 => 2.0 * x.max(0.0),
+            Activation::Silu => {
+                let s = 1.0 / (1.0 + (-x).exp());
+                s * (1.0 + x * (1.0 - s))
+            }
+            Activation::Relu => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
 }
 
 /// The architecture of a `BitNetForCausalLM` (`model_type: "bitnet"`).

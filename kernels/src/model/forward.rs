@@ -6,6 +6,7 @@
 //! in a fixed order, so a backend changes only where the exact integer
 //! products are computed, not the floats around them.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -14,22 +15,24 @@ use super::sample::Sampler;
 use super::tensor::{FloatTensor, dot};
 use super::weights::{ModelWeights, Proj};
 use super::{Activation, Config};
+use crate::train::{Adapter, lora_forward};
 use crate::{Backend, Error, QuantizedActivations, Result, Weights};
 
-struct Layer {
-    norms: [Vec<f32>; 4],
-    projs: Vec<Weights>,
+pub(crate) struct Layer {
+    pub(crate) norms: [Vec<f32>; 4],
+    pub(crate) projs: Vec<Weights>,
 }
 
 /// A model ready to run on a backend.
 pub struct Model {
     config: Config,
     backend: Backend,
-    embed: FloatTensor,
-    head: FloatTensor,
-    norm: Vec<f32>,
-    layers: Vec<Layer>,
+    pub(crate) embed: FloatTensor,
+    pub(crate) head: FloatTensor,
+    pub(crate) norm: Vec<f32>,
+    pub(crate) layers: Vec<Layer>,
     inv_freq: Vec<f32>,
+    adapter: Option<Arc<Adapter>>,
 }
 
 impl std::fmt::Debug for Model {
@@ -37,6 +40,7 @@ impl std::fmt::Debug for Model {
         f.debug_struct("Model")
             .field("config", &self.config)
             .field("backend", &self.backend.name())
+            .field("adapter", &self.adapter.as_ref().map(|a| a.config()))
             .finish()
     }
 }
@@ -135,7 +139,32 @@ impl Model {
             layers,
             inv_freq,
             config: c,
+            adapter: None,
         })
+    }
+
+    /// Applies a LoRA adapter to every forward pass from now on (or removes
+    /// it); refuses one shaped for another model.
+    pub fn set_adapter(&mut self, adapter: Option<Arc<Adapter>>) -> Result<()> {
+        if let Some(a) = &adapter {
+            a.check_fits(&self.config)?;
+        }
+        self.adapter = adapter;
+        Ok(())
+    }
+
+    /// The adapter applied, if any.
+    pub fn adapter(&self) -> Option<&Adapter> {
+        self.adapter.as_deref()
+    }
+
+    /// `out += ` the adapter's update of projection `proj` in layer `li`.
+    fn lora(&self, li: usize, proj: Proj, input: &[f32], tokens: usize, out: &mut [f32]) {
+        if let Some(a) = &self.adapter
+            && let Some(slot) = a.slot(li, proj)
+        {
+            lora_forward(a, slot, input, None, tokens, out);
+        }
     }
 
     pub fn config(&self) -> &Config {
@@ -207,25 +236,32 @@ impl Model {
             // Attention.
             let h = rms_norm(&x, &layer.norms[0], c.rms_norm_eps);
             let hq = QuantizedActivations::quantize(t, hd, &h)?;
-            let [mut q, mut k, v] = self.linears([&layer.projs[0], &layer.projs[1], &layer.projs[2]], &hq)?;
+            let [mut q, mut k, mut v] = self.linears([&layer.projs[0], &layer.projs[1], &layer.projs[2]], &hq)?;
+            self.lora(li, Proj::Q, &h, t, &mut q);
+            self.lora(li, Proj::K, &h, t, &mut k);
+            self.lora(li, Proj::V, &h, t, &mut v);
             apply_rope(&mut q, &rope, c.num_heads, c.head_dim);
             apply_rope(&mut k, &rope, c.num_kv_heads, c.head_dim);
             cache.k[li].extend_from_slice(&k);
             cache.v[li].extend_from_slice(&v);
             let attn = self.attention(&q, &cache.k[li], &cache.v[li], t, start);
             let a = rms_norm(&attn, &layer.norms[2], c.rms_norm_eps);
-            let o = self.linear(&layer.projs[3], &QuantizedActivations::quantize(t, c.q_dim(), &a)?)?;
+            let mut o = self.linear(&layer.projs[3], &QuantizedActivations::quantize(t, c.q_dim(), &a)?)?;
+            self.lora(li, Proj::O, &a, t, &mut o);
             add(&mut x, &o);
             // Feed-forward.
             let h = rms_norm(&x, &layer.norms[1], c.rms_norm_eps);
             let hq = QuantizedActivations::quantize(t, hd, &h)?;
-            let [gate, up] = self.linears([&layer.projs[4], &layer.projs[5]], &hq)?;
+            let [mut gate, mut up] = self.linears([&layer.projs[4], &layer.projs[5]], &hq)?;
+            self.lora(li, Proj::Gate, &h, t, &mut gate);
+            self.lora(li, Proj::Up, &h, t, &mut up);
             let m = glu(c.hidden_act, &gate, &up);
             let m = rms_norm(&m, &layer.norms[3], c.rms_norm_eps);
-            let d = self.linear(
+            let mut d = self.linear(
                 &layer.projs[6],
                 &QuantizedActivations::quantize(t, c.intermediate_size, &m)?,
             )?;
+            self.lora(li, Proj::Down, &m, t, &mut d);
             add(&mut x, &d);
         }
         cache.len += t;
@@ -247,7 +283,7 @@ impl Model {
     /// `(cos, sin)` of every rotary frequency at positions `start..start +
     /// tokens`, one row of `head_dim / 2` per position: computed once per
     /// forward pass and shared by q and k of every layer.
-    fn rope_table(&self, start: usize, tokens: usize) -> Vec<(f32, f32)> {
+    pub(crate) fn rope_table(&self, start: usize, tokens: usize) -> Vec<(f32, f32)> {
         (start..start + tokens)
             .flat_map(|p| {
                 let pos = p as f32;
@@ -365,7 +401,7 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
 
 /// Rotates pairs `(i, i + d/2)` of each head, as transformers' `rotate_half`
 /// does, with one `table` row (see `Model::rope_table`) per token.
-fn apply_rope(x: &mut [f32], table: &[(f32, f32)], heads: usize, d: usize) {
+pub(crate) fn apply_rope(x: &mut [f32], table: &[(f32, f32)], heads: usize, d: usize) {
     let half = d / 2;
     for (row, cs) in x.chunks_exact_mut(heads * d).zip(table.chunks_exact(half)) {
         for head in row.chunks_exact_mut(d) {

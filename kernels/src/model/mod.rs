@@ -24,6 +24,7 @@ use std::io::{BufWriter, Write};
 use std::path::Path;
 
 pub use config::{Activation, Config, Preset};
+pub(crate) use forward::apply_rope;
 pub use forward::{GenerationStats, KvCache, Logits, Model, rms_norm};
 pub use sample::{Sampler, SamplingParams};
 pub use tensor::{FloatDtype, FloatTensor};

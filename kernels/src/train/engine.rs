@@ -1,0 +1,856 @@
+//! [`Engine`]: the loss of a sequence and its gradient with respect to a
+//! LoRA adapter on a frozen ternary model.
+//!
+//! The forward pass is the model's own (the same ops in the same order, so
+//! with [`ActQuant::Int8`] the loss is exactly what `tern eval` reports),
+//! keeping what backward needs. Backward runs every op in reverse:
+//! cross-entropy over vocabulary rows in chunks, the tied LM head, the final
+//! norm, and per block the gated FFN, the sub-norms, attention with its
+//! causal softmax, RoPE, the pre-norms, and the adapter branches. The
+//! ternary bases are frozen: their input gradient is the transposed ternary
+//! product `dX = dY W` on the backend, and their activation quantization is
+//! passed straight through (STE), as BitNet training does.
+//!
+//! `dY` is quantized for the transposed product in two int8 limbs (`dY ~=
+//! q1 / s1 + q2 / s2`, the second quantizing what the first missed), which
+//! keeps about 15 bits of each row's gradient while every product stays an
+//! exact integer one. Gradients are summed in a fixed order, so a result
+//! depends on neither the thread count nor the backend.
+
+use rayon::prelude::*;
+
+use super::linalg::{axpy, mm_nn, mm_nt, mm_tn};
+use super::lora::{Adapter, Slot};
+use crate::model::tensor::{FloatTensor, dot};
+use crate::model::{Model, Proj, rms_norm};
+use crate::quant::QuantizedActivations;
+use crate::rng::SplitMix64;
+use crate::{Error, Result, Weights};
+
+/// Int8 limbs of `dY` in the transposed product.
+const GRAD_LIMBS: usize = 2;
+/// Positions whose logits exist at once (each `vocab` floats).
+const HEAD_ROWS: usize = 32;
+/// Vocabulary rows per task in the LM head's backward.
+const HEAD_VOCAB_CHUNK: usize = 4096;
+
+/// How a BitLinear's input is quantized in the forward pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ActQuant {
+    /// Per-token absmax int8, as BitNet b1.58 runs: what training uses.
+    #[default]
+    Int8,
+    /// Three int8 limbs (about 21 bits): the smooth function that the
+    /// straight-through estimator differentiates, for gradient checks.
+    Exact,
+}
+
+impl ActQuant {
+    fn limbs(self) -> usize {
+        match self {
+            ActQuant::Int8 => 1,
+            ActQuant::Exact => 3,
+        }
+    }
+}
+
+/// One training sequence: tokens, and which of them are predicted and
+/// counted in the loss (the first never is).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sequence {
+    pub tokens: Vec<u32>,
+    /// `targets[i]`: the loss includes predicting `tokens[i]` from the ones before it.
+    pub targets: Vec<bool>,
+}
+
+impl Sequence {
+    /// Every token after the first is a target.
+    pub fn all(tokens: Vec<u32>) -> Self {
+        let targets = (0..tokens.len()).map(|i| i > 0).collect();
+        Self { tokens, targets }
+    }
+
+    /// Tokens that count in the loss.
+    pub fn counted(&self) -> usize {
+        self.targets.iter().skip(1).filter(|&&t| t).count()
+    }
+}
+
+/// Loss of one sequence: the sum over counted tokens of `-log p(token)`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SeqLoss {
+    pub sum: f64,
+    pub tokens: usize,
+}
+
+/// Computes losses and adapter gradients on a model.
+#[derive(Debug)]
+pub struct Engine<'m> {
+    model: &'m Model,
+    act: ActQuant,
+    checkpoint: bool,
+}
+
+/// What a block's backward needs from its forward.
+struct Acts {
+    x: Vec<f32>,
+    n1: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    probs: Vec<f32>,
+    attn: Vec<f32>,
+    an: Vec<f32>,
+    x1: Vec<f32>,
+    n2: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    m: Vec<f32>,
+    mn: Vec<f32>,
+    /// `x A^T` of each adapted projection.
+    z: [Vec<f32>; 7],
+}
+
+/// Dropout on the adapter inputs of one sequence.
+#[derive(Clone, Copy, Debug)]
+struct Dropout {
+    seed: u64,
+    p: f32,
+}
+
+impl Dropout {
+    /// The mask (0 or `1 / (1 - p)`) of one projection's input: a function
+    /// of the seed, layer and projection alone, so a recomputed block draws
+    /// the same one.
+    fn mask(&self, layer: usize, proj: Proj, len: usize) -> Vec<f32> {
+        let mut rng =
+            SplitMix64::new(self.seed ^ ((layer as u64) << 8 | proj as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let keep = 1.0 / (1.0 - self.p);
+        (0..len)
+            .map(|_| if rng.unit_f32() < self.p { 0.0 } else { keep })
+            .collect()
+    }
+}
+
+impl<'m> Engine<'m> {
+    /// An engine on `model` that checkpoints activations per block (keeps
+    /// each block's input and recomputes the rest in backward).
+    pub fn new(model: &'m Model) -> Self {
+        Self {
+            model,
+            act: ActQuant::Int8,
+            checkpoint: true,
+        }
+    }
+
+    pub fn act_quant(mut self, act: ActQuant) -> Self {
+        self.act = act;
+        self
+    }
+
+    /// Keep every block's activations instead of recomputing them (faster,
+    /// more memory).
+    pub fn checkpoint(mut self, on: bool) -> Self {
+        self.checkpoint = on;
+        self
+    }
+
+    pub fn model(&self) -> &Model {
+        self.model
+    }
+
+    /// The loss of `seq` with `adapter` applied (or none), without gradients.
+    pub fn loss(&self, adapter: Option<&Adapter>, seq: &Sequence) -> Result<SeqLoss> {
+        self.check(adapter, seq)?;
+        let t = seq.tokens.len();
+        let rope = self.model.rope_table(0, t);
+        let mut x = self.embed(&seq.tokens)?;
+        for li in 0..self.model.layers.len() {
+            x = self.block_forward(li, x, t, &rope, adapter, None)?.x_out;
+        }
+        let (loss, _) = self.head(&x, seq, None)?;
+        Ok(loss)
+    }
+
+    /// The loss of `seq` and, added into `grad` (laid out as
+    /// `adapter.params()`), its gradient times `weight` (typically one over
+    /// the counted tokens of the whole optimizer step). `dropout_seed` draws
+    /// this sequence's dropout masks when the adapter has dropout.
+    pub fn loss_and_grad(
+        &self,
+        adapter: &Adapter,
+        seq: &Sequence,
+        weight: f32,
+        dropout_seed: u64,
+        grad: &mut [f32],
+    ) -> Result<SeqLoss> {
+        self.check(Some(adapter), seq)?;
+        if grad.len() != adapter.params().len() {
+            return Err(Error::Length {
+                what: "gradient",
+                expected: adapter.params().len(),
+                actual: grad.len(),
+            });
+        }
+        let p = adapter.config().dropout;
+        let drop = (p > 0.0).then_some(Dropout { seed: dropout_seed, p });
+        let t = seq.tokens.len();
+        let rope = self.model.rope_table(0, t);
+        let layers = self.model.layers.len();
+        let mut inputs = Vec::with_capacity(layers);
+        let mut saved = Vec::new();
+        let mut x = self.embed(&seq.tokens)?;
+        for li in 0..layers {
+            let out = self.block_forward(li, x, t, &rope, Some(adapter), drop)?;
+            x = out.x_out;
+            if self.checkpoint {
+                inputs.push(out.acts.x);
+            } else {
+                saved.push(out.acts);
+            }
+        }
+        let (loss, dx) = self.head(&x, seq, Some(weight))?;
+        let Some(mut dx) = dx else {
+            return Ok(loss);
+        };
+        drop_vec(x);
+        for li in (0..layers).rev() {
+            let acts = match inputs.pop() {
+                Some(input) => self.block_forward(li, input, t, &rope, Some(adapter), drop)?.acts,
+                None => saved
+                    .pop()
+                    .ok_or_else(|| Error::Mismatch("missing saved activations".into()))?,
+            };
+            dx = self.block_backward(li, &acts, dx, t, &rope, adapter, drop, grad)?;
+        }
+        Ok(loss)
+    }
+
+    fn check(&self, adapter: Option<&Adapter>, seq: &Sequence) -> Result<()> {
+        let c = self.model.config();
+        if let Some(a) = adapter {
+            a.check_fits(c)?;
+        }
+        let t = seq.tokens.len();
+        if t < 2 || seq.targets.len() != t {
+            return Err(Error::Mismatch(format!(
+                "a training sequence needs at least 2 tokens and one target flag per token (got {t} tokens, {} flags)",
+                seq.targets.len()
+            )));
+        }
+        if t > c.max_position_embeddings {
+            return Err(Error::Context {
+                what: "training sequence",
+                needed: t,
+                max: c.max_position_embeddings,
+            });
+        }
+        Ok(())
+    }
+
+    fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let c = self.model.config();
+        let hd = c.hidden_size;
+        let mut x = vec![0f32; tokens.len() * hd];
+        for (row, &tok) in x.chunks_exact_mut(hd).zip(tokens) {
+            if tok as usize >= c.vocab_size {
+                return Err(Error::Mismatch(format!(
+                    "token {tok} is outside the vocabulary of {}",
+                    c.vocab_size
+                )));
+            }
+            self.model.embed.row_into(tok as usize, row);
+        }
+        Ok(x)
+    }
+
+    /// Every BitLinear in `ws` applied to the shared input `x` (`t x cols`),
+    /// in as many int8 limbs as the forward quantization asks.
+    fn linears(&self, ws: &[&Weights], x: &[f32], t: usize, cols: usize) -> Result<Vec<Vec<f32>>> {
+        let mut outs: Vec<Vec<f32>> = Vec::new();
+        for q in limbs(t, cols, x, self.act.limbs())? {
+            let o = self.model.backend().matmul_many(ws, &q)?;
+            if outs.is_empty() {
+                outs = o.into_iter().map(|o| o.values).collect();
+            } else {
+                for (acc, o) in outs.iter_mut().zip(o) {
+                    add(acc, &o.values);
+                }
+            }
+        }
+        Ok(outs)
+    }
+
+    /// `dx += dy W` through a frozen ternary projection.
+    fn linear_t(&self, w: &Weights, dy: &[f32], t: usize, dx: &mut [f32]) -> Result<()> {
+        for q in grad_limbs(t, w.rows(), dy)? {
+            add(dx, &self.model.backend().matmul_t(w, &q)?.values);
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward(
+        &self,
+        li: usize,
+        x: Vec<f32>,
+        t: usize,
+        rope: &[(f32, f32)],
+        adapter: Option<&Adapter>,
+        drop: Option<Dropout>,
+    ) -> Result<BlockOut> {
+        let c = self.model.config();
+        let layer = &self.model.layers[li];
+        let (hd, eps) = (c.hidden_size, c.rms_norm_eps);
+        let mut z: [Vec<f32>; 7] = Default::default();
+        let mut lora = |proj: Proj, input: &[f32], out: &mut [f32]| {
+            if let Some((a, slot)) = adapter.and_then(|a| Some((a, a.slot(li, proj)?))) {
+                let mask = drop.map(|d| d.mask(li, proj, input.len()));
+                z[proj as usize] = lora_forward(a, slot, input, mask.as_deref(), t, out);
+            }
+        };
+        let n1 = rms_norm(&x, &layer.norms[0], eps);
+        let [mut q, mut k, mut v]: [Vec<f32>; 3] = self
+            .linears(&[&layer.projs[0], &layer.projs[1], &layer.projs[2]], &n1, t, hd)?
+            .try_into()
+            .map_err(|_| Error::Mismatch("wrong number of projections".into()))?;
+        lora(Proj::Q, &n1, &mut q);
+        lora(Proj::K, &n1, &mut k);
+        lora(Proj::V, &n1, &mut v);
+        rope_forward(&mut q, rope, c.num_heads, c.head_dim);
+        rope_forward(&mut k, rope, c.num_kv_heads, c.head_dim);
+        let (attn, probs) = self.attention(&q, &k, &v, t);
+        let an = rms_norm(&attn, &layer.norms[2], eps);
+        let mut o = self.linears(&[&layer.projs[3]], &an, t, c.q_dim())?.remove(0);
+        lora(Proj::O, &an, &mut o);
+        let mut x1 = x.clone();
+        add(&mut x1, &o);
+        let n2 = rms_norm(&x1, &layer.norms[1], eps);
+        let [mut gate, mut up]: [Vec<f32>; 2] = self
+            .linears(&[&layer.projs[4], &layer.projs[5]], &n2, t, hd)?
+            .try_into()
+            .map_err(|_| Error::Mismatch("wrong number of projections".into()))?;
+        lora(Proj::Gate, &n2, &mut gate);
+        lora(Proj::Up, &n2, &mut up);
+        let act = c.hidden_act;
+        let m: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| act.apply(g) * u).collect();
+        let mn = rms_norm(&m, &layer.norms[3], eps);
+        let mut d = self.linears(&[&layer.projs[6]], &mn, t, c.intermediate_size)?.remove(0);
+        lora(Proj::Down, &mn, &mut d);
+        let mut x_out = x1.clone();
+        add(&mut x_out, &d);
+        Ok(BlockOut {
+            x_out,
+            acts: Acts {
+                x,
+                n1,
+                q,
+                k,
+                v,
+                probs,
+                attn,
+                an,
+                x1,
+                n2,
+                gate,
+                up,
+                m,
+                mn,
+                z,
+            },
+        })
+    }
+
+    /// Causal grouped-query attention over the sequence, in exactly the
+    /// model's order of operations; also returns the softmax weights, one
+    /// row of `t` per (query position, head).
+    fn attention(&self, q: &[f32], k: &[f32], v: &[f32], t: usize) -> (Vec<f32>, Vec<f32>) {
+        let c = self.model.config();
+        let (d, heads, kv_dim) = (c.head_dim, c.num_heads, c.kv_dim());
+        let group = heads / c.num_kv_heads;
+        let scale = (d as f32).powf(-0.5);
+        let mut out = vec![0f32; t * heads * d];
+        let mut probs = vec![0f32; t * heads * t];
+        out.par_chunks_mut(d)
+            .zip(probs.par_chunks_mut(t))
+            .enumerate()
+            .for_each(|(i, (o, pr))| {
+                let (ti, h) = (i / heads, i % heads);
+                let kvh = h / group;
+                let qh = &q[i * d..(i + 1) * d];
+                let seen = ti + 1;
+                let scores = &mut pr[..seen];
+                for (p, s) in scores.iter_mut().enumerate() {
+                    *s = dot(qh, &k[p * kv_dim + kvh * d..p * kv_dim + (kvh + 1) * d]) * scale;
+                }
+                let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let inv = 1.0 / sum;
+                for (p, s) in scores.iter_mut().enumerate() {
+                    let w = *s * inv;
+                    *s = w;
+                    axpy(w, &v[p * kv_dim + kvh * d..p * kv_dim + (kvh + 1) * d], o);
+                }
+            });
+        (out, probs)
+    }
+
+    /// Gradients of attention's inputs from `dout`: `(dq, dk, dv)`.
+    fn attention_backward(&self, a: &Acts, dout: &[f32], t: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let c = self.model.config();
+        let (d, heads, kvh_n, kv_dim) = (c.head_dim, c.num_heads, c.num_kv_heads, c.kv_dim());
+        let group = heads / kvh_n;
+        let scale = (d as f32).powf(-0.5);
+        // dS = P * (dP - sum(P dP)) per (query, head); dq from it.
+        let mut dq = vec![0f32; t * heads * d];
+        let mut ds = vec![0f32; t * heads * t];
+        dq.par_chunks_mut(d)
+            .zip(ds.par_chunks_mut(t))
+            .enumerate()
+            .for_each(|(i, (dqi, dsi))| {
+                let (ti, h) = (i / heads, i % heads);
+                let kvh = h / group;
+                let doi = &dout[i * d..(i + 1) * d];
+                let p = &a.probs[i * t..i * t + ti + 1];
+                let mut delta = 0f32;
+                for (j, s) in dsi[..=ti].iter_mut().enumerate() {
+                    *s = dot(doi, &a.v[j * kv_dim + kvh * d..j * kv_dim + (kvh + 1) * d]);
+                    delta += p[j] * *s;
+                }
+                for (j, s) in dsi[..=ti].iter_mut().enumerate() {
+                    *s = p[j] * (*s - delta) * scale;
+                    axpy(*s, &a.k[j * kv_dim + kvh * d..j * kv_dim + (kvh + 1) * d], dqi);
+                }
+            });
+        // dk and dv: each (key position, kv head) row sums over its heads
+        // and the queries that saw it.
+        let mut dk = vec![0f32; t * kv_dim];
+        let mut dv = vec![0f32; t * kv_dim];
+        dk.par_chunks_mut(d)
+            .zip(dv.par_chunks_mut(d))
+            .enumerate()
+            .for_each(|(r, (dkr, dvr))| {
+                let (j, kvh) = (r / kvh_n, r % kvh_n);
+                for h in kvh * group..(kvh + 1) * group {
+                    for i in j..t {
+                        let row = i * heads + h;
+                        axpy(ds[row * t + j], &a.q[row * d..(row + 1) * d], dkr);
+                        axpy(a.probs[row * t + j], &dout[row * d..(row + 1) * d], dvr);
+                    }
+                }
+            });
+        (dq, dk, dv)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block_backward(
+        &self,
+        li: usize,
+        a: &Acts,
+        dx2: Vec<f32>,
+        t: usize,
+        rope: &[(f32, f32)],
+        adapter: &Adapter,
+        drop: Option<Dropout>,
+        grad: &mut [f32],
+    ) -> Result<Vec<f32>> {
+        let c = self.model.config();
+        let layer = &self.model.layers[li];
+        let eps = c.rms_norm_eps;
+        let mut lora = |proj: Proj, input: &[f32], dy: &[f32], dx: &mut [f32]| {
+            if let Some(slot) = adapter.slot(li, proj) {
+                let mask = drop.map(|d| d.mask(li, proj, input.len()));
+                lora_backward(
+                    adapter,
+                    slot,
+                    input,
+                    mask.as_deref(),
+                    &a.z[proj as usize],
+                    dy,
+                    t,
+                    grad,
+                    dx,
+                );
+            }
+        };
+        // Feed-forward.
+        let mut d_mn = vec![0f32; a.mn.len()];
+        self.linear_t(&layer.projs[6], &dx2, t, &mut d_mn)?;
+        lora(Proj::Down, &a.mn, &dx2, &mut d_mn);
+        let dm = rms_norm_backward(&a.m, &layer.norms[3], &d_mn, eps);
+        let act = c.hidden_act;
+        let mut dgate = vec![0f32; dm.len()];
+        let mut dup = vec![0f32; dm.len()];
+        for i in 0..dm.len() {
+            dgate[i] = dm[i] * a.up[i] * act.derivative(a.gate[i]);
+            dup[i] = dm[i] * act.apply(a.gate[i]);
+        }
+        let mut dn2 = vec![0f32; a.n2.len()];
+        self.linear_t(&layer.projs[4], &dgate, t, &mut dn2)?;
+        self.linear_t(&layer.projs[5], &dup, t, &mut dn2)?;
+        lora(Proj::Gate, &a.n2, &dgate, &mut dn2);
+        lora(Proj::Up, &a.n2, &dup, &mut dn2);
+        let mut dx1 = dx2;
+        add(&mut dx1, &rms_norm_backward(&a.x1, &layer.norms[1], &dn2, eps));
+        // Attention.
+        let mut d_an = vec![0f32; a.an.len()];
+        self.linear_t(&layer.projs[3], &dx1, t, &mut d_an)?;
+        lora(Proj::O, &a.an, &dx1, &mut d_an);
+        let dattn = rms_norm_backward(&a.attn, &layer.norms[2], &d_an, eps);
+        let (mut dq, mut dk, dv) = self.attention_backward(a, &dattn, t);
+        rope_backward(&mut dq, rope, c.num_heads, c.head_dim);
+        rope_backward(&mut dk, rope, c.num_kv_heads, c.head_dim);
+        let mut dn1 = vec![0f32; a.n1.len()];
+        self.linear_t(&layer.projs[0], &dq, t, &mut dn1)?;
+        self.linear_t(&layer.projs[1], &dk, t, &mut dn1)?;
+        self.linear_t(&layer.projs[2], &dv, t, &mut dn1)?;
+        lora(Proj::Q, &a.n1, &dq, &mut dn1);
+        lora(Proj::K, &a.n1, &dk, &mut dn1);
+        lora(Proj::V, &a.n1, &dv, &mut dn1);
+        let mut dx = dx1;
+        add(&mut dx, &rms_norm_backward(&a.x, &layer.norms[0], &dn1, eps));
+        Ok(dx)
+    }
+
+    /// The final norm, LM head and cross-entropy of the counted positions,
+    /// `HEAD_ROWS` positions of logits at a time. With `weight`, also the
+    /// gradient of `weight * loss` with respect to the last block's output.
+    fn head(&self, x: &[f32], seq: &Sequence, weight: Option<f32>) -> Result<(SeqLoss, Option<Vec<f32>>)> {
+        let c = self.model.config();
+        let (hd, vocab) = (c.hidden_size, c.vocab_size);
+        let h = rms_norm(x, &self.model.norm, c.rms_norm_eps);
+        let positions: Vec<usize> = (0..seq.tokens.len() - 1).filter(|&i| seq.targets[i + 1]).collect();
+        let mut dh = weight.map(|_| vec![0f32; h.len()]);
+        let mut loss = SeqLoss {
+            sum: 0.0,
+            tokens: positions.len(),
+        };
+        let mut logits = vec![0f32; HEAD_ROWS.min(positions.len()) * vocab];
+        for chunk in positions.chunks(HEAD_ROWS) {
+            let rows = chunk.len();
+            let hx: Vec<f32> = chunk.iter().flat_map(|&p| &h[p * hd..(p + 1) * hd]).copied().collect();
+            let logits = &mut logits[..rows * vocab];
+            self.model.head.matmul_t(&hx, rows, logits)?;
+            let losses: Vec<f64> = logits
+                .par_chunks_mut(vocab)
+                .zip(chunk)
+                .map(|(l, &p)| {
+                    let target = seq.tokens[p + 1] as usize;
+                    let max = l.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    let sum: f64 = l.iter().map(|&v| f64::from((v - max).exp())).sum();
+                    let lse = f64::from(max) + sum.ln();
+                    let nll = lse - f64::from(l[target]);
+                    if let Some(w) = weight {
+                        let inv = (1.0 / sum) as f32;
+                        for v in l.iter_mut() {
+                            *v = (*v - max).exp() * inv * w;
+                        }
+                        l[target] -= w;
+                    }
+                    nll
+                })
+                .collect();
+            loss.sum += losses.iter().sum::<f64>();
+            if let Some(dh) = dh.as_mut() {
+                let dhx = head_backward(&self.model.head, logits, rows);
+                for (&p, row) in chunk.iter().zip(dhx.chunks_exact(hd)) {
+                    dh[p * hd..(p + 1) * hd].copy_from_slice(row);
+                }
+            }
+        }
+        if !loss.sum.is_finite() {
+            return Err(Error::NonFinite { what: "loss", index: 0 });
+        }
+        Ok((
+            loss,
+            dh.map(|dh| rms_norm_backward(x, &self.model.norm, &dh, c.rms_norm_eps)),
+        ))
+    }
+}
+
+struct BlockOut {
+    x_out: Vec<f32>,
+    acts: Acts,
+}
+
+fn drop_vec(_: Vec<f32>) {}
+
+/// `dl (rows x vocab) . E (vocab x hidden)`: vocabulary chunks in parallel,
+/// summed in chunk order.
+fn head_backward(head: &FloatTensor, dl: &[f32], rows: usize) -> Vec<f32> {
+    let (vocab, hd) = (head.rows(), head.cols());
+    let chunks = vocab.div_ceil(HEAD_VOCAB_CHUNK);
+    let partials: Vec<Vec<f32>> = (0..chunks)
+        .into_par_iter()
+        .map_init(
+            || vec![0f32; hd],
+            |e, ch| {
+                let mut part = vec![0f32; rows * hd];
+                for v in ch * HEAD_VOCAB_CHUNK..((ch + 1) * HEAD_VOCAB_CHUNK).min(vocab) {
+                    head.row_into(v, e);
+                    for (r, out) in part.chunks_exact_mut(hd).enumerate() {
+                        axpy(dl[r * vocab + v], e, out);
+                    }
+                }
+                part
+            },
+        )
+        .collect();
+    let mut out = vec![0f32; rows * hd];
+    for p in &partials {
+        add(&mut out, p);
+    }
+    out
+}
+
+/// `out += scaling * (x A^T) B^T` for one adapted projection; returns `x A^T`.
+pub(crate) fn lora_forward(
+    adapter: &Adapter,
+    slot: &Slot,
+    x: &[f32],
+    mask: Option<&[f32]>,
+    t: usize,
+    out: &mut [f32],
+) -> Vec<f32> {
+    let r = adapter.config().rank;
+    let dropped;
+    let xd = match mask {
+        Some(m) => {
+            dropped = x.iter().zip(m).map(|(a, b)| a * b).collect::<Vec<_>>();
+            &dropped[..]
+        }
+        None => x,
+    };
+    let z = mm_nt(xd, adapter.a(slot), t, slot.cols, r);
+    let u = mm_nt(&z, adapter.b(slot), t, r, slot.rows);
+    let s = adapter.config().scaling();
+    for (o, u) in out.iter_mut().zip(&u) {
+        *o += s * u;
+    }
+    z
+}
+
+/// Adds one adapted projection's parameter gradients into `grad` and its
+/// input gradient into `dx`, given its output gradient `dy`.
+#[allow(clippy::too_many_arguments)]
+fn lora_backward(
+    adapter: &Adapter,
+    slot: &Slot,
+    x: &[f32],
+    mask: Option<&[f32]>,
+    z: &[f32],
+    dy: &[f32],
+    t: usize,
+    grad: &mut [f32],
+    dx: &mut [f32],
+) {
+    let r = adapter.config().rank;
+    let s = adapter.config().scaling();
+    let gb = mm_tn(dy, z, t, slot.rows, r);
+    for (g, v) in grad[slot.b_range(r)].iter_mut().zip(&gb) {
+        *g += s * v;
+    }
+    let mut dz = mm_nn(dy, adapter.b(slot), t, slot.rows, r);
+    dz.iter_mut().for_each(|v| *v *= s);
+    let dropped;
+    let xd = match mask {
+        Some(m) => {
+            dropped = x.iter().zip(m).map(|(a, b)| a * b).collect::<Vec<_>>();
+            &dropped[..]
+        }
+        None => x,
+    };
+    let ga = mm_tn(&dz, xd, t, r, slot.cols);
+    add(&mut grad[slot.a_range(r)], &ga);
+    let mut dxd = mm_nn(&dz, adapter.a(slot), t, r, slot.cols);
+    if let Some(m) = mask {
+        dxd.iter_mut().zip(m).for_each(|(v, m)| *v *= m);
+    }
+    add(dx, &dxd);
+}
+
+/// `x` as a sum of `n` int8 quantizations: the first exactly BitNet's
+/// (per-token absmax), each next one of what the ones before missed.
+fn limbs(rows: usize, cols: usize, x: &[f32], n: usize) -> Result<Vec<QuantizedActivations>> {
+    let first = QuantizedActivations::quantize(rows, cols, x)?;
+    let mut out = vec![first];
+    if n > 1 {
+        let mut rest = x.to_vec();
+        sub(&mut rest, &out[0].dequantize());
+        for i in 1..n {
+            let q = quantize_floorless(rows, cols, &rest)?;
+            if i + 1 < n {
+                sub(&mut rest, &q.dequantize());
+            }
+            out.push(q);
+        }
+    }
+    Ok(out)
+}
+
+/// Gradient limbs: like [`limbs`] but without BitNet's scale floor, so
+/// that tiny gradients keep their precision.
+fn grad_limbs(rows: usize, cols: usize, dy: &[f32]) -> Result<Vec<QuantizedActivations>> {
+    let mut rest = dy.to_vec();
+    let mut out = Vec::with_capacity(GRAD_LIMBS);
+    for i in 0..GRAD_LIMBS {
+        let q = quantize_floorless(rows, cols, &rest)?;
+        if i + 1 < GRAD_LIMBS {
+            sub(&mut rest, &q.dequantize());
+        }
+        out.push(q);
+    }
+    Ok(out)
+}
+
+/// Per-row absmax int8 with `s = 127 / max|x|`; a row of zeros (or of
+/// values too small for a finite scale) quantizes to zeros.
+fn quantize_floorless(rows: usize, cols: usize, x: &[f32]) -> Result<QuantizedActivations> {
+    if let Some(index) = x.iter().position(|v| !v.is_finite()) {
+        return Err(Error::NonFinite {
+            what: "gradient",
+            index,
+        });
+    }
+    let mut data = vec![0i8; x.len()];
+    let mut scales = Vec::with_capacity(rows);
+    for (row, q) in x.chunks_exact(cols).zip(data.chunks_exact_mut(cols)) {
+        let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let s = 127.0 / max;
+        if max == 0.0 || !s.is_finite() {
+            scales.push(1.0);
+            continue;
+        }
+        for (q, v) in q.iter_mut().zip(row) {
+            *q = (v * s).round_ties_even().clamp(-127.0, 127.0) as i8;
+        }
+        scales.push(s);
+    }
+    QuantizedActivations::from_parts(rows, cols, data, scales)
+}
+
+/// The backward of [`rms_norm`]: `dx` from `dy`, recomputing the row's
+/// inverse root mean square exactly as the forward did.
+pub(crate) fn rms_norm_backward(x: &[f32], weight: &[f32], dy: &[f32], eps: f32) -> Vec<f32> {
+    let n = weight.len();
+    let mut dx = vec![0f32; x.len()];
+    for ((d, row), g) in dx.chunks_exact_mut(n).zip(x.chunks_exact(n)).zip(dy.chunks_exact(n)) {
+        let ms = row.iter().map(|v| f64::from(v * v)).sum::<f64>() / n as f64;
+        let r = 1.0 / ((ms as f32) + eps).sqrt();
+        let s: f64 = row
+            .iter()
+            .zip(g)
+            .zip(weight)
+            .map(|((&v, &g), &w)| f64::from(w * g) * f64::from(v))
+            .sum();
+        let coef = (s * f64::from(r).powi(3) / n as f64) as f32;
+        for (((d, &v), &g), &w) in d.iter_mut().zip(row).zip(g).zip(weight) {
+            *d = r * w * g - coef * v;
+        }
+    }
+    dx
+}
+
+/// Rotates pairs `(i, i + d/2)` of each head (transformers' `rotate_half`).
+fn rope_forward(x: &mut [f32], table: &[(f32, f32)], heads: usize, d: usize) {
+    crate::model::apply_rope(x, table, heads, d);
+}
+
+/// The transpose of [`rope_forward`]: the inverse rotation.
+fn rope_backward(x: &mut [f32], table: &[(f32, f32)], heads: usize, d: usize) {
+    let half = d / 2;
+    for (row, cs) in x.chunks_exact_mut(heads * d).zip(table.chunks_exact(half)) {
+        for head in row.chunks_exact_mut(d) {
+            for (i, &(cos, sin)) in cs.iter().enumerate() {
+                let (a, b) = (head[i], head[i + half]);
+                head[i] = a * cos + b * sin;
+                head[i + half] = b * cos - a * sin;
+            }
+        }
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+fn sub(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a -= b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    #[test]
+    fn limbs_add_up_to_the_input() {
+        let mut rng = SplitMix64::new(5);
+        let x: Vec<f32> = rng.signed_f32s(4 * 300).iter().map(|v| v * 3.0).collect();
+        for (n, tol) in [(1, 3.0 / 254.0 * 1.01), (2, 1e-4), (3, 1e-6)] {
+            let sum =
+                limbs(4, 300, &x, n)
+                    .unwrap()
+                    .iter()
+                    .map(|q| q.dequantize())
+                    .fold(vec![0f32; x.len()], |mut acc, d| {
+                        add(&mut acc, &d);
+                        acc
+                    });
+            let err = x.iter().zip(&sum).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err <= tol, "{n} limbs: error {err}");
+        }
+        let tiny: Vec<f32> = x.iter().map(|v| v * 1e-9).collect();
+        let q = grad_limbs(4, 300, &tiny).unwrap();
+        let back: Vec<f32> = q[0].dequantize();
+        let err = tiny.iter().zip(&back).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(
+            err < 3e-9 / 200.0,
+            "gradients keep precision below the scale floor: {err}"
+        );
+    }
+
+    #[test]
+    fn rms_norm_backward_matches_finite_differences() {
+        let mut rng = SplitMix64::new(6);
+        let n = 16;
+        let x = rng.signed_f32s(2 * n);
+        let w: Vec<f32> = rng.signed_f32s(n).iter().map(|v| 1.0 + 0.3 * v).collect();
+        let dy = rng.signed_f32s(2 * n);
+        let dx = rms_norm_backward(&x, &w, &dy, 1e-5);
+        let f = |x: &[f32]| -> f64 {
+            rms_norm(x, &w, 1e-5)
+                .iter()
+                .zip(&dy)
+                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                .sum()
+        };
+        for i in 0..x.len() {
+            let h = 1e-3;
+            let (mut p, mut m) = (x.clone(), x.clone());
+            p[i] += h;
+            m[i] -= h;
+            let fd = (f(&p) - f(&m)) / (2.0 * f64::from(h));
+            assert!((fd - f64::from(dx[i])).abs() < 2e-3, "{i}: {fd} vs {}", dx[i]);
+        }
+    }
+
+    #[test]
+    fn rope_backward_inverts_the_rotation() {
+        let table: Vec<(f32, f32)> = (0..6).map(|i| ((i as f32).cos(), (i as f32).sin())).collect();
+        let mut rng = SplitMix64::new(7);
+        let x = rng.signed_f32s(3 * 2 * 4);
+        let mut y = x.clone();
+        rope_forward(&mut y, &table, 2, 4);
+        rope_backward(&mut y, &table, 2, 4);
+        assert!(x.iter().zip(&y).all(|(a, b)| (a - b).abs() < 1e-6));
+    }
+}

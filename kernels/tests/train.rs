@@ -1,0 +1,366 @@
+//! LoRA training: gradients against finite differences of an independent
+//! f64 forward pass, consistency with inference, and reproducibility across
+//! backends, thread counts and activation checkpointing.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use kernels::Backend;
+use kernels::cpu::Cpu;
+use kernels::model::{self, Config, Logits, Model, ModelWeights, Proj};
+use kernels::rng::SplitMix64;
+use kernels::train::{ActQuant, Adapter, Engine, LoraConfig, Sequence};
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bitnet_tiny")
+}
+
+fn weights() -> ModelWeights {
+    model::load(&fixture()).unwrap().weights
+}
+
+/// A rank-2 adapter on every projection with `A` and `B` both random, so
+/// that every gradient is non-zero (PEFT's init has `B = 0`).
+fn random_adapter(c: &Config, dropout: f32) -> Adapter {
+    let cfg = LoraConfig::new(2, 4.0, dropout, &Proj::ALL).unwrap();
+    let mut a = Adapter::init(cfg, c, 11).unwrap();
+    let mut rng = SplitMix64::new(12);
+    let p: Vec<f32> = rng.signed_f32s(a.params().len()).iter().map(|v| v * 0.05).collect();
+    a.set_params(&p).unwrap();
+    a
+}
+
+/// The fixture prompt, with the loss on the second half only (a completion mask).
+fn sequence() -> Sequence {
+    let m = model::load(&fixture()).unwrap();
+    let mut tokens = m
+        .tokenizer
+        .encode("The swarm checks ternary results by hash, bit for bit.", true)
+        .unwrap();
+    tokens.truncate(12);
+    let n = tokens.len();
+    Sequence {
+        targets: (0..n).map(|i| i >= n / 2).collect(),
+        tokens,
+    }
+}
+
+/// `BitNetForCausalLM` written plainly in f64, with every BitLinear's
+/// input left unquantized: the function whose gradient the straight-through
+/// estimator computes.
+struct Reference {
+    c: Config,
+    embed: Vec<f64>,
+    head: Vec<f64>,
+    norm: Vec<f64>,
+    layers: Vec<RefLayer>,
+}
+
+/// A block's four norms and seven dense projections.
+type RefLayer = ([Vec<f64>; 4], Vec<Vec<f64>>);
+
+fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| f64::from(x)).collect()
+}
+
+impl Reference {
+    fn new(w: &ModelWeights) -> Self {
+        let layers = w
+            .layers
+            .iter()
+            .map(|l| {
+                let norms = l.norms.clone().map(|n| f64s(&n));
+                let projs = Proj::ALL
+                    .iter()
+                    .map(|&p| {
+                        let m = l.proj(p);
+                        let s = f64::from(m.scale());
+                        m.to_trits().iter().map(|&t| f64::from(t) * s).collect()
+                    })
+                    .collect();
+                (norms, projs)
+            })
+            .collect();
+        Self {
+            c: w.config.clone(),
+            embed: f64s(&w.embed.to_f32()),
+            head: f64s(&w.head().to_f32()),
+            norm: f64s(&w.norm),
+            layers,
+        }
+    }
+
+    fn rms(&self, x: &[f64], w: &[f64]) -> Vec<f64> {
+        let n = w.len();
+        x.chunks(n)
+            .flat_map(|row| {
+                let ms = row.iter().map(|v| v * v).sum::<f64>() / n as f64;
+                let r = 1.0 / (ms + f64::from(self.c.rms_norm_eps)).sqrt();
+                row.iter().zip(w).map(move |(v, w)| w * v * r)
+            })
+            .collect()
+    }
+
+    /// `x W^T` (+ the adapter's `s (x A^T) B^T`), `t` rows.
+    fn linear(&self, x: &[f64], w: &[f64], cols: usize, lora: Option<(&[f64], &[f64], usize, f64)>) -> Vec<f64> {
+        let rows = w.len() / cols;
+        let t = x.len() / cols;
+        let mut y = vec![0f64; t * rows];
+        for i in 0..t {
+            let xi = &x[i * cols..(i + 1) * cols];
+            for o in 0..rows {
+                y[i * rows + o] = xi.iter().zip(&w[o * cols..(o + 1) * cols]).map(|(a, b)| a * b).sum();
+            }
+            if let Some((a, b, r, s)) = lora {
+                let z: Vec<f64> = (0..r)
+                    .map(|k| xi.iter().zip(&a[k * cols..(k + 1) * cols]).map(|(p, q)| p * q).sum())
+                    .collect();
+                for o in 0..rows {
+                    y[i * rows + o] += s * z.iter().zip(&b[o * r..(o + 1) * r]).map(|(p, q)| p * q).sum::<f64>();
+                }
+            }
+        }
+        y
+    }
+
+    fn rope(&self, x: &mut [f64], heads: usize) {
+        let d = self.c.head_dim;
+        let half = d / 2;
+        for (pos, row) in x.chunks_mut(heads * d).enumerate() {
+            for head in row.chunks_mut(d) {
+                for i in 0..half {
+                    let f = 1.0 / f64::from(self.c.rope_theta).powf((2 * i) as f64 / d as f64);
+                    let (sin, cos) = (pos as f64 * f).sin_cos();
+                    let (a, b) = (head[i], head[i + half]);
+                    head[i] = a * cos - b * sin;
+                    head[i + half] = b * cos + a * sin;
+                }
+            }
+        }
+    }
+
+    /// The summed negative log-likelihood of the counted tokens with
+    /// adapter parameters `p` (laid out as `adapter.params()`).
+    fn loss(&self, adapter: &Adapter, p: &[f64], seq: &Sequence) -> f64 {
+        let c = &self.c;
+        let (hd, t, d) = (c.hidden_size, seq.tokens.len(), c.head_dim);
+        let r = adapter.config().rank;
+        let s = f64::from(adapter.config().scaling());
+        let mut x: Vec<f64> = seq
+            .tokens
+            .iter()
+            .flat_map(|&tok| self.embed[tok as usize * hd..(tok as usize + 1) * hd].to_vec())
+            .collect();
+        for (li, (norms, w)) in self.layers.iter().enumerate() {
+            let lin = |proj: Proj, x: &[f64]| {
+                let (_, cols) = proj.shape(c);
+                let lora = adapter
+                    .slot(li, proj)
+                    .map(|sl| (&p[sl.a_range(r)], &p[sl.b_range(r)], r, s));
+                self.linear(x, &w[proj as usize], cols, lora)
+            };
+            let n1 = self.rms(&x, &norms[0]);
+            let (mut q, mut k, v) = (lin(Proj::Q, &n1), lin(Proj::K, &n1), lin(Proj::V, &n1));
+            self.rope(&mut q, c.num_heads);
+            self.rope(&mut k, c.num_kv_heads);
+            let group = c.num_heads / c.num_kv_heads;
+            let kv = c.kv_dim();
+            let mut attn = vec![0f64; t * c.q_dim()];
+            for i in 0..t {
+                for h in 0..c.num_heads {
+                    let g = h / group;
+                    let qh = &q[(i * c.num_heads + h) * d..][..d];
+                    let sc: Vec<f64> = (0..=i)
+                        .map(|j| {
+                            qh.iter()
+                                .zip(&k[j * kv + g * d..][..d])
+                                .map(|(a, b)| a * b)
+                                .sum::<f64>()
+                                / (d as f64).sqrt()
+                        })
+                        .collect();
+                    let max = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = sc.iter().map(|v| (v - max).exp()).sum();
+                    for (j, sv) in sc.iter().enumerate() {
+                        let pj = (sv - max).exp() / z;
+                        for e in 0..d {
+                            attn[(i * c.num_heads + h) * d + e] += pj * v[j * kv + g * d + e];
+                        }
+                    }
+                }
+            }
+            let o = lin(Proj::O, &self.rms(&attn, &norms[2]));
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            let n2 = self.rms(&x, &norms[1]);
+            let (g, u) = (lin(Proj::Gate, &n2), lin(Proj::Up, &n2));
+            let m: Vec<f64> = g
+                .iter()
+                .zip(&u)
+                .map(|(&g, &u)| {
+                    let r = g.max(0.0);
+                    r * r * u
+                })
+                .collect();
+            let dn = lin(Proj::Down, &self.rms(&m, &norms[3]));
+            x.iter_mut().zip(&dn).for_each(|(a, b)| *a += b);
+        }
+        let h = self.rms(&x, &self.norm);
+        let mut loss = 0.0;
+        for i in 0..t - 1 {
+            if !seq.targets[i + 1] {
+                continue;
+            }
+            let hi = &h[i * hd..(i + 1) * hd];
+            let logits: Vec<f64> = self
+                .head
+                .chunks(hd)
+                .map(|e| e.iter().zip(hi).map(|(a, b)| a * b).sum())
+                .collect();
+            let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
+            loss += lse - logits[seq.tokens[i + 1] as usize];
+        }
+        loss
+    }
+}
+
+#[test]
+fn lora_gradients_match_f64_finite_differences() {
+    let w = weights();
+    assert_eq!(w.config.hidden_act, model::Activation::Relu2);
+    let model = Model::new(&w, Backend::cpu().unwrap()).unwrap();
+    let adapter = random_adapter(&w.config, 0.0);
+    let seq = sequence();
+    let mut grad = vec![0f32; adapter.params().len()];
+    let engine = Engine::new(&model).act_quant(ActQuant::Exact);
+    let loss = engine.loss_and_grad(&adapter, &seq, 1.0, 0, &mut grad).unwrap();
+
+    let reference = Reference::new(&w);
+    let p0 = f64s(adapter.params());
+    let f0 = reference.loss(&adapter, &p0, &seq);
+    assert!((f0 - loss.sum).abs() < 1e-4 * f0.abs(), "loss {} vs f64 {f0}", loss.sum);
+
+    let h = 1e-4;
+    let fd = |dir: &[(usize, f64)]| {
+        let (mut plus, mut minus) = (p0.clone(), p0.clone());
+        for &(i, u) in dir {
+            plus[i] += h * u;
+            minus[i] -= h * u;
+        }
+        (reference.loss(&adapter, &plus, &seq) - reference.loss(&adapter, &minus, &seq)) / (2.0 * h)
+    };
+    let r = adapter.config().rank;
+    let mut rng = SplitMix64::new(13);
+    let mut worst = 0f64;
+    for slot in adapter.slots() {
+        for (name, range) in [("A", slot.a_range(r)), ("B", slot.b_range(r))] {
+            let g = &grad[range.clone()];
+            // The tensor's whole gradient, as a directional derivative along it...
+            let norm = g.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt();
+            assert!(
+                norm > 0.0,
+                "layer {} {} {name}: zero gradient",
+                slot.layer,
+                slot.proj.short()
+            );
+            let dir: Vec<(usize, f64)> = g
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| (range.start + i, f64::from(v) / norm))
+                .collect();
+            let mut errs = vec![(fd(&dir) - norm).abs() / norm];
+            // ...and its largest and one random coordinate.
+            let big = (0..g.len()).max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs())).unwrap();
+            let (mut num, mut den) = (0f64, 0f64);
+            for i in [big, rng.below(g.len())] {
+                let want = fd(&[(range.start + i, 1.0)]);
+                num += (want - f64::from(g[i])).powi(2);
+                den += want * want;
+            }
+            errs.push((num / den.max(1e-30)).sqrt());
+            let err = errs.iter().cloned().fold(0.0, f64::max);
+            assert!(
+                err < 1e-3,
+                "layer {} {} {name}: relative error {err:.2e}",
+                slot.layer,
+                slot.proj.short()
+            );
+            worst = worst.max(err);
+        }
+    }
+    eprintln!(
+        "worst relative gradient error over {} tensors: {worst:.2e}",
+        2 * adapter.slots().len()
+    );
+}
+
+#[test]
+fn int8_training_loss_is_the_inference_loss() {
+    let w = weights();
+    let adapter = random_adapter(&w.config, 0.0);
+    let mut model = Model::new(&w, Backend::cpu().unwrap()).unwrap();
+    let seq = Sequence::all(sequence().tokens);
+    let loss = Engine::new(&model).loss(Some(&adapter), &seq).unwrap();
+    let mut grad = vec![0f32; adapter.params().len()];
+    let with_grad = Engine::new(&model)
+        .loss_and_grad(&adapter, &seq, 1.0, 0, &mut grad)
+        .unwrap();
+    assert_eq!(loss, with_grad);
+
+    model.set_adapter(Some(adapter.into())).unwrap();
+    let v = w.config.vocab_size;
+    let logits = model.forward(&seq.tokens, &mut model.new_cache(), Logits::All).unwrap();
+    let mut sum = 0f64;
+    for (i, row) in logits.chunks_exact(v).take(seq.tokens.len() - 1).enumerate() {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let lse = f64::from(max) + row.iter().map(|&x| f64::from((x - max).exp())).sum::<f64>().ln();
+        sum += lse - f64::from(row[seq.tokens[i + 1] as usize]);
+    }
+    assert_eq!(
+        loss.sum, sum,
+        "the training forward is the inference forward, bit for bit"
+    );
+    assert_eq!(loss.tokens, seq.tokens.len() - 1);
+}
+
+fn grad_on(backend: Backend, w: &ModelWeights, checkpoint: bool, dropout: f32) -> (f64, Vec<f32>) {
+    let model = Model::new(w, backend).unwrap();
+    let adapter = random_adapter(&w.config, dropout);
+    let mut grad = vec![0f32; adapter.params().len()];
+    let loss = Engine::new(&model)
+        .checkpoint(checkpoint)
+        .loss_and_grad(&adapter, &sequence(), 0.25, 99, &mut grad)
+        .unwrap();
+    (loss.sum, grad)
+}
+
+#[test]
+fn checkpointing_changes_no_bit() {
+    let w = weights();
+    for dropout in [0.0, 0.1] {
+        let a = grad_on(Backend::cpu().unwrap(), &w, true, dropout);
+        let b = grad_on(Backend::cpu().unwrap(), &w, false, dropout);
+        assert_eq!(a, b, "dropout {dropout}");
+    }
+    assert_ne!(
+        grad_on(Backend::cpu().unwrap(), &w, true, 0.1).1,
+        grad_on(Backend::cpu().unwrap(), &w, true, 0.0).1,
+        "dropout takes effect"
+    );
+}
+
+backend_test!(
+    gradients_are_identical_on_every_backend_and_thread_count,
+    |backend: &Backend| {
+        let w = weights();
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let reference = one.install(|| grad_on(Backend::Cpu(Cpu::new(Isa::Scalar, 1).unwrap()), &w, true, 0.1));
+        let got = grad_on(backend.clone(), &w, true, 0.1);
+        assert_eq!(got.0, reference.0);
+        assert!(
+            got.1 == reference.1,
+            "gradients differ from the scalar single-thread run"
+        );
+    }
+);
