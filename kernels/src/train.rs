@@ -10,12 +10,16 @@
 //! Every float reduction runs in a fixed order, so a training run is
 //! bit-reproducible for any thread count and on any backend.
 
+pub mod data;
 mod engine;
 mod linalg;
 mod lora;
 mod optim;
+pub mod peft;
+mod trainer;
 
 pub(crate) use engine::lora_forward;
 pub use engine::{ActQuant, Engine, SeqLoss, Sequence};
 pub use lora::{Adapter, LoraConfig, Slot};
 pub use optim::{AdamW, AdamWConfig, Moments, Schedule, StateDtype, clip_grad_norm, grad_norm};
+pub use trainer::{StepStats, TrainConfig, Trainer, checkpoint_dir, eval_loss, run_digest};

@@ -8,9 +8,13 @@ use std::path::{Path, PathBuf};
 
 use kernels::Backend;
 use kernels::cpu::Cpu;
+use kernels::model::SamplingParams;
 use kernels::model::{self, Config, Logits, Model, ModelWeights, Proj};
 use kernels::rng::SplitMix64;
-use kernels::train::{ActQuant, Adapter, Engine, LoraConfig, Sequence};
+use kernels::train::{
+    self, ActQuant, AdamWConfig, Adapter, Engine, LoraConfig, Schedule, Sequence, StateDtype, TrainConfig, Trainer,
+    data,
+};
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bitnet_tiny")
@@ -364,3 +368,110 @@ backend_test!(
         );
     }
 );
+
+fn tiny() -> ModelWeights {
+    model::init::random(model::Preset::Tiny, 5).unwrap().0
+}
+
+fn run_config(steps: u64) -> TrainConfig {
+    TrainConfig {
+        lora: LoraConfig::new(8, 16.0, 0.0, &Proj::ALL).unwrap(),
+        lr: 5e-3,
+        schedule: Schedule::Constant,
+        warmup: 5,
+        steps,
+        batch: 2,
+        grad_accum: 2,
+        max_grad_norm: Some(1.0),
+        adamw: AdamWConfig::default(),
+        state_dtype: StateDtype::F32,
+        seed: 21,
+    }
+}
+
+#[test]
+fn training_learns_a_mapping_the_model_cannot_know() {
+    let w = tiny();
+    let c = &w.config;
+    let (seqs, map) = data::synthetic_mapping(c.vocab_size, 0, 12, 40, 77);
+    let split = data::split(seqs, 0.2, 1).unwrap();
+    let mut model = Model::new(&w, Backend::cpu().unwrap()).unwrap();
+    let mut trainer = Trainer::new(run_config(300), c).unwrap();
+    let engine = Engine::new(&model);
+    let before = trainer.evaluate(&engine, &split.eval).unwrap();
+    let mut after = before;
+    for step in 1..=300 {
+        trainer.step(&engine, &split.train).unwrap();
+        if step % 50 == 0 {
+            after = trainer.evaluate(&engine, &split.eval).unwrap();
+            eprintln!("step {step}: held-out loss {after:.4}");
+            if after < 0.05 * before {
+                break;
+            }
+        }
+    }
+    assert!(
+        after < 0.1 * before,
+        "held-out loss {before:.3} -> {after:.3}: less than a 90% drop"
+    );
+    // The adapter changes what the model generates: each key now maps to its value.
+    let greedy = |model: &Model| -> usize {
+        map.iter()
+            .filter(|&&(k, v)| {
+                let mut sampler = model::Sampler::new(SamplingParams::default()).unwrap();
+                model.generate(&[0, k], 1, &mut sampler, &[], |_| true).unwrap().0 == [v]
+            })
+            .count()
+    };
+    assert!(greedy(&model) <= 1);
+    model.set_adapter(Some(trainer.adapter().clone().into())).unwrap();
+    assert_eq!(greedy(&model), map.len(), "every key generates its value");
+}
+
+#[test]
+fn a_resumed_run_is_bit_identical_and_divergence_keeps_the_checkpoint() {
+    let w = tiny();
+    let c = &w.config;
+    let (seqs, _) = data::synthetic_mapping(c.vocab_size, 0, 6, 6, 3);
+    let model = Model::new(&w, Backend::cpu().unwrap()).unwrap();
+    let engine = Engine::new(&model);
+    let mut cfg = run_config(6);
+    cfg.lora.dropout = 0.1;
+    cfg.state_dtype = StateDtype::Bf16;
+    cfg.schedule = Schedule::Cosine;
+    let run = train::run_digest(&cfg, "model", &seqs);
+
+    let mut straight = Trainer::new(cfg.clone(), c).unwrap();
+    for _ in 0..6 {
+        straight.step(&engine, &seqs).unwrap();
+    }
+    let dir = std::env::temp_dir().join(format!("tern-resume-{}", std::process::id()));
+    let ckpt = train::checkpoint_dir(&dir);
+    let mut first = Trainer::new(cfg.clone(), c).unwrap();
+    for _ in 0..3 {
+        first.step(&engine, &seqs).unwrap();
+    }
+    first.save_checkpoint(&ckpt, &run, Some("model"), seqs.len()).unwrap();
+    let mut resumed = Trainer::resume(&ckpt, cfg.clone(), c, &run).unwrap();
+    assert_eq!(resumed.step_count(), 3);
+    for _ in 0..3 {
+        resumed.step(&engine, &seqs).unwrap();
+    }
+    assert_eq!(resumed.adapter().content_hash(), straight.adapter().content_hash());
+    assert_eq!(resumed.history(), straight.history());
+
+    // Another run's checkpoint is refused.
+    let e = Trainer::resume(&ckpt, cfg.clone(), c, "other").unwrap_err().to_string();
+    assert!(e.contains("resume"), "{e}");
+
+    // A learning rate that blows up stops with a clear error; the checkpoint stays.
+    let mut wild = cfg.clone();
+    wild.lr = 1e30;
+    wild.max_grad_norm = None;
+    let mut t = Trainer::resume(&ckpt, wild.clone(), c, &run).unwrap();
+    let err = (0..50).find_map(|_| t.step(&engine, &seqs).err()).expect("diverges");
+    assert!(matches!(err, kernels::Error::Diverged { .. }), "{err}");
+    let kept = Trainer::resume(&ckpt, cfg, c, &run).unwrap();
+    assert_eq!(kept.step_count(), 3);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -208,10 +208,10 @@ fn float_dtype(d: StDtype) -> Option<FloatDtype> {
 }
 
 /// A tensor to serialize.
-struct Out {
-    dtype: StDtype,
-    shape: Vec<usize>,
-    data: SharedBytes,
+pub(crate) struct Out {
+    pub(crate) dtype: StDtype,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) data: SharedBytes,
 }
 
 impl safetensors::View for &Out {

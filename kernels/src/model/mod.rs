@@ -13,7 +13,7 @@ pub mod chat;
 pub mod config;
 mod forward;
 pub mod gguf;
-mod hf;
+pub(crate) mod hf;
 pub mod init;
 pub mod sample;
 pub mod tensor;
