@@ -475,3 +475,100 @@ fn a_resumed_run_is_bit_identical_and_divergence_keeps_the_checkpoint() {
     assert_eq!(kept.step_count(), 3);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+fn lora_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora_step")
+}
+
+fn st_f32(st: &safetensors::SafeTensors<'_>, name: &str) -> Vec<f32> {
+    st.tensor(name)
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+fn st_i64(st: &safetensors::SafeTensors<'_>, name: &str) -> Vec<i64> {
+    st.tensor(name)
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+// One training step against transformers + PEFT (`scripts/fixtures/lora_step.py`):
+// the adapter PEFT saved loads, and the loss, every LoRA gradient and the
+// parameters after one AdamW step match what torch computed.
+backend_test!(one_training_step_matches_transformers_and_peft, |backend: &Backend| {
+    let w = weights();
+    let loaded = kernels::train::peft::load_peft(&lora_fixture(), &w.config).unwrap();
+    let adapter = loaded.adapter;
+    assert_eq!(adapter.config().rank, 4);
+    assert_eq!(adapter.config().scaling(), 2.0);
+    assert_eq!(adapter.slots().len(), 14);
+    let bytes = std::fs::read(lora_fixture().join("expected.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let tokens: Vec<u32> = st_i64(&st, "input_ids").iter().map(|&t| t as u32).collect();
+    let targets: Vec<bool> = st_i64(&st, "labels").iter().map(|&l| l != -100).collect();
+    let seq = Sequence { tokens, targets };
+    let n = seq.counted();
+    assert_eq!(n, 12);
+
+    let model = Model::new(&w, backend.clone()).unwrap();
+    let mut grad = vec![0f32; adapter.params().len()];
+    let loss = Engine::new(&model)
+        .loss_and_grad(&adapter, &seq, 1.0 / n as f32, 0, &mut grad)
+        .unwrap();
+    let want_loss = f64::from(st_f32(&st, "loss")[0]);
+    let mean = loss.sum / n as f64;
+    // Logits near 256 carry f32 rounding of about 1e-5 relative.
+    assert!(
+        (mean - want_loss).abs() < 1e-4 * want_loss,
+        "loss {mean} vs torch {want_loss}"
+    );
+
+    let r = adapter.config().rank;
+    let mut worst = 0f64;
+    let mut opt = kernels::train::AdamW::new(
+        AdamWConfig {
+            weight_decay: 0.01,
+            ..Default::default()
+        },
+        StateDtype::F32,
+        grad.len(),
+    );
+    let mut after = adapter.params().to_vec();
+    opt.update(&mut after, &grad, 1e-3).unwrap();
+    for slot in adapter.slots() {
+        for (which, range) in [('A', slot.a_range(r)), ('B', slot.b_range(r))] {
+            let name = format!(
+                "base_model.model.model.layers.{}.{}.lora_{which}.weight",
+                slot.layer,
+                slot.proj.hf_name()
+            );
+            let want = st_f32(&st, &format!("grad.{name}"));
+            let got = &grad[range.clone()];
+            let num: f64 = got.iter().zip(&want).map(|(a, b)| f64::from(a - b).powi(2)).sum();
+            let den: f64 = want.iter().map(|b| f64::from(*b).powi(2)).sum();
+            let err = (num / den).sqrt();
+            // The fixture's logits are near 256 (random tied embeddings), so
+            // the f32 differences of two correct forward passes (1e-5 of the
+            // loss, from summation order and int8 rounding ties) move the
+            // softmax by a few 1e-3; the gradients inherit that, no more.
+            assert!(err < 1e-2, "{name}: gradient relative error {err:.2e}");
+            worst = worst.max(err);
+            // Adam's first step moves each weight by about lr * sign(g): wherever
+            // the gradient is not negligible, the new weights agree.
+            let want_after = st_f32(&st, &format!("after.{name}"));
+            let gmax = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for ((a, b), g) in after[range.clone()].iter().zip(&want_after).zip(&want) {
+                if g.abs() > 1e-2 * gmax {
+                    assert!((a - b).abs() < 1e-6, "{name}: after the step {a} vs torch {b}");
+                }
+            }
+        }
+    }
+    eprintln!("{}: worst gradient relative error vs torch {worst:.2e}", backend.name());
+});

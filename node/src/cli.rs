@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::{bench, model_bench, model_cmd};
+use crate::{bench, finetune, model_bench, model_cmd};
 
 /// tern: a peer-to-peer compute node for BitNet b1.58 models.
 #[derive(Debug, Parser)]
@@ -26,6 +26,18 @@ pub enum Command {
     Generate(model_cmd::GenerateArgs),
     /// Perplexity of a text file, and optionally every position's logits.
     Eval(model_cmd::EvalArgs),
+    /// Train a LoRA adapter on a frozen ternary model.
+    Finetune(finetune::FinetuneArgs),
+    /// Work with LoRA adapters.
+    #[command(subcommand)]
+    Adapter(AdapterCommand),
+}
+
+/// `tern adapter ...`.
+#[derive(Debug, Subcommand)]
+pub enum AdapterCommand {
+    /// Fold an adapter into a new model file (re-quantized to ternary).
+    Merge(finetune::MergeArgs),
 }
 
 /// `tern model ...`.
@@ -123,5 +135,15 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Model(ModelCommand::LoadRss { path }) => model_bench::load_rss(&path),
         Command::Generate(a) => model_cmd::generate(&a),
         Command::Eval(a) => model_cmd::eval(&a),
+        Command::Finetune(a) => {
+            let summary = finetune::finetune(&a)?;
+            if a.json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                print!("{}", summary.to_text(&a.out));
+            }
+            Ok(())
+        }
+        Command::Adapter(AdapterCommand::Merge(a)) => finetune::merge(&a),
     }
 }

@@ -4,5 +4,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod finetune;
 pub mod model_bench;
 pub mod model_cmd;
+pub mod plot;

@@ -213,6 +213,15 @@ pub fn model_id(path: &Path) -> Result<ContentId> {
     }
 }
 
+/// The loaded model on the backend of `run`, with `adapter` applied.
+fn open_model(m: &model::LoadedModel, path: &Path, adapter: Option<&Path>, run: &RunArgs) -> Result<Model> {
+    let mut model = Model::new(&m.weights, run.open()?)?;
+    if let Some(a) = adapter {
+        model.set_adapter(Some(crate::finetune::load_adapter(a, path, &m.weights.config)?))?;
+    }
+    Ok(model)
+}
+
 /// Arguments of `tern generate`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct GenerateArgs {
@@ -238,6 +247,9 @@ pub struct GenerateArgs {
     pub top_p: f32,
     #[arg(long, default_value_t = 1.0)]
     pub repetition_penalty: f32,
+    /// A LoRA adapter (PEFT directory or llama.cpp LoRA GGUF) to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// The same seed (and model, prompt, parameters) gives the same text.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -284,8 +296,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     } else {
         tok.encode(&args.prompt, true)?
     };
-    let backend = args.run.open()?;
-    let model = Model::new(&m.weights, backend)?;
+    let model = open_model(&m, &args.model, args.adapter.as_deref(), &args.run)?;
     let mut stop: Vec<u32> = tok.eos().to_vec();
     if let Some(e) = tok.token_id(model::tokenizer::EOT) {
         stop.push(e);
@@ -360,6 +371,9 @@ pub struct EvalArgs {
     /// Tokens per window (default: the model's context).
     #[arg(long)]
     pub window: Option<usize>,
+    /// A LoRA adapter (PEFT directory or llama.cpp LoRA GGUF) to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     #[command(flatten)]
     pub run: RunArgs,
     #[arg(long)]
@@ -391,7 +405,7 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     if ids.len() < 2 {
         bail!("{} has fewer than two tokens: nothing to score", args.text.display());
     }
-    let model = Model::new(&m.weights, args.run.open()?)?;
+    let model = open_model(&m, &args.model, args.adapter.as_deref(), &args.run)?;
     let vocab = m.weights.config.vocab_size;
     let mut all_logits: Vec<f32> = Vec::new();
     let (mut nll, mut predicted, mut windows) = (0f64, 0usize, 0usize);

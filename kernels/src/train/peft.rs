@@ -135,6 +135,14 @@ pub fn load_peft(dir: &Path, model: &Config) -> Result<LoadedAdapter> {
             "alpha_pattern",
             field("alpha_pattern").is_none_or(|v| v.as_object().is_some_and(|o| o.is_empty())),
         ),
+        ("lora_bias", field("lora_bias").is_none_or(|v| v == &Json::Bool(false))),
+        (
+            "use_qalora",
+            field("use_qalora").is_none_or(|v| v == &Json::Bool(false)),
+        ),
+        ("layer_replication", field("layer_replication").is_none()),
+        ("target_parameters", field("target_parameters").is_none()),
+        ("trainable_token_indices", field("trainable_token_indices").is_none()),
     ] {
         if !ok {
             return Err(Error::config(
