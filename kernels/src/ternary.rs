@@ -28,6 +28,9 @@ pub struct SharedBytes {
     owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
     start: usize,
     len: usize,
+    /// The owner is a read-only map of a file, so resident pages can be
+    /// dropped and read again (see [`SharedBytes::release`]).
+    mapped: bool,
 }
 
 impl SharedBytes {
@@ -45,7 +48,42 @@ impl SharedBytes {
             owner,
             start: range.start,
             len: range.end - range.start,
+            mapped: false,
         })
+    }
+
+    /// Marks these bytes as a window into a read-only memory map of a file
+    /// (which the caller guarantees), so that [`SharedBytes::release`] may
+    /// drop their resident pages.
+    pub(crate) fn mark_mapped(mut self) -> Self {
+        self.mapped = true;
+        self
+    }
+
+    /// Tells the OS that the process no longer needs these bytes resident:
+    /// for a file map, whole pages inside the window leave the process's
+    /// resident set (the page cache keeps them; the next read maps them
+    /// again, from disk if they were evicted). Owned buffers are untouched.
+    /// Training calls this after each block so that a model much larger
+    /// than free memory streams through.
+    pub fn release(&self) {
+        #[cfg(unix)]
+        if self.mapped && self.len > 0 {
+            // SAFETY: sysconf has no preconditions.
+            let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+            let begin = self.as_ptr() as usize;
+            let start = begin.next_multiple_of(page);
+            let end = (begin + self.len) / page * page;
+            if end > start {
+                // SAFETY: [start, end) lies inside this window of a read-only
+                // file mapping that outlives `self`; MADV_DONTNEED on such a
+                // mapping only drops page-table entries, and later reads see
+                // the file's bytes again, so no data changes.
+                unsafe {
+                    libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+                }
+            }
+        }
     }
 }
 
@@ -63,6 +101,7 @@ impl SharedBytes {
             owner: self.owner.clone(),
             start: self.start + range.start,
             len: range.end - range.start,
+            mapped: self.mapped,
         })
     }
 }
@@ -74,6 +113,7 @@ impl From<Vec<u8>> for SharedBytes {
             owner: Arc::new(v),
             start: 0,
             len,
+            mapped: false,
         }
     }
 }
@@ -202,6 +242,10 @@ impl TernaryMatrix {
     /// padding codes that must be cleared.
     pub fn from_shared(rows: usize, cols: usize, data: SharedBytes, scale: f32) -> Result<Self> {
         check_packed(rows, cols, &data, scale)?;
+        // Checking read every page; a mapped file's pages need not stay
+        // resident until a product reads them (loading a model then costs
+        // no more memory than its largest tensor).
+        data.release();
         if !cols.is_multiple_of(GROUP) {
             return Self::from_packed(rows, cols, data.to_vec(), scale);
         }
@@ -306,6 +350,12 @@ impl TernaryMatrix {
         check_scale("ternary matrix", scale)?;
         self.scale = scale;
         Ok(self)
+    }
+
+    /// Drops the packed bytes from the resident set where they are a window
+    /// of a file map (see [`SharedBytes::release`]).
+    pub fn release(&self) {
+        self.data.release();
     }
 
     /// The packed bytes as shared storage.

@@ -321,10 +321,9 @@ fn int8_training_loss_is_the_inference_loss() {
         let lse = f64::from(max) + row.iter().map(|&x| f64::from((x - max).exp())).sum::<f64>().ln();
         sum += lse - f64::from(row[seq.tokens[i + 1] as usize]);
     }
-    assert_eq!(
-        loss.sum, sum,
-        "the training forward is the inference forward, bit for bit"
-    );
+    // The same logits (bit for bit); the training loss sums their
+    // exponentials in one streaming pass, so it agrees to f64 rounding.
+    assert!((loss.sum - sum).abs() < 1e-12 * sum, "{} vs {sum}", loss.sum);
     assert_eq!(loss.tokens, seq.tokens.len() - 1);
 }
 

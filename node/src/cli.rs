@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::{bench, finetune, model_bench, model_cmd};
+use crate::{bench, finetune, model_bench, model_cmd, train_bench};
 
 /// tern: a peer-to-peer compute node for BitNet b1.58 models.
 #[derive(Debug, Parser)]
@@ -63,6 +63,9 @@ pub enum BenchCommand {
     /// Prefill and decode tokens/s of a model in each ternary format, beside
     /// the memory-bandwidth bound, and the peak memory of loading it.
     Model(model_bench::ModelBenchArgs),
+    /// LoRA training tokens/s and peak memory of a model of real shapes,
+    /// against its weights at 16 bits.
+    Finetune(train_bench::FinetuneBenchArgs),
 }
 
 /// Arguments of `tern bench kernels`.
@@ -122,6 +125,15 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(BenchCommand::Model(args)) => {
             let report = model_bench::run(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_table());
+            }
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Finetune(args)) => {
+            let report = train_bench::run(&args)?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -24,7 +24,8 @@ pub struct FinetuneArgs {
     pub model: PathBuf,
     /// Training data: a text file, a JSONL file ({"text"}, {"prompt",
     /// "completion"} or {"messages"} per line), or `synthetic` for the
-    /// built-in key-value task.
+    /// built-in key-value task, or `random` (random tokens of --seq-len, for
+    /// benchmarks).
     #[arg(long)]
     pub data: String,
     /// Output directory: the PEFT adapter, `adapter.gguf` for llama.cpp,
@@ -97,6 +98,10 @@ pub struct FinetuneArgs {
     /// Keep every block's activations (faster, much more memory).
     #[arg(long)]
     pub no_activation_checkpointing: bool,
+    /// Keep the whole model resident instead of letting each block's weights
+    /// leave the resident set after use (they stay in the page cache).
+    #[arg(long)]
+    pub keep_resident: bool,
     #[command(flatten)]
     pub run: RunArgs,
     /// JSON lines (one per step) and a JSON summary instead of a progress bar.
@@ -144,7 +149,12 @@ pub fn peak_rss() -> Option<u64> {
 fn load_data(args: &FinetuneArgs, m: &LoadedModel) -> Result<(data::Split, usize, usize)> {
     let c = &m.weights.config;
     let seq_len = args.seq_len.min(c.max_position_embeddings);
-    let tokenized = if args.data == "synthetic" {
+    let tokenized = if args.data == "random" {
+        data::Tokenized {
+            sequences: data::random_sequences(c.vocab_size, seq_len, 16, args.seed),
+            ..Default::default()
+        }
+    } else if args.data == "synthetic" {
         let bos = m.tokenizer.bos().unwrap_or(0);
         let (seqs, _) = data::synthetic_mapping(c.vocab_size, bos, 16, 64, args.seed);
         data::Tokenized {
@@ -201,7 +211,9 @@ pub fn finetune(args: &FinetuneArgs) -> Result<Summary> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let ckpt = train::checkpoint_dir(&args.out);
     let model = Model::new(&m.weights, args.run.open()?)?;
-    let engine = Engine::new(&model).checkpoint(!args.no_activation_checkpointing);
+    let engine = Engine::new(&model)
+        .checkpoint(!args.no_activation_checkpointing)
+        .release_weights(!args.keep_resident);
     let c = &m.weights.config;
     let mut trainer = if args.resume {
         if !ckpt.exists() {
@@ -226,6 +238,7 @@ pub fn finetune(args: &FinetuneArgs) -> Result<Summary> {
         .stop_after
         .map_or(config.steps, |n| (first_step + n).min(config.steps));
     while trainer.step_count() < stop_at {
+        let step_start = Instant::now();
         let mut stats = match trainer.step(&engine, &split.train) {
             Ok(s) => s,
             Err(e @ kernels::Error::Diverged { .. }) => {
@@ -238,6 +251,7 @@ pub fn finetune(args: &FinetuneArgs) -> Result<Summary> {
             Err(e) => return Err(e.into()),
         };
         seen += stats.seen_tokens;
+        let step_secs = step_start.elapsed().as_secs_f64();
         let done = stats.step == config.steps;
         if !split.eval.is_empty() && (done || (args.eval_every > 0 && stats.step % args.eval_every == 0)) {
             stats.eval_loss = Some(trainer.evaluate(&engine, &split.eval)?);
@@ -247,7 +261,7 @@ pub fn finetune(args: &FinetuneArgs) -> Result<Summary> {
             last_good = stats.step;
         }
         let rate = seen as f64 / train_start.elapsed().as_secs_f64().max(1e-9);
-        report_step(args, &bar, &stats, rate)?;
+        report_step(args, &bar, &stats, rate, step_secs)?;
     }
     bar.finish_and_clear();
     let secs = train_start.elapsed().as_secs_f64();
@@ -298,13 +312,14 @@ fn progress(args: &FinetuneArgs, config: &TrainConfig, start: u64) -> ProgressBa
     bar
 }
 
-fn report_step(args: &FinetuneArgs, bar: &ProgressBar, s: &StepStats, rate: f64) -> Result<()> {
+fn report_step(args: &FinetuneArgs, bar: &ProgressBar, s: &StepStats, rate: f64, step_secs: f64) -> Result<()> {
     if args.json {
         println!(
             "{}",
             serde_json::json!({
                 "step": s.step, "loss": s.loss, "eval_loss": s.eval_loss, "lr": s.lr,
-                "grad_norm": s.grad_norm, "tokens": s.tokens, "tokens_per_second": rate,
+                "grad_norm": s.grad_norm, "tokens": s.tokens, "seen_tokens": s.seen_tokens,
+                "step_seconds": step_secs, "tokens_per_second": rate,
             })
         );
     } else {

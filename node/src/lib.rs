@@ -8,3 +8,4 @@ pub mod finetune;
 pub mod model_bench;
 pub mod model_cmd;
 pub mod plot;
+pub mod train_bench;

@@ -11,6 +11,17 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // Buffers of 1 MiB and up (activations, gradients, logits chunks) are
+    // mapped and unmapped on their own. glibc otherwise raises this
+    // threshold after the first such free and keeps later ones in its heap,
+    // which fragments: training a 2B4T-shaped model peaked at 1.23 GB
+    // instead of 0.73 GB.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)

@@ -153,6 +153,28 @@ impl Model {
         Ok(())
     }
 
+    /// Drops layer `li`'s ternary weights from the resident set where they
+    /// are read in place from a file map (CPU backend); they are mapped
+    /// again on the next use.
+    pub(crate) fn release_layer(&self, li: usize) {
+        for w in &self.layers[li].projs {
+            if let Weights::Cpu(m) = w {
+                m.release();
+            }
+        }
+    }
+
+    /// Drops every weight read in place from a file map from the resident
+    /// set (loading may have touched them all); each is mapped again when
+    /// next used.
+    pub fn release_weights(&self) {
+        for li in 0..self.layers.len() {
+            self.release_layer(li);
+        }
+        self.embed.release_rows(0..self.embed.rows());
+        self.head.release_rows(0..self.head.rows());
+    }
+
     /// The adapter applied, if any.
     pub fn adapter(&self) -> Option<&Adapter> {
         self.adapter.as_deref()

@@ -189,6 +189,8 @@ pub struct GgufFile {
     pub tensors: Vec<TensorInfo>,
     bytes: Arc<dyn AsRef<[u8]> + Send + Sync>,
     index: HashMap<String, usize>,
+    /// `bytes` is a read-only map of a file.
+    mapped: bool,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -299,7 +301,9 @@ impl GgufFile {
         // do not change under the map unless another program truncates the
         // file, which memory maps cannot guard against.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        Self::parse(Arc::new(map), &path.display().to_string())
+        let mut f = Self::parse(Arc::new(map), &path.display().to_string())?;
+        f.mapped = true;
+        Ok(f)
     }
 
     /// Parses bytes that hold a whole GGUF file.
@@ -409,6 +413,7 @@ impl GgufFile {
             tensors,
             bytes,
             index,
+            mapped: false,
         })
     }
 
@@ -424,7 +429,8 @@ impl GgufFile {
 
     /// A tensor's bytes, without a copy.
     pub fn data(&self, t: &TensorInfo) -> Result<SharedBytes> {
-        SharedBytes::new(self.bytes.clone(), t.offset..t.offset + t.len)
+        let b = SharedBytes::new(self.bytes.clone(), t.offset..t.offset + t.len)?;
+        Ok(if self.mapped { b.mark_mapped() } else { b })
     }
 
     /// The whole file's bytes.

@@ -57,7 +57,7 @@ fn read_tensors(dir: &Path) -> Result<HashMap<String, Found>> {
         let base = map.as_ptr() as usize;
         for (tname, view) in st.tensors() {
             let start = view.data().as_ptr() as usize - base;
-            let data = SharedBytes::new(map.clone(), start..start + view.data().len())?;
+            let data = SharedBytes::new(map.clone(), start..start + view.data().len())?.mark_mapped();
             out.insert(
                 tname,
                 Found {

@@ -132,6 +132,25 @@ impl FloatTensor {
         &self.data
     }
 
+    /// Bytes of one row.
+    fn row_bytes(&self) -> usize {
+        match self.dtype {
+            FloatDtype::F32 => self.cols * 4,
+            FloatDtype::F16 | FloatDtype::Bf16 => self.cols * 2,
+            FloatDtype::Q8_0 => self.cols / Q8_0_BLOCK * Q8_0_BYTES,
+        }
+    }
+
+    /// Drops rows `range` from the resident set where they are a window
+    /// of a file map (see [`SharedBytes::release`]).
+    pub fn release_rows(&self, range: std::ops::Range<usize>) {
+        let rb = self.row_bytes();
+        let end = range.end.min(self.rows);
+        if let Ok(b) = self.data.slice(range.start.min(end) * rb..end * rb) {
+            b.release();
+        }
+    }
+
     /// Decodes row `r` into `out` (`cols` values).
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
         let n = self.cols;

@@ -326,6 +326,17 @@ pub fn synthetic_mapping(
     (seqs, map)
 }
 
+/// `n` sequences of `len` seeded random tokens (ids from 8 up, clear of
+/// the special tokens), trained on throughout: input for benchmarks, where
+/// only the shapes matter.
+pub fn random_sequences(vocab: usize, len: usize, n: usize, seed: u64) -> Vec<Sequence> {
+    let mut rng = SplitMix64::new(seed);
+    let first = 8.min(vocab / 4);
+    (0..n)
+        .map(|_| Sequence::all((0..len).map(|_| (first + rng.below(vocab - first)) as u32).collect()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

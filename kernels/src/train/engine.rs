@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use super::linalg::{axpy, mm_nn, mm_nt, mm_tn};
 use super::lora::{Adapter, Slot};
-use crate::model::tensor::{FloatTensor, dot};
+use crate::model::tensor::dot;
 use crate::model::{Model, Proj, rms_norm};
 use crate::quant::QuantizedActivations;
 use crate::rng::SplitMix64;
@@ -29,10 +29,9 @@ use crate::{Error, Result, Weights};
 
 /// Int8 limbs of `dY` in the transposed product.
 const GRAD_LIMBS: usize = 2;
-/// Positions whose logits exist at once (each `vocab` floats).
-const HEAD_ROWS: usize = 32;
-/// Vocabulary rows per task in the LM head's backward.
-const HEAD_VOCAB_CHUNK: usize = 4096;
+/// Rows of the LM head decoded to f32 at once (one pass over them serves
+/// every position).
+const HEAD_VOCAB_CHUNK: usize = 256;
 
 /// How a BitLinear's input is quantized in the forward pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -89,6 +88,7 @@ pub struct Engine<'m> {
     model: &'m Model,
     act: ActQuant,
     checkpoint: bool,
+    release: bool,
 }
 
 /// What a block's backward needs from its forward.
@@ -140,6 +140,36 @@ impl<'m> Engine<'m> {
             model,
             act: ActQuant::Int8,
             checkpoint: true,
+            release: true,
+        }
+    }
+
+    /// Whether weights read in place from a file map leave the resident set
+    /// after each use (on by default; they stay in the OS page cache, so
+    /// the next use maps them again without I/O unless memory ran short).
+    /// Peak memory is then the adapter state, the activations and one
+    /// block's weights rather than the whole model.
+    pub fn release_weights(mut self, on: bool) -> Self {
+        self.release = on;
+        self
+    }
+
+    /// Loading, or a forward pass elsewhere, may have touched every weight.
+    fn release_all(&self) {
+        if self.release {
+            self.model.release_weights();
+        }
+    }
+
+    fn release_layer(&self, li: usize) {
+        if self.release {
+            self.model.release_layer(li);
+        }
+    }
+
+    fn release_rows(&self, t: &crate::model::FloatTensor, range: std::ops::Range<usize>) {
+        if self.release {
+            t.release_rows(range);
         }
     }
 
@@ -162,11 +192,13 @@ impl<'m> Engine<'m> {
     /// The loss of `seq` with `adapter` applied (or none), without gradients.
     pub fn loss(&self, adapter: Option<&Adapter>, seq: &Sequence) -> Result<SeqLoss> {
         self.check(adapter, seq)?;
+        self.release_all();
         let t = seq.tokens.len();
         let rope = self.model.rope_table(0, t);
         let mut x = self.embed(&seq.tokens)?;
         for li in 0..self.model.layers.len() {
             x = self.block_forward(li, x, t, &rope, adapter, None)?.x_out;
+            self.release_layer(li);
         }
         let (loss, _) = self.head(&x, seq, None)?;
         Ok(loss)
@@ -185,6 +217,7 @@ impl<'m> Engine<'m> {
         grad: &mut [f32],
     ) -> Result<SeqLoss> {
         self.check(Some(adapter), seq)?;
+        self.release_all();
         if grad.len() != adapter.params().len() {
             return Err(Error::Length {
                 what: "gradient",
@@ -202,6 +235,7 @@ impl<'m> Engine<'m> {
         let mut x = self.embed(&seq.tokens)?;
         for li in 0..layers {
             let out = self.block_forward(li, x, t, &rope, Some(adapter), drop)?;
+            self.release_layer(li);
             x = out.x_out;
             if self.checkpoint {
                 inputs.push(out.acts.x);
@@ -221,7 +255,8 @@ impl<'m> Engine<'m> {
                     .pop()
                     .ok_or_else(|| Error::Mismatch("missing saved activations".into()))?,
             };
-            dx = self.block_backward(li, &acts, dx, t, &rope, adapter, drop, grad)?;
+            dx = self.block_backward(li, acts, dx, t, &rope, adapter, drop, grad)?;
+            self.release_layer(li);
         }
         Ok(loss)
     }
@@ -248,7 +283,15 @@ impl<'m> Engine<'m> {
         Ok(())
     }
 
+    /// The embedding rows of `tokens` (the pages read leave the resident set after).
     fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let x = self.embed_rows(tokens)?;
+        let e = &self.model.embed;
+        self.release_rows(e, 0..e.rows());
+        Ok(x)
+    }
+
+    fn embed_rows(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         let c = self.model.config();
         let hd = c.hidden_size;
         let mut x = vec![0f32; tokens.len() * hd];
@@ -450,7 +493,7 @@ impl<'m> Engine<'m> {
     fn block_backward(
         &self,
         li: usize,
-        a: &Acts,
+        mut a: Acts,
         dx2: Vec<f32>,
         t: usize,
         rope: &[(f32, f32)],
@@ -496,12 +539,19 @@ impl<'m> Engine<'m> {
         lora(Proj::Up, &a.n2, &dup, &mut dn2);
         let mut dx1 = dx2;
         add(&mut dx1, &rms_norm_backward(&a.x1, &layer.norms[1], &dn2, eps));
+        // What only the feed-forward needed goes now: peak memory is one
+        // block's activations, not two.
+        std::mem::drop((dgate, dup, dm, d_mn, dn2));
+        for v in [&mut a.gate, &mut a.up, &mut a.m, &mut a.mn, &mut a.x1, &mut a.n2] {
+            *v = Vec::new();
+        }
         // Attention.
         let mut d_an = vec![0f32; a.an.len()];
         self.linear_t(&layer.projs[3], &dx1, t, &mut d_an)?;
         lora(Proj::O, &a.an, &dx1, &mut d_an);
         let dattn = rms_norm_backward(&a.attn, &layer.norms[2], &d_an, eps);
-        let (mut dq, mut dk, dv) = self.attention_backward(a, &dattn, t);
+        let (mut dq, mut dk, dv) = self.attention_backward(&a, &dattn, t);
+        a.probs = Vec::new();
         rope_backward(&mut dq, rope, c.num_heads, c.head_dim);
         rope_backward(&mut dk, rope, c.num_kv_heads, c.head_dim);
         let mut dn1 = vec![0f32; a.n1.len()];
@@ -516,60 +566,114 @@ impl<'m> Engine<'m> {
         Ok(dx)
     }
 
-    /// The final norm, LM head and cross-entropy of the counted positions,
-    /// `HEAD_ROWS` positions of logits at a time. With `weight`, also the
-    /// gradient of `weight * loss` with respect to the last block's output.
+    /// The final norm, the LM head and the cross-entropy of the counted
+    /// positions, in one pass over the vocabulary: `HEAD_VOCAB_CHUNK` rows
+    /// of the head at a time, with a running max and sum of exponentials per
+    /// position (rescaled when the max grows), so no `positions x vocab`
+    /// logits matrix ever exists and each head row is read once. With
+    /// `weight`, also the gradient of `weight * loss` with respect to the
+    /// last block's output: `sum_v softmax_v E_v - E_target` per position,
+    /// accumulated in the same pass.
     fn head(&self, x: &[f32], seq: &Sequence, weight: Option<f32>) -> Result<(SeqLoss, Option<Vec<f32>>)> {
         let c = self.model.config();
         let (hd, vocab) = (c.hidden_size, c.vocab_size);
+        let head = &self.model.head;
         let h = rms_norm(x, &self.model.norm, c.rms_norm_eps);
         let positions: Vec<usize> = (0..seq.tokens.len() - 1).filter(|&i| seq.targets[i + 1]).collect();
-        let mut dh = weight.map(|_| vec![0f32; h.len()]);
-        let mut loss = SeqLoss {
-            sum: 0.0,
-            tokens: positions.len(),
-        };
-        let mut logits = vec![0f32; HEAD_ROWS.min(positions.len()) * vocab];
-        for chunk in positions.chunks(HEAD_ROWS) {
-            let rows = chunk.len();
-            let hx: Vec<f32> = chunk.iter().flat_map(|&p| &h[p * hd..(p + 1) * hd]).copied().collect();
-            let logits = &mut logits[..rows * vocab];
-            self.model.head.matmul_t(&hx, rows, logits)?;
-            let losses: Vec<f64> = logits
-                .par_chunks_mut(vocab)
-                .zip(chunk)
-                .map(|(l, &p)| {
-                    let target = seq.tokens[p + 1] as usize;
-                    let max = l.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                    let sum: f64 = l.iter().map(|&v| f64::from((v - max).exp())).sum();
-                    let lse = f64::from(max) + sum.ln();
-                    let nll = lse - f64::from(l[target]);
-                    if let Some(w) = weight {
-                        let inv = (1.0 / sum) as f32;
-                        for v in l.iter_mut() {
-                            *v = (*v - max).exp() * inv * w;
-                        }
-                        l[target] -= w;
+        let targets: Vec<usize> = positions.iter().map(|&p| seq.tokens[p + 1] as usize).collect();
+        let hx: Vec<f32> = positions
+            .iter()
+            .flat_map(|&p| &h[p * hd..(p + 1) * hd])
+            .copied()
+            .collect();
+        let grad = weight.is_some();
+        let mut states = vec![
+            Online {
+                max: f32::NEG_INFINITY,
+                sum: 0.0,
+                target: 0.0,
+            };
+            positions.len()
+        ];
+        let mut acc = vec![0f32; positions.len() * hd];
+        let mut e = vec![0f32; HEAD_VOCAB_CHUNK.min(vocab) * hd];
+        for v0 in (0..vocab).step_by(HEAD_VOCAB_CHUNK) {
+            let n = HEAD_VOCAB_CHUNK.min(vocab - v0);
+            let e = &mut e[..n * hd];
+            e.par_chunks_mut(hd)
+                .enumerate()
+                .for_each(|(i, row)| head.row_into(v0 + i, row));
+            let e = &*e;
+            states
+                .par_iter_mut()
+                .zip(acc.par_chunks_mut(hd))
+                .enumerate()
+                .for_each(|(i, (st, acc))| {
+                    let hp = &hx[i * hd..(i + 1) * hd];
+                    let mut logits = [0f32; HEAD_VOCAB_CHUNK];
+                    let l = &mut logits[..n];
+                    for (v, lv) in l.iter_mut().enumerate() {
+                        *lv = dot(&e[v * hd..(v + 1) * hd], hp);
                     }
-                    nll
-                })
-                .collect();
-            loss.sum += losses.iter().sum::<f64>();
-            if let Some(dh) = dh.as_mut() {
-                let dhx = head_backward(&self.model.head, logits, rows);
-                for (&p, row) in chunk.iter().zip(dhx.chunks_exact(hd)) {
-                    dh[p * hd..(p + 1) * hd].copy_from_slice(row);
-                }
-            }
+                    let cmax = l.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    if cmax > st.max {
+                        let rescale = (st.max - cmax).exp();
+                        st.sum *= f64::from(rescale);
+                        if grad {
+                            acc.iter_mut().for_each(|a| *a *= rescale);
+                        }
+                        st.max = cmax;
+                    }
+                    for (v, &lv) in l.iter().enumerate() {
+                        let w = (lv - st.max).exp();
+                        st.sum += f64::from(w);
+                        if grad {
+                            axpy(w, &e[v * hd..(v + 1) * hd], acc);
+                        }
+                    }
+                    if (v0..v0 + n).contains(&targets[i]) {
+                        st.target = l[targets[i] - v0];
+                    }
+                });
+            self.release_rows(head, v0..v0 + n);
         }
-        if !loss.sum.is_finite() {
+        let sum: f64 = states
+            .iter()
+            .map(|st| f64::from(st.max) + st.sum.ln() - f64::from(st.target))
+            .sum();
+        if !sum.is_finite() {
             return Err(Error::NonFinite { what: "loss", index: 0 });
         }
-        Ok((
-            loss,
-            dh.map(|dh| rms_norm_backward(x, &self.model.norm, &dh, c.rms_norm_eps)),
-        ))
+        let loss = SeqLoss {
+            sum,
+            tokens: positions.len(),
+        };
+        let Some(w) = weight else {
+            return Ok((loss, None));
+        };
+        let mut dh = vec![0f32; h.len()];
+        let mut et = vec![0f32; hd];
+        for ((i, &p), st) in positions.iter().enumerate().zip(&states) {
+            head.row_into(targets[i], &mut et);
+            let inv = (1.0 / st.sum) as f32;
+            for ((d, &a), &t) in dh[p * hd..(p + 1) * hd]
+                .iter_mut()
+                .zip(&acc[i * hd..(i + 1) * hd])
+                .zip(&et)
+            {
+                *d = w * (a * inv - t);
+            }
+        }
+        Ok((loss, Some(rms_norm_backward(x, &self.model.norm, &dh, c.rms_norm_eps))))
     }
+}
+
+/// The running log-sum-exp of one position's logits.
+#[derive(Clone, Copy, Debug)]
+struct Online {
+    max: f32,
+    sum: f64,
+    target: f32,
 }
 
 struct BlockOut {
@@ -578,34 +682,6 @@ struct BlockOut {
 }
 
 fn drop_vec(_: Vec<f32>) {}
-
-/// `dl (rows x vocab) . E (vocab x hidden)`: vocabulary chunks in parallel,
-/// summed in chunk order.
-fn head_backward(head: &FloatTensor, dl: &[f32], rows: usize) -> Vec<f32> {
-    let (vocab, hd) = (head.rows(), head.cols());
-    let chunks = vocab.div_ceil(HEAD_VOCAB_CHUNK);
-    let partials: Vec<Vec<f32>> = (0..chunks)
-        .into_par_iter()
-        .map_init(
-            || vec![0f32; hd],
-            |e, ch| {
-                let mut part = vec![0f32; rows * hd];
-                for v in ch * HEAD_VOCAB_CHUNK..((ch + 1) * HEAD_VOCAB_CHUNK).min(vocab) {
-                    head.row_into(v, e);
-                    for (r, out) in part.chunks_exact_mut(hd).enumerate() {
-                        axpy(dl[r * vocab + v], e, out);
-                    }
-                }
-                part
-            },
-        )
-        .collect();
-    let mut out = vec![0f32; rows * hd];
-    for p in &partials {
-        add(&mut out, p);
-    }
-    out
-}
 
 /// `out += scaling * (x A^T) B^T` for one adapted projection; returns `x A^T`.
 pub(crate) fn lora_forward(

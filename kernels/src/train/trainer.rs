@@ -219,15 +219,15 @@ impl Trainer {
         }
         let c = &self.config;
         let lr = (f64::from(c.lr) * c.schedule.factor(step, c.warmup, c.steps)) as f32;
-        let mut params = self.adapter.params().to_vec();
-        self.opt.update(&mut params, &grad, lr)?;
-        if params.iter().any(|p| !p.is_finite()) {
+        // In place, without a second copy of the adapter. On divergence the
+        // run stops; the last checkpoint on disk is untouched.
+        self.opt.update(self.adapter.params_mut(), &grad, lr)?;
+        if self.adapter.params().iter().any(|p| !p.is_finite()) {
             return Err(Error::Diverged {
                 step: step + 1,
                 what: "adapter",
             });
         }
-        self.adapter.set_params(&params)?;
         let stats = StepStats {
             step: step + 1,
             loss,
