@@ -301,6 +301,7 @@ impl GgufFile {
         // do not change under the map unless another program truncates the
         // file, which memory maps cannot guard against.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        super::small_pages(&map);
         let mut f = Self::parse(Arc::new(map), &path.display().to_string())?;
         f.mapped = true;
         Ok(f)

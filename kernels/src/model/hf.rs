@@ -52,6 +52,7 @@ fn read_tensors(dir: &Path) -> Result<HashMap<String, Found>> {
         // SAFETY: read-only map of a file tern does not modify while loaded
         // (tern writes models to a temporary file and renames it).
         let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?);
+        super::small_pages(&map);
         let what = path.display().to_string();
         let st = SafeTensors::deserialize(&map[..]).map_err(|e| Error::format(&what, e.to_string()))?;
         let base = map.as_ptr() as usize;

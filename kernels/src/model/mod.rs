@@ -33,6 +33,18 @@ pub use weights::{LayerWeights, LoadedModel, ModelFormat, ModelWeights, Proj, Te
 
 use crate::{Error, Result};
 
+/// Asks the kernel to map a model file with base pages only. Where the page
+/// cache holds a file in large folios (a freshly written file on ext4), the
+/// kernel otherwise maps them 2 MiB at a time, and those mappings stayed
+/// resident through `SharedBytes::release` (measured: 0.5 GB of a 1.2 GB
+/// model while training). Advice only: failure changes nothing else.
+pub(crate) fn small_pages(map: &memmap2::Mmap) {
+    #[cfg(target_os = "linux")]
+    let _ = map.advise(memmap2::Advice::NoHugePage);
+    #[cfg(not(target_os = "linux"))]
+    let _ = map;
+}
+
 /// Writes a file so that a crash never leaves a partial file under its name:
 /// a temporary file beside it, fsync, then rename (and fsync of the directory).
 pub fn write_atomic(
