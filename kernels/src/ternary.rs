@@ -61,22 +61,33 @@ impl SharedBytes {
     }
 
     /// Tells the OS that the process no longer needs these bytes resident:
-    /// for a file map, whole pages inside the window leave the process's
-    /// resident set (the page cache keeps them; the next read maps them
-    /// again, from disk if they were evicted). Owned buffers are untouched.
-    /// Training calls this after each block so that a model much larger
-    /// than free memory streams through.
+    /// for a file map, the pages leave the process's resident set (the page
+    /// cache keeps them; the next read maps them again, from disk if they
+    /// were evicted). Owned buffers are untouched. Training calls this after
+    /// each block so that a model much larger than free memory streams
+    /// through.
+    ///
+    /// The range released is the window rounded *out* to 2 MiB, clamped to
+    /// the map: the kernel maps a file's large folios whole when one of
+    /// their pages is read (one embedding row brings in up to 2 MiB around
+    /// it), and releasing only the window's own pages would leave the rest
+    /// mapped. Dropping a neighbour's pages is harmless: the map is
+    /// read-only and they come back on their next read.
     pub fn release(&self) {
         #[cfg(unix)]
         if self.mapped && self.len > 0 {
+            const SPAN: usize = 2 << 20;
+            let whole: &[u8] = (*self.owner).as_ref();
+            let (map_start, map_end) = (whole.as_ptr() as usize, whole.as_ptr() as usize + whole.len());
             // SAFETY: sysconf has no preconditions.
             let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-            let begin = self.as_ptr() as usize;
-            let start = begin.next_multiple_of(page);
-            let end = (begin + self.len) / page * page;
+            let begin = map_start + self.start;
+            let start = (begin / SPAN * SPAN).max(map_start).next_multiple_of(page);
+            let end = ((begin + self.len).next_multiple_of(SPAN)).min(map_end) / page * page;
             if end > start {
-                // SAFETY: [start, end) lies inside this window of a read-only
-                // file mapping that outlives `self`; MADV_DONTNEED on such a
+                // SAFETY: [start, end) lies inside a read-only file mapping
+                // that outlives `self` (memory maps are page-aligned, so
+                // rounding to pages stays inside it); MADV_DONTNEED on such a
                 // mapping only drops page-table entries, and later reads see
                 // the file's bytes again, so no data changes.
                 unsafe {

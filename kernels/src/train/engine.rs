@@ -303,6 +303,8 @@ impl<'m> Engine<'m> {
                 )));
             }
             self.model.embed.row_into(tok as usize, row);
+            // Each row read maps its whole large folio; let it go now.
+            self.release_rows(&self.model.embed, tok as usize..tok as usize + 1);
         }
         Ok(x)
     }
