@@ -1,13 +1,8 @@
 //! The `tern` binary as a user runs it.
 
-use std::process::Command;
+mod common;
 
-fn tern(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(args)
-        .output()
-        .expect("run tern")
-}
+use common::{fails_with, ok, tempdir, tern};
 
 #[test]
 fn bench_kernels_quick_reports_every_figure_as_json() {
@@ -34,35 +29,6 @@ fn bad_arguments_fail_with_usage() {
     let out = tern(&["bench", "kernels", "--backend", "tpu"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid value 'tpu'"));
-}
-
-fn tempdir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("tern-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn ok(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "stdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Fails with a message containing `needle`, and never panics.
-fn fails_with(out: &std::process::Output, needle: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "expected failure, got: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(!err.contains("panicked"), "panic: {err}");
-    assert!(err.contains(needle), "expected {needle:?} in: {err}");
 }
 
 #[test]
