@@ -180,6 +180,25 @@ impl Model {
         self.adapter.as_deref()
     }
 
+    /// The embedding rows of `tokens` (`tokens x hidden`), calling
+    /// `after_row(token)` as each row has been read.
+    pub(crate) fn embed_tokens(&self, tokens: &[u32], mut after_row: impl FnMut(usize)) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let hd = c.hidden_size;
+        let mut x = vec![0f32; tokens.len() * hd];
+        for (row, &tok) in x.chunks_exact_mut(hd).zip(tokens) {
+            if tok as usize >= c.vocab_size {
+                return Err(Error::Mismatch(format!(
+                    "token {tok} is outside the vocabulary of {}",
+                    c.vocab_size
+                )));
+            }
+            self.embed.row_into(tok as usize, row);
+            after_row(tok as usize);
+        }
+        Ok(x)
+    }
+
     /// `out += ` the adapter's update of projection `proj` in layer `li`.
     fn lora(&self, li: usize, proj: Proj, input: &[f32], tokens: usize, out: &mut [f32]) {
         if let Some(a) = &self.adapter
@@ -242,16 +261,7 @@ impl Model {
             return Err(Error::Mismatch("the KV cache belongs to another model".into()));
         }
         let hd = c.hidden_size;
-        let mut x = vec![0f32; t * hd];
-        for (row, &tok) in x.chunks_exact_mut(hd).zip(tokens) {
-            if tok as usize >= c.vocab_size {
-                return Err(Error::Mismatch(format!(
-                    "token {tok} is outside the vocabulary of {}",
-                    c.vocab_size
-                )));
-            }
-            self.embed.row_into(tok as usize, row);
-        }
+        let mut x = self.embed_tokens(tokens, |_| {})?;
         let start = cache.len;
         let rope = self.rope_table(start, t);
         for (li, layer) in self.layers.iter().enumerate() {
@@ -266,7 +276,7 @@ impl Model {
             apply_rope(&mut k, &rope, c.num_kv_heads, c.head_dim);
             cache.k[li].extend_from_slice(&k);
             cache.v[li].extend_from_slice(&v);
-            let attn = self.attention(&q, &cache.k[li], &cache.v[li], t, start);
+            let attn = self.attention(&q, &cache.k[li], &cache.v[li], t, start, None);
             let a = rms_norm(&attn, &layer.norms[2], c.rms_norm_eps);
             let mut o = self.linear(&layer.projs[3], &QuantizedActivations::quantize(t, c.q_dim(), &a)?)?;
             self.lora(li, Proj::O, &a, t, &mut o);
@@ -317,40 +327,64 @@ impl Model {
             .collect()
     }
 
-    /// Causal grouped-query attention of `tokens` new queries over the cache.
-    fn attention(&self, q: &[f32], k: &[f32], v: &[f32], tokens: usize, start: usize) -> Vec<f32> {
+    /// Causal grouped-query attention of `tokens` new queries (at positions
+    /// `start..start + tokens`) over the keys and values `k`, `v` of every
+    /// position so far. With `probs` (`tokens x heads` rows of `start +
+    /// tokens`), each query's softmax weights are kept there, for training's
+    /// backward pass; the output is the same either way.
+    pub(crate) fn attention(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        tokens: usize,
+        start: usize,
+        probs: Option<&mut [f32]>,
+    ) -> Vec<f32> {
         let c = &self.config;
         let (d, heads, kv_dim) = (c.head_dim, c.num_heads, c.kv_dim());
         let group = heads / c.num_kv_heads;
         let scale = (d as f32).powf(-0.5);
+        let row = start + tokens;
         let mut out = vec![0f32; tokens * heads * d];
-        let work = |(i, o): (usize, &mut [f32])| {
-            let (t, h) = (i / heads, i % heads);
-            let kvh = h / group;
-            let qh = &q[(t * heads + h) * d..(t * heads + h + 1) * d];
-            let seen = start + t + 1;
-            let mut scores: Vec<f32> = (0..seen)
-                .map(|p| dot(qh, &k[p * kv_dim + kvh * d..p * kv_dim + (kvh + 1) * d]) * scale)
-                .collect();
+        // Query `i` (token `i / heads`, head `i % heads`) into `o`; `scores`
+        // holds one weight per position it sees.
+        let one = |i: usize, o: &mut [f32], scores: &mut [f32]| {
+            let kvh = (i % heads) / group;
+            let qh = &q[i * d..(i + 1) * d];
+            for (p, s) in scores.iter_mut().enumerate() {
+                *s = dot(qh, &k[p * kv_dim + kvh * d..p * kv_dim + (kvh + 1) * d]) * scale;
+            }
             let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
             let mut sum = 0f32;
-            for s in &mut scores {
+            for s in scores.iter_mut() {
                 *s = (*s - max).exp();
                 sum += *s;
             }
             let inv = 1.0 / sum;
-            for (p, s) in scores.iter().enumerate() {
-                let w = s * inv;
+            for (p, s) in scores.iter_mut().enumerate() {
+                *s *= inv;
                 let vp = &v[p * kv_dim + kvh * d..p * kv_dim + (kvh + 1) * d];
                 for (acc, &val) in o.iter_mut().zip(vp) {
-                    *acc += w * val;
+                    *acc += *s * val;
                 }
             }
         };
-        if tokens * (start + tokens) * heads >= 4096 {
-            out.par_chunks_mut(d).enumerate().for_each(work);
-        } else {
-            out.chunks_mut(d).enumerate().for_each(work);
+        let seen = |i: usize| start + i / heads + 1;
+        match probs {
+            Some(p) => out
+                .par_chunks_mut(d)
+                .zip(p.par_chunks_mut(row))
+                .enumerate()
+                .for_each(|(i, (o, pr))| one(i, o, &mut pr[..seen(i)])),
+            None if tokens * row * heads >= 4096 => out
+                .par_chunks_mut(d)
+                .enumerate()
+                .for_each(|(i, o)| one(i, o, &mut vec![0f32; seen(i)])),
+            None => out
+                .chunks_mut(d)
+                .enumerate()
+                .for_each(|(i, o)| one(i, o, &mut vec![0f32; seen(i)])),
         }
         out
     }
@@ -437,11 +471,11 @@ pub(crate) fn apply_rope(x: &mut [f32], table: &[(f32, f32)], heads: usize, d: u
 }
 
 /// `act(gate) * up`.
-fn glu(act: Activation, gate: &[f32], up: &[f32]) -> Vec<f32> {
+pub(crate) fn glu(act: Activation, gate: &[f32], up: &[f32]) -> Vec<f32> {
     gate.iter().zip(up).map(|(&g, &u)| act.apply(g) * u).collect()
 }
 
-fn add(x: &mut [f32], y: &[f32]) {
+pub(crate) fn add(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
     }

@@ -24,12 +24,14 @@ use std::io::{BufWriter, Write};
 use std::path::Path;
 
 pub use config::{Activation, Config, Preset};
-pub(crate) use forward::apply_rope;
 pub use forward::{GenerationStats, KvCache, Logits, Model, rms_norm};
+pub(crate) use forward::{add, apply_rope, glu};
 pub use sample::{Sampler, SamplingParams};
 pub use tensor::{FloatDtype, FloatTensor};
 pub use tokenizer::Tokenizer;
-pub use weights::{LayerWeights, LoadedModel, ModelFormat, ModelWeights, Proj, TensorEntry, load, save, tensor_table};
+pub use weights::{
+    LayerWeights, LoadedModel, ModelFormat, ModelWeights, Proj, TensorEntry, load, parameter_count, save, tensor_table,
+};
 
 use crate::{Error, Result};
 

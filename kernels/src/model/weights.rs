@@ -173,13 +173,16 @@ impl ModelWeights {
 
     /// Parameters, counting each ternary weight once.
     pub fn parameters(&self) -> u64 {
-        let c = &self.config;
-        let per_layer: usize =
-            Proj::ALL.iter().map(|p| p.shape(c).0 * p.shape(c).1).sum::<usize>() + norm_widths(c).iter().sum::<usize>();
-        (c.num_layers * per_layer
-            + c.vocab_size * c.hidden_size * (1 + usize::from(self.lm_head.is_some()))
-            + c.hidden_size) as u64
+        parameter_count(&self.config, self.lm_head.is_some())
     }
+}
+
+/// Parameters of a model of config `c` (each ternary weight once), with a
+/// `separate_head` or the LM head tied to the embedding.
+pub fn parameter_count(c: &Config, separate_head: bool) -> u64 {
+    let per_layer: usize =
+        Proj::ALL.iter().map(|p| p.shape(c).0 * p.shape(c).1).sum::<usize>() + norm_widths(c).iter().sum::<usize>();
+    (c.num_layers * per_layer + c.vocab_size * c.hidden_size * (1 + usize::from(separate_head)) + c.hidden_size) as u64
 }
 
 /// The file formats a model can be stored in.

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use super::linalg::{axpy, mm_nn, mm_nt, mm_tn};
 use super::lora::{Adapter, Slot};
 use crate::model::tensor::dot;
-use crate::model::{Model, Proj, rms_norm};
+use crate::model::{Model, Proj, add, apply_rope, glu, rms_norm};
 use crate::quant::QuantizedActivations;
 use crate::rng::SplitMix64;
 use crate::{Error, Result, Weights};
@@ -226,7 +226,7 @@ impl<'m> Engine<'m> {
             });
         }
         let p = adapter.config().dropout;
-        let drop = (p > 0.0).then_some(Dropout { seed: dropout_seed, p });
+        let dropout = (p > 0.0).then_some(Dropout { seed: dropout_seed, p });
         let t = seq.tokens.len();
         let rope = self.model.rope_table(0, t);
         let layers = self.model.layers.len();
@@ -234,7 +234,7 @@ impl<'m> Engine<'m> {
         let mut saved = Vec::new();
         let mut x = self.embed(&seq.tokens)?;
         for li in 0..layers {
-            let out = self.block_forward(li, x, t, &rope, Some(adapter), drop)?;
+            let out = self.block_forward(li, x, t, &rope, Some(adapter), dropout)?;
             self.release_layer(li);
             x = out.x_out;
             if self.checkpoint {
@@ -247,15 +247,15 @@ impl<'m> Engine<'m> {
         let Some(mut dx) = dx else {
             return Ok(loss);
         };
-        drop_vec(x);
+        drop(x);
         for li in (0..layers).rev() {
             let acts = match inputs.pop() {
-                Some(input) => self.block_forward(li, input, t, &rope, Some(adapter), drop)?.acts,
+                Some(input) => self.block_forward(li, input, t, &rope, Some(adapter), dropout)?.acts,
                 None => saved
                     .pop()
                     .ok_or_else(|| Error::Mismatch("missing saved activations".into()))?,
             };
-            dx = self.block_backward(li, acts, dx, t, &rope, adapter, drop, grad)?;
+            dx = self.block_backward(li, acts, dx, t, &rope, adapter, dropout, grad)?;
             self.release_layer(li);
         }
         Ok(loss)
@@ -283,30 +283,12 @@ impl<'m> Engine<'m> {
         Ok(())
     }
 
-    /// The embedding rows of `tokens` (the pages read leave the resident set after).
+    /// The embedding rows of `tokens`; each row's pages leave the resident
+    /// set as soon as it is read (one row can map a whole large folio).
     fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let x = self.embed_rows(tokens)?;
         let e = &self.model.embed;
-        self.release_rows(e, 0..e.rows());
-        Ok(x)
-    }
-
-    fn embed_rows(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let c = self.model.config();
-        let hd = c.hidden_size;
-        let mut x = vec![0f32; tokens.len() * hd];
-        for (row, &tok) in x.chunks_exact_mut(hd).zip(tokens) {
-            if tok as usize >= c.vocab_size {
-                return Err(Error::Mismatch(format!(
-                    "token {tok} is outside the vocabulary of {}",
-                    c.vocab_size
-                )));
-            }
-            self.model.embed.row_into(tok as usize, row);
-            // Each row read maps its whole large folio; let it go now.
-            self.release_rows(&self.model.embed, tok as usize..tok as usize + 1);
-        }
-        Ok(x)
+        self.model
+            .embed_tokens(tokens, |tok| self.release_rows(e, tok..tok + 1))
     }
 
     /// Every BitLinear in `ws` applied to the shared input `x` (`t x cols`),
@@ -342,7 +324,7 @@ impl<'m> Engine<'m> {
         t: usize,
         rope: &[(f32, f32)],
         adapter: Option<&Adapter>,
-        drop: Option<Dropout>,
+        dropout: Option<Dropout>,
     ) -> Result<BlockOut> {
         let c = self.model.config();
         let layer = &self.model.layers[li];
@@ -350,7 +332,7 @@ impl<'m> Engine<'m> {
         let mut z: [Vec<f32>; 7] = Default::default();
         let mut lora = |proj: Proj, input: &[f32], out: &mut [f32]| {
             if let Some((a, slot)) = adapter.and_then(|a| Some((a, a.slot(li, proj)?))) {
-                let mask = drop.map(|d| d.mask(li, proj, input.len()));
+                let mask = dropout.map(|d| d.mask(li, proj, input.len()));
                 z[proj as usize] = lora_forward(a, slot, input, mask.as_deref(), t, out);
             }
         };
@@ -362,9 +344,11 @@ impl<'m> Engine<'m> {
         lora(Proj::Q, &n1, &mut q);
         lora(Proj::K, &n1, &mut k);
         lora(Proj::V, &n1, &mut v);
-        rope_forward(&mut q, rope, c.num_heads, c.head_dim);
-        rope_forward(&mut k, rope, c.num_kv_heads, c.head_dim);
-        let (attn, probs) = self.attention(&q, &k, &v, t);
+        apply_rope(&mut q, rope, c.num_heads, c.head_dim);
+        apply_rope(&mut k, rope, c.num_kv_heads, c.head_dim);
+        let heads = c.num_heads;
+        let mut probs = vec![0f32; t * heads * t];
+        let attn = self.model.attention(&q, &k, &v, t, 0, Some(&mut probs));
         let an = rms_norm(&attn, &layer.norms[2], eps);
         let mut o = self.linears(&[&layer.projs[3]], &an, t, c.q_dim())?.remove(0);
         lora(Proj::O, &an, &mut o);
@@ -377,8 +361,7 @@ impl<'m> Engine<'m> {
             .map_err(|_| Error::Mismatch("wrong number of projections".into()))?;
         lora(Proj::Gate, &n2, &mut gate);
         lora(Proj::Up, &n2, &mut up);
-        let act = c.hidden_act;
-        let m: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| act.apply(g) * u).collect();
+        let m = glu(c.hidden_act, &gate, &up);
         let mn = rms_norm(&m, &layer.norms[3], eps);
         let mut d = self.linears(&[&layer.projs[6]], &mn, t, c.intermediate_size)?.remove(0);
         lora(Proj::Down, &mn, &mut d);
@@ -404,44 +387,6 @@ impl<'m> Engine<'m> {
                 z,
             },
         })
-    }
-
-    /// Causal grouped-query attention over the sequence, in exactly the
-    /// model's order of operations; also returns the softmax weights, one
-    /// row of `t` per (query position, head).
-    fn attention(&self, q: &[f32], k: &[f32], v: &[f32], t: usize) -> (Vec<f32>, Vec<f32>) {
-        let c = self.model.config();
-        let (d, heads, kv_dim) = (c.head_dim, c.num_heads, c.kv_dim());
-        let group = heads / c.num_kv_heads;
-        let scale = (d as f32).powf(-0.5);
-        let mut out = vec![0f32; t * heads * d];
-        let mut probs = vec![0f32; t * heads * t];
-        out.par_chunks_mut(d)
-            .zip(probs.par_chunks_mut(t))
-            .enumerate()
-            .for_each(|(i, (o, pr))| {
-                let (ti, h) = (i / heads, i % heads);
-                let kvh = h / group;
-                let qh = &q[i * d..(i + 1) * d];
-                let seen = ti + 1;
-                let scores = &mut pr[..seen];
-                for (p, s) in scores.iter_mut().enumerate() {
-                    *s = dot(qh, &k[p * kv_dim + kvh * d..p * kv_dim + (kvh + 1) * d]) * scale;
-                }
-                let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
-                for (p, s) in scores.iter_mut().enumerate() {
-                    let w = *s * inv;
-                    *s = w;
-                    axpy(w, &v[p * kv_dim + kvh * d..p * kv_dim + (kvh + 1) * d], o);
-                }
-            });
-        (out, probs)
     }
 
     /// Gradients of attention's inputs from `dout`: `(dq, dk, dv)`.
@@ -500,7 +445,7 @@ impl<'m> Engine<'m> {
         t: usize,
         rope: &[(f32, f32)],
         adapter: &Adapter,
-        drop: Option<Dropout>,
+        dropout: Option<Dropout>,
         grad: &mut [f32],
     ) -> Result<Vec<f32>> {
         let c = self.model.config();
@@ -508,7 +453,7 @@ impl<'m> Engine<'m> {
         let eps = c.rms_norm_eps;
         let mut lora = |proj: Proj, input: &[f32], dy: &[f32], dx: &mut [f32]| {
             if let Some(slot) = adapter.slot(li, proj) {
-                let mask = drop.map(|d| d.mask(li, proj, input.len()));
+                let mask = dropout.map(|d| d.mask(li, proj, input.len()));
                 lora_backward(
                     adapter,
                     slot,
@@ -543,7 +488,7 @@ impl<'m> Engine<'m> {
         add(&mut dx1, &rms_norm_backward(&a.x1, &layer.norms[1], &dn2, eps));
         // What only the feed-forward needed goes now: peak memory is one
         // block's activations, not two.
-        std::mem::drop((dgate, dup, dm, d_mn, dn2));
+        drop((dgate, dup, dm, d_mn, dn2));
         for v in [&mut a.gate, &mut a.up, &mut a.m, &mut a.mn, &mut a.x1, &mut a.n2] {
             *v = Vec::new();
         }
@@ -683,8 +628,6 @@ struct BlockOut {
     acts: Acts,
 }
 
-fn drop_vec(_: Vec<f32>) {}
-
 /// `out += scaling * (x A^T) B^T` for one adapted projection; returns `x A^T`.
 pub(crate) fn lora_forward(
     adapter: &Adapter,
@@ -695,15 +638,8 @@ pub(crate) fn lora_forward(
     out: &mut [f32],
 ) -> Vec<f32> {
     let r = adapter.config().rank;
-    let dropped;
-    let xd = match mask {
-        Some(m) => {
-            dropped = x.iter().zip(m).map(|(a, b)| a * b).collect::<Vec<_>>();
-            &dropped[..]
-        }
-        None => x,
-    };
-    let z = mm_nt(xd, adapter.a(slot), t, slot.cols, r);
+    let xd = masked(x, mask);
+    let z = mm_nt(&xd, adapter.a(slot), t, slot.cols, r);
     let u = mm_nt(&z, adapter.b(slot), t, r, slot.rows);
     let s = adapter.config().scaling();
     for (o, u) in out.iter_mut().zip(&u) {
@@ -734,21 +670,22 @@ fn lora_backward(
     }
     let mut dz = mm_nn(dy, adapter.b(slot), t, slot.rows, r);
     dz.iter_mut().for_each(|v| *v *= s);
-    let dropped;
-    let xd = match mask {
-        Some(m) => {
-            dropped = x.iter().zip(m).map(|(a, b)| a * b).collect::<Vec<_>>();
-            &dropped[..]
-        }
-        None => x,
-    };
-    let ga = mm_tn(&dz, xd, t, r, slot.cols);
+    let xd = masked(x, mask);
+    let ga = mm_tn(&dz, &xd, t, r, slot.cols);
     add(&mut grad[slot.a_range(r)], &ga);
     let mut dxd = mm_nn(&dz, adapter.a(slot), t, r, slot.cols);
     if let Some(m) = mask {
         dxd.iter_mut().zip(m).for_each(|(v, m)| *v *= m);
     }
     add(dx, &dxd);
+}
+
+/// `x` times the dropout mask, or `x` itself without one.
+fn masked<'a>(x: &'a [f32], mask: Option<&[f32]>) -> std::borrow::Cow<'a, [f32]> {
+    match mask {
+        Some(m) => x.iter().zip(m).map(|(a, b)| a * b).collect(),
+        None => std::borrow::Cow::Borrowed(x),
+    }
 }
 
 /// `x` as a sum of `n` int8 quantizations: the first exactly BitNet's
@@ -833,12 +770,7 @@ pub(crate) fn rms_norm_backward(x: &[f32], weight: &[f32], dy: &[f32], eps: f32)
     dx
 }
 
-/// Rotates pairs `(i, i + d/2)` of each head (transformers' `rotate_half`).
-fn rope_forward(x: &mut [f32], table: &[(f32, f32)], heads: usize, d: usize) {
-    crate::model::apply_rope(x, table, heads, d);
-}
-
-/// The transpose of [`rope_forward`]: the inverse rotation.
+/// The transpose of [`apply_rope`]: the inverse rotation.
 fn rope_backward(x: &mut [f32], table: &[(f32, f32)], heads: usize, d: usize) {
     let half = d / 2;
     for (row, cs) in x.chunks_exact_mut(heads * d).zip(table.chunks_exact(half)) {
@@ -849,12 +781,6 @@ fn rope_backward(x: &mut [f32], table: &[(f32, f32)], heads: usize, d: usize) {
                 head[i + half] = b * cos - a * sin;
             }
         }
-    }
-}
-
-fn add(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
     }
 }
 
@@ -927,7 +853,7 @@ mod tests {
         let mut rng = SplitMix64::new(7);
         let x = rng.signed_f32s(3 * 2 * 4);
         let mut y = x.clone();
-        rope_forward(&mut y, &table, 2, 4);
+        apply_rope(&mut y, &table, 2, 4);
         rope_backward(&mut y, &table, 2, 4);
         assert!(x.iter().zip(&y).all(|(a, b)| (a - b).abs() < 1e-6));
     }

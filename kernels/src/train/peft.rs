@@ -197,37 +197,7 @@ pub fn load_peft(dir: &Path, model: &Config) -> Result<LoadedAdapter> {
         }
         found.insert((layer, proj, which), values);
     }
-    let targets: Vec<Proj> = Proj::ALL
-        .into_iter()
-        .filter(|p| found.keys().any(|k| k.1 == *p))
-        .collect();
-    if targets.is_empty() {
-        return Err(Error::format(&what, "holds no LoRA tensors"));
-    }
-    let mut config = LoraConfig::new(rank as usize, alpha as f32, dropout as f32, &targets)?;
-    config.rslora = rslora;
-    let mut adapter = Adapter::zeros(config, model)?;
-    let mut params = adapter.params().to_vec();
-    let r = rank as usize;
-    for s in adapter.slots() {
-        let a = found.remove(&(s.layer, s.proj, 'A'));
-        let b = found.remove(&(s.layer, s.proj, 'B'));
-        match (a, b) {
-            (Some(a), Some(b)) => {
-                params[s.a_range(r)].copy_from_slice(&a);
-                params[s.b_range(r)].copy_from_slice(&b);
-            }
-            (None, None) => {}
-            _ => {
-                return Err(Error::AdapterMismatch(format!(
-                    "layer {} {} has only one of lora_A and lora_B",
-                    s.layer,
-                    s.proj.short()
-                )));
-            }
-        }
-    }
-    adapter.set_params(&params)?;
+    let adapter = assemble(found, rank as usize, alpha as f32, dropout as f32, rslora, model, &what)?;
     Ok(LoadedAdapter { adapter, base_model })
 }
 
@@ -325,7 +295,8 @@ pub fn load_gguf(path: &Path, model: &Config) -> Result<Adapter> {
         .get("adapter.lora.alpha")
         .and_then(Value::as_f64)
         .ok_or_else(|| Error::format(&what, "missing adapter.lora.alpha"))?;
-    let mut found: HashMap<(usize, Proj, char), (u64, Vec<f32>)> = HashMap::new();
+    let mut found: HashMap<(usize, Proj, char), Vec<f32>> = HashMap::new();
+    let mut ranks = Vec::new();
     for t in &file.tensors {
         let parsed = (|| {
             let rest = t.name.strip_prefix("blk.")?;
@@ -358,33 +329,62 @@ pub fn load_gguf(path: &Path, model: &Config) -> Result<Adapter> {
             )));
         }
         let data = file.data(t)?;
-        found.insert(
-            (layer, proj, which),
-            (rank, floats(StDtype::F32, &data).unwrap_or_default()),
-        );
+        ranks.push(rank);
+        found.insert((layer, proj, which), floats(StDtype::F32, &data).unwrap_or_default());
     }
-    let ranks: Vec<u64> = found.values().map(|v| v.0).collect();
     let rank = *ranks
         .first()
         .ok_or_else(|| Error::format(&what, "holds no LoRA tensors"))?;
     if ranks.iter().any(|&r| r != rank) {
         return Err(Error::AdapterMismatch("tensors of different ranks".into()));
     }
+    assemble(found, rank as usize, alpha as f32, 0.0, false, model, &what)
+}
+
+/// The adapter that `found` (`(layer, projection, 'A' | 'B')` to values,
+/// shapes already checked) describes: its projections are the ones with
+/// tensors, a layer without them is a zero update, and a lone `A` or `B`
+/// is an error.
+fn assemble(
+    mut found: HashMap<(usize, Proj, char), Vec<f32>>,
+    rank: usize,
+    alpha: f32,
+    dropout: f32,
+    rslora: bool,
+    model: &Config,
+    what: &str,
+) -> Result<Adapter> {
     let targets: Vec<Proj> = Proj::ALL
         .into_iter()
         .filter(|p| found.keys().any(|k| k.1 == *p))
         .collect();
-    let config = LoraConfig::new(rank as usize, alpha as f32, 0.0, &targets)?;
+    if targets.is_empty() {
+        return Err(Error::format(what, "holds no LoRA tensors"));
+    }
+    let mut config = LoraConfig::new(rank, alpha, dropout, &targets)?;
+    config.rslora = rslora;
     let mut adapter = Adapter::zeros(config, model)?;
-    let mut params = adapter.params().to_vec();
-    let r = rank as usize;
-    for s in adapter.slots() {
-        if let (Some(a), Some(b)) = (found.get(&(s.layer, s.proj, 'A')), found.get(&(s.layer, s.proj, 'B'))) {
-            params[s.a_range(r)].copy_from_slice(&a.1);
-            params[s.b_range(r)].copy_from_slice(&b.1);
+    let slots = adapter.slots().to_vec();
+    let params = adapter.params_mut();
+    for s in slots {
+        match (
+            found.remove(&(s.layer, s.proj, 'A')),
+            found.remove(&(s.layer, s.proj, 'B')),
+        ) {
+            (Some(a), Some(b)) => {
+                params[s.a_range(rank)].copy_from_slice(&a);
+                params[s.b_range(rank)].copy_from_slice(&b);
+            }
+            (None, None) => {}
+            _ => {
+                return Err(Error::AdapterMismatch(format!(
+                    "layer {} {} has only one of lora_A and lora_B",
+                    s.layer,
+                    s.proj.short()
+                )));
+            }
         }
     }
-    adapter.set_params(&params)?;
     Ok(adapter)
 }
 

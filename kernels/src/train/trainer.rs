@@ -150,11 +150,6 @@ impl Trainer {
         &self.history
     }
 
-    /// Bytes of adapter, gradient and optimizer state.
-    pub fn state_bytes(&self) -> usize {
-        self.adapter.params().len() * 8 + self.opt.m.bytes() + self.opt.v.bytes()
-    }
-
     /// The training sequences of step `step` (0-based), by index.
     pub fn batch_indices(&self, step: u64, n: usize) -> Vec<usize> {
         let per = self.config.sequences_per_step() as u64;
@@ -256,13 +251,8 @@ impl Trainer {
     /// `run` is a digest of what the run depends on (see [`run_digest`]).
     /// `train_len` (the training sequences) places the data position in its epoch.
     pub fn save_checkpoint(&self, dir: &Path, run: &str, base_model: Option<&str>, train_len: usize) -> Result<()> {
-        let parent = dir.parent().unwrap_or(Path::new("."));
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-        let old = parent.join(format!(".{name}.old"));
+        let tmp = sibling(dir, &format!("tmp-{}", std::process::id()));
+        let old = sibling(dir, "old");
         let _ = std::fs::remove_dir_all(&tmp);
         peft::save_peft(&self.adapter, &tmp, base_model, None)?;
         let moments = |m: &Moments| -> Out {
@@ -318,12 +308,7 @@ impl Trainer {
             dir.to_path_buf()
         } else {
             // A crash between the two renames leaves the previous one here.
-            let parent = dir.parent().unwrap_or(Path::new("."));
-            let name = dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            parent.join(format!(".{name}.old"))
+            sibling(dir, "old")
         };
         let state_path = dir.join("trainer.json");
         let text = std::fs::read(&state_path).map_err(|e| Error::io(&state_path, e))?;
@@ -385,6 +370,18 @@ impl Trainer {
             history: state.history,
         })
     }
+}
+
+/// The hidden directory `.NAME.SUFFIX` beside `dir`, where a checkpoint is
+/// written before it replaces `dir` (`tmp-PID`) and where the replaced one
+/// waits until the swap is done (`old`).
+fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    parent.join(format!(".{name}.{suffix}"))
 }
 
 /// Mean loss per counted token over `seqs` (`adapter` applied, or none).
