@@ -112,6 +112,19 @@ pub(crate) fn median_read_bandwidth(cpu: &Cpu, bytes: usize) -> f64 {
     median((0..7).map(|_| cpu::read_bandwidth(cpu, &buffer)).collect())
 }
 
+/// The process's peak resident memory (`VmHWM`), where the OS reports it.
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|kb| kb * 1024)
+}
+
 pub(crate) fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()

@@ -13,6 +13,7 @@ use kernels::train::{
 };
 use serde::Serialize;
 
+use crate::bench::peak_rss;
 use crate::model_cmd::{RunArgs, model_id};
 use crate::plot;
 
@@ -130,19 +131,6 @@ pub struct Summary {
     pub train_loss_end: Option<f64>,
     pub peak_rss_bytes: Option<u64>,
     pub resumed_from_step: Option<u64>,
-}
-
-/// The process's peak resident memory, where the OS reports it.
-pub fn peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse::<u64>()
-        .ok()
-        .map(|kb| kb * 1024)
 }
 
 /// The training and held-out sequences of `--data`.

@@ -233,14 +233,7 @@ pub fn load_rss(path: &Path) -> Result<()> {
     let model = Model::new(&m.weights, Backend::cpu()?)?;
     let mut cache = model.new_cache();
     model.forward(&[1], &mut cache, Logits::Last)?;
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let peak = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .context("this platform does not report peak RSS (/proc/self/status VmHWM)")?;
+    let peak = crate::bench::peak_rss().context("this platform does not report peak RSS (/proc/self/status VmHWM)")?;
     println!("{}", serde_json::json!({ "peak_rss": peak }));
     Ok(())
 }

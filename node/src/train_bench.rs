@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use kernels::model::{Config, Preset};
+use kernels::model::{self, Config, Preset, Proj};
+use kernels::train::{Adapter, LoraConfig};
 use serde::Serialize;
 
 use crate::bench::{cpu_model, median};
@@ -69,31 +70,6 @@ pub struct FinetuneReport {
     /// The target: peak RSS at most this share of the 16-bit weights.
     pub target_fraction: f64,
     pub runs: Vec<RunFigures>,
-}
-
-/// Parameters of a model of `c`: the ternary projections and the embedding
-/// (and an untied head).
-fn parameters(c: &Config) -> u64 {
-    let per_layer: usize = kernels::model::Proj::ALL
-        .iter()
-        .map(|p| {
-            let (r, k) = p.shape(c);
-            r * k
-        })
-        .sum();
-    let head = if c.tie_word_embeddings { 1 } else { 2 };
-    (per_layer * c.num_layers + head * c.vocab_size * c.hidden_size) as u64
-}
-
-fn trainable(c: &Config, rank: usize) -> u64 {
-    let per_layer: usize = kernels::model::Proj::ALL
-        .iter()
-        .map(|p| {
-            let (r, k) = p.shape(c);
-            rank * (r + k)
-        })
-        .sum();
-    (per_layer * c.num_layers) as u64
 }
 
 fn tern(args: &[&str]) -> Result<std::process::Output> {
@@ -213,7 +189,7 @@ pub fn run(args: &FinetuneBenchArgs) -> Result<FinetuneReport> {
         } else {
             std::fs::metadata(&model)?.len()
         };
-        let params = parameters(&c);
+        let params = model::parameter_count(&c, !c.tie_word_embeddings);
         let weights16 = params * 2;
         let mut runs = Vec::new();
         for keep in [false, true] {
@@ -240,7 +216,10 @@ pub fn run(args: &FinetuneBenchArgs) -> Result<FinetuneReport> {
             rank: args.rank,
             seq_len: args.seq_len,
             targets: "q,k,v,o,gate,up,down".into(),
-            trainable_parameters: trainable(&c, args.rank),
+            // Sized without being touched: a zeroed allocation stays virtual.
+            trainable_parameters: Adapter::zeros(LoraConfig::new(args.rank, 1.0, 0.0, &Proj::ALL)?, &c)?
+                .params()
+                .len() as u64,
             parameters: params,
             model_file_bytes: file_bytes,
             weights_16bit_bytes: weights16,
