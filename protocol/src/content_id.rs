@@ -50,6 +50,12 @@ impl fmt::Debug for ContentId {
     }
 }
 
+impl serde::Serialize for ContentId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl FromStr for ContentId {
     type Err = Error;
 

@@ -1,0 +1,15 @@
+//! Generates the wire types from `proto/` with prost, compiling the `.proto`
+//! files with the pure-Rust `protox` so that no `protoc` is needed.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../proto");
+    let files = ["envelope", "advert", "task", "blob"].map(|f| root.join("tern/v1").join(format!("{f}.proto")));
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
+    let descriptors = protox::compile(&files, [&root])?;
+    prost_build::Config::new().compile_fds(descriptors)?;
+    Ok(())
+}

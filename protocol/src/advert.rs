@@ -1,0 +1,421 @@
+//! Hardware adverts and the table of peers built from them.
+
+use std::collections::HashMap;
+
+use crate::limits::{MAX_ADDRS, MAX_ADVERT_BLOBS, MAX_GPUS, MAX_MODELS, MAX_STRING};
+use crate::{ContentId, Error, PublicKey, Result, wire};
+
+/// What a node offers: sent on gossip inside a signed envelope.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
+pub struct Advert {
+    /// tern's version.
+    pub version: String,
+    /// Multiaddresses it listens on.
+    pub listen_addrs: Vec<String>,
+    /// Its CPU.
+    pub cpu: Cpu,
+    /// Its GPUs, as wgpu sees them.
+    pub gpus: Vec<Gpu>,
+    /// Physical memory.
+    pub ram_bytes: u64,
+    /// Free space in its data directory.
+    pub free_disk_bytes: u64,
+    /// Models it holds.
+    pub models: Vec<ContentId>,
+    /// Other blobs it holds.
+    pub blobs: Vec<ContentId>,
+    /// Tasks running now.
+    pub active_tasks: u32,
+    /// Most tasks it runs at once.
+    pub max_tasks: u32,
+    /// Mains or battery.
+    pub power: Power,
+    /// Its benchmark, when it has run one.
+    pub score: Option<BenchScore>,
+}
+
+/// A CPU as an advert describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Cpu {
+    /// Hardware threads available to tern.
+    pub threads: u32,
+    /// `std::env::consts::ARCH`.
+    pub arch: String,
+    /// SIMD instruction sets the kernels use on it.
+    pub features: Vec<String>,
+}
+
+/// A GPU as an advert describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Gpu {
+    /// Adapter name.
+    pub name: String,
+    /// Vendor (PCI id or name).
+    pub vendor: String,
+    /// discrete, integrated, virtual, cpu or other.
+    pub device_type: String,
+    /// vulkan, metal, dx12 or gl.
+    pub api: String,
+    /// Largest buffer it allocates.
+    pub max_buffer_bytes: u64,
+}
+
+/// Whether a node runs on mains power.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Power {
+    /// The OS does not say.
+    #[default]
+    Unknown,
+    /// On mains power (charging, full, or no battery).
+    Plugged,
+    /// Running on its battery.
+    Battery,
+}
+
+/// A node's measured benchmark score with its proof of work.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BenchScore {
+    /// The epoch the seed was derived for ([`bench_epoch`]).
+    pub epoch: u64,
+    /// blake3 of the benchmark output for [`bench_seed`]`(signer, epoch)`.
+    pub output_hash: ContentId,
+    /// Ternary multiply-accumulates per second measured.
+    pub macs_per_second: u64,
+}
+
+/// Length of a benchmark epoch: a score older than two epochs is stale.
+pub const BENCH_EPOCH_MS: u64 = 60 * 60 * 1000;
+
+/// The epoch of a time.
+pub fn bench_epoch(now_ms: u64) -> u64 {
+    now_ms / BENCH_EPOCH_MS
+}
+
+/// The benchmark seed of `signer` in `epoch`: unique per node and epoch, so
+/// one node's output hash proves nothing for another.
+pub fn bench_seed(signer: &PublicKey, epoch: u64) -> u64 {
+    let mut h = blake3::Hasher::new_derive_key("tern bench seed v1");
+    h.update(signer.as_bytes());
+    h.update(&epoch.to_le_bytes());
+    let out = h.finalize();
+    u64::from_le_bytes(out.as_bytes()[..8].try_into().unwrap_or([0; 8]))
+}
+
+fn string(what: &'static str, s: String) -> Result<String> {
+    if s.len() > MAX_STRING {
+        return Err(Error::TooLarge {
+            what,
+            len: s.len(),
+            max: MAX_STRING,
+        });
+    }
+    Ok(s)
+}
+
+fn strings(what: &'static str, v: Vec<String>, max: usize) -> Result<Vec<String>> {
+    if v.len() > max {
+        return Err(Error::TooLarge {
+            what,
+            len: v.len(),
+            max,
+        });
+    }
+    v.into_iter().map(|s| string(what, s)).collect()
+}
+
+pub(crate) fn ids(what: &'static str, v: Vec<Vec<u8>>, max: usize) -> Result<Vec<ContentId>> {
+    if v.len() > max {
+        return Err(Error::TooLarge {
+            what,
+            len: v.len(),
+            max,
+        });
+    }
+    v.iter().map(|b| id(what, b)).collect()
+}
+
+pub(crate) fn id(what: &'static str, b: &[u8]) -> Result<ContentId> {
+    let arr: [u8; 32] = b
+        .try_into()
+        .map_err(|_| Error::invalid(what, format!("content id of {} bytes", b.len())))?;
+    Ok(ContentId::from_bytes(arr))
+}
+
+impl TryFrom<wire::Advert> for Advert {
+    type Error = Error;
+
+    fn try_from(w: wire::Advert) -> Result<Self> {
+        let cpu = w.cpu.unwrap_or_default();
+        if w.gpus.len() > MAX_GPUS {
+            return Err(Error::TooLarge {
+                what: "advert gpus",
+                len: w.gpus.len(),
+                max: MAX_GPUS,
+            });
+        }
+        let gpus = w
+            .gpus
+            .into_iter()
+            .map(|g| {
+                Ok(Gpu {
+                    name: string("gpu name", g.name)?,
+                    vendor: string("gpu vendor", g.vendor)?,
+                    device_type: string("gpu device type", g.device_type)?,
+                    api: string("gpu api", g.api)?,
+                    max_buffer_bytes: g.max_buffer_bytes,
+                })
+            })
+            .collect::<Result<_>>()?;
+        if w.max_tasks == 0 && w.active_tasks > 0 {
+            return Err(Error::invalid("advert", "active tasks without capacity"));
+        }
+        let score = match w.score {
+            None => None,
+            Some(s) => Some(BenchScore {
+                epoch: s.epoch,
+                output_hash: id("bench output hash", &s.output_hash)?,
+                macs_per_second: s.macs_per_second,
+            }),
+        };
+        Ok(Self {
+            version: string("version", w.version)?,
+            listen_addrs: strings("listen address", w.listen_addrs, MAX_ADDRS)?,
+            cpu: Cpu {
+                threads: cpu.threads,
+                arch: string("cpu arch", cpu.arch)?,
+                features: strings("cpu feature", cpu.features, 32)?,
+            },
+            gpus,
+            ram_bytes: w.ram_bytes,
+            free_disk_bytes: w.free_disk_bytes,
+            models: ids("advert models", w.models, MAX_MODELS)?,
+            blobs: ids("advert blobs", w.blobs, MAX_ADVERT_BLOBS)?,
+            active_tasks: w.active_tasks,
+            max_tasks: w.max_tasks,
+            power: match wire::Power::try_from(w.power) {
+                Ok(wire::Power::Plugged) => Power::Plugged,
+                Ok(wire::Power::Battery) => Power::Battery,
+                _ => Power::Unknown,
+            },
+            score,
+        })
+    }
+}
+
+impl From<&Advert> for wire::Advert {
+    fn from(a: &Advert) -> Self {
+        Self {
+            version: a.version.clone(),
+            listen_addrs: a.listen_addrs.clone(),
+            cpu: Some(wire::Cpu {
+                threads: a.cpu.threads,
+                arch: a.cpu.arch.clone(),
+                features: a.cpu.features.clone(),
+            }),
+            gpus: a
+                .gpus
+                .iter()
+                .map(|g| wire::Gpu {
+                    name: g.name.clone(),
+                    vendor: g.vendor.clone(),
+                    device_type: g.device_type.clone(),
+                    api: g.api.clone(),
+                    max_buffer_bytes: g.max_buffer_bytes,
+                })
+                .collect(),
+            ram_bytes: a.ram_bytes,
+            free_disk_bytes: a.free_disk_bytes,
+            models: a.models.iter().map(|m| m.as_bytes().to_vec()).collect(),
+            blobs: a.blobs.iter().map(|m| m.as_bytes().to_vec()).collect(),
+            active_tasks: a.active_tasks,
+            max_tasks: a.max_tasks,
+            power: match a.power {
+                Power::Unknown => wire::Power::Unknown,
+                Power::Plugged => wire::Power::Plugged,
+                Power::Battery => wire::Power::Battery,
+            } as i32,
+            score: a.score.as_ref().map(|s| wire::BenchScore {
+                epoch: s.epoch,
+                output_hash: s.output_hash.as_bytes().to_vec(),
+                macs_per_second: s.macs_per_second,
+            }),
+        }
+    }
+}
+
+/// One peer as the table knows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PeerEntry {
+    /// Its newest advert.
+    pub advert: Advert,
+    /// When that advert was issued and expires (ms since the epoch).
+    pub issued_at_ms: u64,
+    pub expires_at_ms: u64,
+    /// Whether its benchmark hash was recomputed and matched.
+    pub score_verified: bool,
+}
+
+/// The adverts heard, newest per signer, expiring on their own times.
+/// Bounded: when full, the entry that expires soonest makes room.
+#[derive(Debug)]
+pub struct PeerTable {
+    peers: HashMap<PublicKey, PeerEntry>,
+    capacity: usize,
+}
+
+impl PeerTable {
+    /// A table of at most `capacity` peers.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            peers: HashMap::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Records an advert unless an equal or newer one from the signer is
+    /// known. Returns whether it was recorded.
+    pub fn insert(&mut self, signer: PublicKey, entry: PeerEntry, now_ms: u64) -> bool {
+        self.expire(now_ms);
+        if entry.expires_at_ms <= now_ms {
+            return false;
+        }
+        if let Some(old) = self.peers.get(&signer) {
+            if old.issued_at_ms >= entry.issued_at_ms {
+                return false;
+            }
+        } else if self.peers.len() >= self.capacity {
+            let soonest = self.peers.iter().min_by_key(|(_, e)| e.expires_at_ms).map(|(k, _)| *k);
+            if let Some(k) = soonest {
+                self.peers.remove(&k);
+            }
+        }
+        self.peers.insert(signer, entry);
+        true
+    }
+
+    /// Drops expired entries.
+    pub fn expire(&mut self, now_ms: u64) {
+        self.peers.retain(|_, e| e.expires_at_ms > now_ms);
+    }
+
+    /// The entry of a peer.
+    pub fn get(&self, key: &PublicKey) -> Option<&PeerEntry> {
+        self.peers.get(key)
+    }
+
+    /// Every entry, in key order.
+    pub fn entries(&self) -> Vec<(PublicKey, &PeerEntry)> {
+        let mut v: Vec<_> = self.peers.iter().map(|(k, e)| (*k, e)).collect();
+        v.sort_by_key(|(k, _)| *k);
+        v
+    }
+
+    /// Number of peers.
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Keypair, Payload, Validity, open, seal};
+    use prost::Message as _;
+
+    pub(crate) fn sample() -> Advert {
+        Advert {
+            version: "0.1.0".into(),
+            listen_addrs: vec!["/ip4/127.0.0.1/udp/4001/quic-v1".into()],
+            cpu: Cpu {
+                threads: 8,
+                arch: "x86_64".into(),
+                features: vec!["avx2".into()],
+            },
+            gpus: vec![Gpu {
+                name: "llvmpipe".into(),
+                vendor: "0x10005".into(),
+                device_type: "cpu".into(),
+                api: "vulkan".into(),
+                max_buffer_bytes: 1 << 30,
+            }],
+            ram_bytes: 16 << 30,
+            free_disk_bytes: 100 << 30,
+            models: vec![ContentId::of(b"m")],
+            blobs: vec![],
+            active_tasks: 1,
+            max_tasks: 2,
+            power: Power::Battery,
+            score: Some(BenchScore {
+                epoch: 3,
+                output_hash: ContentId::of(b"o"),
+                macs_per_second: 9,
+            }),
+        }
+    }
+
+    #[test]
+    fn adverts_round_trip_through_an_envelope() {
+        let k = Keypair::from_secret([4; 32]);
+        let a = sample();
+        let o = open(&seal(&k, &Payload::Advert(a.clone()), Validity::new(1, 0, 1000))).unwrap();
+        assert_eq!(o.payload, Payload::Advert(a));
+    }
+
+    #[test]
+    fn oversized_fields_are_refused() {
+        let mut w = wire::Advert::from(&sample());
+        w.listen_addrs = vec!["/ip4/1.2.3.4".into(); MAX_ADDRS + 1];
+        assert!(matches!(Advert::try_from(w), Err(Error::TooLarge { .. })));
+        let mut w = wire::Advert::from(&sample());
+        w.version = "x".repeat(MAX_STRING + 1);
+        assert!(Advert::try_from(w).is_err());
+        let mut w = wire::Advert::from(&sample());
+        w.models.push(vec![1, 2, 3]);
+        assert!(matches!(Advert::try_from(w), Err(Error::Invalid { .. })));
+        // A well-formed advert is well under the gossip limit.
+        assert!(wire::Advert::from(&sample()).encode_to_vec().len() < crate::limits::MAX_ADVERT_BYTES);
+    }
+
+    #[test]
+    fn seeds_differ_per_node_and_epoch() {
+        let a = Keypair::from_secret([1; 32]).public();
+        let b = Keypair::from_secret([2; 32]).public();
+        assert_ne!(bench_seed(&a, 1), bench_seed(&b, 1));
+        assert_ne!(bench_seed(&a, 1), bench_seed(&a, 2));
+        assert_eq!(bench_seed(&a, 1), bench_seed(&a, 1));
+    }
+
+    fn entry(issued: u64, expires: u64) -> PeerEntry {
+        PeerEntry {
+            advert: sample(),
+            issued_at_ms: issued,
+            expires_at_ms: expires,
+            score_verified: false,
+        }
+    }
+
+    #[test]
+    fn the_table_keeps_the_newest_advert_and_expires_them() {
+        let a = Keypair::from_secret([1; 32]).public();
+        let b = Keypair::from_secret([2; 32]).public();
+        let c = Keypair::from_secret([3; 32]).public();
+        let mut t = PeerTable::new(2);
+        assert!(t.insert(a, entry(10, 100), 10));
+        assert!(!t.insert(a, entry(5, 200), 10), "older advert replaced a newer one");
+        assert!(t.insert(a, entry(20, 300), 20));
+        assert!(t.insert(b, entry(20, 150), 20));
+        assert!(!t.insert(c, entry(20, 20), 20), "expired advert recorded");
+        // Full: c takes the place of b, which expires soonest.
+        assert!(t.insert(c, entry(30, 400), 30));
+        assert!(t.get(&b).is_none() && t.get(&a).is_some());
+        t.expire(300);
+        assert_eq!(t.entries().len(), 1);
+        assert_eq!(t.entries()[0].0, c);
+    }
+}
