@@ -1,1 +1,45 @@
-//! Shared helpers for tern's cross-crate integration tests.
+//! Shared helpers for tern's cross-crate integration tests: nodes started
+//! in this process on loopback (port 0), and waiting for a condition.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use node::config::Config;
+use node::daemon::{self, NodeHandle};
+
+/// A fresh directory under the system temp dir, removed by the caller or left for inspection.
+pub fn tempdir(name: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "tern-it-{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
+
+/// Starts `n` nodes on loopback; each bootstraps from the first.
+pub async fn spawn_nodes(n: usize, tweak: impl Fn(usize, &mut Config)) -> Vec<NodeHandle> {
+    let mut nodes: Vec<NodeHandle> = Vec::new();
+    for i in 0..n {
+        let mut c = Config::for_test(&tempdir(&format!("node{i}")));
+        if let Some(first) = nodes.first() {
+            c.bootstrap = first.dial_addrs().iter().map(|a| a.to_string()).collect();
+        }
+        tweak(i, &mut c);
+        nodes.push(daemon::start(c).await.expect("node starts"));
+    }
+    nodes
+}
+
+/// Polls `cond` until it holds or `timeout` passes; panics with `what` then.
+pub async fn assert_eventually(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let t0 = tokio::time::Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < timeout, "not within {timeout:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -3,6 +3,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::node_cmd::{self, BlobCommand, DataDirArg};
 use crate::{bench, finetune, model_bench, model_cmd, train_bench};
 
 /// tern: a peer-to-peer compute node for BitNet b1.58 models.
@@ -31,6 +32,27 @@ pub enum Command {
     /// Work with LoRA adapters.
     #[command(subcommand)]
     Adapter(AdapterCommand),
+    /// Run the daemon: join the swarm, advertise, serve blobs and tasks.
+    Node(node_cmd::NodeArgs),
+    /// Print this node's peer id (creating its key on first use).
+    Id(DataDirArg),
+    /// The running daemon's status.
+    Status {
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Peers known from their adverts.
+    Peers {
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Content-addressed blobs in the daemon's store.
+    #[command(subcommand)]
+    Blob(BlobCommand),
 }
 
 /// `tern adapter ...`.
@@ -157,5 +179,10 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Adapter(AdapterCommand::Merge(a)) => finetune::merge(&a),
+        Command::Node(a) => node_cmd::node(&a),
+        Command::Id(d) => node_cmd::id(&d),
+        Command::Status { dir, json } => node_cmd::status(&dir, json),
+        Command::Peers { dir, json } => node_cmd::peers(&dir, json),
+        Command::Blob(c) => node_cmd::blob(&c),
     }
 }

@@ -4,8 +4,18 @@
 
 pub mod bench;
 pub mod cli;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod executor;
+pub mod fetch;
 pub mod finetune;
+pub mod hw;
+pub mod identity;
 pub mod model_bench;
 pub mod model_cmd;
+pub mod net;
+pub mod node_cmd;
 pub mod plot;
+pub mod store;
 pub mod train_bench;

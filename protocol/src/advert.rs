@@ -294,6 +294,16 @@ impl PeerTable {
         true
     }
 
+    /// Records whether a peer's benchmark hash for `epoch` was recomputed
+    /// and matched.
+    pub fn mark_score(&mut self, key: &PublicKey, epoch: u64, verified: bool) {
+        if let Some(e) = self.peers.get_mut(key)
+            && e.advert.score.as_ref().is_some_and(|s| s.epoch == epoch)
+        {
+            e.score_verified = verified;
+        }
+    }
+
     /// Drops expired entries.
     pub fn expire(&mut self, now_ms: u64) {
         self.peers.retain(|_, e| e.expires_at_ms > now_ms);

@@ -1,0 +1,198 @@
+//! The daemon's configuration: a TOML file whose defaults suit a laptop.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Everything `tern node` can be told. Every field has a default, so an
+/// empty file (or none) is a valid configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the key, blobs and state live.
+    pub data_dir: PathBuf,
+    /// Multiaddresses to listen on (QUIC and TCP on all interfaces by default).
+    pub listen: Vec<String>,
+    /// Peers to dial at start and to seed Kademlia with (`/ip4/.../p2p/<id>`).
+    pub bootstrap: Vec<String>,
+    /// Find peers on the local network with mDNS.
+    pub mdns: bool,
+    /// NAT traversal: AutoNAT probes and hole punching (DCUtR) through relays.
+    pub nat_traversal: bool,
+    /// The local control API (HTTP, JSON) address; loopback only.
+    pub control: SocketAddr,
+    /// Most simultaneous connections, and per peer.
+    pub max_connections: u32,
+    pub max_connections_per_peer: u32,
+    /// Seconds between adverts, and how long each stays valid.
+    pub advert_interval_secs: u64,
+    pub advert_ttl_secs: u64,
+    /// Run the benchmark and advertise its score.
+    pub bench: bool,
+    /// Look for a GPU to advertise (opening one takes a moment).
+    pub gpu: bool,
+    /// Who may submit tasks.
+    pub policy: Policy,
+    /// Resource limits for tasks.
+    pub limits: Limits,
+}
+
+/// Who may submit tasks to this node.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Policy {
+    /// Accept tasks from anyone.
+    pub open: bool,
+    /// Otherwise, accept tasks only from these public keys (hex).
+    pub allow: Vec<String>,
+}
+
+/// Limits on what tasks may use; phones want them low.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Tasks running at once.
+    pub max_tasks: u32,
+    /// Compute threads (0: all cores).
+    pub max_threads: u32,
+    /// Most memory a task may need, in MiB (a model that needs more is refused).
+    pub max_memory_mib: u64,
+    /// Disk the blob store may fill, in MiB; fetches that would pass it are refused.
+    pub max_disk_mib: u64,
+    /// Most work units (tokens processed) per task.
+    pub max_work: u64,
+    /// Take tasks only on mains power.
+    pub only_when_charging: bool,
+    /// Seconds a task may run before it is abandoned.
+    pub task_timeout_secs: u64,
+    /// Seconds in-flight tasks get to finish at shutdown before they are handed back.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: default_data_dir(),
+            listen: vec!["/ip4/0.0.0.0/udp/0/quic-v1".into(), "/ip4/0.0.0.0/tcp/0".into()],
+            bootstrap: Vec::new(),
+            mdns: true,
+            nat_traversal: false,
+            control: SocketAddr::from(([127, 0, 0, 1], 7447)),
+            max_connections: 128,
+            max_connections_per_peer: 2,
+            advert_interval_secs: 30,
+            advert_ttl_secs: 120,
+            bench: true,
+            gpu: true,
+            policy: Policy {
+                open: true,
+                allow: Vec::new(),
+            },
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_tasks: 2,
+            max_threads: 0,
+            max_memory_mib: 4096,
+            max_disk_mib: 32 * 1024,
+            max_work: 1 << 20,
+            only_when_charging: false,
+            task_timeout_secs: 600,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+/// `$TERN_HOME`, else `$XDG_DATA_HOME/tern`, else `~/.local/share/tern`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TERN_HOME") {
+        return d.into();
+    }
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(d).join("tern");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".local/share/tern"),
+        None => PathBuf::from(".tern"),
+    }
+}
+
+impl Config {
+    /// Reads a TOML file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let c: Self = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Refuses settings that cannot work.
+    pub fn validate(&self) -> Result<()> {
+        anyhow::ensure!(
+            self.control.ip().is_loopback(),
+            "the control API must listen on loopback, not {}",
+            self.control
+        );
+        anyhow::ensure!(self.limits.max_tasks > 0, "limits.max_tasks must be at least 1");
+        anyhow::ensure!(self.advert_interval_secs > 0, "advert_interval_secs must be at least 1");
+        anyhow::ensure!(
+            self.advert_ttl_secs > self.advert_interval_secs
+                && self.advert_ttl_secs * 1000 <= protocol::limits::MAX_ENVELOPE_TTL_MS,
+            "advert_ttl_secs must be above advert_interval_secs and at most {} s",
+            protocol::limits::MAX_ENVELOPE_TTL_MS / 1000
+        );
+        for a in &self.policy.allow {
+            a.parse::<protocol::PublicKey>()
+                .with_context(|| format!("policy.allow entry {a:?}"))?;
+        }
+        Ok(())
+    }
+
+    /// A configuration for tests and benchmarks: loopback, port 0, no mDNS,
+    /// no benchmark or GPU probing, short advert intervals.
+    pub fn for_test(data_dir: &Path) -> Self {
+        Self {
+            data_dir: data_dir.to_path_buf(),
+            listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".into()],
+            mdns: false,
+            control: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advert_interval_secs: 1,
+            advert_ttl_secs: 10,
+            bench: false,
+            gpu: false,
+            ..Self::default()
+        }
+    }
+
+    /// Advert interval.
+    pub fn advert_interval(&self) -> Duration {
+        Duration::from_secs(self.advert_interval_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_gives_the_defaults_and_typos_are_refused() {
+        let c: Config = toml::from_str("").unwrap();
+        c.validate().unwrap();
+        assert!(c.mdns && c.policy.open);
+        let c: Config = toml::from_str("[limits]\nmax_tasks = 1\nonly_when_charging = true\n").unwrap();
+        assert!(c.limits.only_when_charging);
+        assert!(toml::from_str::<Config>("mdsn = false").is_err());
+        let c: Config = toml::from_str("control = \"0.0.0.0:7447\"").unwrap();
+        assert!(c.validate().is_err());
+        let c: Config = toml::from_str("[policy]\nallow = [\"nope\"]").unwrap();
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,338 @@
+//! The local control API (HTTP + JSON on loopback) and the CLI's client.
+//!
+//! The daemon writes its address to `control.addr` and a random bearer
+//! token to `control.token` (0600) in its data directory; the CLI reads both,
+//! so only users who can read the data directory control the node.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use protocol::ContentId;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::daemon::{Shared, now_ms};
+use crate::fetch;
+
+/// `GET /v1/status`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub peer_id: String,
+    pub public_key: String,
+    pub listen_addrs: Vec<String>,
+    pub connected_peers: usize,
+    pub known_peers: usize,
+    pub blobs: usize,
+    pub blob_bytes: u64,
+    pub active_tasks: u32,
+    pub stats: serde_json::Value,
+}
+
+/// `POST /v1/blobs` body.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AddBlob {
+    pub path: PathBuf,
+}
+
+/// `POST /v1/blobs/{id}/export` body.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Export {
+    pub out: PathBuf,
+}
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}"))
+    }
+}
+
+type ApiResult<T> = std::result::Result<Json<T>, ApiError>;
+
+#[derive(Clone)]
+struct Api {
+    shared: Arc<Shared>,
+    token: Arc<String>,
+}
+
+fn authorize(api: &Api, headers: &HeaderMap) -> std::result::Result<(), ApiError> {
+    let ok = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| constant_time_eq(t.as_bytes(), api.token.as_bytes()));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong control token".into(),
+        ))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn parse_id(s: &str) -> std::result::Result<ContentId, ApiError> {
+    s.parse()
+        .map_err(|e: protocol::Error| ApiError(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+/// Starts the API; returns its address and task.
+pub async fn serve(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(shared.config.control)
+        .await
+        .with_context(|| format!("binding the control API on {}", shared.config.control))?;
+    let addr = listener.local_addr()?;
+    let token = ContentId::of(&crate::daemon::random_u64().to_le_bytes()).to_string()
+        + &ContentId::of(&crate::daemon::random_u64().to_le_bytes()).to_string()[..16];
+    let dir = &shared.config.data_dir;
+    write_private(&dir.join("control.token"), token.as_bytes())?;
+    write_private(&dir.join("control.addr"), addr.to_string().as_bytes())?;
+    let api = Api {
+        shared,
+        token: Arc::new(token),
+    };
+    let app = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/peers", get(peers))
+        .route("/v1/blobs", get(list_blobs).post(add_blob))
+        .route("/v1/blobs/{id}/fetch", post(fetch_blob))
+        .route("/v1/blobs/{id}/export", post(export_blob))
+        .route("/v1/gc", post(gc))
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+        .with_state(api);
+    let task = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+            tracing::error!("control API: {e}");
+        }
+    });
+    Ok((addr, task))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension("tmp");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+async fn status(State(api): State<Api>, headers: HeaderMap) -> ApiResult<Status> {
+    authorize(&api, &headers)?;
+    let s = &api.shared;
+    let info = s.net.info().await?;
+    let blobs = s.store.list();
+    let known = {
+        let mut t = s.peers.lock();
+        t.expire(now_ms());
+        t.len()
+    };
+    Ok(Json(Status {
+        version: env!("CARGO_PKG_VERSION").into(),
+        peer_id: info.peer_id,
+        public_key: s.key.public().to_string(),
+        listen_addrs: info.listen_addrs,
+        connected_peers: info.connected.len(),
+        known_peers: known,
+        blobs: blobs.len(),
+        blob_bytes: blobs.iter().map(|b| b.1).sum(),
+        active_tasks: s.active_tasks.load(std::sync::atomic::Ordering::Relaxed),
+        stats: serde_json::to_value(s.stats.lock().clone()).unwrap_or_default(),
+    }))
+}
+
+async fn peers(State(api): State<Api>, headers: HeaderMap) -> ApiResult<serde_json::Value> {
+    authorize(&api, &headers)?;
+    let mut t = api.shared.peers.lock();
+    t.expire(now_ms());
+    let rows: Vec<_> = t
+        .entries()
+        .into_iter()
+        .map(|(k, e)| {
+            serde_json::json!({
+                "public_key": k,
+                "peer_id": crate::identity::peer_id(&k).map(|p| p.to_string()).unwrap_or_default(),
+                "entry": e,
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::Value::Array(rows)))
+}
+
+async fn list_blobs(State(api): State<Api>, headers: HeaderMap) -> ApiResult<serde_json::Value> {
+    authorize(&api, &headers)?;
+    let pins = api.shared.store.pins();
+    let rows: Vec<_> = api
+        .shared
+        .store
+        .list()
+        .into_iter()
+        .map(|(id, size)| serde_json::json!({ "id": id, "size": size, "pinned": pins.contains(&id) }))
+        .collect();
+    Ok(Json(serde_json::Value::Array(rows)))
+}
+
+async fn add_blob(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Json(req): Json<AddBlob>,
+) -> ApiResult<crate::store::Imported> {
+    authorize(&api, &headers)?;
+    let store = api.shared.store.clone();
+    let imported = tokio::task::spawn_blocking(move || {
+        let i = store.import(&req.path)?;
+        store.pin(&i.id)?;
+        anyhow::Ok(i)
+    })
+    .await
+    .map_err(|e| anyhow!("import: {e}"))??;
+    api.shared.net.provide(imported.id.as_bytes().to_vec()).await;
+    Ok(Json(imported))
+}
+
+async fn fetch_blob(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<serde_json::Value> {
+    authorize(&api, &headers)?;
+    let id = parse_id(&id)?;
+    fetch::fetch(&api.shared, &id, &[]).await?;
+    // A directory manifest brings its files along.
+    if let Some(size) = api.shared.store.size(&id)
+        && size <= 16 << 20
+        && let Ok(m) = protocol::DirManifest::decode(&api.shared.store.read(&id)?)
+    {
+        for e in m.entries() {
+            fetch::fetch(&api.shared, &e.id, &[])
+                .await
+                .with_context(|| format!("fetching {}", e.path))?;
+        }
+    }
+    api.shared.net.provide(id.as_bytes().to_vec()).await;
+    Ok(Json(
+        serde_json::json!({ "id": id, "size": api.shared.store.size(&id) }),
+    ))
+}
+
+async fn export_blob(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+    Json(req): Json<Export>,
+) -> ApiResult<serde_json::Value> {
+    authorize(&api, &headers)?;
+    let id = parse_id(&id)?;
+    let store = api.shared.store.clone();
+    let out = req.out.clone();
+    tokio::task::spawn_blocking(move || store.export(&id, &out))
+        .await
+        .map_err(|e| anyhow!("export: {e}"))??;
+    Ok(Json(serde_json::json!({ "id": id, "out": req.out })))
+}
+
+async fn gc(State(api): State<Api>, headers: HeaderMap) -> ApiResult<crate::store::GcReport> {
+    authorize(&api, &headers)?;
+    let store = api.shared.store.clone();
+    Ok(Json(
+        tokio::task::spawn_blocking(move || store.gc())
+            .await
+            .map_err(|e| anyhow!("gc: {e}"))??,
+    ))
+}
+
+/// The CLI's side: reads the address and token from the data directory.
+#[derive(Debug)]
+pub struct ControlClient {
+    base: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl ControlClient {
+    /// Connects to the daemon whose data directory is `data_dir`.
+    pub fn new(data_dir: &Path) -> Result<Self> {
+        let read = |f: &str| {
+            std::fs::read_to_string(data_dir.join(f)).with_context(|| {
+                format!(
+                    "reading {} (is `tern node` running with --data-dir {}?)",
+                    data_dir.join(f).display(),
+                    data_dir.display()
+                )
+            })
+        };
+        let addr = read("control.addr")?;
+        let token = read("control.token")?;
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        Ok(Self {
+            base: format!("http://{}", addr.trim()),
+            token: token.trim().to_string(),
+            agent,
+        })
+    }
+
+    fn finish(
+        &self,
+        resp: std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<serde_json::Value> {
+        let mut resp =
+            resp.with_context(|| format!("the daemon at {} does not answer; is `tern node` running?", self.base))?;
+        let status = resp.status();
+        let body: serde_json::Value = resp.body_mut().read_json().unwrap_or_default();
+        if !status.is_success() {
+            bail!(
+                "{}",
+                body.get("error").and_then(|e| e.as_str()).unwrap_or(status.as_str())
+            );
+        }
+        Ok(body)
+    }
+
+    /// `GET` a path.
+    pub fn get(&self, path: &str) -> Result<serde_json::Value> {
+        let r = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("authorization", format!("Bearer {}", self.token))
+            .call();
+        self.finish(r)
+    }
+
+    /// `POST` JSON to a path.
+    pub fn post(&self, path: &str, body: serde_json::Value) -> Result<serde_json::Value> {
+        let r = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("authorization", format!("Bearer {}", self.token))
+            .send_json(body);
+        self.finish(r)
+    }
+}

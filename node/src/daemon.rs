@@ -1,0 +1,463 @@
+//! The daemon: starts the swarm, the control API and the loops that
+//! publish adverts and answer peers, and stops them gracefully.
+//!
+//! [`start`] returns a [`NodeHandle`] so that tests run several nodes in one
+//! process; [`run`] is `tern node`: start, wait for the shutdown signal,
+//! stop.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow};
+use libp2p::{Multiaddr, PeerId, gossipsub};
+use parking_lot::Mutex;
+use protocol::{
+    Advert, BenchScore, ContentId, Keypair, Opened, Payload, PeerEntry, PeerTable, PublicKey, ReplayGuard, Validity,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::net::{self, Inbound, Net};
+use crate::store::BlobStore;
+use crate::{control, executor, fetch, hw, identity};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A random u64 (nonces).
+pub fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // getrandom through libp2p's dependency tree is not exposed; the
+    // ed25519 generator is a CSPRNG.
+    let k = libp2p::identity::ed25519::Keypair::generate();
+    b.copy_from_slice(&k.secret().as_ref()[..8]);
+    u64::from_le_bytes(b)
+}
+
+/// What every part of a running node shares.
+#[derive(Debug)]
+pub struct Shared {
+    pub key: Keypair,
+    pub config: Config,
+    pub store: BlobStore,
+    pub net: Net,
+    pub peers: Mutex<PeerTable>,
+    pub replay: Mutex<ReplayGuard>,
+    /// Benchmark checks done: (signer, epoch) -> whether the hash matched.
+    pub score_checks: Mutex<std::collections::HashMap<(PublicKey, u64), bool>>,
+    pub score: Mutex<Option<BenchScore>>,
+    pub cpu: kernels::cpu::Cpu,
+    pub hardware: (protocol::Cpu, Vec<protocol::Gpu>, u64),
+    pub active_tasks: AtomicU32,
+    pub accepting: AtomicBool,
+    /// Turns true when in-flight tasks must hand themselves back.
+    pub cancel: watch::Receiver<bool>,
+    pub listen_addrs: Mutex<Vec<String>>,
+    pub stats: Mutex<Stats>,
+}
+
+/// Counters shown by `tern status`.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Stats {
+    pub adverts_accepted: u64,
+    pub adverts_refused: u64,
+    pub tasks_done: u64,
+    pub tasks_refused: u64,
+    pub tasks_failed: u64,
+    pub blob_requests_served: u64,
+}
+
+impl Shared {
+    /// This node's advert as of now.
+    pub fn advert(&self) -> Advert {
+        let (cpu, gpus, ram) = self.hardware.clone();
+        let blobs: Vec<ContentId> = self.store.list().into_iter().map(|(id, _)| id).collect();
+        let (models, blobs): (Vec<ContentId>, Vec<ContentId>) = {
+            let pins = self.store.pins();
+            blobs
+                .into_iter()
+                .partition(|b| pins.contains(b) && self.store.size(b).is_some_and(|s| s > 1 << 20))
+        };
+        Advert {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            listen_addrs: self.listen_addrs.lock().clone(),
+            cpu,
+            gpus,
+            ram_bytes: ram,
+            free_disk_bytes: hw::free_disk_bytes(&self.config.data_dir),
+            models: models.into_iter().take(protocol::limits::MAX_MODELS).collect(),
+            blobs: blobs.into_iter().take(protocol::limits::MAX_ADVERT_BLOBS).collect(),
+            active_tasks: self.active_tasks.load(Ordering::Relaxed),
+            max_tasks: self.config.limits.max_tasks,
+            power: hw::power(),
+            score: self.score.lock().clone(),
+        }
+    }
+
+    /// Seals a payload with this node's key.
+    pub fn seal(&self, payload: &Payload, ttl: Duration) -> Vec<u8> {
+        protocol::seal(
+            &self.key,
+            payload,
+            Validity::new(random_u64(), now_ms(), ttl.as_millis() as u64),
+        )
+    }
+}
+
+/// A running node.
+#[derive(Debug)]
+pub struct NodeHandle {
+    pub shared: Arc<Shared>,
+    /// Where the control API listens.
+    pub control_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    cancel: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl NodeHandle {
+    /// This node's public key.
+    pub fn public_key(&self) -> PublicKey {
+        self.shared.key.public()
+    }
+
+    /// This node's libp2p peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.shared.net.local_peer_id()
+    }
+
+    /// Addresses others can dial, with the `/p2p/` suffix.
+    pub fn dial_addrs(&self) -> Vec<Multiaddr> {
+        self.shared
+            .listen_addrs
+            .lock()
+            .iter()
+            .filter_map(|a| a.parse::<Multiaddr>().ok())
+            .map(|a| a.with(libp2p::multiaddr::Protocol::P2p(self.peer_id())))
+            .collect()
+    }
+
+    /// Peers known from adverts.
+    pub fn peers(&self) -> Vec<(PublicKey, PeerEntry)> {
+        let mut t = self.shared.peers.lock();
+        t.expire(now_ms());
+        t.entries().into_iter().map(|(k, e)| (k, e.clone())).collect()
+    }
+
+    /// Publishes this node's advert now.
+    pub async fn publish_advert(&self) -> Result<()> {
+        publish_advert(&self.shared).await
+    }
+
+    /// Stops the node: no new tasks, in-flight tasks get the configured
+    /// grace period to finish and are then handed back.
+    pub async fn shutdown(self) {
+        self.shared.accepting.store(false, Ordering::SeqCst);
+        let grace = Duration::from_secs(self.shared.config.limits.shutdown_grace_secs);
+        let t0 = tokio::time::Instant::now();
+        while self.shared.active_tasks.load(Ordering::SeqCst) > 0 && t0.elapsed() < grace {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = self.cancel.send(true);
+        let t1 = tokio::time::Instant::now();
+        while self.shared.active_tasks.load(Ordering::SeqCst) > 0 && t1.elapsed() < Duration::from_secs(2) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Let the hand-back responses leave before the swarm stops.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            t.abort();
+            let _ = t.await;
+        }
+        tracing::info!("node stopped");
+    }
+}
+
+/// Starts a node and returns once it listens.
+pub async fn start(config: Config) -> Result<NodeHandle> {
+    config.validate()?;
+    let key = identity::load_or_create(&config.data_dir)?;
+    let store = BlobStore::open(&config.data_dir.join("store"))?;
+    let (net, inbound, event_loop) = net::start(&config, identity::libp2p_keypair(&key)?)?;
+    let threads = match config.limits.max_threads {
+        0 => kernels::cpu::available_threads(),
+        n => n as usize,
+    };
+    let cpu = kernels::cpu::Cpu::new(kernels::cpu::Isa::detect(), threads)?;
+    let gpus = if config.gpu {
+        tokio::task::spawn_blocking(hw::gpus).await?
+    } else {
+        Vec::new()
+    };
+    let (cancel_tx, cancel_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        hardware: (hw::cpu(threads), gpus, hw::ram_bytes()),
+        key,
+        store,
+        net,
+        peers: Mutex::new(PeerTable::new(4096)),
+        replay: Mutex::new(ReplayGuard::new(100_000)),
+        score_checks: Mutex::new(Default::default()),
+        score: Mutex::new(None),
+        cpu,
+        active_tasks: AtomicU32::new(0),
+        accepting: AtomicBool::new(true),
+        cancel: cancel_rx,
+        listen_addrs: Mutex::new(Vec::new()),
+        stats: Mutex::new(Stats::default()),
+        config,
+    });
+    let mut tasks = vec![tokio::spawn(event_loop.run())];
+    tracing::info!(peer = %shared.net.local_peer_id(), "node started");
+
+    // Wait for the listeners so adverts carry real addresses.
+    let t0 = tokio::time::Instant::now();
+    loop {
+        let info = shared.net.info().await?;
+        if !info.listen_addrs.is_empty() || t0.elapsed() > Duration::from_secs(5) {
+            *shared.listen_addrs.lock() = info.listen_addrs;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Provider records for what the store holds.
+    for (id, _) in shared.store.list() {
+        shared.net.provide(id.as_bytes().to_vec()).await;
+    }
+    let (control_addr, control_task) = control::serve(shared.clone(), stop_rx.clone()).await?;
+    tasks.push(control_task);
+    tasks.push(tokio::spawn(inbound_loop(shared.clone(), inbound)));
+    tasks.push(tokio::spawn(advert_loop(shared.clone(), stop_rx)));
+    if shared.config.bench {
+        tasks.push(tokio::spawn(bench_loop(shared.clone())));
+    }
+    Ok(NodeHandle {
+        shared,
+        control_addr,
+        stop: stop_tx,
+        cancel: cancel_tx,
+        tasks,
+    })
+}
+
+/// `tern node`: runs until `shutdown` resolves, then stops gracefully.
+pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    let node = start(config).await?;
+    println!("peer id  {}", node.peer_id());
+    for a in node.dial_addrs() {
+        println!("listen   {a}");
+    }
+    println!("control  http://{}", node.control_addr);
+    shutdown.await;
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn publish_advert(shared: &Arc<Shared>) -> Result<()> {
+    let info = shared.net.info().await?;
+    *shared.listen_addrs.lock() = info.listen_addrs;
+    let advert = shared.advert();
+    let bytes = shared.seal(
+        &Payload::Advert(advert.clone()),
+        Duration::from_secs(shared.config.advert_ttl_secs),
+    );
+    // Our own advert goes in our own table too, so `tern peers` shows us.
+    if let Ok(o) = protocol::open(&bytes) {
+        record_advert(shared, &o, advert);
+    }
+    shared.net.publish(bytes).await
+}
+
+async fn advert_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(shared.config.advert_interval());
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if let Err(e) = publish_advert(&shared).await {
+            tracing::debug!("advert not published: {e:#}");
+        }
+    }
+}
+
+async fn bench_loop(shared: Arc<Shared>) {
+    loop {
+        let epoch = protocol::bench_epoch(now_ms());
+        let s = shared.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            hw::run_bench(&s.key.public(), epoch, &s.cpu, Duration::from_millis(300))
+        })
+        .await;
+        match r {
+            Ok(Ok(score)) => {
+                tracing::info!(macs_per_second = score.macs_per_second, "benchmark");
+                *shared.score.lock() = Some(score);
+            }
+            Ok(Err(e)) => tracing::warn!("benchmark failed: {e:#}"),
+            Err(e) => tracing::warn!("benchmark panicked: {e}"),
+        }
+        let next = (epoch + 1) * protocol::BENCH_EPOCH_MS;
+        tokio::time::sleep(Duration::from_millis(next.saturating_sub(now_ms()) + 1000)).await;
+    }
+}
+
+fn record_advert(shared: &Arc<Shared>, o: &Opened, advert: Advert) {
+    let verified = advert
+        .score
+        .as_ref()
+        .and_then(|s| shared.score_checks.lock().get(&(o.signer, s.epoch)).copied());
+    let entry = PeerEntry {
+        advert,
+        issued_at_ms: o.validity.issued_at_ms,
+        expires_at_ms: o.validity.expires_at_ms,
+        score_verified: verified == Some(true),
+    };
+    shared.peers.lock().insert(o.signer, entry, now_ms());
+}
+
+/// Validates a gossiped advert: size, strict signature, freshness, replay,
+/// field limits. Returns the opened envelope and the advert.
+pub fn validate_advert(shared: &Shared, data: &[u8]) -> Result<(Opened, Advert)> {
+    let opened = protocol::open(data)?;
+    shared.replay.lock().admit(&opened, now_ms())?;
+    match &opened.payload {
+        Payload::Advert(a) => {
+            let a = a.clone();
+            Ok((opened, a))
+        }
+        other => Err(anyhow!("a {} on the advert topic", payload_name(other))),
+    }
+}
+
+fn payload_name(p: &Payload) -> &'static str {
+    match p {
+        Payload::Advert(_) => "advert",
+        Payload::Task(_) => "task",
+        Payload::TaskResult(_) => "task result",
+    }
+}
+
+async fn on_advert(shared: &Arc<Shared>, source: PeerId, id: gossipsub::MessageId, data: Vec<u8>) {
+    match validate_advert(shared, &data) {
+        Ok((opened, advert)) => {
+            shared
+                .net
+                .validation(source, id, gossipsub::MessageAcceptance::Accept)
+                .await;
+            shared.stats.lock().adverts_accepted += 1;
+            if let Ok(peer) = identity::peer_id(&opened.signer) {
+                for a in &advert.listen_addrs {
+                    if let Ok(addr) = a.parse::<Multiaddr>() {
+                        shared.net.add_address(peer, addr).await;
+                    }
+                }
+            }
+            let check = advert.score.as_ref().map(|s| (s.epoch, s.output_hash));
+            record_advert(shared, &opened, advert);
+            if let Some((epoch, hash)) = check {
+                spawn_score_check(shared.clone(), opened.signer, epoch, hash);
+            }
+        }
+        Err(e) => {
+            // Penalizes the forwarder in gossipsub's scoring.
+            shared
+                .net
+                .validation(source, id, gossipsub::MessageAcceptance::Reject)
+                .await;
+            shared.stats.lock().adverts_refused += 1;
+            tracing::warn!(from = %source, "refused an advert: {e:#}");
+        }
+    }
+}
+
+/// Recomputes a peer's benchmark hash once per (peer, epoch) and marks its
+/// table entry.
+fn spawn_score_check(shared: Arc<Shared>, signer: PublicKey, epoch: u64, hash: ContentId) {
+    if shared.score_checks.lock().contains_key(&(signer, epoch)) {
+        return;
+    }
+    let current = protocol::bench_epoch(now_ms());
+    if epoch + 1 < current || epoch > current + 1 {
+        shared.score_checks.lock().insert((signer, epoch), false);
+        return;
+    }
+    tokio::spawn(async move {
+        let ok = tokio::task::spawn_blocking(move || hw::expected_bench_hash(&signer, epoch))
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .is_some_and(|expected| expected == hash);
+        if !ok {
+            tracing::warn!(peer = %signer, "advertised benchmark hash does not match its seed");
+        }
+        let mut checks = shared.score_checks.lock();
+        if checks.len() > 16_384 {
+            checks.clear();
+        }
+        checks.insert((signer, epoch), ok);
+        drop(checks);
+        shared.peers.lock().mark_score(&signer, epoch, ok);
+    });
+}
+
+async fn inbound_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>) {
+    // Bounded concurrency for blob serving and tasks.
+    let blob_slots = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut last_advert = tokio::time::Instant::now() - Duration::from_secs(60);
+    while let Some(event) = inbound.recv().await {
+        match event {
+            Inbound::Advert { source, id, data } => on_advert(&shared, source, id, data).await,
+            Inbound::BlobRequest { peer, request, channel } => {
+                let Ok(permit) = blob_slots.clone().try_acquire_owned() else {
+                    tracing::debug!(%peer, "blob request dropped: too many in flight");
+                    continue;
+                };
+                let s = shared.clone();
+                tokio::spawn(async move {
+                    let s2 = s.clone();
+                    let resp = tokio::task::spawn_blocking(move || fetch::serve(&s2, &request)).await;
+                    drop(permit);
+                    if let Ok(resp) = resp {
+                        s.stats.lock().blob_requests_served += 1;
+                        s.net.respond(net::BLOB_PROTOCOL, channel, resp).await;
+                    }
+                });
+            }
+            Inbound::Task { peer, request, channel } => {
+                tokio::spawn(executor::handle(shared.clone(), peer, request, channel));
+            }
+            Inbound::Connected { .. } => {
+                // Tell a new neighbour about us soon, rather than at the next tick.
+                if last_advert.elapsed() > Duration::from_millis(500) {
+                    last_advert = tokio::time::Instant::now();
+                    let s = shared.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(600)).await;
+                        let _ = publish_advert(&s).await;
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Loads a config for `tern node`: the file if given, then flags on top.
+pub fn load_config(file: Option<&std::path::Path>) -> Result<Config> {
+    match file {
+        Some(f) => Config::load(f),
+        None => Ok(Config::default()),
+    }
+    .context("loading the node configuration")
+}

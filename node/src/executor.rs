@@ -1,0 +1,245 @@
+//! Tasks: the worker's side (check, fetch, run on the kernels, answer with
+//! a signed result) and the submitter's ([`submit`]).
+//!
+//! Tasks are data. Nothing a submitter sends is executed except tern's own
+//! kernels, on inputs named by content id and verified on arrival.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use libp2p::PeerId;
+use protocol::{
+    ContentId, InferOutput, InferParams, Opened, Payload, PublicKey, Task, TaskParams, TaskResult, TaskStatus,
+};
+
+use crate::daemon::{Shared, now_ms};
+use crate::net::{Responder, TASK_PROTOCOL};
+use crate::{fetch, hw, identity};
+
+/// How long a result envelope stays valid.
+const RESULT_TTL: Duration = Duration::from_secs(600);
+/// How long a task envelope stays valid.
+const TASK_TTL: Duration = Duration::from_secs(300);
+
+/// Answers one inbound task request.
+pub async fn handle(shared: Arc<Shared>, peer: PeerId, request: Vec<u8>, channel: Responder) {
+    let result = process(&shared, peer, &request).await;
+    {
+        let mut st = shared.stats.lock();
+        match result.status {
+            TaskStatus::Done => st.tasks_done += 1,
+            TaskStatus::Refused | TaskStatus::HandedBack => st.tasks_refused += 1,
+            TaskStatus::Failed => st.tasks_failed += 1,
+        }
+    }
+    if result.status != TaskStatus::Done {
+        tracing::warn!(%peer, task = %result.task, status = ?result.status, "task not done: {}", result.error);
+    } else {
+        tracing::info!(%peer, task = %result.task, work = result.work, "task done");
+    }
+    let bytes = shared.seal(&Payload::TaskResult(result), RESULT_TTL);
+    shared.net.respond(TASK_PROTOCOL, channel, bytes).await;
+}
+
+/// Decrements the active-task count when dropped.
+struct Slot<'a>(&'a Shared);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.active_tasks.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn refuse(task: ContentId, inputs: &[ContentId], why: impl std::fmt::Display) -> TaskResult {
+    TaskResult::not_done(task, inputs.to_vec(), TaskStatus::Refused, &why.to_string())
+}
+
+/// Checks a task envelope against this node's rules, then runs it.
+async fn process(shared: &Arc<Shared>, peer: PeerId, request: &[u8]) -> TaskResult {
+    let raw_id = ContentId::of(request);
+    let opened = match protocol::open(request) {
+        Ok(o) => o,
+        Err(e) => return refuse(raw_id, &[], format!("refused envelope: {e}")),
+    };
+    let Payload::Task(task) = &opened.payload else {
+        return refuse(opened.body_id, &[], "the envelope does not carry a task");
+    };
+    let (id, inputs) = (opened.body_id, task.inputs.as_slice());
+    if let Err(e) = shared.replay.lock().admit(&opened, now_ms()) {
+        return refuse(id, inputs, format!("refused envelope: {e}"));
+    }
+    if let Err(why) = admissible(shared, &opened, task, peer) {
+        return refuse(id, inputs, why);
+    }
+    if !shared.accepting.load(Ordering::SeqCst) {
+        return TaskResult::not_done(
+            id,
+            inputs.to_vec(),
+            TaskStatus::HandedBack,
+            "the worker is shutting down",
+        );
+    }
+    let max = shared.config.limits.max_tasks;
+    if shared.active_tasks.fetch_add(1, Ordering::SeqCst) >= max {
+        shared.active_tasks.fetch_sub(1, Ordering::SeqCst);
+        return refuse(id, inputs, format!("busy: {max} tasks already running"));
+    }
+    let _slot = Slot(shared);
+    let timeout = Duration::from_secs(shared.config.limits.task_timeout_secs);
+    let mut cancel = shared.cancel.clone();
+    let run = run(shared, peer, task);
+    tokio::select! {
+        r = tokio::time::timeout(timeout, run) => match r {
+            Ok(Ok((output, work))) => TaskResult {
+                task: id,
+                inputs: inputs.to_vec(),
+                status: TaskStatus::Done,
+                output: Some(output),
+                work,
+                error: String::new(),
+            },
+            Ok(Err(e)) => TaskResult::not_done(id, inputs.to_vec(), TaskStatus::Failed, &format!("{e:#}")),
+            Err(_) => TaskResult::not_done(id, inputs.to_vec(), TaskStatus::Failed, &format!("timed out after {} s", timeout.as_secs())),
+        },
+        _ = cancel.wait_for(|c| *c) => {
+            TaskResult::not_done(id, inputs.to_vec(), TaskStatus::HandedBack, "the worker is shutting down")
+        }
+    }
+}
+
+/// Policy and resource checks that need no input data.
+fn admissible(shared: &Shared, opened: &Opened, task: &Task, peer: PeerId) -> Result<(), String> {
+    if task.worker != shared.key.public() {
+        return Err("addressed to another worker".into());
+    }
+    if identity::public_key(&peer) != Some(opened.signer) {
+        // A task relayed by someone else is refused: the answer goes back
+        // on this connection, and the submitter must be the one asking.
+        return Err("the sending peer is not the task's signer".into());
+    }
+    let policy = &shared.config.policy;
+    if !policy.open
+        && !policy
+            .allow
+            .iter()
+            .any(|a| a.parse::<PublicKey>().ok() == Some(opened.signer))
+    {
+        return Err(format!("submitter {} is not on this node's allowlist", opened.signer));
+    }
+    let limits = &shared.config.limits;
+    if limits.only_when_charging && hw::power() == protocol::Power::Battery {
+        return Err("this node takes tasks only on mains power and is on battery".into());
+    }
+    if task.max_work > limits.max_work {
+        return Err(format!(
+            "max_work {} is above this node's limit of {}",
+            task.max_work, limits.max_work
+        ));
+    }
+    if let TaskParams::LoraShard(_) = task.params {
+        return Err("lora_shard tasks are not supported by this version".into());
+    }
+    Ok(())
+}
+
+/// Fetches the inputs and runs the task. Returns the output blob and work.
+async fn run(shared: &Arc<Shared>, peer: PeerId, task: &Task) -> Result<(ContentId, u64)> {
+    let memory_limit = shared.config.limits.max_memory_mib.saturating_mul(1 << 20);
+    for input in &task.inputs {
+        fetch::fetch(shared, input, &[peer])
+            .await
+            .with_context(|| format!("fetching input {input}"))?;
+    }
+    match &task.params {
+        TaskParams::Infer(p) => {
+            let size = shared.store.size(&p.model).unwrap_or(0);
+            if size > memory_limit {
+                bail!("the model is {size} bytes, more than this node's memory limit of {memory_limit}");
+            }
+            let s = shared.clone();
+            let p = p.clone();
+            let tokens = tokio::task::spawn_blocking(move || infer(&s, &p)).await??;
+            let work = (p_len(task) + tokens.len()) as u64;
+            let out = InferOutput { tokens }.encode();
+            let store = shared.store.clone();
+            let id = tokio::task::spawn_blocking(move || store.put(&out)).await??;
+            shared.net.provide(id.as_bytes().to_vec()).await;
+            Ok((id, work))
+        }
+        TaskParams::LoraShard(_) => Err(anyhow!("lora_shard tasks are not supported by this version")),
+    }
+}
+
+fn p_len(task: &Task) -> usize {
+    match &task.params {
+        TaskParams::Infer(p) => p.prompt.len(),
+        TaskParams::LoraShard(_) => 0,
+    }
+}
+
+/// Runs generation on the CPU backend. The model blob is a GGUF file.
+fn infer(shared: &Shared, p: &InferParams) -> Result<Vec<u32>> {
+    let path = shared.store.path(&p.model);
+    let loaded = kernels::model::load(&path).context("the model blob is not a model tern can load")?;
+    let vocab = loaded.weights.config.vocab_size;
+    if let Some(bad) = p.prompt.iter().find(|&&t| t as usize >= vocab) {
+        bail!("prompt token {bad} is outside the model's vocabulary of {vocab}");
+    }
+    let model = kernels::model::Model::new(&loaded.weights, kernels::Backend::Cpu(shared.cpu.clone()))?;
+    let mut sampler = kernels::model::Sampler::new(kernels::model::SamplingParams {
+        temperature: p.sampling.temperature,
+        top_k: p.sampling.top_k as usize,
+        top_p: p.sampling.top_p,
+        repetition_penalty: 1.0,
+        seed: p.sampling.seed,
+    })?;
+    let (tokens, _) = model.generate(&p.prompt, p.max_tokens as usize, &mut sampler, &[], |_| true)?;
+    Ok(tokens)
+}
+
+/// A task's answer as the submitter checked it.
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    /// The task's id (content id of its signed body).
+    pub task_id: ContentId,
+    /// The worker's signed result envelope, kept as evidence.
+    pub envelope: Vec<u8>,
+    /// The verified result.
+    pub result: TaskResult,
+}
+
+/// Sends `task` to its worker and checks the answer: a valid signature by
+/// that worker, naming this task and its inputs. When done, the output blob
+/// is fetched (and verified) into the local store.
+pub async fn submit(shared: &Arc<Shared>, task: Task) -> Result<Submitted> {
+    let worker = task.worker;
+    let peer = identity::peer_id(&worker)?;
+    let bytes = shared.seal(&Payload::Task(task.clone()), TASK_TTL);
+    let task_id = protocol::open(&bytes)?.body_id;
+    let answer = shared.net.request(peer, TASK_PROTOCOL, bytes).await?;
+    let opened = protocol::open(&answer).context("the worker's answer")?;
+    if opened.signer != worker {
+        bail!("the answer is signed by {}, not by the worker {worker}", opened.signer);
+    }
+    let Payload::TaskResult(result) = opened.payload else {
+        bail!("the worker answered with something other than a result")
+    };
+    if result.task != task_id {
+        bail!("the worker's result names task {}, not {task_id}", result.task);
+    }
+    if result.status == TaskStatus::Done && result.inputs != task.inputs {
+        bail!("the worker's result names other inputs than the task");
+    }
+    if let Some(out) = result.output {
+        fetch::fetch(shared, &out, &[peer])
+            .await
+            .context("fetching the task's output")?;
+    }
+    Ok(Submitted {
+        task_id,
+        envelope: answer,
+        result,
+    })
+}

@@ -1,0 +1,228 @@
+//! Fetching blobs from peers: the outline first (checked against the id),
+//! then 1 MiB groups from every provider at once, each checked as it
+//! arrives; an interrupted fetch resumes from the groups already stored.
+//! A provider that sends bytes that do not match is dropped for this blob;
+//! one that fails or stalls has its groups handed to the others.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures::stream::{FuturesUnordered, StreamExt as _};
+use libp2p::PeerId;
+use prost::Message as _;
+use protocol::{ContentId, Outline, wire};
+
+use crate::daemon::Shared;
+use crate::net::BLOB_PROTOCOL;
+
+/// Group requests in flight per provider.
+const PER_PROVIDER: usize = 8;
+/// Failures after which a provider is given up on for this blob.
+const MAX_FAILURES: usize = 3;
+
+/// Serves a blob request from the local store.
+pub fn serve(shared: &Shared, request: &[u8]) -> Vec<u8> {
+    use wire::blob_response::Result as R;
+    let result = match wire::BlobRequest::decode(request) {
+        Err(e) => R::NotFound(format!("malformed request: {e}")),
+        Ok(req) => match <[u8; 32]>::try_from(req.id.as_slice()).map(ContentId::from_bytes) {
+            Err(_) => R::NotFound("malformed id".into()),
+            Ok(id) if !shared.store.has(&id) => R::NotFound(format!("{id} not held")),
+            Ok(id) => match req.what {
+                Some(wire::blob_request::What::Outline(_)) => match shared.store.outline(&id) {
+                    Ok(o) => R::Outline(o.to_wire()),
+                    Err(e) => R::NotFound(format!("{e:#}")),
+                },
+                Some(wire::blob_request::What::Group(g)) => match shared.store.read_group(&id, g) {
+                    Ok(bytes) => R::Group(bytes),
+                    Err(e) => R::NotFound(format!("{e:#}")),
+                },
+                None => R::NotFound("empty request".into()),
+            },
+        },
+    };
+    wire::BlobResponse { result: Some(result) }.encode_to_vec()
+}
+
+async fn ask(
+    shared: &Shared,
+    peer: PeerId,
+    id: &ContentId,
+    what: wire::blob_request::What,
+) -> Result<wire::blob_response::Result> {
+    let req = wire::BlobRequest {
+        id: id.as_bytes().to_vec(),
+        what: Some(what),
+    }
+    .encode_to_vec();
+    let bytes = shared.net.request(peer, BLOB_PROTOCOL, req).await?;
+    let resp = wire::BlobResponse::decode(bytes.as_slice())
+        .map_err(|e| anyhow!("malformed blob response from {peer}: {e}"))?;
+    match resp.result {
+        Some(wire::blob_response::Result::NotFound(why)) => {
+            Err(anyhow!("{peer}: {}", why.chars().take(200).collect::<String>()))
+        }
+        Some(r) => Ok(r),
+        None => Err(anyhow!("empty blob response from {peer}")),
+    }
+}
+
+/// Peers that may hold `id`: those given, those whose advert lists it, and
+/// Kademlia's provider records.
+pub async fn providers(shared: &Shared, id: &ContentId, hint: &[PeerId]) -> Vec<PeerId> {
+    let mut set: Vec<PeerId> = hint.to_vec();
+    for (key, entry) in shared.peers.lock().entries() {
+        if (entry.advert.blobs.contains(id) || entry.advert.models.contains(id))
+            && let Ok(p) = crate::identity::peer_id(&key)
+        {
+            set.push(p);
+        }
+    }
+    if set.is_empty()
+        && let Ok(Ok(found)) =
+            tokio::time::timeout(Duration::from_secs(10), shared.net.providers(id.as_bytes().to_vec())).await
+    {
+        set.extend(found);
+    }
+    let me = shared.net.local_peer_id();
+    let mut seen = HashSet::new();
+    set.retain(|p| *p != me && seen.insert(*p));
+    set
+}
+
+/// Fetches blob `id` into the store unless it is already there.
+pub async fn fetch(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]) -> Result<()> {
+    if shared.store.has(id) {
+        return Ok(());
+    }
+    let peers = providers(shared, id, hint).await;
+    if peers.is_empty() {
+        bail!("no peer is known to hold blob {id}");
+    }
+    // The outline, from the first provider that gives a valid one.
+    let mut outline = None;
+    let mut why = Vec::new();
+    for &p in &peers {
+        match ask(
+            shared,
+            p,
+            id,
+            wire::blob_request::What::Outline(wire::OutlineRequest {}),
+        )
+        .await
+        {
+            Ok(wire::blob_response::Result::Outline(w)) => match Outline::from_wire(w, id) {
+                Ok(o) => {
+                    outline = Some(o);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(peer = %p, blob = %id, "refused outline: {e}");
+                    why.push(format!("{p}: {e}"));
+                }
+            },
+            Ok(_) => why.push(format!("{p}: answered an outline request with something else")),
+            Err(e) => why.push(format!("{e:#}")),
+        }
+    }
+    let outline = outline.ok_or_else(|| anyhow!("no provider gave a valid outline of {id}: {}", why.join("; ")))?;
+    let limit = shared.config.limits.max_disk_mib.saturating_mul(1 << 20);
+    if outline.size() > limit {
+        bail!(
+            "blob {id} is {} bytes, more than this node's disk limit of {limit}",
+            outline.size()
+        );
+    }
+    let store = shared.store.clone();
+    let oid = *id;
+    let o2 = outline.clone();
+    let partial = tokio::task::spawn_blocking(move || store.partial(&oid, &o2)).await??;
+    let partial = Arc::new(std::sync::Mutex::new(partial));
+    let mut queue: VecDeque<u64> = partial.lock().map_err(|_| anyhow!("poisoned"))?.missing().into();
+    let mut providers: Vec<PeerId> = peers;
+    let mut failures: HashMap<PeerId, usize> = HashMap::new();
+    let mut in_flight: HashMap<PeerId, usize> = HashMap::new();
+    let mut running = FuturesUnordered::new();
+    let mut next = 0usize;
+    loop {
+        // Fill every provider's window.
+        while !queue.is_empty() && !providers.is_empty() {
+            let mut placed = false;
+            for _ in 0..providers.len() {
+                let p = providers[next % providers.len()];
+                next += 1;
+                if in_flight.get(&p).copied().unwrap_or(0) < PER_PROVIDER {
+                    let Some(g) = queue.pop_front() else { break };
+                    *in_flight.entry(p).or_default() += 1;
+                    let s = shared.clone();
+                    running.push(async move {
+                        let r = ask(&s, p, &oid, wire::blob_request::What::Group(g)).await;
+                        (p, g, r)
+                    });
+                    placed = true;
+                }
+            }
+            if !placed {
+                break;
+            }
+        }
+        let Some((p, g, r)) = running.next().await else {
+            break;
+        };
+        if let Some(n) = in_flight.get_mut(&p) {
+            *n -= 1;
+        }
+        match r {
+            Ok(wire::blob_response::Result::Group(bytes)) => {
+                let part = partial.clone();
+                let written = tokio::task::spawn_blocking(move || {
+                    part.lock()
+                        .map_err(|_| anyhow!("poisoned"))
+                        .and_then(|mut p| p.write_group(g, &bytes))
+                })
+                .await?;
+                if let Err(e) = written {
+                    tracing::warn!(peer = %p, blob = %id, group = g, "dropping a provider that sent bad bytes: {e:#}");
+                    providers.retain(|x| *x != p);
+                    queue.push_back(g);
+                }
+            }
+            Ok(_) => {
+                tracing::warn!(peer = %p, blob = %id, "dropping a provider that answered a group request with something else");
+                providers.retain(|x| *x != p);
+                queue.push_back(g);
+            }
+            Err(e) => {
+                let n = failures.entry(p).or_default();
+                *n += 1;
+                tracing::info!(peer = %p, blob = %id, group = g, "group request failed ({n}): {e:#}");
+                if *n >= MAX_FAILURES {
+                    providers.retain(|x| *x != p);
+                }
+                queue.push_back(g);
+            }
+        }
+        if queue.is_empty() && running.is_empty() {
+            break;
+        }
+        if providers.is_empty() && running.is_empty() {
+            break;
+        }
+    }
+    let missing = partial.lock().map_err(|_| anyhow!("poisoned"))?.missing().len();
+    if missing > 0 {
+        // What arrived stays in partial/ and the next fetch resumes from it.
+        bail!(
+            "fetching blob {id}: every provider failed with {missing} of {} groups missing",
+            outline.groups()
+        );
+    }
+    let part = Arc::try_unwrap(partial).map_err(|_| anyhow!("a group write is still running"))?;
+    let part = part.into_inner().map_err(|_| anyhow!("poisoned"))?;
+    tokio::task::spawn_blocking(move || part.finish())
+        .await?
+        .context("storing the fetched blob")?;
+    Ok(())
+}

@@ -1,0 +1,194 @@
+//! What this machine has, for adverts: CPU, GPUs, memory, disk, power, and a
+//! seeded ternary benchmark whose output hash a peer recomputes.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use kernels::cpu::{Cpu, Isa};
+use kernels::rng::SplitMix64;
+use kernels::{QuantizedActivations, TernaryMatrix};
+use protocol::{BenchScore, ContentId, PublicKey};
+
+/// The CPU as an advert describes it.
+pub fn cpu(threads: usize) -> protocol::Cpu {
+    protocol::Cpu {
+        threads: threads as u32,
+        arch: std::env::consts::ARCH.to_string(),
+        features: Isa::ALL
+            .into_iter()
+            .filter(|i| *i != Isa::Scalar && i.is_available())
+            .map(|i| i.name().to_string())
+            .collect(),
+    }
+}
+
+/// The first wgpu adapter, if there is one.
+pub fn gpus() -> Vec<protocol::Gpu> {
+    match kernels::gpu::Gpu::new(&kernels::gpu::GpuOptions::default()) {
+        Ok(g) => {
+            let info = g.info();
+            vec![protocol::Gpu {
+                name: info.name.chars().take(128).collect(),
+                vendor: format!("{:#x}", info.vendor),
+                device_type: format!("{:?}", info.device_type).to_lowercase(),
+                api: format!("{:?}", info.backend).to_lowercase(),
+                max_buffer_bytes: g.max_binding(),
+            }]
+        }
+        Err(e) => {
+            tracing::debug!("no wgpu adapter for the advert: {e}");
+            Vec::new()
+        }
+    }
+}
+
+/// Physical memory in bytes (0 where unknown).
+pub fn ram_bytes() -> u64 {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: sysinfo fills the struct it is given and nothing else.
+        let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is a valid, writable sysinfo struct.
+        if unsafe { libc::sysinfo(&mut info) } == 0 {
+            return info.totalram as u64 * u64::from(info.mem_unit);
+        }
+    }
+    0
+}
+
+/// Free bytes on the file system holding `dir` (0 where unknown).
+pub fn free_disk_bytes(dir: &Path) -> u64 {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt as _;
+        let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+            return 0;
+        };
+        // SAFETY: statvfs only writes the struct it is given.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is a NUL-terminated path and `st` a valid, writable struct.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0 {
+            return st.f_bavail as u64 * st.f_frsize as u64;
+        }
+    }
+    let _ = dir;
+    0
+}
+
+/// Mains or battery, from `/sys/class/power_supply` on Linux (Android
+/// included); unknown elsewhere.
+pub fn power() -> protocol::Power {
+    power_from(Path::new("/sys/class/power_supply"))
+}
+
+fn power_from(root: &Path) -> protocol::Power {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return protocol::Power::Unknown;
+    };
+    let mut any_battery = false;
+    for e in entries.flatten() {
+        let read = |f: &str| {
+            std::fs::read_to_string(e.path().join(f))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        match read("type").as_str() {
+            "Mains" | "USB" if read("online") == "1" => return protocol::Power::Plugged,
+            "Battery" => {
+                any_battery = true;
+                if matches!(read("status").as_str(), "Charging" | "Full") {
+                    return protocol::Power::Plugged;
+                }
+            }
+            _ => {}
+        }
+    }
+    if any_battery {
+        protocol::Power::Battery
+    } else {
+        protocol::Power::Plugged
+    }
+}
+
+/// Shape of the benchmark product: 512 x 2048 ternary weights by 8 tokens.
+const BENCH_ROWS: usize = 512;
+const BENCH_COLS: usize = 2048;
+const BENCH_TOKENS: usize = 8;
+
+fn bench_inputs(seed: u64) -> Result<(TernaryMatrix, QuantizedActivations)> {
+    let mut rng = SplitMix64::new(seed);
+    let w = TernaryMatrix::from_trits(BENCH_ROWS, BENCH_COLS, &rng.trits(BENCH_ROWS * BENCH_COLS), 1.0)?;
+    let x = QuantizedActivations::quantize(BENCH_TOKENS, BENCH_COLS, &rng.signed_f32s(BENCH_TOKENS * BENCH_COLS))?;
+    Ok((w, x))
+}
+
+fn output_hash(acc: &[i32]) -> ContentId {
+    let bytes: Vec<u8> = acc.iter().flat_map(|v| v.to_le_bytes()).collect();
+    ContentId::of(&bytes)
+}
+
+/// The output hash the benchmark of `signer` in `epoch` must produce.
+/// Integer ternary arithmetic is exact, so every backend agrees.
+pub fn expected_bench_hash(signer: &PublicKey, epoch: u64) -> Result<ContentId> {
+    let (w, x) = bench_inputs(protocol::bench_seed(signer, epoch))?;
+    let cpu = Cpu::new(Isa::detect(), 1)?;
+    Ok(output_hash(&cpu.matmul(&w, &x)?))
+}
+
+/// Runs the benchmark for about `budget` and reports the score.
+pub fn run_bench(signer: &PublicKey, epoch: u64, cpu: &Cpu, budget: Duration) -> Result<BenchScore> {
+    let (w, x) = bench_inputs(protocol::bench_seed(signer, epoch))?;
+    let first = cpu.matmul(&w, &x)?;
+    let mut runs = 0u64;
+    let t0 = Instant::now();
+    while t0.elapsed() < budget || runs < 3 {
+        std::hint::black_box(cpu.matmul(&w, &x)?);
+        runs += 1;
+    }
+    let macs = runs * (BENCH_ROWS * BENCH_COLS * BENCH_TOKENS) as u64;
+    Ok(BenchScore {
+        epoch,
+        output_hash: output_hash(&first),
+        macs_per_second: (macs as f64 / t0.elapsed().as_secs_f64()) as u64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::Keypair;
+
+    #[test]
+    fn the_benchmark_hash_is_reproducible_and_per_node() {
+        let a = Keypair::from_secret([1; 32]).public();
+        let b = Keypair::from_secret([2; 32]).public();
+        let cpu = Cpu::new(Isa::Scalar, 2).unwrap();
+        let s = run_bench(&a, 5, &cpu, Duration::from_millis(1)).unwrap();
+        assert_eq!(s.output_hash, expected_bench_hash(&a, 5).unwrap());
+        assert_ne!(s.output_hash, expected_bench_hash(&b, 5).unwrap());
+        assert_ne!(s.output_hash, expected_bench_hash(&a, 6).unwrap());
+        assert!(s.macs_per_second > 0);
+    }
+
+    #[test]
+    fn power_state_from_sysfs() {
+        let root = std::env::temp_dir().join(format!("tern-power-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let supply = |name: &str, files: &[(&str, &str)]| {
+            let d = root.join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            for (f, v) in files {
+                std::fs::write(d.join(f), format!("{v}\n")).unwrap();
+            }
+        };
+        supply("BAT0", &[("type", "Battery"), ("status", "Discharging")]);
+        supply("AC", &[("type", "Mains"), ("online", "0")]);
+        assert_eq!(power_from(&root), protocol::Power::Battery);
+        supply("AC", &[("type", "Mains"), ("online", "1")]);
+        assert_eq!(power_from(&root), protocol::Power::Plugged);
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(power_from(&root), protocol::Power::Unknown);
+    }
+}

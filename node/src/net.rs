@@ -1,0 +1,616 @@
+//! The libp2p swarm, shaped like rust-libp2p's file-sharing example: a
+//! cloneable [`Net`] handle sends [`Command`]s with `oneshot` replies over a
+//! bounded channel to one event loop that owns the `Swarm`; what peers send
+//! comes out as [`Inbound`] events on another bounded channel.
+//!
+//! Protocols: QUIC and TCP (noise + yamux), identify, ping, Kademlia
+//! (`/tern/kad/1`), mDNS (optional), gossipsub (adverts on
+//! [`ADVERT_TOPIC`]), request-response `/tern/blob/1` and `/tern/task/1`,
+//! connection limits, and, when configured, AutoNAT + relay client + DCUtR.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, autonat, connection_limits, dcutr, gossipsub, identify, kad, mdns, noise,
+    ping, relay, request_response, tcp, yamux,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::Config;
+
+/// Gossipsub topic of hardware adverts.
+pub const ADVERT_TOPIC: &str = "/tern/adverts/1";
+/// Blob transfer protocol.
+pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/blob/1");
+/// Task protocol: a signed task envelope in, a signed result envelope out.
+pub const TASK_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/task/1");
+
+/// Length-prefixed opaque messages with a size limit per direction.
+#[derive(Debug, Clone)]
+pub struct Codec {
+    max_request: usize,
+    max_response: usize,
+}
+
+async fn read_frame<T: futures::AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("message of {len} bytes is over the limit of {max}"),
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    io.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn write_frame<T: futures::AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8], max: usize) -> io::Result<()> {
+    if bytes.len() > max {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "message over the limit"));
+    }
+    io.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
+    io.write_all(bytes).await?;
+    io.close().await
+}
+
+impl request_response::Codec for Codec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T: futures::AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Vec<u8>> {
+        read_frame(io, self.max_request).await
+    }
+
+    async fn read_response<T: futures::AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Vec<u8>> {
+        read_frame(io, self.max_response).await
+    }
+
+    async fn write_request<T: futures::AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> io::Result<()> {
+        write_frame(io, &req, self.max_request).await
+    }
+
+    async fn write_response<T: futures::AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Vec<u8>,
+    ) -> io::Result<()> {
+        write_frame(io, &res, self.max_response).await
+    }
+}
+
+/// Every protocol the node speaks.
+#[derive(NetworkBehaviour)]
+#[allow(missing_debug_implementations)] // the derived event type cannot be Debug-derived for every field
+pub struct Behaviour {
+    limits: connection_limits::Behaviour,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    gossip: gossipsub::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+    blob: request_response::Behaviour<Codec>,
+    task: request_response::Behaviour<Codec>,
+    relay: relay::client::Behaviour,
+    dcutr: Toggle<dcutr::Behaviour>,
+    autonat: Toggle<autonat::Behaviour>,
+}
+
+/// An inbound request waiting for its response.
+pub type Responder = request_response::ResponseChannel<Vec<u8>>;
+
+/// What peers send that the node must act on.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A gossip message on the advert topic, to validate and report.
+    Advert {
+        source: PeerId,
+        id: gossipsub::MessageId,
+        data: Vec<u8>,
+    },
+    /// A blob-protocol request.
+    BlobRequest {
+        peer: PeerId,
+        request: Vec<u8>,
+        channel: Responder,
+    },
+    /// A task envelope.
+    Task {
+        peer: PeerId,
+        request: Vec<u8>,
+        channel: Responder,
+    },
+    /// A connection was established with a peer.
+    Connected { peer: PeerId },
+}
+
+/// Requests to the event loop.
+#[derive(Debug)]
+pub enum Command {
+    Publish {
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Validation {
+        source: PeerId,
+        id: gossipsub::MessageId,
+        accept: gossipsub::MessageAcceptance,
+    },
+    Request {
+        peer: PeerId,
+        protocol: StreamProtocol,
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>>>,
+    },
+    Respond {
+        protocol: StreamProtocol,
+        channel: Responder,
+        data: Vec<u8>,
+    },
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    AddAddress {
+        peer: PeerId,
+        addr: Multiaddr,
+    },
+    Provide {
+        key: Vec<u8>,
+    },
+    Providers {
+        key: Vec<u8>,
+        reply: oneshot::Sender<HashSet<PeerId>>,
+    },
+    Info {
+        reply: oneshot::Sender<NetInfo>,
+    },
+}
+
+/// A snapshot of the swarm.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NetInfo {
+    pub peer_id: String,
+    pub listen_addrs: Vec<String>,
+    pub connected: Vec<String>,
+}
+
+/// A cloneable handle to the event loop.
+#[derive(Debug, Clone)]
+pub struct Net {
+    tx: mpsc::Sender<Command>,
+    local: PeerId,
+}
+
+impl Net {
+    /// This node's peer id.
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local
+    }
+
+    async fn call<T>(&self, f: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(f(tx))
+            .await
+            .map_err(|_| anyhow!("the network has stopped"))?;
+        rx.await.map_err(|_| anyhow!("the network has stopped"))
+    }
+
+    /// Publishes on the advert topic.
+    pub async fn publish(&self, data: Vec<u8>) -> Result<()> {
+        self.call(|reply| Command::Publish { data, reply }).await?
+    }
+
+    /// Reports a gossip message's validation result (forwarding it or not).
+    pub async fn validation(&self, source: PeerId, id: gossipsub::MessageId, accept: gossipsub::MessageAcceptance) {
+        let _ = self.tx.send(Command::Validation { source, id, accept }).await;
+    }
+
+    /// Sends a request and waits for the response.
+    pub async fn request(&self, peer: PeerId, protocol: StreamProtocol, data: Vec<u8>) -> Result<Vec<u8>> {
+        self.call(|reply| Command::Request {
+            peer,
+            protocol,
+            data,
+            reply,
+        })
+        .await?
+    }
+
+    /// Answers an inbound request.
+    pub async fn respond(&self, protocol: StreamProtocol, channel: Responder, data: Vec<u8>) {
+        let _ = self
+            .tx
+            .send(Command::Respond {
+                protocol,
+                channel,
+                data,
+            })
+            .await;
+    }
+
+    /// Dials an address (with or without `/p2p/`).
+    pub async fn dial(&self, addr: Multiaddr) -> Result<()> {
+        self.call(|reply| Command::Dial { addr, reply }).await?
+    }
+
+    /// Tells the swarm where a peer can be reached.
+    pub async fn add_address(&self, peer: PeerId, addr: Multiaddr) {
+        let _ = self.tx.send(Command::AddAddress { peer, addr }).await;
+    }
+
+    /// Announces on Kademlia that this node provides `key`.
+    pub async fn provide(&self, key: Vec<u8>) {
+        let _ = self.tx.send(Command::Provide { key }).await;
+    }
+
+    /// Providers of `key` found on Kademlia.
+    pub async fn providers(&self, key: Vec<u8>) -> Result<HashSet<PeerId>> {
+        self.call(|reply| Command::Providers { key, reply }).await
+    }
+
+    /// Peer id, listen addresses and connected peers.
+    pub async fn info(&self) -> Result<NetInfo> {
+        self.call(|reply| Command::Info { reply }).await
+    }
+}
+
+/// Builds the swarm, starts listening, and returns the handle, the inbound
+/// events and the event loop to spawn.
+pub fn start(config: &Config, key: libp2p::identity::Keypair) -> Result<(Net, mpsc::Receiver<Inbound>, EventLoop)> {
+    let nat = config.nat_traversal;
+    let mdns_on = config.mdns;
+    let max_conn = config.max_connections;
+    let per_peer = config.max_connections_per_peer;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )?
+        .with_quic()
+        .with_dns()?
+        .with_relay_client(noise::Config::new, yamux::Config::default)?
+        .with_behaviour(|key, relay| {
+            let peer = key.public().to_peer_id();
+            let gossip_config = gossipsub::ConfigBuilder::default()
+                .validation_mode(gossipsub::ValidationMode::Strict)
+                .validate_messages()
+                .max_transmit_size(protocol::limits::MAX_ENVELOPE_BYTES + 1024)
+                .heartbeat_interval(Duration::from_millis(500))
+                .build()?;
+            let mut kad_config = kad::Config::new(StreamProtocol::new("/tern/kad/1"));
+            kad_config.set_query_timeout(Duration::from_secs(20));
+            let mut kad = kad::Behaviour::with_config(peer, kad::store::MemoryStore::new(peer), kad_config);
+            kad.set_mode(Some(kad::Mode::Server));
+            let rr = |p: StreamProtocol, max_request, max_response, timeout| {
+                request_response::Behaviour::with_codec(
+                    Codec {
+                        max_request,
+                        max_response,
+                    },
+                    [(p, request_response::ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(timeout)
+                        .with_max_concurrent_streams(256),
+                )
+            };
+            Ok(Behaviour {
+                limits: connection_limits::Behaviour::new(
+                    connection_limits::ConnectionLimits::default()
+                        .with_max_established(Some(max_conn))
+                        .with_max_established_per_peer(Some(per_peer))
+                        .with_max_pending_incoming(Some(max_conn / 2 + 1)),
+                ),
+                identify: identify::Behaviour::new(identify::Config::new("/tern/1".into(), key.public())),
+                ping: ping::Behaviour::default(),
+                kad,
+                gossip: gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_config)?,
+                mdns: Toggle::from(if mdns_on {
+                    Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer)?)
+                } else {
+                    None
+                }),
+                blob: rr(
+                    BLOB_PROTOCOL,
+                    4096,
+                    protocol::limits::MAX_BLOB_MESSAGE,
+                    Duration::from_secs(60),
+                ),
+                task: rr(
+                    TASK_PROTOCOL,
+                    protocol::limits::MAX_ENVELOPE_BYTES,
+                    protocol::limits::MAX_ENVELOPE_BYTES,
+                    Duration::from_secs(config_task_timeout()),
+                ),
+                relay,
+                dcutr: Toggle::from(nat.then(|| dcutr::Behaviour::new(peer))),
+                autonat: Toggle::from(nat.then(|| autonat::Behaviour::new(peer, autonat::Config::default()))),
+            })
+        })?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+        .build();
+    swarm
+        .behaviour_mut()
+        .gossip
+        .subscribe(&gossipsub::IdentTopic::new(ADVERT_TOPIC))
+        .map_err(|e| anyhow!("subscribing to adverts: {e:?}"))?;
+    for addr in &config.listen {
+        let a: Multiaddr = addr.parse().with_context(|| format!("listen address {addr:?}"))?;
+        swarm.listen_on(a).with_context(|| format!("listening on {addr}"))?;
+    }
+    for addr in &config.bootstrap {
+        let a: Multiaddr = addr.parse().with_context(|| format!("bootstrap address {addr:?}"))?;
+        if let Some(peer) = peer_of(&a) {
+            swarm.behaviour_mut().kad.add_address(&peer, a.clone());
+        }
+        if let Err(e) = swarm.dial(a) {
+            tracing::warn!("dialing bootstrap peer {addr}: {e}");
+        }
+    }
+    let (tx, rx) = mpsc::channel(256);
+    let (in_tx, in_rx) = mpsc::channel(256);
+    let local = *swarm.local_peer_id();
+    Ok((
+        Net { tx, local },
+        in_rx,
+        EventLoop {
+            swarm,
+            commands: rx,
+            inbound: in_tx,
+            pending: HashMap::new(),
+            providers: HashMap::new(),
+        },
+    ))
+}
+
+/// Task requests may take as long as the task; the worker's own timeout is
+/// the real bound.
+fn config_task_timeout() -> u64 {
+    3600
+}
+
+/// The peer id in a multiaddress's `/p2p/` suffix.
+pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+        _ => None,
+    })
+}
+
+type Pending = HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Vec<u8>>>>;
+
+/// The task that owns the swarm.
+pub struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    inbound: mpsc::Sender<Inbound>,
+    pending: Pending,
+    providers: HashMap<kad::QueryId, (HashSet<PeerId>, oneshot::Sender<HashSet<PeerId>>)>,
+}
+
+impl std::fmt::Debug for EventLoop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLoop")
+            .field("peer", self.swarm.local_peer_id())
+            .finish()
+    }
+}
+
+impl EventLoop {
+    /// Runs until every [`Net`] handle is dropped.
+    pub async fn run(mut self) {
+        let mut bootstrap = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_event(event).await,
+                command = self.commands.recv() => match command {
+                    Some(c) => self.on_command(c),
+                    None => break,
+                },
+                _ = bootstrap.tick() => {
+                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                }
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        let b = self.swarm.behaviour_mut();
+        match command {
+            Command::Publish { data, reply } => {
+                let r = b
+                    .gossip
+                    .publish(gossipsub::IdentTopic::new(ADVERT_TOPIC), data)
+                    .map(drop)
+                    .map_err(|e| anyhow!("publishing: {e:?}"));
+                let _ = reply.send(r);
+            }
+            Command::Validation { source, id, accept } => {
+                b.gossip.report_message_validation_result(&id, &source, accept);
+            }
+            Command::Request {
+                peer,
+                protocol,
+                data,
+                reply,
+            } => {
+                let id = if protocol == BLOB_PROTOCOL {
+                    b.blob.send_request(&peer, data)
+                } else {
+                    b.task.send_request(&peer, data)
+                };
+                self.pending.insert(id, reply);
+            }
+            Command::Respond {
+                protocol,
+                channel,
+                data,
+            } => {
+                let r = if protocol == BLOB_PROTOCOL {
+                    b.blob.send_response(channel, data)
+                } else {
+                    b.task.send_response(channel, data)
+                };
+                if r.is_err() {
+                    tracing::debug!("a peer went away before its response was sent");
+                }
+            }
+            Command::Dial { addr, reply } => {
+                if let Some(peer) = peer_of(&addr) {
+                    b.kad.add_address(&peer, addr.clone());
+                }
+                let _ = reply.send(self.swarm.dial(addr).map_err(|e| anyhow!("dial: {e}")));
+            }
+            Command::AddAddress { peer, addr } => {
+                b.kad.add_address(&peer, addr.clone());
+                self.swarm.add_peer_address(peer, addr);
+            }
+            Command::Provide { key } => {
+                if let Err(e) = b.kad.start_providing(kad::RecordKey::new(&key)) {
+                    tracing::warn!("kademlia provider record: {e}");
+                }
+            }
+            Command::Providers { key, reply } => {
+                let q = b.kad.get_providers(kad::RecordKey::new(&key));
+                self.providers.insert(q, (HashSet::new(), reply));
+            }
+            Command::Info { reply } => {
+                let _ = reply.send(NetInfo {
+                    peer_id: self.swarm.local_peer_id().to_string(),
+                    listen_addrs: self.swarm.listeners().map(|a| a.to_string()).collect(),
+                    connected: self.swarm.connected_peers().map(|p| p.to_string()).collect(),
+                });
+            }
+        }
+    }
+
+    async fn forward(&mut self, event: Inbound) {
+        // Bounded: if the node falls behind, the swarm waits (back-pressure)
+        // instead of queueing without limit.
+        if self.inbound.send(event).await.is_err() {
+            tracing::debug!("inbound event dropped: the node is stopping");
+        }
+    }
+
+    async fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => tracing::info!(%address, "listening"),
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                if num_established.get() == 1 {
+                    self.forward(Inbound::Connected { peer: peer_id }).await;
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(peer = ?peer_id, "dial failed: {error}");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                for (peer, addr) in found {
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    let _ = self.swarm.dial(addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossip(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            })) => {
+                self.forward(Inbound::Advert {
+                    source: propagation_source,
+                    id: message_id,
+                    data: message.data,
+                })
+                .await;
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Blob(e)) => self.on_rr(e, BLOB_PROTOCOL).await,
+            SwarmEvent::Behaviour(BehaviourEvent::Task(e)) => self.on_rr(e, TASK_PROTOCOL).await,
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetProviders(r),
+                step,
+                ..
+            })) => {
+                if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = r
+                    && let Some((set, _)) = self.providers.get_mut(&id)
+                {
+                    set.extend(providers);
+                }
+                if step.last
+                    && let Some((set, reply)) = self.providers.remove(&id)
+                {
+                    let _ = reply.send(set);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn on_rr(&mut self, e: request_response::Event<Vec<u8>, Vec<u8>>, protocol: StreamProtocol) {
+        match e {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request { request, channel, .. } => {
+                    let event = if protocol == BLOB_PROTOCOL {
+                        Inbound::BlobRequest { peer, request, channel }
+                    } else {
+                        Inbound::Task { peer, request, channel }
+                    };
+                    self.forward(event).await;
+                }
+                request_response::Message::Response { request_id, response } => {
+                    if let Some(reply) = self.pending.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(reply) = self.pending.remove(&request_id) {
+                    let _ = reply.send(Err(anyhow!("{protocol} request to {peer} failed: {error}")));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, "inbound {protocol} request failed: {error}");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+}

@@ -1,0 +1,595 @@
+//! The content-addressed blob store.
+//!
+//! Layout under the store's root:
+//! - `blobs/ab/abcd…`: the blob named by its blake3 id, read-only;
+//! - `blobs/ab/abcd….outline`: its group chaining values (see
+//!   [`protocol::Outline`]), so serving a transfer never rehashes it;
+//! - `partial/abcd…` and `.have`: a fetch in progress (resumable);
+//! - `pins/abcd…`: pinned blobs, which garbage collection keeps;
+//! - `tmp/`: files being written.
+//!
+//! Every write goes to `tmp/`, is fsynced, then renamed into place, so a
+//! crash never leaves a corrupt blob under a valid name.
+
+use std::fs::{self, File};
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use protocol::blob::{GROUP_LEN, group_chaining_value, group_count, group_range};
+use protocol::{ContentId, DirEntry, DirManifest, Outline};
+
+/// A blob store rooted at a directory.
+#[derive(Debug, Clone)]
+pub struct BlobStore {
+    root: PathBuf,
+}
+
+/// What [`BlobStore::import`] stored.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Imported {
+    /// The id to use: the file's, or the directory manifest's.
+    pub id: ContentId,
+    /// Whether it was a directory.
+    pub dir: bool,
+    /// Files stored.
+    pub files: usize,
+    /// Bytes stored.
+    pub bytes: u64,
+}
+
+/// What garbage collection removed.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct GcReport {
+    /// Blobs removed.
+    pub removed: usize,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Blobs kept.
+    pub kept: usize,
+}
+
+impl BlobStore {
+    /// Opens (creating) a store, and clears files a crash left in `tmp/`.
+    pub fn open(root: &Path) -> Result<Self> {
+        for d in ["blobs", "partial", "pins", "tmp"] {
+            fs::create_dir_all(root.join(d)).with_context(|| format!("creating {}", root.join(d).display()))?;
+        }
+        for e in fs::read_dir(root.join("tmp"))?.flatten() {
+            let _ = fs::remove_file(e.path());
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// Where blob `id` lives (it may not exist).
+    pub fn path(&self, id: &ContentId) -> PathBuf {
+        let hex = id.to_string();
+        self.root.join("blobs").join(&hex[..2]).join(hex)
+    }
+
+    fn outline_path(&self, id: &ContentId) -> PathBuf {
+        self.path(id).with_extension("outline")
+    }
+
+    /// Whether the store holds `id`.
+    pub fn has(&self, id: &ContentId) -> bool {
+        self.path(id).is_file()
+    }
+
+    /// Size of blob `id`, if held.
+    pub fn size(&self, id: &ContentId) -> Option<u64> {
+        fs::metadata(self.path(id)).ok().map(|m| m.len())
+    }
+
+    fn temp(&self) -> Result<(PathBuf, File)> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = self
+            .root
+            .join("tmp")
+            .join(format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let f = File::create(&p).with_context(|| format!("creating {}", p.display()))?;
+        Ok((p, f))
+    }
+
+    /// Moves a complete, fsynced temporary file into place as `id`.
+    fn commit(&self, tmp: &Path, id: &ContentId, outline: &Outline) -> Result<()> {
+        let dest = self.path(id);
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        self.write_outline(id, outline)?;
+        fs::rename(tmp, &dest).with_context(|| format!("storing {}", dest.display()))?;
+        Ok(())
+    }
+
+    fn write_outline(&self, id: &ContentId, outline: &Outline) -> Result<()> {
+        let bytes = prost::Message::encode_to_vec(&outline.to_wire());
+        let (tmp, mut f) = self.temp()?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        let dest = self.outline_path(id);
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        fs::rename(&tmp, dest)?;
+        Ok(())
+    }
+
+    /// Stores bytes held in memory.
+    pub fn put(&self, bytes: &[u8]) -> Result<ContentId> {
+        let id = ContentId::of(bytes);
+        if self.has(&id) {
+            return Ok(id);
+        }
+        let (tmp, mut f) = self.temp()?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        self.commit(&tmp, &id, &Outline::of(bytes))?;
+        Ok(id)
+    }
+
+    /// Copies a file into the store, hashing it as it goes.
+    pub fn import_file(&self, path: &Path) -> Result<(ContentId, u64)> {
+        let mut src = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let (tmp, mut dst) = self.temp()?;
+        let mut buf = vec![0u8; GROUP_LEN as usize];
+        let mut cvs = Vec::new();
+        let mut whole = blake3::Hasher::new();
+        let mut size = 0u64;
+        loop {
+            let n = read_full(&mut src, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            let group = &buf[..n];
+            dst.write_all(group)?;
+            cvs.push(group_chaining_value(size / GROUP_LEN, group));
+            if cvs.len() == 1 {
+                whole.update(group);
+            }
+            size += n as u64;
+            if n < buf.len() {
+                break;
+            }
+        }
+        dst.sync_all()?;
+        let outline = if group_count(size) == 1 {
+            Outline::new(size, Vec::new())
+        } else {
+            Outline::new(size, cvs)
+        };
+        let id = match outline.root() {
+            Some(root) => root,
+            None => whole.finalize().into(),
+        };
+        if self.has(&id) {
+            fs::remove_file(&tmp)?;
+        } else {
+            self.commit(&tmp, &id, &outline)?;
+        }
+        Ok((id, size))
+    }
+
+    /// Imports a file, or a directory as one manifest blob naming its files.
+    pub fn import(&self, path: &Path) -> Result<Imported> {
+        let meta = fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        if meta.is_file() {
+            let (id, bytes) = self.import_file(path)?;
+            return Ok(Imported {
+                id,
+                dir: false,
+                files: 1,
+                bytes,
+            });
+        }
+        if !meta.is_dir() {
+            bail!("{} is neither a file nor a directory", path.display());
+        }
+        let mut entries = Vec::new();
+        let mut bytes = 0;
+        walk(path, path, &mut |rel, full| {
+            let (id, size) = self.import_file(full)?;
+            bytes += size;
+            entries.push(DirEntry { path: rel, id, size });
+            Ok(())
+        })?;
+        let files = entries.len();
+        let manifest = DirManifest::new(entries).context("building the directory manifest")?;
+        let id = self.put(&manifest.encode())?;
+        Ok(Imported {
+            id,
+            dir: true,
+            files,
+            bytes,
+        })
+    }
+
+    /// The whole of a (small) blob.
+    pub fn read(&self, id: &ContentId) -> Result<Vec<u8>> {
+        fs::read(self.path(id)).with_context(|| format!("reading blob {id}"))
+    }
+
+    /// The outline of a held blob.
+    pub fn outline(&self, id: &ContentId) -> Result<Outline> {
+        if let Ok(bytes) = fs::read(self.outline_path(id))
+            && let Ok(w) = <protocol::wire::Outline as prost::Message>::decode(bytes.as_slice())
+            && let Ok(o) = Outline::from_wire(w, id)
+        {
+            return Ok(o);
+        }
+        // Missing or damaged: recompute from the blob.
+        let bytes = self.read(id)?;
+        let outline = Outline::of(&bytes);
+        self.write_outline(id, &outline)?;
+        Ok(outline)
+    }
+
+    /// The bytes of group `index` of a held blob.
+    pub fn read_group(&self, id: &ContentId, index: u64) -> Result<Vec<u8>> {
+        let mut f = File::open(self.path(id)).with_context(|| format!("blob {id} not held"))?;
+        let size = f.metadata()?.len();
+        if index >= group_count(size) {
+            bail!("group {index} is past the end of blob {id}");
+        }
+        let range = group_range(size, index);
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(range.start))?;
+        f.read_exact(&mut buf)?;
+        Ok(buf)
+    }
+
+    /// Every held blob with its size.
+    pub fn list(&self) -> Vec<(ContentId, u64)> {
+        let mut out = Vec::new();
+        for shard in fs::read_dir(self.root.join("blobs")).into_iter().flatten().flatten() {
+            for e in fs::read_dir(shard.path()).into_iter().flatten().flatten() {
+                let name = e.file_name();
+                if let Some(id) = name.to_str().and_then(|n| n.parse::<ContentId>().ok()) {
+                    out.push((id, e.metadata().map(|m| m.len()).unwrap_or(0)));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Keeps `id` through garbage collection.
+    pub fn pin(&self, id: &ContentId) -> Result<()> {
+        fs::write(self.root.join("pins").join(id.to_string()), b"")?;
+        Ok(())
+    }
+
+    /// Lets garbage collection remove `id`.
+    pub fn unpin(&self, id: &ContentId) -> Result<()> {
+        match fs::remove_file(self.root.join("pins").join(id.to_string())) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// The pinned ids.
+    pub fn pins(&self) -> Vec<ContentId> {
+        let mut v: Vec<ContentId> = fs::read_dir(self.root.join("pins"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Removes every blob that is neither pinned nor named by a pinned
+    /// directory manifest.
+    pub fn gc(&self) -> Result<GcReport> {
+        let mut keep: std::collections::HashSet<ContentId> = self.pins().into_iter().collect();
+        for pin in self.pins() {
+            if let Ok(bytes) = self.read(&pin)
+                && let Ok(m) = DirManifest::decode(&bytes)
+            {
+                keep.extend(m.entries().iter().map(|e| e.id));
+            }
+        }
+        let mut report = GcReport::default();
+        for (id, size) in self.list() {
+            if keep.contains(&id) {
+                report.kept += 1;
+                continue;
+            }
+            fs::remove_file(self.path(&id))?;
+            let _ = fs::remove_file(self.outline_path(&id));
+            report.removed += 1;
+            report.bytes += size;
+        }
+        Ok(report)
+    }
+
+    /// Writes blob `id` to `out`: a file atomically, or a directory manifest
+    /// as the directory it names.
+    pub fn export(&self, id: &ContentId, out: &Path) -> Result<()> {
+        let bytes_if_manifest = match self.size(id) {
+            None => bail!("blob {id} is not held"),
+            Some(n) if n <= 16 << 20 => {
+                let b = self.read(id)?;
+                DirManifest::decode(&b).ok()
+            }
+            Some(_) => None,
+        };
+        match bytes_if_manifest {
+            Some(m) => {
+                for e in m.entries() {
+                    if !self.has(&e.id) {
+                        bail!("{} ({}) is not held", e.path, e.id);
+                    }
+                    let dest = out.join(&e.path);
+                    copy_atomic(&self.path(&e.id), &dest)?;
+                }
+                Ok(())
+            }
+            None => copy_atomic(&self.path(id), out),
+        }
+    }
+
+    /// A fetch of `id` in progress, resumed if one was interrupted.
+    pub fn partial(&self, id: &ContentId, outline: &Outline) -> Result<Partial> {
+        Partial::open(self, id, outline)
+    }
+}
+
+fn read_full(r: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+fn walk(root: &Path, dir: &Path, f: &mut dyn FnMut(String, &Path) -> Result<()>) -> Result<()> {
+    let mut entries: Vec<_> = fs::read_dir(dir)?.collect::<std::io::Result<_>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let p = e.path();
+        let ty = e.file_type()?;
+        if ty.is_dir() {
+            walk(root, &p, f)?;
+        } else if ty.is_file() {
+            let rel = p.strip_prefix(root)?;
+            let parts: Option<Vec<&str>> = rel.components().map(|c| c.as_os_str().to_str()).collect();
+            let Some(parts) = parts else {
+                bail!("{} is not valid UTF-8", p.display())
+            };
+            f(parts.join("/"), &p)?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies `src` to `dest` through a temporary file beside it.
+fn copy_atomic(src: &Path, dest: &Path) -> Result<()> {
+    if let Some(parent) = dest.parent()
+        && !parent.as_os_str().is_empty()
+    {
+        fs::create_dir_all(parent)?;
+    }
+    let tmp = dest.with_file_name(format!(
+        ".{}.tmp-{}",
+        dest.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
+        std::process::id()
+    ));
+    fs::copy(src, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    File::open(&tmp)?.sync_all()?;
+    fs::rename(&tmp, dest).with_context(|| format!("writing {}", dest.display()))?;
+    Ok(())
+}
+
+/// A blob being fetched: verified groups written in place, with a bitmap of
+/// those present so an interrupted fetch resumes.
+#[derive(Debug)]
+pub struct Partial {
+    id: ContentId,
+    outline: Outline,
+    file: File,
+    data: PathBuf,
+    have_path: PathBuf,
+    have: Vec<bool>,
+    unsynced: usize,
+    store: BlobStore,
+}
+
+/// Groups written between fsyncs of a partial blob and its bitmap.
+const SYNC_EVERY: usize = 64;
+
+impl Partial {
+    fn open(store: &BlobStore, id: &ContentId, outline: &Outline) -> Result<Self> {
+        let data = store.root.join("partial").join(id.to_string());
+        let have_path = data.with_extension("have");
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&data)?;
+        file.set_len(outline.size())?;
+        let groups = outline.groups() as usize;
+        let mut have = vec![false; groups];
+        if let Ok(bits) = fs::read(&have_path)
+            && bits.len() == groups
+        {
+            for (h, b) in have.iter_mut().zip(bits) {
+                *h = b == 1;
+            }
+        }
+        Ok(Self {
+            id: *id,
+            outline: outline.clone(),
+            file,
+            data,
+            have_path,
+            have,
+            unsynced: 0,
+            store: store.clone(),
+        })
+    }
+
+    /// Groups still missing.
+    pub fn missing(&self) -> Vec<u64> {
+        (0..self.have.len() as u64)
+            .filter(|&i| !self.have[i as usize])
+            .collect()
+    }
+
+    /// The outline being fetched against.
+    pub fn outline(&self) -> &Outline {
+        &self.outline
+    }
+
+    /// Verifies group `index` and writes it.
+    pub fn write_group(&mut self, index: u64, bytes: &[u8]) -> Result<()> {
+        self.outline.check_group(&self.id, index, bytes)?;
+        let offset = group_range(self.outline.size(), index).start;
+        write_at(&self.file, bytes, offset)?;
+        self.have[index as usize] = true;
+        self.unsynced += 1;
+        if self.unsynced >= SYNC_EVERY {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        self.file.sync_data()?;
+        let bits: Vec<u8> = self.have.iter().map(|&h| u8::from(h)).collect();
+        let tmp = self.have_path.with_extension("have.tmp");
+        fs::write(&tmp, bits)?;
+        fs::rename(&tmp, &self.have_path)?;
+        self.unsynced = 0;
+        Ok(())
+    }
+
+    /// Moves the complete blob into the store.
+    pub fn finish(self) -> Result<()> {
+        if !self.missing().is_empty() {
+            bail!("blob {} is missing {} groups", self.id, self.missing().len());
+        }
+        self.file.sync_all()?;
+        self.store.commit(&self.data, &self.id, &self.outline)?;
+        let _ = fs::remove_file(&self.have_path);
+        Ok(())
+    }
+}
+
+#[cfg(unix)]
+fn write_at(f: &File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(f, bytes, offset)
+}
+
+#[cfg(windows)]
+fn write_at(f: &File, mut bytes: &[u8], mut offset: u64) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        let n = std::os::windows::fs::FileExt::seek_write(f, bytes, offset)?;
+        bytes = &bytes[n..];
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (PathBuf, BlobStore) {
+        let d = std::env::temp_dir().join(format!(
+            "tern-store-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = fs::remove_dir_all(&d);
+        let s = BlobStore::open(&d).unwrap();
+        (d, s)
+    }
+
+    fn data(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 % 253) as u8).collect()
+    }
+
+    #[test]
+    fn files_and_directories_import_under_their_blake3_ids() {
+        let (d, s) = store();
+        let src = d.join("src");
+        fs::create_dir_all(src.join("sub")).unwrap();
+        let big = data(3 * GROUP_LEN as usize + 11);
+        fs::write(src.join("model.gguf"), &big).unwrap();
+        fs::write(src.join("sub/tokenizer.json"), b"{}").unwrap();
+        let (id, size) = s.import_file(&src.join("model.gguf")).unwrap();
+        assert_eq!(id, ContentId::of(&big));
+        assert_eq!(size, big.len() as u64);
+        assert_eq!(s.read(&id).unwrap(), big);
+        assert_eq!(s.outline(&id).unwrap(), Outline::of(&big));
+        assert_eq!(s.read_group(&id, 3).unwrap(), &big[3 * GROUP_LEN as usize..]);
+
+        let imported = s.import(&src).unwrap();
+        assert!(imported.dir);
+        assert_eq!(imported.files, 2);
+        let m = DirManifest::decode(&s.read(&imported.id).unwrap()).unwrap();
+        let paths: Vec<&str> = m.entries().iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["model.gguf", "sub/tokenizer.json"]);
+
+        let out = d.join("out");
+        s.export(&imported.id, &out).unwrap();
+        assert_eq!(fs::read(out.join("model.gguf")).unwrap(), big);
+        assert_eq!(fs::read(out.join("sub/tokenizer.json")).unwrap(), b"{}");
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn garbage_collection_keeps_pins_and_what_pinned_manifests_name() {
+        let (d, s) = store();
+        let src = d.join("dir");
+        fs::create_dir_all(&src).unwrap();
+        fs::write(src.join("a"), b"a").unwrap();
+        let dir = s.import(&src).unwrap().id;
+        let loose = s.put(b"loose").unwrap();
+        let pinned = s.put(b"pinned").unwrap();
+        s.pin(&dir).unwrap();
+        s.pin(&pinned).unwrap();
+        let r = s.gc().unwrap();
+        assert_eq!(r.removed, 1);
+        assert!(!s.has(&loose) && s.has(&pinned) && s.has(&dir) && s.has(&ContentId::of(b"a")));
+        s.unpin(&dir).unwrap();
+        assert_eq!(s.gc().unwrap().removed, 2);
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn partial_fetches_verify_each_group_and_resume() {
+        let (d, s) = store();
+        let big = data(2 * GROUP_LEN as usize + 5);
+        let id = ContentId::of(&big);
+        let outline = Outline::of(&big);
+        let group = |i: u64| {
+            let r = group_range(big.len() as u64, i);
+            &big[r.start as usize..r.end as usize]
+        };
+        let mut p = s.partial(&id, &outline).unwrap();
+        let mut bad = group(1).to_vec();
+        bad[0] ^= 1;
+        assert!(p.write_group(1, &bad).is_err());
+        p.write_group(1, group(1)).unwrap();
+        p.sync().unwrap();
+        drop(p);
+        // A new fetch resumes with group 1 already there.
+        let mut p = s.partial(&id, &outline).unwrap();
+        assert_eq!(p.missing(), [0, 2]);
+        p.write_group(0, group(0)).unwrap();
+        p.write_group(2, group(2)).unwrap();
+        p.finish().unwrap();
+        assert_eq!(s.read(&id).unwrap(), big);
+        fs::remove_dir_all(d).unwrap();
+    }
+}

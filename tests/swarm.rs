@@ -1,0 +1,331 @@
+//! Several daemons in one process on loopback: adverts, blob transfer,
+//! tasks, and what hostile or failing peers do to them.
+
+use std::time::Duration;
+
+use node::daemon::now_ms;
+use node::net::TASK_PROTOCOL;
+use node::{executor, fetch};
+use protocol::envelope::seal_bytes;
+use protocol::{
+    Advert, ContentId, InferOutput, InferParams, Payload, Sampling, Task, TaskParams, TaskStatus, Validity, open, seal,
+    wire,
+};
+use tern_tests::{assert_eventually, spawn_nodes, tempdir};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn bytes(n: usize, seed: u8) -> Vec<u8> {
+    (0..n).map(|i| ((i as u64 * 2_654_435_761) >> 7) as u8 ^ seed).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adverts_from_every_node_reach_every_other() {
+    let nodes = spawn_nodes(4, |_, _| {}).await;
+    let keys: Vec<_> = nodes.iter().map(|n| n.public_key()).collect();
+    for n in &nodes {
+        assert_eventually(WAIT, "every advert everywhere", || {
+            let known: Vec<_> = n.peers().into_iter().map(|(k, _)| k).collect();
+            keys.iter().all(|k| known.contains(k))
+        })
+        .await;
+    }
+    // What an advert says about its node.
+    let (_, entry) = nodes[1].peers().into_iter().find(|(k, _)| *k == keys[2]).unwrap();
+    assert_eq!(entry.advert.version, env!("CARGO_PKG_VERSION"));
+    assert!(entry.advert.cpu.threads > 0);
+    assert!(entry.advert.listen_addrs.iter().any(|a| a.contains("127.0.0.1")));
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_added_on_one_node_is_fetched_and_verified_on_another() {
+    let nodes = spawn_nodes(3, |_, _| {}).await;
+    let dir = tempdir("blob-src");
+    let data = bytes(5 * (1 << 20) + 123, 1);
+    std::fs::write(dir.join("weights.bin"), &data).unwrap();
+    std::fs::write(dir.join("config.json"), b"{\"a\": 1}").unwrap();
+    let imported = nodes[0].shared.store.import(&dir).unwrap();
+    nodes[0].shared.store.pin(&imported.id).unwrap();
+    let file_id = ContentId::of(&data);
+    nodes[0].publish_advert().await.ok();
+    // Node 2 finds the provider from node 0's advert, with no hint.
+    assert_eventually(WAIT, "node 0's advert lists the blob", || {
+        nodes[2]
+            .peers()
+            .iter()
+            .any(|(_, e)| e.advert.blobs.contains(&file_id) || e.advert.models.contains(&file_id))
+    })
+    .await;
+    fetch::fetch(&nodes[2].shared, &file_id, &[]).await.unwrap();
+    assert_eq!(nodes[2].shared.store.read(&file_id).unwrap(), data);
+    // A directory manifest and its files, exported as the directory.
+    fetch::fetch(&nodes[2].shared, &imported.id, &[nodes[0].peer_id()])
+        .await
+        .unwrap();
+    let m = protocol::DirManifest::decode(&nodes[2].shared.store.read(&imported.id).unwrap()).unwrap();
+    for e in m.entries() {
+        fetch::fetch(&nodes[2].shared, &e.id, &[nodes[0].peer_id()])
+            .await
+            .unwrap();
+    }
+    let out = tempdir("blob-out");
+    nodes[2].shared.store.export(&imported.id, &out.join("copy")).unwrap();
+    assert_eq!(std::fs::read(out.join("copy/weights.bin")).unwrap(), data);
+    // Nobody holds this one: a clear error, not a hang.
+    let err = fetch::fetch(&nodes[1].shared, &ContentId::of(b"nobody"), &[])
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("no peer"), "{err:#}");
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_provider_is_dropped_and_a_peer_that_leaves_mid_transfer_is_replaced() {
+    let nodes = spawn_nodes(3, |_, _| {}).await;
+    let data = bytes(24 * (1 << 20), 2);
+    let id = nodes[0].shared.store.put(&data).unwrap();
+    assert_eq!(nodes[1].shared.store.put(&data).unwrap(), id);
+    // Node 0 now serves corrupt bytes (same length, its outline still right).
+    let path = nodes[0].shared.store.path(&id);
+    let mut bad = data.clone();
+    for b in bad.iter_mut().step_by(4096) {
+        *b ^= 0x55;
+    }
+    std::fs::write(&path, &bad).unwrap();
+    let (a, b) = (nodes[0].peer_id(), nodes[1].peer_id());
+    // Only the liar: refused, nothing stored under the id.
+    let err = fetch::fetch(&nodes[2].shared, &id, &[a]).await.unwrap_err();
+    assert!(format!("{err:#}").contains("groups missing"), "{err:#}");
+    assert!(!nodes[2].shared.store.has(&id));
+    // The liar and an honest peer: the liar is dropped, the blob arrives intact.
+    fetch::fetch(&nodes[2].shared, &id, &[a, b]).await.unwrap();
+    assert_eq!(nodes[2].shared.store.read(&id).unwrap(), data);
+
+    // A provider that leaves mid-transfer: the others finish the job.
+    let mut nodes = nodes;
+    let late = spawn_nodes(1, |_, c| {
+        c.bootstrap = nodes[1].dial_addrs().iter().map(|a| a.to_string()).collect()
+    })
+    .await;
+    let big = bytes(96 * (1 << 20), 3);
+    let big_id = nodes[1].shared.store.put(&big).unwrap();
+    nodes[2].shared.store.put(&big).unwrap();
+    let leaver = nodes.remove(1);
+    let (leaver_id, stayer_id) = (leaver.peer_id(), nodes[1].peer_id());
+    let fetcher = late[0].shared.clone();
+    let f = tokio::spawn(async move { fetch::fetch(&fetcher, &big_id, &[leaver_id, stayer_id]).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    leaver.shutdown().await;
+    f.await.unwrap().unwrap();
+    assert_eq!(late[0].shared.store.read(&big_id).unwrap(), big);
+    for n in nodes.into_iter().chain(late) {
+        n.shutdown().await;
+    }
+}
+
+fn tiny_model(dir: &std::path::Path) -> std::path::PathBuf {
+    let (w, t) = kernels::model::init::random(kernels::model::Preset::parse("tiny").unwrap(), 7).unwrap();
+    let path = dir.join("tiny.gguf");
+    kernels::model::save(&w, &t, kernels::model::ModelFormat::GgufTq2, &path).unwrap();
+    path
+}
+
+fn infer_task(worker: protocol::PublicKey, model: ContentId) -> Task {
+    Task {
+        worker,
+        inputs: vec![model],
+        max_work: 64,
+        params: TaskParams::Infer(InferParams {
+            model,
+            prompt: vec![1, 17, 42, 99],
+            max_tokens: 12,
+            sampling: Sampling {
+                temperature: 0.8,
+                top_k: 20,
+                top_p: 0.95,
+                seed: 5,
+            },
+        }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_sent_from_one_node_runs_on_another_and_its_signed_result_verifies() {
+    let nodes = spawn_nodes(2, |_, _| {}).await;
+    let dir = tempdir("task");
+    let model_path = tiny_model(&dir);
+    let (model, _) = nodes[0].shared.store.import_file(&model_path).unwrap();
+    let task = infer_task(nodes[1].public_key(), model);
+    let sub = executor::submit(&nodes[0].shared, task.clone()).await.unwrap();
+    assert_eq!(sub.result.status, TaskStatus::Done, "{}", sub.result.error);
+    // The evidence stands alone: signed by the worker, naming the task.
+    let evidence = open(&sub.envelope).unwrap();
+    assert_eq!(evidence.signer, nodes[1].public_key());
+    // The worker fetched the model from the submitter and computed exactly
+    // what a local run computes.
+    assert!(nodes[1].shared.store.has(&model));
+    let out = InferOutput::decode(&nodes[0].shared.store.read(&sub.result.output.unwrap()).unwrap()).unwrap();
+    let loaded = kernels::model::load(&model_path).unwrap();
+    let m = kernels::model::Model::new(&loaded.weights, kernels::Backend::cpu().unwrap()).unwrap();
+    let mut sampler = kernels::model::Sampler::new(kernels::model::SamplingParams {
+        temperature: 0.8,
+        top_k: 20,
+        top_p: 0.95,
+        repetition_penalty: 1.0,
+        seed: 5,
+    })
+    .unwrap();
+    let (local, _) = m.generate(&[1, 17, 42, 99], 12, &mut sampler, &[], |_| true).unwrap();
+    assert_eq!(out.tokens, local);
+    assert_eq!(sub.result.work, 4 + 12);
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_replayed_expired_oversized_and_malformed_messages_are_refused() {
+    let client_key = std::sync::Mutex::new(None);
+    let nodes = spawn_nodes(3, |i, c| {
+        if i == 0 {
+            *client_key.lock().unwrap() = Some(node::identity::load_or_create(&c.data_dir).unwrap().public());
+        }
+        if i == 1 {
+            // The worker takes tasks only from node 0.
+            c.policy.open = false;
+            c.policy.allow = vec![client_key.lock().unwrap().unwrap().to_string()];
+        }
+    })
+    .await;
+    let (client, worker, third) = (&nodes[0], &nodes[1], &nodes[2]);
+    assert_eventually(WAIT, "the swarm forms", || client.peers().len() == 3).await;
+    // Rejected gossip is not forwarded: count at node 0, which the
+    // sender bootstrapped from and so is connected to.
+    let refused_before = client.shared.stats.lock().adverts_refused;
+
+    // Gossip: forged, replayed, expired, oversized and malformed adverts.
+    let mut forged = wire::Envelope::default();
+    let good = seal(
+        &third.shared.key,
+        &Payload::Advert(Advert::default()),
+        Validity::new(1, now_ms(), 60_000),
+    );
+    {
+        use prost::Message as _;
+        let mut env = wire::Envelope::decode(good.as_slice()).unwrap();
+        env.signer = client.public_key().as_bytes().to_vec();
+        forged.body = env.body;
+        forged.signer = env.signer;
+        forged.signature = env.signature;
+    }
+    let forged = prost::Message::encode_to_vec(&forged);
+    let expired = seal(
+        &third.shared.key,
+        &Payload::Advert(Advert::default()),
+        Validity::new(2, now_ms() - 120_000, 60_000),
+    );
+    let oversized = vec![7u8; protocol::limits::MAX_ENVELOPE_BYTES + 100];
+    let replay = third
+        .shared
+        .seal(&Payload::Advert(third.shared.advert()), Duration::from_secs(60));
+    third.shared.net.publish(replay.clone()).await.unwrap();
+    for bad in [forged, expired, oversized, b"\x0a\x03abc".to_vec(), replay] {
+        third.shared.net.publish(bad).await.unwrap();
+    }
+    assert_eventually(WAIT, "five bad adverts refused", || {
+        client.shared.stats.lock().adverts_refused >= refused_before + 5
+    })
+    .await;
+
+    // Tasks: each bad envelope gets a signed refusal, with its reason.
+    let model = ContentId::of(b"some model");
+    let ask = |bytes: Vec<u8>| async move {
+        let answer = client
+            .shared
+            .net
+            .request(worker.peer_id(), TASK_PROTOCOL, bytes)
+            .await
+            .unwrap();
+        let o = open(&answer).unwrap();
+        assert_eq!(o.signer, worker.public_key());
+        match o.payload {
+            Payload::TaskResult(r) => r,
+            other => panic!("not a result: {other:?}"),
+        }
+    };
+    let v = || Validity::new(node::daemon::random_u64(), now_ms(), 60_000);
+    let task = Payload::Task(infer_task(worker.public_key(), model));
+    let valid = seal(&client.shared.key, &task, v());
+    let mut tampered = valid.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    let cases = [
+        ("tampered", tampered, "signature"),
+        (
+            "expired",
+            seal(&client.shared.key, &task, Validity::new(9, now_ms() - 100_000, 50_000)),
+            "expired",
+        ),
+        (
+            "other worker",
+            seal(
+                &client.shared.key,
+                &Payload::Task(infer_task(third.public_key(), model)),
+                v(),
+            ),
+            "another worker",
+        ),
+        ("garbage", b"not an envelope".to_vec(), "refused envelope"),
+        (
+            "unknown kind",
+            seal_bytes(&client.shared.key, 99, vec![1, 2, 3], v()),
+            "unknown payload kind",
+        ),
+    ];
+    for (name, bytes, why) in cases {
+        let r = ask(bytes).await;
+        assert_eq!(r.status, TaskStatus::Refused, "{name}");
+        assert!(r.error.contains(why), "{name}: {}", r.error);
+    }
+    // A task from a key that is not on the allowlist.
+    let stranger = third.shared.seal(
+        &Payload::Task(infer_task(worker.public_key(), model)),
+        Duration::from_secs(60),
+    );
+    let answer = third
+        .shared
+        .net
+        .request(worker.peer_id(), TASK_PROTOCOL, stranger)
+        .await
+        .unwrap();
+    let Payload::TaskResult(r) = open(&answer).unwrap().payload else {
+        panic!()
+    };
+    assert!(r.error.contains("allowlist"), "{}", r.error);
+
+    // The first send of a valid task runs (and fails: nobody holds the
+    // model); its replay is refused as such.
+    let first = ask(valid.clone()).await;
+    assert_eq!(first.status, TaskStatus::Failed, "{}", first.error);
+    assert!(
+        first.error.contains("no peer") || first.error.contains("not held"),
+        "{}",
+        first.error
+    );
+    let again = ask(valid).await;
+    assert!(again.error.contains("replayed"), "{}", again.error);
+
+    // Through all of it the worker kept serving everyone.
+    let data = bytes(3 << 20, 9);
+    let id = worker.shared.store.put(&data).unwrap();
+    fetch::fetch(&third.shared, &id, &[worker.peer_id()]).await.unwrap();
+    assert_eq!(third.shared.store.read(&id).unwrap(), data);
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
