@@ -19,8 +19,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::daemon::{Shared, now_ms};
+use crate::daemon::Shared;
 use crate::fetch;
+use crate::identity::write_private;
 
 /// `GET /v1/status`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -102,8 +103,10 @@ pub async fn serve(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> Resu
         .await
         .with_context(|| format!("binding the control API on {}", shared.config.control))?;
     let addr = listener.local_addr()?;
-    let token = ContentId::of(&crate::daemon::random_u64().to_le_bytes()).to_string()
-        + &ContentId::of(&crate::daemon::random_u64().to_le_bytes()).to_string()[..16];
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| anyhow!("the OS random generator: {e}"))?;
+    // 64 hexadecimal digits, spelled as a content id spells its bytes.
+    let token = ContentId::from_bytes(secret).to_string();
     let dir = &shared.config.data_dir;
     write_private(&dir.join("control.token"), token.as_bytes())?;
     write_private(&dir.join("control.addr"), addr.to_string().as_bytes())?;
@@ -131,30 +134,12 @@ pub async fn serve(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> Resu
     Ok((addr, task))
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write as _;
-    let tmp = path.with_extension("tmp");
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts.open(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
-}
-
 async fn status(State(api): State<Api>, headers: HeaderMap) -> ApiResult<Status> {
     authorize(&api, &headers)?;
     let s = &api.shared;
     let info = s.net.info().await?;
     let blobs = s.store.list();
-    let known = {
-        let mut t = s.peers.lock();
-        t.expire(now_ms());
-        t.len()
-    };
+    let known = s.peer_entries().len();
     Ok(Json(Status {
         version: env!("CARGO_PKG_VERSION").into(),
         peer_id: info.peer_id,
@@ -171,10 +156,9 @@ async fn status(State(api): State<Api>, headers: HeaderMap) -> ApiResult<Status>
 
 async fn peers(State(api): State<Api>, headers: HeaderMap) -> ApiResult<serde_json::Value> {
     authorize(&api, &headers)?;
-    let mut t = api.shared.peers.lock();
-    t.expire(now_ms());
-    let rows: Vec<_> = t
-        .entries()
+    let rows: Vec<_> = api
+        .shared
+        .peer_entries()
         .into_iter()
         .map(|(k, e)| {
             serde_json::json!({

@@ -32,14 +32,11 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// A random u64 (nonces).
+/// A random u64 from the OS generator (envelope nonces).
 pub fn random_u64() -> u64 {
-    let mut b = [0u8; 8];
-    // getrandom through libp2p's dependency tree is not exposed; the
-    // ed25519 generator is a CSPRNG.
-    let k = libp2p::identity::ed25519::Keypair::generate();
-    b.copy_from_slice(&k.secret().as_ref()[..8]);
-    u64::from_le_bytes(b)
+    // As before with rand's OsRng: a failing OS generator is fatal.
+    #[allow(clippy::expect_used)]
+    getrandom::u64().expect("the OS random generator failed")
 }
 
 /// What every part of a running node shares.
@@ -79,13 +76,14 @@ impl Shared {
     /// This node's advert as of now.
     pub fn advert(&self) -> Advert {
         let (cpu, gpus, ram) = self.hardware.clone();
-        let blobs: Vec<ContentId> = self.store.list().into_iter().map(|(id, _)| id).collect();
-        let (models, blobs): (Vec<ContentId>, Vec<ContentId>) = {
-            let pins = self.store.pins();
-            blobs
-                .into_iter()
-                .partition(|b| pins.contains(b) && self.store.size(b).is_some_and(|s| s > 1 << 20))
-        };
+        // Pinned blobs over 1 MiB are advertised as models, the rest as blobs.
+        let pins = self.store.pins();
+        let (models, blobs): (Vec<_>, Vec<_>) = self
+            .store
+            .list()
+            .into_iter()
+            .partition(|(id, size)| pins.contains(id) && *size > 1 << 20);
+        let ids = |v: Vec<(ContentId, u64)>, max| v.into_iter().map(|(id, _)| id).take(max).collect();
         Advert {
             version: env!("CARGO_PKG_VERSION").to_string(),
             listen_addrs: self.listen_addrs.lock().clone(),
@@ -93,13 +91,20 @@ impl Shared {
             gpus,
             ram_bytes: ram,
             free_disk_bytes: hw::free_disk_bytes(&self.config.data_dir),
-            models: models.into_iter().take(protocol::limits::MAX_MODELS).collect(),
-            blobs: blobs.into_iter().take(protocol::limits::MAX_ADVERT_BLOBS).collect(),
+            models: ids(models, protocol::limits::MAX_MODELS),
+            blobs: ids(blobs, protocol::limits::MAX_ADVERT_BLOBS),
             active_tasks: self.active_tasks.load(Ordering::Relaxed),
             max_tasks: self.config.limits.max_tasks,
             power: hw::power(),
             score: self.score.lock().clone(),
         }
+    }
+
+    /// The unexpired entries of the peer table.
+    pub fn peer_entries(&self) -> Vec<(PublicKey, PeerEntry)> {
+        let mut t = self.peers.lock();
+        t.expire(now_ms());
+        t.entries().into_iter().map(|(k, e)| (k, e.clone())).collect()
     }
 
     /// Seals a payload with this node's key.
@@ -147,9 +152,7 @@ impl NodeHandle {
 
     /// Peers known from adverts.
     pub fn peers(&self) -> Vec<(PublicKey, PeerEntry)> {
-        let mut t = self.shared.peers.lock();
-        t.expire(now_ms());
-        t.entries().into_iter().map(|(k, e)| (k, e.clone())).collect()
+        self.shared.peer_entries()
     }
 
     /// Publishes this node's advert now.
@@ -394,7 +397,8 @@ fn spawn_score_check(shared: Arc<Shared>, signer: PublicKey, epoch: u64, hash: C
         return;
     }
     tokio::spawn(async move {
-        let ok = tokio::task::spawn_blocking(move || hw::expected_bench_hash(&signer, epoch))
+        let s = shared.clone();
+        let ok = tokio::task::spawn_blocking(move || hw::expected_bench_hash(&signer, epoch, &s.cpu))
             .await
             .ok()
             .and_then(|r| r.ok())

@@ -20,6 +20,8 @@ use crate::{fetch, hw, identity};
 
 /// How long a result envelope stays valid.
 const RESULT_TTL: Duration = Duration::from_secs(600);
+/// Why a `lora_shard` task is refused until jobs (issue 6) run them.
+const LORA_SHARD_UNSUPPORTED: &str = "lora_shard tasks are not supported by this version";
 /// How long a task envelope stays valid.
 const TASK_TTL: Duration = Duration::from_secs(300);
 
@@ -139,7 +141,7 @@ fn admissible(shared: &Shared, opened: &Opened, task: &Task, peer: PeerId) -> Re
         ));
     }
     if let TaskParams::LoraShard(_) = task.params {
-        return Err("lora_shard tasks are not supported by this version".into());
+        return Err(LORA_SHARD_UNSUPPORTED.into());
     }
     Ok(())
 }
@@ -158,24 +160,18 @@ async fn run(shared: &Arc<Shared>, peer: PeerId, task: &Task) -> Result<(Content
             if size > memory_limit {
                 bail!("the model is {size} bytes, more than this node's memory limit of {memory_limit}");
             }
-            let s = shared.clone();
-            let p = p.clone();
+            let prompt_len = p.prompt.len();
+            let (s, p) = (shared.clone(), p.clone());
             let tokens = tokio::task::spawn_blocking(move || infer(&s, &p)).await??;
-            let work = (p_len(task) + tokens.len()) as u64;
+            let work = (prompt_len + tokens.len()) as u64;
             let out = InferOutput { tokens }.encode();
             let store = shared.store.clone();
             let id = tokio::task::spawn_blocking(move || store.put(&out)).await??;
             shared.net.provide(id.as_bytes().to_vec()).await;
             Ok((id, work))
         }
-        TaskParams::LoraShard(_) => Err(anyhow!("lora_shard tasks are not supported by this version")),
-    }
-}
-
-fn p_len(task: &Task) -> usize {
-    match &task.params {
-        TaskParams::Infer(p) => p.prompt.len(),
-        TaskParams::LoraShard(_) => 0,
+        // Refused by `admissible` before anything is fetched.
+        TaskParams::LoraShard(_) => Err(anyhow!(LORA_SHARD_UNSUPPORTED)),
     }
 }
 

@@ -204,12 +204,6 @@ pub async fn fetch(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]) -> Res
                 queue.push_back(g);
             }
         }
-        if queue.is_empty() && running.is_empty() {
-            break;
-        }
-        if providers.is_empty() && running.is_empty() {
-            break;
-        }
     }
     let missing = partial.lock().map_err(|_| anyhow!("poisoned"))?.missing().len();
     if missing > 0 {

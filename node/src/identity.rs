@@ -35,7 +35,7 @@ pub fn load_or_create(data_dir: &Path) -> Result<Keypair> {
                 .as_ref()
                 .try_into()
                 .context("libp2p returned an ed25519 secret of the wrong length")?;
-            write_secret(&path, &secret)?;
+            write_private(&path, &secret)?;
             tracing::info!(path = %path.display(), "created a new node key");
             Ok(Keypair::from_secret(secret))
         }
@@ -70,14 +70,16 @@ pub fn public_key(peer: &libp2p::PeerId) -> Option<protocol::PublicKey> {
     protocol::PublicKey::from_bytes(&ed.to_bytes()).ok()
 }
 
-fn write_secret(path: &Path, secret: &[u8; 32]) -> Result<()> {
+/// Writes a file only its owner can read (mode 0600 from creation, so its
+/// bytes are never readable by others): temporary file, fsync, rename.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
     let mut f = opts.open(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(secret)?;
+    f.write_all(bytes)?;
     f.sync_all()?;
     drop(f);
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;

@@ -345,7 +345,7 @@ pub fn start(config: &Config, key: libp2p::identity::Keypair) -> Result<(Net, mp
                     TASK_PROTOCOL,
                     protocol::limits::MAX_ENVELOPE_BYTES,
                     protocol::limits::MAX_ENVELOPE_BYTES,
-                    Duration::from_secs(config_task_timeout()),
+                    TASK_REQUEST_TIMEOUT,
                 ),
                 relay,
                 dcutr: Toggle::from(nat.then(|| dcutr::Behaviour::new(peer))),
@@ -388,11 +388,9 @@ pub fn start(config: &Config, key: libp2p::identity::Keypair) -> Result<(Net, mp
     ))
 }
 
-/// Task requests may take as long as the task; the worker's own timeout is
-/// the real bound.
-fn config_task_timeout() -> u64 {
-    3600
-}
+/// Task requests may take as long as the task; the worker's own timeout
+/// (`limits.task_timeout_secs`) is the real bound.
+const TASK_REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// The peer id in a multiaddress's `/p2p/` suffix.
 pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {

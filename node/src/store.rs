@@ -370,21 +370,15 @@ fn walk(root: &Path, dir: &Path, f: &mut dyn FnMut(String, &Path) -> Result<()>)
     Ok(())
 }
 
-/// Copies `src` to `dest` through a temporary file beside it.
+/// Copies `src` to `dest` atomically (kernels' temporary file, fsync, rename).
 fn copy_atomic(src: &Path, dest: &Path) -> Result<()> {
     if let Some(parent) = dest.parent()
         && !parent.as_os_str().is_empty()
     {
         fs::create_dir_all(parent)?;
     }
-    let tmp = dest.with_file_name(format!(
-        ".{}.tmp-{}",
-        dest.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
-        std::process::id()
-    ));
-    fs::copy(src, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    File::open(&tmp)?.sync_all()?;
-    fs::rename(&tmp, dest).with_context(|| format!("writing {}", dest.display()))?;
+    let mut from = File::open(src).with_context(|| format!("reading {}", src.display()))?;
+    kernels::model::write_atomic(dest, |w| std::io::copy(&mut from, w).map(drop))?;
     Ok(())
 }
 
