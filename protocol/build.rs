@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../proto");
-    let files = ["envelope", "advert", "task", "blob"].map(|f| root.join("tern/v1").join(format!("{f}.proto")));
+    let files =
+        ["envelope", "advert", "task", "blob", "train"].map(|f| root.join("tern/v1").join(format!("{f}.proto")));
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

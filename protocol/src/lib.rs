@@ -12,6 +12,11 @@
 //! - [`Task`] and [`TaskResult`]: work named by content ids, and answers.
 //! - [`blob`]: verified, resumable transfer by 1 MiB groups ([`Outline`]),
 //!   and directory manifests.
+//! - [`job`]: a fine-tune's shards and seeds, spot-check choice, and the
+//!   verdicts that compare redundant results by id.
+//! - [`train`]: distributed LoRA fine-tuning: shard hyper-parameters, the
+//!   adapter, data-shard and shard-output blobs, and the deterministic
+//!   outer step ([`train::aggregate`]).
 //! - [`wire`]: the prost types generated from `proto/`; each converts into
 //!   its domain type with `TryFrom`, which rejects anything invalid.
 //!
@@ -33,8 +38,10 @@ pub mod blob;
 mod content_id;
 pub mod envelope;
 mod error;
+pub mod job;
 pub mod limits;
 mod task;
+pub mod train;
 pub mod wire;
 
 pub use advert::{Advert, BENCH_EPOCH_MS, BenchScore, Cpu, Gpu, PeerEntry, PeerTable, Power, bench_epoch, bench_seed};

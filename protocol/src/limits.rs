@@ -30,3 +30,15 @@ pub const MAX_DIR_ENTRIES: usize = 4096;
 pub const MAX_PATH: usize = 1024;
 /// Largest blob tern will fetch (the outline of a bigger one is refused).
 pub const MAX_BLOB_BYTES: u64 = 1 << 40;
+/// Most parameters in an adapter or shard delta (1 GiB of f32).
+pub const MAX_ADAPTER_PARAMS: usize = 1 << 28;
+/// Highest LoRA rank a shard task may ask for.
+pub const MAX_LORA_RANK: u32 = 512;
+/// Most sequences in a data shard.
+pub const MAX_SEQUENCES: usize = 1 << 20;
+/// Most tokens in one training sequence.
+pub const MAX_SEQUENCE_TOKENS: usize = 32 * 1024;
+/// Most tokens in one data shard.
+pub const MAX_SHARD_TOKENS: usize = 1 << 26;
+/// Most local steps in one shard task.
+pub const MAX_LOCAL_STEPS: u32 = 100_000;

@@ -96,6 +96,16 @@ pub struct LoraShardParams {
     pub local_steps: u32,
     /// Seed of dropout and data order.
     pub seed: u64,
+    /// Everything else that decides the result.
+    pub hyper: crate::train::LoraHyper,
+}
+
+impl LoraShardParams {
+    /// Work units: an upper bound on the tokens the local steps process,
+    /// given the longest sequence the worker may see.
+    pub fn work(&self, max_sequence_tokens: u64) -> u64 {
+        u64::from(self.local_steps) * u64::from(self.hyper.batch) * max_sequence_tokens
+    }
 }
 
 impl TryFrom<wire::Task> for Task {
@@ -149,8 +159,15 @@ impl TryFrom<wire::Task> for Task {
                 })
             }
             (wire::TaskKind::LoraShard, Some(wire::task::Params::LoraShard(p))) => {
-                if p.local_steps == 0 {
-                    return Err(Error::invalid("lora_shard task", "zero local steps"));
+                if p.local_steps == 0 || p.local_steps > crate::limits::MAX_LOCAL_STEPS {
+                    return Err(Error::invalid(
+                        "lora_shard task",
+                        format!(
+                            "{} local steps, not 1..={}",
+                            p.local_steps,
+                            crate::limits::MAX_LOCAL_STEPS
+                        ),
+                    ));
                 }
                 TaskParams::LoraShard(LoraShardParams {
                     model: id("model id", &p.model)?,
@@ -158,6 +175,7 @@ impl TryFrom<wire::Task> for Task {
                     data: id("data id", &p.data)?,
                     local_steps: p.local_steps,
                     seed: p.seed,
+                    hyper: p.hyper.try_into()?,
                 })
             }
             (kind, _) => {
@@ -219,6 +237,7 @@ impl From<&Task> for wire::Task {
                     data: p.data.as_bytes().to_vec(),
                     local_steps: p.local_steps,
                     seed: p.seed,
+                    hyper: Some((&p.hyper).into()),
                 }),
             ),
         };

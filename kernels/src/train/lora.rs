@@ -240,6 +240,26 @@ impl Adapter {
         Ok(())
     }
 
+    /// The blake3 hash of the layout alone (rank, scaling, and every slot's
+    /// projection and shape): parameter vectors with equal layout hashes
+    /// mean the same thing and may be combined coordinate by coordinate.
+    pub fn layout_hash(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        h.update(b"tern-lora-layout-v1");
+        for v in [self.config.rank as u64, self.layers as u64, self.slots.len() as u64] {
+            h.update(&v.to_le_bytes());
+        }
+        h.update(&self.config.alpha.to_le_bytes());
+        h.update(&[u8::from(self.config.rslora)]);
+        for s in &self.slots {
+            h.update(&[s.proj as u8]);
+            h.update(&(s.layer as u64).to_le_bytes());
+            h.update(&(s.rows as u64).to_le_bytes());
+            h.update(&(s.cols as u64).to_le_bytes());
+        }
+        *h.finalize().as_bytes()
+    }
+
     /// The blake3 hash of the parameters' little-endian bytes and the shape
     /// that gives them meaning: equal adapters, equal ids.
     pub fn content_hash(&self) -> [u8; 32] {
