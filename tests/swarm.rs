@@ -7,9 +7,10 @@ use node::daemon::now_ms;
 use node::net::TASK_PROTOCOL;
 use node::{executor, fetch};
 use protocol::envelope::seal_bytes;
+use protocol::train::{LoraHyper, LoraShardOutput};
 use protocol::{
-    Advert, ContentId, InferOutput, InferParams, Payload, Sampling, Task, TaskParams, TaskStatus, Validity, open, seal,
-    wire,
+    Advert, ContentId, InferOutput, InferParams, LoraShardParams, Payload, Sampling, Task, TaskParams, TaskStatus,
+    Validity, open, seal, wire,
 };
 use tern_tests::{assert_eventually, spawn_nodes, tempdir};
 
@@ -183,6 +184,67 @@ async fn a_task_sent_from_one_node_runs_on_another_and_its_signed_result_verifie
     let (local, _) = m.generate(&[1, 17, 42, 99], 12, &mut sampler, &[], |_| true).unwrap();
     assert_eq!(out.tokens, local);
     assert_eq!(sub.result.work, 4 + 12);
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lora_shard_runs_on_another_node_and_returns_the_delta_a_local_run_computes() {
+    let nodes = spawn_nodes(2, |_, _| {}).await;
+    let dir = tempdir("shard");
+    let model_path = tiny_model(&dir);
+    let client = &nodes[0].shared;
+    let (model, _) = client.store.import_file(&model_path).unwrap();
+    let loaded = kernels::model::load(&model_path).unwrap();
+    let config = &loaded.weights.config;
+    let hyper = LoraHyper {
+        rank: 4,
+        alpha: 8.0,
+        targets: 0b111_1111,
+        lr: 1e-3,
+        batch: 2,
+        max_grad_norm: 1.0,
+        weight_decay: 0.0,
+        dropout: 0.0,
+    };
+    let start = node::shard::initial_adapter(config, &hyper, 1).unwrap();
+    let adapter = client.store.put(&start.encode()).unwrap();
+    let (seqs, _) = kernels::train::data::synthetic_mapping(config.vocab_size, 1, 16, 8, 3);
+    let shard = node::shard::shard_of(&seqs);
+    let data = client.store.put(&shard.encode()).unwrap();
+    let params = LoraShardParams {
+        model,
+        adapter,
+        data,
+        local_steps: 3,
+        seed: 9,
+        hyper,
+    };
+    let task = |adapter| Task {
+        worker: nodes[1].public_key(),
+        inputs: vec![model, adapter, data],
+        max_work: 1 << 20,
+        params: TaskParams::LoraShard(LoraShardParams {
+            adapter,
+            ..params.clone()
+        }),
+    };
+    let sub = executor::submit(client, task(adapter)).await.unwrap();
+    assert_eq!(sub.result.status, TaskStatus::Done, "{}", sub.result.error);
+    let remote = LoraShardOutput::decode(&client.store.read(&sub.result.output.unwrap()).unwrap()).unwrap();
+    let m = kernels::model::Model::new(&loaded.weights, kernels::Backend::cpu().unwrap()).unwrap();
+    let (local, work) = node::shard::run(&m, &params, &start, &shard, 1 << 20, &|| false).unwrap();
+    assert_eq!(remote, local, "the worker's delta is bit-identical to a local run");
+    assert_eq!(sub.result.work, work);
+    assert_eq!(remote.steps, 3);
+    assert!(remote.delta.iter().any(|d| *d != 0.0), "the steps changed the adapter");
+
+    // An adapter blob that is not one fails with a reason, not a panic.
+    let junk = client.store.put(b"not an adapter").unwrap();
+    let sub = executor::submit(client, task(junk)).await.unwrap();
+    assert_eq!(sub.result.status, TaskStatus::Failed);
+    assert!(sub.result.error.contains("adapter blob"), "{}", sub.result.error);
     for n in nodes {
         n.shutdown().await;
     }

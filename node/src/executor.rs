@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use libp2p::PeerId;
 use protocol::{
     ContentId, InferOutput, InferParams, Opened, Payload, PublicKey, Task, TaskParams, TaskResult, TaskStatus,
@@ -16,12 +16,10 @@ use protocol::{
 
 use crate::daemon::{Shared, now_ms};
 use crate::net::{Responder, TASK_PROTOCOL};
-use crate::{fetch, hw, identity};
+use crate::{fetch, hw, identity, shard};
 
 /// How long a result envelope stays valid.
 const RESULT_TTL: Duration = Duration::from_secs(600);
-/// Why a `lora_shard` task is refused until jobs (issue 6) run them.
-const LORA_SHARD_UNSUPPORTED: &str = "lora_shard tasks are not supported by this version";
 /// How long a task envelope stays valid.
 const TASK_TTL: Duration = Duration::from_secs(300);
 
@@ -140,9 +138,6 @@ fn admissible(shared: &Shared, opened: &Opened, task: &Task, peer: PeerId) -> Re
             task.max_work, limits.max_work
         ));
     }
-    if let TaskParams::LoraShard(_) = task.params {
-        return Err(LORA_SHARD_UNSUPPORTED.into());
-    }
     Ok(())
 }
 
@@ -170,8 +165,34 @@ async fn run(shared: &Arc<Shared>, peer: PeerId, task: &Task) -> Result<(Content
             shared.net.provide(id.as_bytes().to_vec()).await;
             Ok((id, work))
         }
-        // Refused by `admissible` before anything is fetched.
-        TaskParams::LoraShard(_) => Err(anyhow!(LORA_SHARD_UNSUPPORTED)),
+        TaskParams::LoraShard(p) => {
+            let size = shared.store.size(&p.model).unwrap_or(0);
+            if size > memory_limit {
+                bail!("the model is {size} bytes, more than this node's memory limit of {memory_limit}");
+            }
+            let max_work = task.max_work.min(shared.config.limits.max_work);
+            let (s, p) = (shared.clone(), p.clone());
+            let (output, work) = tokio::task::spawn_blocking(move || {
+                let adapter = s.store.read(&p.adapter)?;
+                let data = s.store.read(&p.data)?;
+                let cancel = s.cancel.clone();
+                shard::run_files(
+                    kernels::Backend::Cpu(s.cpu.clone()),
+                    &s.store.path(&p.model),
+                    &p,
+                    &adapter,
+                    &data,
+                    max_work,
+                    &|| *cancel.borrow(),
+                )
+            })
+            .await??;
+            let out = output.encode();
+            let store = shared.store.clone();
+            let id = tokio::task::spawn_blocking(move || store.put(&out)).await??;
+            shared.net.provide(id.as_bytes().to_vec()).await;
+            Ok((id, work))
+        }
     }
 }
 

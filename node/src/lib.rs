@@ -17,5 +17,7 @@ pub mod model_cmd;
 pub mod net;
 pub mod node_cmd;
 pub mod plot;
+pub mod shard;
 pub mod store;
+pub mod swarm_bench;
 pub mod train_bench;

@@ -1,0 +1,176 @@
+//! LoRA-shard tasks on the kernels: the worker's local steps, and the
+//! conversions between protocol blobs and the training engine's types.
+//!
+//! A shard starts from the round's adapter with fresh AdamW moments and a
+//! constant learning rate, takes `local_steps` optimizer steps on its data
+//! shard (data order and dropout from the task's seed), and returns the
+//! change in every parameter. On one backend kind the result is bit-exact,
+//! so redundant workers that are honest return equal blobs.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail, ensure};
+use kernels::model::{self, Config as ModelConfig, Model, Proj};
+use kernels::train::{AdamWConfig, Adapter, Engine, LoraConfig, Schedule, Sequence, StateDtype, TrainConfig, Trainer};
+use protocol::LoraShardParams;
+use protocol::train::{AdapterParams, LoraHyper, LoraShardOutput, PROJECTIONS, Sequences, TrainSequence};
+
+/// The kernels' LoRA configuration for a shard's hyper-parameters.
+pub fn lora_config(h: &LoraHyper) -> Result<LoraConfig> {
+    let targets: Vec<Proj> = Proj::ALL
+        .iter()
+        .zip(PROJECTIONS)
+        .enumerate()
+        .filter(|(i, _)| h.targets >> i & 1 == 1)
+        .map(|(_, (p, _))| *p)
+        .collect();
+    Ok(LoraConfig::new(h.rank as usize, h.alpha, h.dropout, &targets)?)
+}
+
+/// The fresh adapter a job starts from: PEFT's initialisation (A random,
+/// B zero), seeded, so the first round's model equals the base model.
+pub fn initial_adapter(model: &ModelConfig, h: &LoraHyper, seed: u64) -> Result<AdapterParams> {
+    let a = Adapter::init(lora_config(h)?, model, seed)?;
+    Ok(AdapterParams {
+        layout: a.layout_hash(),
+        values: a.params().to_vec(),
+    })
+}
+
+/// The kernels' adapter holding `params`, checked against the layout the
+/// hyper-parameters and the model give.
+pub fn adapter(model: &ModelConfig, h: &LoraHyper, params: &AdapterParams) -> Result<Adapter> {
+    let mut a = Adapter::zeros(lora_config(h)?, model)?;
+    ensure!(
+        a.layout_hash() == params.layout,
+        "the adapter blob is for another layout than rank {} on {} of this model",
+        h.rank,
+        h.target_names().join(",")
+    );
+    a.set_params(&params.values)?;
+    Ok(a)
+}
+
+/// The engine's sequences, with every token checked against the vocabulary.
+pub fn sequences(data: &Sequences, vocab: usize) -> Result<Vec<Sequence>> {
+    data.0
+        .iter()
+        .enumerate()
+        .map(|(n, s)| {
+            if let Some(t) = s.tokens.iter().find(|&&t| t as usize >= vocab) {
+                bail!("sequence {n} of the data shard has token {t}, outside the model's vocabulary of {vocab}");
+            }
+            Ok(Sequence {
+                tokens: s.tokens.clone(),
+                targets: s.targets.clone(),
+            })
+        })
+        .collect()
+}
+
+/// The protocol's data shard from the engine's sequences.
+pub fn shard_of(seqs: &[Sequence]) -> Sequences {
+    Sequences(
+        seqs.iter()
+            .map(|s| TrainSequence {
+                tokens: s.tokens.clone(),
+                targets: s.targets.clone(),
+            })
+            .collect(),
+    )
+}
+
+/// The inner training configuration of a shard.
+pub fn train_config(p: &LoraShardParams) -> Result<TrainConfig> {
+    let h = &p.hyper;
+    Ok(TrainConfig {
+        lora: lora_config(h)?,
+        lr: h.lr,
+        schedule: Schedule::Constant,
+        warmup: 0,
+        steps: u64::from(p.local_steps),
+        batch: h.batch as usize,
+        grad_accum: 1,
+        max_grad_norm: (h.max_grad_norm > 0.0).then_some(f64::from(h.max_grad_norm)),
+        adamw: AdamWConfig {
+            weight_decay: h.weight_decay,
+            ..Default::default()
+        },
+        state_dtype: StateDtype::F32,
+        seed: p.seed,
+    })
+}
+
+/// Runs a shard's local steps on a loaded model. `max_work` bounds the
+/// tokens processed (checked before any step runs); `stop` is asked before
+/// each step and ends the run with an error when it says so.
+pub fn run(
+    model: &Model,
+    p: &LoraShardParams,
+    start: &AdapterParams,
+    data: &Sequences,
+    max_work: u64,
+    stop: &dyn Fn() -> bool,
+) -> Result<(LoraShardOutput, u64)> {
+    let c = model.config();
+    let seqs = sequences(data, c.vocab_size)?;
+    let longest = seqs.iter().map(|s| s.tokens.len()).max().unwrap_or(0);
+    ensure!(
+        longest <= c.max_position_embeddings,
+        "a sequence of {longest} tokens is longer than the model's context of {}",
+        c.max_position_embeddings
+    );
+    let bound = p.work(longest as u64);
+    ensure!(
+        bound <= max_work,
+        "{} steps of {} sequences of up to {longest} tokens may process {bound} tokens, more than the allowed {max_work}",
+        p.local_steps,
+        p.hyper.batch
+    );
+    let before = adapter(c, &p.hyper, start)?;
+    let engine = Engine::new(model);
+    let mut trainer = Trainer::with_adapter(train_config(p)?, before.clone())?;
+    let (mut tokens, mut loss_sum, mut seen) = (0u64, 0f64, 0u64);
+    for _ in 0..p.local_steps {
+        ensure!(!stop(), "stopped before the last local step");
+        let s = trainer.step(&engine, &seqs)?;
+        tokens += s.tokens as u64;
+        loss_sum += s.loss * s.tokens as f64;
+        seen += s.seen_tokens as u64;
+    }
+    ensure!(tokens > 0, "the data shard has no token to predict");
+    let delta = trainer
+        .adapter()
+        .params()
+        .iter()
+        .zip(before.params())
+        .map(|(a, b)| a - b)
+        .collect();
+    Ok((
+        LoraShardOutput {
+            layout: start.layout,
+            delta,
+            tokens,
+            loss: loss_sum / tokens as f64,
+            steps: p.local_steps,
+        },
+        seen,
+    ))
+}
+
+/// Runs a shard from blobs on disk: the model file, the adapter and data blobs.
+pub fn run_files(
+    backend: kernels::Backend,
+    model_path: &Path,
+    p: &LoraShardParams,
+    adapter_bytes: &[u8],
+    data_bytes: &[u8],
+    max_work: u64,
+    stop: &dyn Fn() -> bool,
+) -> Result<(LoraShardOutput, u64)> {
+    let start = AdapterParams::decode(adapter_bytes).context("the adapter blob")?;
+    let data = Sequences::decode(data_bytes).context("the data shard")?;
+    let loaded = model::load(model_path).context("the model blob is not a model tern can load")?;
+    let m = Model::new(&loaded.weights, backend)?;
+    run(&m, p, &start, &data, max_work, stop)
+}
