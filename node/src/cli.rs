@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::node_cmd::{self, BlobCommand, DataDirArg};
-use crate::{bench, finetune, model_bench, model_cmd, train_bench};
+use crate::{bench, finetune, model_bench, model_cmd, swarm_bench, train_bench};
 
 /// tern: a peer-to-peer compute node for BitNet b1.58 models.
 #[derive(Debug, Parser)]
@@ -88,6 +88,9 @@ pub enum BenchCommand {
     /// LoRA training tokens/s and peak memory of a model of real shapes,
     /// against its weights at 16 bits.
     Finetune(train_bench::FinetuneBenchArgs),
+    /// The node's networking on loopback: advert convergence of a swarm,
+    /// verified blob transfer throughput, and an idle daemon's memory.
+    Swarm(swarm_bench::SwarmBenchArgs),
 }
 
 /// Arguments of `tern bench kernels`.
@@ -156,6 +159,15 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(BenchCommand::Finetune(args)) => {
             let report = train_bench::run(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_table());
+            }
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Swarm(args)) => {
+            let report = swarm_bench::run(&args)?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

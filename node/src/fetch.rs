@@ -18,9 +18,23 @@ use crate::daemon::Shared;
 use crate::net::BLOB_PROTOCOL;
 
 /// Group requests in flight per provider.
-const PER_PROVIDER: usize = 8;
+const PER_PROVIDER: usize = 16;
 /// Failures after which a provider is given up on for this blob.
 const MAX_FAILURES: usize = 3;
+
+/// What became of one group request.
+enum Got {
+    /// Checked against the outline and written.
+    Written,
+    /// The bytes do not match the outline.
+    BadBytes(anyhow::Error),
+    /// Writing here failed (disk full, say): no provider's fault.
+    Local(anyhow::Error),
+    /// Something other than a group came back.
+    WrongAnswer,
+    /// The request failed or timed out.
+    Failed(anyhow::Error),
+}
 
 /// Serves a blob request from the local store.
 pub fn serve(shared: &Shared, request: &[u8]) -> Vec<u8> {
@@ -156,10 +170,31 @@ pub async fn fetch(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]) -> Res
                 if in_flight.get(&p).copied().unwrap_or(0) < PER_PROVIDER {
                     let Some(g) = queue.pop_front() else { break };
                     *in_flight.entry(p).or_default() += 1;
-                    let s = shared.clone();
+                    let (s, part, check) = (shared.clone(), partial.clone(), outline.clone());
+                    // Each group is checked and written as soon as it
+                    // arrives, while other groups are still on the wire.
                     running.push(async move {
-                        let r = ask(&s, p, &oid, wire::blob_request::What::Group(g)).await;
-                        (p, g, r)
+                        let got = match ask(&s, p, &oid, wire::blob_request::What::Group(g)).await {
+                            Ok(wire::blob_response::Result::Group(bytes)) => {
+                                let written = tokio::task::spawn_blocking(move || {
+                                    if let Err(e) = check.check_group(&oid, g, &bytes) {
+                                        return Got::BadBytes(e.into());
+                                    }
+                                    match part.lock() {
+                                        Ok(mut p) => match p.write_verified(g, &bytes) {
+                                            Ok(()) => Got::Written,
+                                            Err(e) => Got::Local(e),
+                                        },
+                                        Err(_) => Got::Local(anyhow!("a group write panicked")),
+                                    }
+                                })
+                                .await;
+                                written.unwrap_or_else(|e| Got::Local(anyhow!("the write task failed: {e}")))
+                            }
+                            Ok(_) => Got::WrongAnswer,
+                            Err(e) => Got::Failed(e),
+                        };
+                        (p, g, got)
                     });
                     placed = true;
                 }
@@ -168,33 +203,27 @@ pub async fn fetch(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]) -> Res
                 break;
             }
         }
-        let Some((p, g, r)) = running.next().await else {
+        let Some((p, g, got)) = running.next().await else {
             break;
         };
         if let Some(n) = in_flight.get_mut(&p) {
             *n -= 1;
         }
-        match r {
-            Ok(wire::blob_response::Result::Group(bytes)) => {
-                let part = partial.clone();
-                let written = tokio::task::spawn_blocking(move || {
-                    part.lock()
-                        .map_err(|_| anyhow!("poisoned"))
-                        .and_then(|mut p| p.write_group(g, &bytes))
-                })
-                .await?;
-                if let Err(e) = written {
-                    tracing::warn!(peer = %p, blob = %id, group = g, "dropping a provider that sent bad bytes: {e:#}");
-                    providers.retain(|x| *x != p);
-                    queue.push_back(g);
-                }
+        match got {
+            Got::Written => {}
+            // What arrived stays in partial/ and the next fetch resumes from it.
+            Got::Local(e) => return Err(e.context(format!("storing blob {id}"))),
+            Got::BadBytes(e) => {
+                tracing::warn!(peer = %p, blob = %id, group = g, "dropping a provider that sent bad bytes: {e:#}");
+                providers.retain(|x| *x != p);
+                queue.push_back(g);
             }
-            Ok(_) => {
+            Got::WrongAnswer => {
                 tracing::warn!(peer = %p, blob = %id, "dropping a provider that answered a group request with something else");
                 providers.retain(|x| *x != p);
                 queue.push_back(g);
             }
-            Err(e) => {
+            Got::Failed(e) => {
                 let n = failures.entry(p).or_default();
                 *n += 1;
                 tracing::info!(peer = %p, blob = %id, group = g, "group request failed ({n}): {e:#}");

@@ -183,3 +183,180 @@ fn bad_model_input_is_a_clear_error() {
         "No such file",
     );
 }
+
+/// Kills the daemon if the test fails before it stops it.
+#[cfg(unix)]
+struct Daemon(std::process::Child);
+
+#[cfg(unix)]
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[cfg(unix)]
+impl Daemon {
+    /// `tern node --config FILE` with extra flags; returns once its control API answers.
+    fn start(dir: &std::path::Path, extra: &[&str]) -> (Self, serde_json::Value) {
+        std::fs::create_dir_all(dir).unwrap();
+        let config = dir.join("node.toml");
+        std::fs::write(
+            &config,
+            "gpu = false\nbench = false\nadvert_interval_secs = 2\nadvert_ttl_secs = 30\n",
+        )
+        .unwrap();
+        let mut args = vec![
+            "node",
+            "--config",
+            config.to_str().unwrap(),
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+            "--control",
+            "127.0.0.1:0",
+            "--no-mdns",
+        ];
+        args.extend_from_slice(extra);
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let d = Self(child);
+        let t0 = std::time::Instant::now();
+        loop {
+            let out = tern(&["status", "--json", "--data-dir", dir.to_str().unwrap()]);
+            if out.status.success() {
+                return (d, serde_json::from_slice(&out.stdout).unwrap());
+            }
+            assert!(t0.elapsed().as_secs() < 60, "the daemon did not start: {out:?}");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
+    /// SIGTERM, then the exit status within the shutdown grace.
+    fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.0.id().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let t0 = std::time::Instant::now();
+        loop {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                return s;
+            }
+            assert!(t0.elapsed().as_secs() < 30, "the daemon did not stop on SIGTERM");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn two_daemons_find_each_other_and_share_a_blob_through_the_cli() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let d = tempdir("daemons");
+    let (a, b) = (d.join("a"), d.join("b"));
+    let (a_s, b_s) = (a.to_str().unwrap(), b.to_str().unwrap());
+
+    // `tern id` creates the key once, private, and prints the same id after.
+    let id = ok(&tern(&["id", "--data-dir", a_s])).trim().to_string();
+    assert!(id.starts_with("12D3KooW"), "{id}");
+    assert_eq!(ok(&tern(&["id", "--data-dir", a_s])).trim(), id);
+    let mode = std::fs::metadata(a.join("node.key")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let printed: toml::Value = toml::from_str(&ok(&tern(&["node", "--print-config"]))).unwrap();
+    assert!(printed.get("listen").is_some() && printed.get("limits").is_some());
+
+    // No daemon yet: a clear error.
+    fails_with(&tern(&["status", "--data-dir", a_s]), "tern node");
+
+    let (da, status) = Daemon::start(&a, &[]);
+    assert_eq!(status["peer_id"], id.as_str());
+    let addr = format!("{}/p2p/{id}", status["listen_addrs"][0].as_str().unwrap());
+    let (db, _) = Daemon::start(&b, &["--bootstrap", &addr]);
+    let t0 = std::time::Instant::now();
+    while serde_json::from_str::<serde_json::Value>(&ok(&tern(&["peers", "--json", "--data-dir", b_s])))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .len()
+        < 2
+    {
+        assert!(t0.elapsed().as_secs() < 60, "b did not learn a's advert");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(ok(&tern(&["peers", "--data-dir", b_s])).contains(&id));
+
+    let file = d.join("payload.bin");
+    let payload: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&file, &payload).unwrap();
+    let blob = ok(&tern(&["blob", "add", file.to_str().unwrap(), "--data-dir", a_s]))
+        .trim()
+        .to_string();
+    assert_eq!(blob, blake3::hash(&payload).to_hex().as_str());
+    assert!(ok(&tern(&["blob", "list", "--data-dir", a_s])).contains(&blob));
+    let got = d.join("got.bin");
+    ok(&tern(&[
+        "blob",
+        "get",
+        &blob,
+        "--out",
+        got.to_str().unwrap(),
+        "--data-dir",
+        b_s,
+    ]));
+    assert_eq!(std::fs::read(&got).unwrap(), payload);
+    fails_with(
+        &tern(&[
+            "blob",
+            "get",
+            &"0".repeat(64),
+            "--out",
+            got.to_str().unwrap(),
+            "--data-dir",
+            b_s,
+        ]),
+        "no peer",
+    );
+
+    assert!(db.stop().success());
+    assert!(da.stop().success());
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[cfg(unix)]
+#[test]
+fn bench_swarm_quick_measures_convergence_transfer_and_idle_memory() {
+    let d = tempdir("bench-swarm");
+    let out = ok(&tern(&[
+        "bench",
+        "swarm",
+        "--quick",
+        "--json",
+        "--dir",
+        d.to_str().unwrap(),
+    ]));
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["nodes"], 4);
+    assert!(r["convergence_seconds"].as_f64().unwrap() > 0.0);
+    let transfers = r["transfers"].as_array().unwrap();
+    assert_eq!(transfers.len(), 2, "QUIC and TCP");
+    for t in transfers {
+        assert!(t["bytes_per_second"].as_f64().unwrap() > 0.0);
+    }
+    let idle = r["idle"].as_array().unwrap();
+    assert_eq!(idle[1]["peers_known"], 5, "the idle daemon joined the 4-node swarm");
+    assert!(idle.iter().all(|i| i["rss_bytes"].as_u64().unwrap() > 1 << 20));
+    let _ = std::fs::remove_dir_all(&d);
+}
