@@ -43,3 +43,25 @@ pub async fn assert_eventually(timeout: Duration, what: &str, mut cond: impl FnM
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The `tiny` preset with seed 7, written as a GGUF file into `dir`.
+pub fn tiny_model(dir: &std::path::Path) -> PathBuf {
+    let (w, t) = kernels::model::init::random(kernels::model::Preset::parse("tiny").expect("preset"), 7).expect("init");
+    let path = dir.join("tiny.gguf");
+    kernels::model::save(&w, &t, kernels::model::ModelFormat::GgufTq2, &path).expect("save");
+    path
+}
+
+/// Small LoRA hyper-parameters that train the tiny model in a few steps.
+pub fn small_hyper() -> protocol::train::LoraHyper {
+    protocol::train::LoraHyper {
+        rank: 4,
+        alpha: 8.0,
+        targets: 0b111_1111,
+        lr: 1e-3,
+        batch: 2,
+        max_grad_norm: 1.0,
+        weight_decay: 0.0,
+        dropout: 0.0,
+    }
+}

@@ -7,12 +7,12 @@ use node::daemon::now_ms;
 use node::net::TASK_PROTOCOL;
 use node::{executor, fetch};
 use protocol::envelope::seal_bytes;
-use protocol::train::{LoraHyper, LoraShardOutput};
+use protocol::train::LoraShardOutput;
 use protocol::{
     Advert, ContentId, InferOutput, InferParams, LoraShardParams, Payload, Sampling, Task, TaskParams, TaskStatus,
     Validity, open, seal, wire,
 };
-use tern_tests::{assert_eventually, spawn_nodes, tempdir};
+use tern_tests::{assert_eventually, small_hyper, spawn_nodes, tempdir, tiny_model};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -129,13 +129,6 @@ async fn a_bad_provider_is_dropped_and_a_peer_that_leaves_mid_transfer_is_replac
     }
 }
 
-fn tiny_model(dir: &std::path::Path) -> std::path::PathBuf {
-    let (w, t) = kernels::model::init::random(kernels::model::Preset::parse("tiny").unwrap(), 7).unwrap();
-    let path = dir.join("tiny.gguf");
-    kernels::model::save(&w, &t, kernels::model::ModelFormat::GgufTq2, &path).unwrap();
-    path
-}
-
 fn infer_task(worker: protocol::PublicKey, model: ContentId) -> Task {
     Task {
         worker,
@@ -198,16 +191,7 @@ async fn a_lora_shard_runs_on_another_node_and_returns_the_delta_a_local_run_com
     let (model, _) = client.store.import_file(&model_path).unwrap();
     let loaded = kernels::model::load(&model_path).unwrap();
     let config = &loaded.weights.config;
-    let hyper = LoraHyper {
-        rank: 4,
-        alpha: 8.0,
-        targets: 0b111_1111,
-        lr: 1e-3,
-        batch: 2,
-        max_grad_norm: 1.0,
-        weight_decay: 0.0,
-        dropout: 0.0,
-    };
+    let hyper = small_hyper();
     let start = node::shard::initial_adapter(config, &hyper, 1).unwrap();
     let adapter = client.store.put(&start.encode()).unwrap();
     let (seqs, _) = kernels::train::data::synthetic_mapping(config.vocab_size, 1, 16, 8, 3);

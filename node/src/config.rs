@@ -38,6 +38,22 @@ pub struct Config {
     pub policy: Policy,
     /// Resource limits for tasks.
     pub limits: Limits,
+    /// Deliberate misbehaviour, for tests and benchmarks of verification.
+    /// Never read from a file.
+    #[serde(skip)]
+    pub fault: Option<Fault>,
+}
+
+/// Wrong answers a worker can be told to give, so that tests and
+/// benchmarks exercise verification against a real dishonest peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Adds 1e-3 to the first coordinate of every LoRA-shard delta.
+    PerturbShard,
+    /// Returns bytes that are no shard result at all.
+    JunkShard,
+    /// Replaces the last generated token of every inference answer.
+    TamperInfer,
 }
 
 /// Who may submit tasks to this node.
@@ -92,6 +108,7 @@ impl Default for Config {
                 allow: Vec::new(),
             },
             limits: Limits::default(),
+            fault: None,
         }
     }
 }

@@ -14,6 +14,7 @@ use protocol::{
     ContentId, InferOutput, InferParams, Opened, Payload, PublicKey, Task, TaskParams, TaskResult, TaskStatus,
 };
 
+use crate::config::Fault;
 use crate::daemon::{Shared, now_ms};
 use crate::net::{Responder, TASK_PROTOCOL};
 use crate::{fetch, hw, identity, shard};
@@ -157,7 +158,12 @@ async fn run(shared: &Arc<Shared>, peer: PeerId, task: &Task) -> Result<(Content
             }
             let prompt_len = p.prompt.len();
             let (s, p) = (shared.clone(), p.clone());
-            let tokens = tokio::task::spawn_blocking(move || infer(&s, &p)).await??;
+            let mut tokens = tokio::task::spawn_blocking(move || infer(&s, &p)).await??;
+            if shared.config.fault == Some(Fault::TamperInfer)
+                && let Some(t) = tokens.last_mut()
+            {
+                *t = if *t == 8 { 9 } else { 8 };
+            }
             let work = (prompt_len + tokens.len()) as u64;
             let out = InferOutput { tokens }.encode();
             let store = shared.store.clone();
@@ -187,7 +193,17 @@ async fn run(shared: &Arc<Shared>, peer: PeerId, task: &Task) -> Result<(Content
                 )
             })
             .await??;
-            let out = output.encode();
+            let mut output = output;
+            if shared.config.fault == Some(Fault::PerturbShard)
+                && let Some(d) = output.delta.first_mut()
+            {
+                *d += 1e-3;
+            }
+            let out = if shared.config.fault == Some(Fault::JunkShard) {
+                b"this is not a shard result".to_vec()
+            } else {
+                output.encode()
+            };
             let store = shared.store.clone();
             let id = tokio::task::spawn_blocking(move || store.put(&out)).await??;
             shared.net.provide(id.as_bytes().to_vec()).await;

@@ -12,6 +12,8 @@ pub mod fetch;
 pub mod finetune;
 pub mod hw;
 pub mod identity;
+pub mod infer;
+pub mod job;
 pub mod model_bench;
 pub mod model_cmd;
 pub mod net;

@@ -400,7 +400,9 @@ pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
     })
 }
 
-type Pending = HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Vec<u8>>>>;
+/// Requests awaiting their response. The blob and task behaviours number
+/// their requests independently, so the key says which one sent it.
+type Pending = HashMap<(bool, request_response::OutboundRequestId), oneshot::Sender<Result<Vec<u8>>>>;
 
 /// The task that owns the swarm.
 pub struct EventLoop {
@@ -462,7 +464,7 @@ impl EventLoop {
                 } else {
                     b.task.send_request(&peer, data)
                 };
-                self.pending.insert(id, reply);
+                self.pending.insert((protocol == BLOB_PROTOCOL, id), reply);
             }
             Command::Respond {
                 protocol,
@@ -590,7 +592,7 @@ impl EventLoop {
                     self.forward(event).await;
                 }
                 request_response::Message::Response { request_id, response } => {
-                    if let Some(reply) = self.pending.remove(&request_id) {
+                    if let Some(reply) = self.pending.remove(&(protocol == BLOB_PROTOCOL, request_id)) {
                         let _ = reply.send(Ok(response));
                     }
                 }
@@ -601,7 +603,7 @@ impl EventLoop {
                 error,
                 ..
             } => {
-                if let Some(reply) = self.pending.remove(&request_id) {
+                if let Some(reply) = self.pending.remove(&(protocol == BLOB_PROTOCOL, request_id)) {
                     let _ = reply.send(Err(anyhow!("{protocol} request to {peer} failed: {error}")));
                 }
             }

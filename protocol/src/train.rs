@@ -16,7 +16,7 @@ use crate::{ContentId, Error, Result, wire};
 pub const PROJECTIONS: [&str; 7] = ["q", "k", "v", "o", "gate", "up", "down"];
 
 /// What decides a shard's result besides its inputs and seed.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LoraHyper {
     pub rank: u32,
     pub alpha: f32,

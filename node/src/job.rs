@@ -1,0 +1,1041 @@
+//! Distributed fine-tuning jobs, the client's side: rounds of LoRA-shard
+//! tasks scheduled on peers from their adverts, verified, aggregated, and
+//! persisted after every accepted result.
+//!
+//! A job is data parallel with local steps (as DiLoCo): every round, each
+//! data shard trains `local_steps` from the round's adapter on some worker;
+//! the accepted deltas combine by [`protocol::train::aggregate`] into the
+//! next adapter. Shard results are bit-exact on one backend kind, so
+//! verification compares output ids: redundant copies must agree, spot
+//! checks and disputes are settled by the client re-running the shard
+//! itself (the referee). A worker caught returning a wrong result is
+//! excluded from the job and its signed result is kept as evidence.
+//!
+//! The state file (`<data_dir>/jobs/<id>/state.json`) is replaced
+//! atomically after every accepted result, exclusion and round, so a
+//! client that stops resumes with nothing verified lost or redone.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use futures::stream::{FuturesUnordered, StreamExt};
+use kernels::model::Model;
+use protocol::job::{self as rules, Verdict};
+use protocol::train::{self, AdapterParams, Contribution, LoraHyper, LoraShardOutput, Outer, Rule, Sequences};
+use protocol::{ContentId, LoraShardParams, PeerEntry, PublicKey, Task, TaskParams, TaskStatus};
+use serde::{Deserialize, Serialize};
+
+use crate::daemon::{Shared, now_ms};
+use crate::{executor, fetch, shard};
+
+/// How long a round waits for a capable peer before it gives up (by default).
+pub const PEER_WAIT: Duration = Duration::from_secs(30);
+
+/// How results are checked.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Verify {
+    /// Trust the worker.
+    None,
+    /// Each shard goes to `k` distinct workers; equal ids accept.
+    Redundancy { k: u32 },
+    /// A seeded `fraction` of shard results is re-run by the client.
+    Spot { fraction: f64 },
+}
+
+impl Verify {
+    /// `none`, `redundancy:K` or `spot:FRACTION`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let v = match s.split_once(':') {
+            None if s == "none" => Verify::None,
+            Some(("redundancy", k)) => Verify::Redundancy {
+                k: k.parse().with_context(|| format!("redundancy {k:?}"))?,
+            },
+            Some(("spot", f)) => Verify::Spot {
+                fraction: f.parse().with_context(|| format!("spot fraction {f:?}"))?,
+            },
+            _ => bail!("verification {s:?}: expected none, redundancy:K or spot:FRACTION"),
+        };
+        v.validate()?;
+        Ok(v)
+    }
+
+    fn validate(&self) -> Result<()> {
+        match *self {
+            Verify::None => {}
+            Verify::Redundancy { k } => ensure!((1..=8).contains(&k), "redundancy {k} is outside 1..=8"),
+            Verify::Spot { fraction } => ensure!(
+                (0.0..=1.0).contains(&fraction),
+                "spot-check fraction {fraction} is outside 0..=1"
+            ),
+        }
+        Ok(())
+    }
+
+    /// Workers each shard is sent to.
+    pub fn copies(&self) -> usize {
+        match *self {
+            Verify::Redundancy { k } => k as usize,
+            _ => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for Verify {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Verify::None => write!(f, "none"),
+            Verify::Redundancy { k } => write!(f, "redundancy:{k}"),
+            Verify::Spot { fraction } => write!(f, "spot:{fraction}"),
+        }
+    }
+}
+
+/// Everything that decides a job's result. Its id is the blake3 of its
+/// JSON, so submitting the same job again resumes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// The base model blob (a GGUF file).
+    pub model: ContentId,
+    /// Data shard blobs ([`Sequences`]), one task each per round.
+    pub shards: Vec<ContentId>,
+    /// Held-out sequences the client evaluates after each round.
+    pub eval: Option<ContentId>,
+    pub hyper: LoraHyper,
+    pub rounds: u32,
+    pub local_steps: u32,
+    /// Seeds the first adapter and every shard's data order and dropout.
+    pub seed: u64,
+    pub rule: Rule,
+    pub outer: Outer,
+    pub verify: Verify,
+    /// Tasks of this job one peer may run at once.
+    pub max_tasks_per_peer: u32,
+    /// Seconds a task may take before it is given to another worker.
+    pub task_timeout_secs: u64,
+    /// The longest sequence in any shard (bounds each task's work).
+    pub max_sequence_tokens: u32,
+}
+
+impl JobSpec {
+    /// The job's id.
+    pub fn id(&self) -> ContentId {
+        // A struct of plain fields serializes in declaration order.
+        ContentId::of(&serde_json::to_vec(self).unwrap_or_default())
+    }
+
+    /// Refuses a spec that cannot run.
+    pub fn validate(&self) -> Result<()> {
+        self.hyper.validate()?;
+        self.verify.validate()?;
+        ensure!(!self.shards.is_empty(), "the job has no data shard");
+        ensure!(self.shards.len() <= 1024, "{} shards; at most 1024", self.shards.len());
+        ensure!(
+            (1..=100_000).contains(&self.rounds),
+            "rounds {} outside 1..=100000",
+            self.rounds
+        );
+        ensure!(
+            (1..=protocol::limits::MAX_LOCAL_STEPS).contains(&self.local_steps),
+            "local steps {} outside 1..={}",
+            self.local_steps,
+            protocol::limits::MAX_LOCAL_STEPS
+        );
+        ensure!(self.max_tasks_per_peer > 0, "max tasks per peer must be at least 1");
+        ensure!(self.task_timeout_secs > 0, "the task timeout must be at least 1 s");
+        ensure!(self.max_sequence_tokens > 0, "the shards hold no token");
+        let mut s = self.shards.clone();
+        s.sort();
+        s.dedup();
+        ensure!(s.len() == self.shards.len(), "two data shards are the same blob");
+        Ok(())
+    }
+
+    fn params(&self, round: u32, shard: u32, adapter: ContentId) -> LoraShardParams {
+        LoraShardParams {
+            model: self.model,
+            adapter,
+            data: self.shards[shard as usize],
+            local_steps: self.local_steps,
+            seed: rules::shard_seed(self.seed, round, shard),
+            hyper: self.hyper,
+        }
+    }
+}
+
+/// How an accepted result was checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Check {
+    /// Taken on the worker's word (verification `none`, or not drawn for a spot check).
+    Unchecked,
+    /// Equal results from distinct workers.
+    Redundant,
+    /// Drawn for a spot check and equal to the client's re-run.
+    Spot,
+    /// Disputed or wrong: the client's re-run is the result.
+    Referee,
+}
+
+/// A shard result accepted in the current round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Accepted {
+    pub output: ContentId,
+    pub tokens: u64,
+    pub loss: f64,
+    /// Workers that returned exactly this output.
+    pub workers: Vec<PublicKey>,
+    pub check: Check,
+    /// Blobs of the workers' signed result envelopes.
+    pub evidence: Vec<ContentId>,
+}
+
+/// What the job knows of one worker.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    pub assigned: u64,
+    pub accepted: u64,
+    pub failed: u64,
+    pub wrong: u64,
+    /// Why it no longer gets this job's tasks.
+    pub excluded: Option<String>,
+}
+
+/// A verdict against one or more workers, with the signed evidence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerdictRecord {
+    pub round: u32,
+    pub shard: u32,
+    /// The output the client accepted (its own re-run when `wrong` is not empty).
+    pub accepted: Option<ContentId>,
+    /// Each caught worker with the output it returned.
+    pub wrong: Vec<(PublicKey, ContentId)>,
+    /// Blobs of the signed result envelopes of every result compared.
+    pub evidence: Vec<ContentId>,
+    pub why: String,
+}
+
+/// One finished round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    pub round: u32,
+    /// The adapter after this round.
+    pub adapter: ContentId,
+    /// The shard results combined, in id order.
+    pub results: Vec<ContentId>,
+    /// Training loss of the local steps, weighted by tokens.
+    pub loss: f64,
+    pub tokens: u64,
+    /// Held-out loss of the new adapter.
+    pub eval_loss: Option<f64>,
+    /// Wall time of the round, and the part of it the client spent
+    /// re-running shards (referee) and aggregating and evaluating.
+    pub secs: f64,
+    pub referee_secs: f64,
+    pub aggregate_secs: f64,
+}
+
+/// A job's whole state on the client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobState {
+    pub id: ContentId,
+    pub spec: JobSpec,
+    pub created_ms: u64,
+    /// Rounds completed.
+    pub round: u32,
+    /// The adapter the current round starts from.
+    pub adapter: ContentId,
+    /// The initial adapter (round 0's).
+    pub initial: ContentId,
+    /// The outer momentum, when `outer.momentum > 0`.
+    pub momentum: Option<ContentId>,
+    /// Results accepted so far in the current round, by shard.
+    pub accepted: BTreeMap<u32, Accepted>,
+    pub rounds: Vec<RoundRecord>,
+    /// Held-out loss of the initial adapter (the base model's).
+    pub eval_loss_start: Option<f64>,
+    pub workers: BTreeMap<PublicKey, WorkerRecord>,
+    pub verdicts: Vec<VerdictRecord>,
+    /// Task attempts that failed or timed out (given to another worker).
+    pub reassigned: u64,
+    pub finished: bool,
+}
+
+impl JobState {
+    /// The state file of job `id`.
+    pub fn path(data_dir: &Path, id: &ContentId) -> PathBuf {
+        data_dir.join("jobs").join(id.to_string()).join("state.json")
+    }
+
+    /// Reads a job's state.
+    pub fn load(data_dir: &Path, id: &ContentId) -> Result<Self> {
+        let path = Self::path(data_dir, id);
+        let text = std::fs::read(&path).with_context(|| format!("no job {id} in {}", data_dir.display()))?;
+        let s: Self = serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?;
+        ensure!(
+            s.id == *id && s.spec.id() == *id,
+            "{} is not job {id}'s state",
+            path.display()
+        );
+        Ok(s)
+    }
+
+    /// Replaces the state file atomically.
+    pub fn save(&self, data_dir: &Path) -> Result<()> {
+        let path = Self::path(data_dir, &self.id);
+        if let Some(d) = path.parent() {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        let bytes = serde_json::to_vec_pretty(self)?;
+        kernels::model::write_atomic(&path, |f| std::io::Write::write_all(f, &bytes))
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// The workers excluded from the job.
+    pub fn excluded(&self) -> Vec<PublicKey> {
+        self.workers
+            .iter()
+            .filter(|(_, w)| w.excluded.is_some())
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
+    /// The adapter the job ended with (the current one while it runs).
+    pub fn result(&self) -> ContentId {
+        self.adapter
+    }
+
+    fn worker(&mut self, k: PublicKey) -> &mut WorkerRecord {
+        self.workers.entry(k).or_default()
+    }
+}
+
+/// What a running job reports, for progress displays and logs.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The job starts, or resumes at `round` with `accepted` results of it kept.
+    Started {
+        id: ContentId,
+        round: u32,
+        accepted: usize,
+    },
+    RoundStarted {
+        round: u32,
+    },
+    Assigned {
+        round: u32,
+        shard: u32,
+        worker: PublicKey,
+    },
+    Accepted {
+        round: u32,
+        shard: u32,
+        output: ContentId,
+        check: Check,
+    },
+    Failed {
+        round: u32,
+        shard: u32,
+        worker: PublicKey,
+        why: String,
+    },
+    Caught {
+        round: u32,
+        shard: u32,
+        worker: PublicKey,
+        why: String,
+    },
+    RoundDone(RoundRecord),
+}
+
+/// A progress callback.
+pub type Progress = dyn Fn(&Event) + Send + Sync;
+
+/// Peers that can take tasks on `model`, best first: those already holding
+/// the model, then by measured speed (verified scores first), then by
+/// spare task slots. The local node and `skip` are left out.
+pub fn capable_peers(
+    shared: &Shared,
+    model: &ContentId,
+    model_bytes: u64,
+    skip: &[PublicKey],
+) -> Vec<(PublicKey, PeerEntry)> {
+    let me = shared.key.public();
+    let mut peers: Vec<_> = shared
+        .peer_entries()
+        .into_iter()
+        .filter(|(k, e)| {
+            let a = &e.advert;
+            *k != me
+                && !skip.contains(k)
+                && a.max_tasks > 0
+                && a.cpu.threads > 0
+                && (a.ram_bytes == 0 || a.ram_bytes >= model_bytes)
+                && a.power != protocol::Power::Battery
+        })
+        .collect();
+    let key = |(k, e): &(PublicKey, PeerEntry)| {
+        let a = &e.advert;
+        let holds = a.models.contains(model) || a.blobs.contains(model);
+        let speed = a.score.as_ref().map_or(0, |s| s.macs_per_second);
+        (
+            !holds,
+            !e.score_verified,
+            std::cmp::Reverse(speed),
+            a.active_tasks.saturating_mul(16) / a.max_tasks.max(1),
+            *k,
+        )
+    };
+    peers.sort_by_key(key);
+    peers
+}
+
+/// One result returned for a shard.
+#[derive(Debug, Clone)]
+struct Got {
+    worker: PublicKey,
+    output: ContentId,
+    evidence: ContentId,
+    tokens: u64,
+    loss: f64,
+}
+
+/// A task's answer, as the scheduler sees it.
+type Answer = (u32, PublicKey, Result<executor::Submitted>);
+
+/// A job being run by a client node.
+pub struct Job {
+    shared: Arc<Shared>,
+    state: JobState,
+    model: Arc<Model>,
+    model_bytes: u64,
+    peer_wait: Duration,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("id", &self.state.id)
+            .field("round", &self.state.round)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Job {
+    /// Opens job `spec` on this node: resumes its saved state, or starts
+    /// it. The model and data shards must be in the store (or fetchable).
+    pub async fn open(shared: &Arc<Shared>, spec: JobSpec) -> Result<Self> {
+        spec.validate()?;
+        let id = spec.id();
+        let dir = &shared.config.data_dir;
+        let blobs = std::iter::once(&spec.model).chain(&spec.shards).chain(&spec.eval);
+        for b in blobs {
+            if !shared.store.has(b) {
+                fetch::fetch(shared, b, &[])
+                    .await
+                    .with_context(|| format!("the job's input {b} is not held here and"))?;
+            }
+            shared.store.pin(b)?;
+        }
+        let path = shared.store.path(&spec.model);
+        let model = tokio::task::spawn_blocking(move || -> Result<Model> {
+            let loaded = kernels::model::load(&path).context("the model blob is not a model tern can load")?;
+            Ok(Model::new(&loaded.weights, kernels::Backend::cpu()?)?)
+        })
+        .await??;
+        let model = Arc::new(model);
+        let model_bytes = shared.store.size(&spec.model).unwrap_or(0);
+        let state = if JobState::path(dir, &id).exists() {
+            let s = JobState::load(dir, &id)?;
+            ensure!(s.spec == spec, "job {id}'s saved spec differs from the one given");
+            s
+        } else {
+            let first = shard::initial_adapter(model.config(), &spec.hyper, spec.seed)?;
+            let adapter = shared.store.put(&first.encode())?;
+            shared.store.pin(&adapter)?;
+            let eval_loss_start = match spec.eval {
+                Some(e) => Some(eval_loss(shared, &model, &spec.hyper, &first, &e).await?),
+                None => None,
+            };
+            let s = JobState {
+                id,
+                spec,
+                created_ms: now_ms(),
+                round: 0,
+                adapter,
+                initial: adapter,
+                momentum: None,
+                accepted: BTreeMap::new(),
+                rounds: Vec::new(),
+                eval_loss_start,
+                workers: BTreeMap::new(),
+                verdicts: Vec::new(),
+                reassigned: 0,
+                finished: false,
+            };
+            s.save(dir)?;
+            s
+        };
+        for b in [Some(state.adapter), state.momentum].into_iter().flatten() {
+            ensure!(
+                shared.store.has(&b),
+                "the job's adapter blob {b} is missing from the store"
+            );
+            shared.net.provide(b.as_bytes().to_vec()).await;
+        }
+        for b in std::iter::once(&state.spec.model).chain(&state.spec.shards) {
+            shared.net.provide(b.as_bytes().to_vec()).await;
+        }
+        Ok(Self {
+            shared: shared.clone(),
+            state,
+            model,
+            model_bytes,
+            peer_wait: PEER_WAIT,
+        })
+    }
+
+    /// How long a round waits for a capable peer before it fails.
+    pub fn with_peer_wait(mut self, wait: Duration) -> Self {
+        self.peer_wait = wait;
+        self
+    }
+
+    pub fn state(&self) -> &JobState {
+        &self.state
+    }
+
+    /// The client's loaded model (for evaluation and generation).
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    fn save(&self) -> Result<()> {
+        self.state.save(&self.shared.config.data_dir)
+    }
+
+    /// Runs the remaining rounds. Returns the final state.
+    pub async fn run(mut self, on: &Progress) -> Result<JobState> {
+        on(&Event::Started {
+            id: self.state.id,
+            round: self.state.round,
+            accepted: self.state.accepted.len(),
+        });
+        while self.state.round < self.state.spec.rounds {
+            self.round(on).await?;
+        }
+        if !self.state.finished {
+            self.state.finished = true;
+            self.save()?;
+        }
+        Ok(self.state)
+    }
+
+    /// Runs the current round to its aggregate.
+    async fn round(&mut self, on: &Progress) -> Result<()> {
+        let t0 = Instant::now();
+        let round = self.state.round;
+        let spec = self.state.spec.clone();
+        let n = spec.shards.len() as u32;
+        let copies = spec.verify.copies();
+        on(&Event::RoundStarted { round });
+        let mut results: BTreeMap<u32, Vec<Got>> = BTreeMap::new();
+        // Workers asked for each shard this round (answered, running or failed).
+        let mut asked: BTreeMap<u32, BTreeSet<PublicKey>> = BTreeMap::new();
+        let mut failed: BTreeMap<u32, BTreeSet<PublicKey>> = BTreeMap::new();
+        let mut running: HashMap<PublicKey, u32> = HashMap::new();
+        let mut running_shard: BTreeMap<u32, usize> = BTreeMap::new();
+        let mut attempts: BTreeMap<u32, u32> = BTreeMap::new();
+        let mut last_error: BTreeMap<u32, String> = BTreeMap::new();
+        let mut futs = FuturesUnordered::new();
+        let mut waiting = None::<Instant>;
+        let mut referee_secs = 0f64;
+        loop {
+            let open: Vec<u32> = (0..n).filter(|s| !self.state.accepted.contains_key(s)).collect();
+            if open.is_empty() {
+                break;
+            }
+            let excluded = self.state.excluded();
+            for &s in &open {
+                let have = results.get(&s).map_or(0, Vec::len) + running_shard.get(&s).copied().unwrap_or(0);
+                for _ in have..copies {
+                    let taken = asked.entry(s).or_default();
+                    let busy = |k: &PublicKey| running.get(k).copied().unwrap_or(0);
+                    let peers = capable_peers(&self.shared, &spec.model, self.model_bytes, &excluded);
+                    let free = |e: &PeerEntry, k: &PublicKey| busy(k) < spec.max_tasks_per_peer.min(e.advert.max_tasks);
+                    // A worker not yet asked for this shard; else one that
+                    // failed it (not one holding a result: copies must be distinct).
+                    let has_result = |k: &PublicKey| results.get(&s).is_some_and(|g| g.iter().any(|g| g.worker == *k));
+                    let pick = peers
+                        .iter()
+                        .find(|(k, e)| !taken.contains(k) && free(e, k))
+                        .or_else(|| {
+                            peers.iter().find(|(k, e)| {
+                                failed.get(&s).is_some_and(|f| f.contains(k))
+                                    && !has_result(k)
+                                    && busy(k) == 0
+                                    && free(e, k)
+                            })
+                        })
+                        .map(|(k, _)| *k);
+                    let Some(worker) = pick else { break };
+                    let tries = attempts.entry(s).or_default();
+                    *tries += 1;
+                    if *tries > 3 + 3 * copies as u32 + peers.len() as u32 {
+                        bail!(
+                            "round {round} shard {s}: no worker completed it after {} attempts; last error: {}",
+                            *tries - 1,
+                            last_error.get(&s).map_or("none", String::as_str)
+                        );
+                    }
+                    taken.insert(worker);
+                    *running.entry(worker).or_default() += 1;
+                    *running_shard.entry(s).or_default() += 1;
+                    self.state.worker(worker).assigned += 1;
+                    on(&Event::Assigned {
+                        round,
+                        shard: s,
+                        worker,
+                    });
+                    futs.push(self.send(spec.params(round, s, self.state.adapter), s, worker));
+                }
+            }
+            if futs.is_empty() {
+                let since = *waiting.get_or_insert_with(Instant::now);
+                if since.elapsed() > self.peer_wait {
+                    let why = open
+                        .iter()
+                        .filter_map(|s| last_error.get(s).map(|e| format!("; shard {s}: {e}")))
+                        .collect::<String>();
+                    bail!(
+                        "round {round}: no capable peer for {} shard(s) within {} s (peers known: {}, excluded: {}){why}",
+                        open.len(),
+                        self.peer_wait.as_secs(),
+                        self.shared.peer_entries().len().saturating_sub(1),
+                        excluded.len()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            waiting = None;
+            // Wake at least every second to schedule on newly seen peers.
+            let Ok(Some((s, worker, answer))) = tokio::time::timeout(Duration::from_secs(1), futs.next()).await else {
+                continue;
+            };
+            if let Some(r) = running.get_mut(&worker) {
+                *r -= 1;
+            }
+            if let Some(r) = running_shard.get_mut(&s) {
+                *r -= 1;
+            }
+            if self.state.accepted.contains_key(&s)
+                || self.state.workers.get(&worker).is_some_and(|w| w.excluded.is_some())
+            {
+                continue;
+            }
+            match self.check_answer(round, s, worker, answer) {
+                Ok(got) => results.entry(s).or_default().push(got),
+                Err(Fault::Failed(why)) => {
+                    self.state.reassigned += 1;
+                    self.state.worker(worker).failed += 1;
+                    failed.entry(s).or_default().insert(worker);
+                    on(&Event::Failed {
+                        round,
+                        shard: s,
+                        worker,
+                        why: why.clone(),
+                    });
+                    last_error.insert(s, why);
+                    self.save()?;
+                    continue;
+                }
+                Err(Fault::Wrong { why, output, evidence }) => {
+                    self.convict(round, s, &[(worker, output)], vec![evidence], None, &why, on);
+                    self.save()?;
+                    continue;
+                }
+            }
+            let got = results.get(&s).cloned().unwrap_or_default();
+            if got.len() < copies {
+                continue;
+            }
+            let pairs: Vec<(PublicKey, ContentId)> = got.iter().map(|g| (g.worker, g.output)).collect();
+            let verdict = rules::judge(&pairs).ok_or_else(|| anyhow!("no result to judge"))?;
+            let spot = match spec.verify {
+                Verify::Spot { fraction } => rules::spot_checked(spec.seed, round, s, fraction),
+                _ => false,
+            };
+            let accepted = match verdict {
+                Verdict::Agree(id) if !spot => {
+                    let check = if copies > 1 { Check::Redundant } else { Check::Unchecked };
+                    accept(&got, id, check)
+                }
+                _ => {
+                    let t = Instant::now();
+                    let (reference, tokens, loss) = self.referee(round, s).await?;
+                    referee_secs += t.elapsed().as_secs_f64();
+                    let (_, wrong) = rules::settle(&pairs, reference);
+                    if !wrong.is_empty() {
+                        let bad: Vec<_> = got
+                            .iter()
+                            .filter(|g| wrong.contains(&g.worker))
+                            .map(|g| (g.worker, g.output))
+                            .collect();
+                        let why = format!("round {round} shard {s}: the client's re-run gives {reference}");
+                        self.convict(
+                            round,
+                            s,
+                            &bad,
+                            got.iter().map(|g| g.evidence).collect(),
+                            Some(reference),
+                            &why,
+                            on,
+                        );
+                        results.insert(s, got.iter().filter(|g| !wrong.contains(&g.worker)).cloned().collect());
+                    }
+                    let right: Vec<Got> = got.iter().filter(|g| g.output == reference).cloned().collect();
+                    let check = if wrong.is_empty() { Check::Spot } else { Check::Referee };
+                    let mut a = accept(&right, reference, check);
+                    a.tokens = tokens;
+                    a.loss = loss;
+                    a
+                }
+            };
+            for w in &accepted.workers {
+                self.state.worker(*w).accepted += 1;
+            }
+            let (output, check) = (accepted.output, accepted.check);
+            self.state.accepted.insert(s, accepted);
+            self.save()?;
+            on(&Event::Accepted {
+                round,
+                shard: s,
+                output,
+                check,
+            });
+        }
+        let t = Instant::now();
+        let mut record = self.aggregate(round, referee_secs).await?;
+        record.aggregate_secs = t.elapsed().as_secs_f64();
+        record.secs = t0.elapsed().as_secs_f64();
+        self.state.rounds.push(record.clone());
+        self.save()?;
+        on(&Event::RoundDone(record));
+        Ok(())
+    }
+
+    /// Sends one shard task; the future resolves to the worker's checked answer.
+    fn send(
+        &self,
+        params: LoraShardParams,
+        shard: u32,
+        worker: PublicKey,
+    ) -> impl std::future::Future<Output = Answer> + Send + 'static {
+        let shared = self.shared.clone();
+        let spec = &self.state.spec;
+        let timeout = Duration::from_secs(spec.task_timeout_secs);
+        let task = Task {
+            worker,
+            inputs: vec![params.model, params.adapter, params.data],
+            max_work: params.work(u64::from(spec.max_sequence_tokens)),
+            params: TaskParams::LoraShard(params),
+        };
+        async move {
+            let r = match tokio::time::timeout(timeout, executor::submit(&shared, task)).await {
+                Ok(r) => r,
+                Err(_) => Err(anyhow!("no answer within {} s", timeout.as_secs())),
+            };
+            (shard, worker, r)
+        }
+    }
+
+    /// Checks one answer: done, and a well-formed shard result for this round.
+    fn check_answer(
+        &self,
+        round: u32,
+        shard: u32,
+        worker: PublicKey,
+        answer: Result<executor::Submitted>,
+    ) -> Result<Got, Fault> {
+        let sub = answer.map_err(|e| Fault::Failed(format!("{e:#}")))?;
+        let store = &self.shared.store;
+        let evidence = store
+            .put(&sub.envelope)
+            .map_err(|e| Fault::Failed(format!("keeping evidence: {e:#}")))?;
+        let _ = store.pin(&evidence);
+        let r = &sub.result;
+        if r.status != TaskStatus::Done {
+            return Err(Fault::Failed(format!("{:?}: {}", r.status, r.error)));
+        }
+        let output = r.output.ok_or_else(|| Fault::Failed("done without an output".into()))?;
+        let wrong = |why: String| Fault::Wrong {
+            why: format!("round {round} shard {shard}: {why}"),
+            output,
+            evidence,
+        };
+        let bytes = store
+            .read(&output)
+            .map_err(|e| Fault::Failed(format!("reading the output: {e:#}")))?;
+        let out = LoraShardOutput::decode(&bytes)
+            .map_err(|e| wrong(format!("the result is not a valid adapter delta: {e}")))?;
+        let current = self.adapter_params().map_err(|e| Fault::Failed(format!("{e:#}")))?;
+        if out.layout != current.layout || out.delta.len() != current.values.len() {
+            return Err(wrong(format!(
+                "the delta has {} values for another layout; the adapter has {}",
+                out.delta.len(),
+                current.values.len()
+            )));
+        }
+        if out.steps != self.state.spec.local_steps || out.tokens == 0 {
+            return Err(wrong(format!(
+                "{} steps over {} tokens, not {} steps",
+                out.steps, out.tokens, self.state.spec.local_steps
+            )));
+        }
+        let _ = store.pin(&output);
+        Ok(Got {
+            worker,
+            output,
+            evidence,
+            tokens: out.tokens,
+            loss: out.loss,
+        })
+    }
+
+    /// The current adapter's parameters.
+    fn adapter_params(&self) -> Result<AdapterParams> {
+        let bytes = self.shared.store.read(&self.state.adapter)?;
+        Ok(AdapterParams::decode(&bytes)?)
+    }
+
+    /// Excludes workers caught with a wrong result; results of this round
+    /// that rest on their word alone are dropped to be computed again.
+    #[allow(clippy::too_many_arguments)]
+    fn convict(
+        &mut self,
+        round: u32,
+        shard: u32,
+        wrong: &[(PublicKey, ContentId)],
+        evidence: Vec<ContentId>,
+        accepted: Option<ContentId>,
+        why: &str,
+        on: &Progress,
+    ) {
+        for (w, out) in wrong {
+            let rec = self.state.worker(*w);
+            rec.wrong += 1;
+            rec.excluded = Some(format!("returned {out} for {why}"));
+            on(&Event::Caught {
+                round,
+                shard,
+                worker: *w,
+                why: why.to_string(),
+            });
+            tracing::warn!(worker = %w, "excluded from the job: returned {out} for {why}");
+        }
+        self.state.verdicts.push(VerdictRecord {
+            round,
+            shard,
+            accepted,
+            wrong: wrong.to_vec(),
+            evidence,
+            why: why.to_string(),
+        });
+        let bad: Vec<PublicKey> = wrong.iter().map(|(w, _)| *w).collect();
+        self.state
+            .accepted
+            .retain(|_, a| a.check != Check::Unchecked || !a.workers.iter().all(|w| bad.contains(w)));
+    }
+
+    /// The client's own run of a shard: the referee of spot checks and disputes.
+    async fn referee(&self, round: u32, shard: u32) -> Result<(ContentId, u64, f64)> {
+        let params = self.state.spec.params(round, shard, self.state.adapter);
+        let start = self.adapter_params()?;
+        let data = Sequences::decode(&self.shared.store.read(&params.data)?)?;
+        let model = self.model.clone();
+        let out = tokio::task::spawn_blocking(move || shard::run(&model, &params, &start, &data, u64::MAX, &|| false))
+            .await??
+            .0;
+        let id = self.shared.store.put(&out.encode())?;
+        self.shared.store.pin(&id)?;
+        Ok((id, out.tokens, out.loss))
+    }
+
+    /// Combines the round's accepted results into the next adapter.
+    async fn aggregate(&mut self, round: u32, referee_secs: f64) -> Result<RoundRecord> {
+        let store = &self.shared.store;
+        let current = self.adapter_params()?;
+        let momentum = match self.state.momentum {
+            Some(m) => AdapterParams::decode(&store.read(&m)?)?.values,
+            None => Vec::new(),
+        };
+        let mut outs = Vec::new();
+        for a in self.state.accepted.values() {
+            outs.push((a.output, LoraShardOutput::decode(&store.read(&a.output)?)?));
+        }
+        let contributions: Vec<Contribution<'_>> =
+            outs.iter().map(|(id, o)| Contribution { id: *id, output: o }).collect();
+        let spec = &self.state.spec;
+        let next = train::aggregate(&current, &momentum, &contributions, spec.rule, spec.outer)?;
+        let adapter = store.put(&next.adapter.encode())?;
+        store.pin(&adapter)?;
+        let momentum = if next.momentum.is_empty() {
+            None
+        } else {
+            let m = AdapterParams {
+                layout: current.layout,
+                values: next.momentum,
+            };
+            let id = store.put(&m.encode())?;
+            store.pin(&id)?;
+            Some(id)
+        };
+        let tokens: u64 = outs.iter().map(|(_, o)| o.tokens).sum();
+        let loss = outs.iter().map(|(_, o)| o.loss * o.tokens as f64).sum::<f64>() / tokens.max(1) as f64;
+        let eval_loss = match spec.eval {
+            Some(e) => Some(eval_loss(&self.shared, &self.model, &spec.hyper, &next.adapter, &e).await?),
+            None => None,
+        };
+        let mut results: Vec<ContentId> = outs.iter().map(|(id, _)| *id).collect();
+        results.sort();
+        self.state.adapter = adapter;
+        self.state.momentum = momentum;
+        self.state.accepted.clear();
+        self.state.round = round + 1;
+        self.shared.net.provide(adapter.as_bytes().to_vec()).await;
+        Ok(RoundRecord {
+            round,
+            adapter,
+            results,
+            loss,
+            tokens,
+            eval_loss,
+            secs: 0.0,
+            referee_secs,
+            aggregate_secs: 0.0,
+        })
+    }
+}
+
+/// Held-out loss of `adapter` on the eval blob, computed by the client.
+async fn eval_loss(
+    shared: &Shared,
+    model: &Arc<Model>,
+    hyper: &LoraHyper,
+    adapter: &AdapterParams,
+    eval: &ContentId,
+) -> Result<f64> {
+    let data = Sequences::decode(&shared.store.read(eval)?)?;
+    let (model, hyper, adapter) = (model.clone(), *hyper, adapter.clone());
+    tokio::task::spawn_blocking(move || -> Result<f64> {
+        let a = shard::adapter(model.config(), &hyper, &adapter)?;
+        let seqs = shard::sequences(&data, model.config().vocab_size)?;
+        let engine = kernels::train::Engine::new(&model);
+        Ok(kernels::train::eval_loss(&engine, Some(&a), &seqs)?)
+    })
+    .await?
+}
+
+/// Why an answer was not taken.
+enum Fault {
+    /// Not done, or not delivered: the shard goes to another worker.
+    Failed(String),
+    /// A signed result that cannot be right: the worker is excluded.
+    Wrong {
+        why: String,
+        output: ContentId,
+        evidence: ContentId,
+    },
+}
+
+fn accept(got: &[Got], id: ContentId, check: Check) -> Accepted {
+    let same: Vec<&Got> = got.iter().filter(|g| g.output == id).collect();
+    let mut workers: Vec<PublicKey> = same.iter().map(|g| g.worker).collect();
+    workers.sort();
+    Accepted {
+        output: id,
+        tokens: same.first().map_or(0, |g| g.tokens),
+        loss: same.first().map_or(0.0, |g| g.loss),
+        workers,
+        check,
+        evidence: same.iter().map(|g| g.evidence).collect(),
+    }
+}
+
+/// Runs job `spec` from this node to its end (resuming saved progress).
+pub async fn run(shared: &Arc<Shared>, spec: JobSpec, on: &Progress) -> Result<JobState> {
+    Job::open(shared, spec).await?.run(on).await
+}
+
+/// Puts a job's inputs in the store: the model file, the training
+/// sequences split into `shards` near-equal shards, and the held-out
+/// sequences. Returns the model id, the shard ids, the eval id and the
+/// longest sequence.
+pub fn put_inputs(
+    store: &crate::store::BlobStore,
+    model: &Path,
+    train: &[kernels::train::Sequence],
+    eval: &[kernels::train::Sequence],
+    shards: usize,
+) -> Result<(ContentId, Vec<ContentId>, Option<ContentId>, u32)> {
+    ensure!(!train.is_empty(), "no training sequence");
+    ensure!(
+        train.len() >= shards,
+        "{} training sequences cannot fill {shards} shards",
+        train.len()
+    );
+    let (model_id, _) = store.import_file(model)?;
+    store.pin(&model_id)?;
+    let mut ids = Vec::new();
+    for r in rules::split(train.len(), shards) {
+        let id = store.put(&shard::shard_of(&train[r]).encode())?;
+        store.pin(&id)?;
+        ids.push(id);
+    }
+    let eval_id = if eval.is_empty() {
+        None
+    } else {
+        let id = store.put(&shard::shard_of(eval).encode())?;
+        store.pin(&id)?;
+        Some(id)
+    };
+    let longest = train.iter().map(|s| s.tokens.len()).max().unwrap_or(0) as u32;
+    Ok((model_id, ids, eval_id, longest))
+}
+
+/// Computes a whole job alone, shard after shard, from blobs `read`
+/// returns: the audit of a job's final adapter, which an honest swarm
+/// reproduces bit for bit. Returns the adapter after each round.
+pub fn run_locally(
+    model: &Model,
+    spec: &JobSpec,
+    read: impl Fn(&ContentId) -> Result<Vec<u8>>,
+) -> Result<Vec<AdapterParams>> {
+    spec.validate()?;
+    let mut adapter = shard::initial_adapter(model.config(), &spec.hyper, spec.seed)?;
+    let mut momentum = Vec::new();
+    let mut out = Vec::new();
+    for round in 0..spec.rounds {
+        let id = adapter.id();
+        let mut results = Vec::new();
+        for s in 0..spec.shards.len() as u32 {
+            let p = spec.params(round, s, id);
+            let data = Sequences::decode(&read(&p.data)?)?;
+            let (o, _) = shard::run(model, &p, &adapter, &data, u64::MAX, &|| false)?;
+            results.push((ContentId::of(&o.encode()), o));
+        }
+        let c: Vec<Contribution<'_>> = results
+            .iter()
+            .map(|(id, o)| Contribution { id: *id, output: o })
+            .collect();
+        let next = train::aggregate(&adapter, &momentum, &c, spec.rule, spec.outer)?;
+        adapter = next.adapter;
+        momentum = next.momentum;
+        out.push(adapter.clone());
+    }
+    Ok(out)
+}

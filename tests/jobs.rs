@@ -1,0 +1,354 @@
+//! Distributed fine-tuning jobs and verified inference on swarms of
+//! daemons in one process: determinism, dishonest and dying workers, a
+//! client that restarts, and bad input.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use node::config::Fault;
+use node::daemon::{self, NodeHandle};
+use node::job::{self, Event, Job, JobSpec, JobState, Verify};
+use protocol::train::{AdapterParams, Outer, Rule};
+use protocol::{ContentId, PublicKey, Sampling};
+use tern_tests::{assert_eventually, small_hyper, spawn_nodes, tempdir, tiny_model};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// The model, its path, and a job spec whose inputs are in `client`'s store.
+struct Setup {
+    model_path: std::path::PathBuf,
+    spec: JobSpec,
+}
+
+fn setup(client: &NodeHandle, verify: Verify) -> Setup {
+    let dir = tempdir("job-model");
+    let model_path = tiny_model(&dir);
+    let loaded = kernels::model::load(&model_path).unwrap();
+    let vocab = loaded.weights.config.vocab_size;
+    let (seqs, _) = kernels::train::data::synthetic_mapping(vocab, 1, 8, 12, 3);
+    let (train, eval) = seqs.split_at(8);
+    let (model, shards, eval, longest) = job::put_inputs(&client.shared.store, &model_path, train, eval, 2).unwrap();
+    let spec = JobSpec {
+        model,
+        shards,
+        eval,
+        hyper: protocol::train::LoraHyper {
+            lr: 1e-2,
+            ..small_hyper()
+        },
+        rounds: 2,
+        local_steps: 2,
+        seed: 11,
+        rule: Rule::Mean,
+        outer: Outer::default(),
+        verify,
+        max_tasks_per_peer: 1,
+        task_timeout_secs: 120,
+        max_sequence_tokens: longest,
+    };
+    Setup { model_path, spec }
+}
+
+/// The job's rounds computed alone, as an auditor would.
+fn reference(s: &Setup, client: &NodeHandle) -> Vec<AdapterParams> {
+    let loaded = kernels::model::load(&s.model_path).unwrap();
+    let m = kernels::model::Model::new(&loaded.weights, kernels::Backend::cpu().unwrap()).unwrap();
+    job::run_locally(&m, &s.spec, |id| client.shared.store.read(id)).unwrap()
+}
+
+async fn wait_for_swarm(client: &NodeHandle, n: usize) {
+    assert_eventually(WAIT, "the client knows every worker", || client.peers().len() >= n).await;
+}
+
+fn adapter_of(client: &NodeHandle, state: &JobState) -> AdapterParams {
+    AdapterParams::decode(&client.shared.store.read(&state.result()).unwrap()).unwrap()
+}
+
+fn quiet(e: &Event) {
+    if let Event::Failed { why, .. } | Event::Caught { why, .. } = e {
+        eprintln!("{e:?}: {why}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_is_reproducible_bit_for_bit_and_resumes_after_a_client_restart() {
+    let nodes = spawn_nodes(3, |_, _| {}).await;
+    wait_for_swarm(&nodes[0], 3).await;
+    let s = setup(&nodes[0], Verify::None);
+    let state = job::run(&nodes[0].shared, s.spec.clone(), &quiet).await.unwrap();
+    assert!(state.finished);
+    assert_eq!(state.rounds.len(), 2);
+    let expected = reference(&s, &nodes[0]);
+    assert_eq!(
+        adapter_of(&nodes[0], &state),
+        expected[1],
+        "the swarm's adapter is the local replay's"
+    );
+    assert_eq!(state.rounds[0].adapter, expected[0].id());
+    // Both workers took part, and training lowered the held-out loss.
+    assert_eq!(state.workers.values().filter(|w| w.accepted > 0).count(), 2);
+    let (start, end) = (state.eval_loss_start.unwrap(), state.rounds[1].eval_loss.unwrap());
+    assert!(end < start, "held-out loss {start} -> {end}");
+    // The saved state is what the run returned.
+    assert_eq!(
+        JobState::load(&nodes[0].shared.config.data_dir, &state.id).unwrap(),
+        state
+    );
+
+    // The same job on a second client, stopped mid-job and restarted from
+    // its data directory: it resumes without redoing accepted work and
+    // ends with the same bytes.
+    let dir = tempdir("job-client");
+    let config = || {
+        let mut c = node::config::Config::for_test(&dir);
+        c.bootstrap = nodes[1].dial_addrs().iter().map(|a| a.to_string()).collect();
+        c
+    };
+    let client = daemon::start(config()).await.unwrap();
+    wait_for_swarm(&client, 4).await;
+    // The client crashes right after its third accepted result is saved.
+    let spec = s.spec.clone();
+    let shared = client.shared.clone();
+    let crashed = tokio::spawn(async move {
+        let accepted = Mutex::new(0);
+        let on = move |e: &Event| {
+            if let Event::Accepted { .. } = e {
+                let mut n = accepted.lock().unwrap();
+                *n += 1;
+                assert!(*n < 3, "simulated crash");
+            }
+        };
+        job::run(&shared, spec, &on).await
+    });
+    assert!(crashed.await.unwrap_err().is_panic());
+    client.shutdown().await;
+    let saved = JobState::load(&dir, &state.id).unwrap();
+    assert_eq!((saved.round, saved.accepted.len()), (1, 1), "progress was saved");
+    let kept = 3;
+
+    let client = daemon::start(config()).await.unwrap();
+    wait_for_swarm(&client, 4).await;
+    let resumed = Arc::new(Mutex::new(None));
+    let r2 = resumed.clone();
+    let on = move |e: &Event| {
+        if let Event::Started { round, accepted, .. } = e {
+            *r2.lock().unwrap() = Some((*round, *accepted));
+        }
+    };
+    let again = job::run(&client.shared, s.spec.clone(), &on).await.unwrap();
+    let (round, kept_now) = resumed.lock().unwrap().unwrap();
+    assert_eq!(
+        round as usize * 2 + kept_now,
+        kept,
+        "the restart resumed where the state file was"
+    );
+    assert_eq!(again.result(), state.result(), "same job, same adapter bytes");
+    assert_eq!(again.rounds.len(), 2);
+    client.shutdown().await;
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dishonest_workers_are_caught_excluded_and_change_nothing() {
+    // Node 1 perturbs its deltas, node 2 returns junk; 3 and 4 are honest.
+    let nodes = spawn_nodes(5, |i, c| {
+        c.fault = match i {
+            1 => Some(Fault::PerturbShard),
+            2 => Some(Fault::JunkShard),
+            _ => None,
+        }
+    })
+    .await;
+    wait_for_swarm(&nodes[0], 5).await;
+    let (liar, junk) = (nodes[1].public_key(), nodes[2].public_key());
+    let s = setup(&nodes[0], Verify::Redundancy { k: 2 });
+    let caught = Arc::new(Mutex::new(Vec::<(PublicKey, String)>::new()));
+    let c2 = caught.clone();
+    let on = move |e: &Event| {
+        if let Event::Caught { worker, why, .. } = e {
+            c2.lock().unwrap().push((*worker, why.clone()));
+        }
+    };
+    let state = job::run(&nodes[0].shared, s.spec.clone(), &on).await.unwrap();
+    assert!(state.finished);
+    let expected = reference(&s, &nodes[0]);
+    assert_eq!(
+        adapter_of(&nodes[0], &state),
+        expected[1],
+        "the final adapter equals the run without the bad workers"
+    );
+    // Each bad worker was excluded at most once, with a reason and kept evidence.
+    let excluded = state.excluded();
+    let assigned = |k: &PublicKey| state.workers.get(k).map_or(0, |w| w.assigned);
+    for bad in [liar, junk] {
+        if assigned(&bad) > 0 {
+            assert!(
+                excluded.contains(&bad),
+                "{bad} took tasks and was not excluded: {:?}",
+                state.workers
+            );
+        }
+    }
+    assert!(
+        !excluded.is_empty(),
+        "no bad worker was given a task: {:?}",
+        state.workers
+    );
+    for k in &excluded {
+        assert!(*k == liar || *k == junk, "an honest worker was excluded");
+    }
+    for v in &state.verdicts {
+        assert!(!v.evidence.is_empty());
+        for e in &v.evidence {
+            // Evidence is a worker's signed result, verifiable on its own.
+            let o = protocol::open(&nodes[0].shared.store.read(e).unwrap()).unwrap();
+            assert!(matches!(o.payload, protocol::Payload::TaskResult(_)));
+        }
+    }
+    if excluded.contains(&junk) {
+        let why = &state.workers[&junk].excluded;
+        assert!(format!("{why:?}").contains("not a valid adapter delta"), "{why:?}");
+    }
+    if excluded.contains(&liar) {
+        let v = state
+            .verdicts
+            .iter()
+            .find(|v| v.wrong.iter().any(|(w, _)| *w == liar))
+            .unwrap();
+        assert!(v.why.contains("re-run"), "{}", v.why);
+    }
+    assert_eq!(caught.lock().unwrap().len(), excluded.len());
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_round_is_replaced_and_spot_checks_pass_honest_work() {
+    let nodes = spawn_nodes(4, |_, c| c.limits.shutdown_grace_secs = 0).await;
+    wait_for_swarm(&nodes[0], 4).await;
+    let s = setup(&nodes[0], Verify::Spot { fraction: 0.5 });
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let on = move |e: &Event| {
+        if let Event::Assigned { worker, .. } = e {
+            let _ = tx.send(*worker);
+        }
+    };
+    let shared = nodes[0].shared.clone();
+    let spec = s.spec.clone();
+    let running = tokio::spawn(async move { job::run(&shared, spec, &on).await });
+    // Kill the first worker given a task, as soon as it is given it.
+    let victim = tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+    let mut nodes = nodes;
+    let at = nodes.iter().position(|n| n.public_key() == victim).unwrap();
+    nodes.remove(at).shutdown().await;
+    let state = running.await.unwrap().unwrap();
+    assert!(state.finished);
+    assert_eq!(adapter_of(&nodes[0], &state), reference(&s, &nodes[0])[1]);
+    let v = &state.workers[&victim];
+    assert!(v.failed >= 1 && state.reassigned >= 1, "{v:?}");
+    assert!(
+        state.excluded().is_empty(),
+        "failing is not cheating: {:?}",
+        state.workers
+    );
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_inference_answer_is_caught_and_an_honest_one_is_returned() {
+    let nodes = spawn_nodes(3, |i, c| {
+        if i == 1 {
+            c.fault = Some(Fault::TamperInfer);
+        }
+    })
+    .await;
+    let dir = tempdir("infer-model");
+    let path = tiny_model(&dir);
+    let (model, _) = nodes[0].shared.store.import_file(&path).unwrap();
+    // The liar holds the model, so the client asks it first.
+    nodes[1].shared.store.import_file(&path).unwrap();
+    nodes[1].shared.store.pin(&model).unwrap();
+    nodes[1].publish_advert().await.unwrap();
+    assert_eventually(WAIT, "the client sees the liar's model", || {
+        nodes[0].peers().iter().any(|(k, e)| {
+            *k == nodes[1].public_key() && (e.advert.models.contains(&model) || e.advert.blobs.contains(&model))
+        })
+    })
+    .await;
+    wait_for_swarm(&nodes[0], 3).await;
+    let sampling = Sampling {
+        temperature: 0.8,
+        top_k: 20,
+        top_p: 0.95,
+        seed: 5,
+    };
+    let prompt = vec![1, 17, 42, 99];
+    let answer = node::infer::infer(&nodes[0].shared, model, prompt.clone(), 12, sampling, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(answer.worker, nodes[2].public_key());
+    assert_eq!(answer.faults.len(), 1);
+    let fault = &answer.faults[0];
+    assert_eq!(fault.worker, nodes[1].public_key());
+    assert_eq!(fault.mismatch.position, 11, "the last token was replaced");
+    let evidence = protocol::open(&nodes[0].shared.store.read(&fault.evidence).unwrap()).unwrap();
+    assert_eq!(evidence.signer, nodes[1].public_key());
+
+    // The answer is the local generation, and the checker accepts exactly it.
+    let loaded = kernels::model::load(&path).unwrap();
+    let m = kernels::model::Model::new(&loaded.weights, kernels::Backend::cpu().unwrap()).unwrap();
+    let mut sampler = node::infer::sampler(&sampling).unwrap();
+    let (local, _) = m.generate(&prompt, 12, &mut sampler, &[], |_| true).unwrap();
+    assert_eq!(answer.tokens, local);
+    let p = protocol::InferParams {
+        model,
+        prompt,
+        max_tokens: 12,
+        sampling,
+    };
+    assert_eq!(node::infer::check(&m, &p, &local).unwrap(), None);
+    let mut bad = local.clone();
+    bad[3] = (bad[3] + 1) % 100;
+    assert_eq!(node::infer::check(&m, &p, &bad).unwrap().unwrap().position, 3);
+    assert!(
+        node::infer::check(&m, &p, &local[..5]).unwrap().is_some(),
+        "a short answer is caught"
+    );
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_fails_with_the_reason_and_keeps_what_was_verified() {
+    let nodes = spawn_nodes(1, |_, _| {}).await;
+    let client = &nodes[0];
+    let s = setup(client, Verify::None);
+    // A model nobody holds.
+    let mut spec = s.spec.clone();
+    spec.model = ContentId::of(b"no such model");
+    let err = job::run(&client.shared, spec, &quiet).await.unwrap_err();
+    assert!(format!("{err:#}").contains("not held here"), "{err:#}");
+    // No capable peer: the round fails, the job's state stays on disk.
+    let j = Job::open(&client.shared, s.spec.clone())
+        .await
+        .unwrap()
+        .with_peer_wait(Duration::from_millis(500));
+    let err = j.run(&quiet).await.unwrap_err();
+    assert!(format!("{err:#}").contains("no capable peer"), "{err:#}");
+    let saved = JobState::load(&client.shared.config.data_dir, &s.spec.id()).unwrap();
+    assert_eq!(saved.round, 0);
+    // A spec that cannot run.
+    let mut spec = s.spec.clone();
+    spec.rounds = 0;
+    let err = job::run(&client.shared, spec, &quiet).await.unwrap_err();
+    assert!(format!("{err:#}").contains("rounds 0"), "{err:#}");
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
