@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::node_cmd::{self, BlobCommand, DataDirArg};
-use crate::{bench, finetune, model_bench, model_cmd, swarm_bench, train_bench};
+use crate::{bench, finetune, job_cmd, model_bench, model_cmd, swarm_bench, train_bench};
 
 /// tern: a peer-to-peer compute node for BitNet b1.58 models.
 #[derive(Debug, Parser)]
@@ -53,6 +53,44 @@ pub enum Command {
     /// Content-addressed blobs in the daemon's store.
     #[command(subcommand)]
     Blob(BlobCommand),
+    /// Submit work to the swarm from a client node started here.
+    #[command(subcommand)]
+    Submit(SubmitCommand),
+    /// Jobs this node submitted.
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// A local swarm (a client and workers on loopback) fine-tunes the
+    /// tiny model on a synthetic task, verified, and shows generations
+    /// before and after.
+    Demo(job_cmd::DemoArgs),
+}
+
+/// `tern submit ...`.
+#[derive(Debug, Subcommand)]
+pub enum SubmitCommand {
+    /// A distributed LoRA fine-tune: rounds of shard tasks, verified and aggregated.
+    Finetune(job_cmd::SubmitFinetuneArgs),
+    /// A prompt, answered by a capable peer and checked here.
+    Infer(job_cmd::SubmitInferArgs),
+}
+
+/// `tern job ...`.
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Progress, workers, rounds, loss and verdicts.
+    Status {
+        #[command(flatten)]
+        job: job_cmd::JobArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the job's adapter (PEFT directory and adapter.gguf).
+    Fetch {
+        #[command(flatten)]
+        job: job_cmd::JobArgs,
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
 }
 
 /// `tern adapter ...`.
@@ -141,39 +179,19 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Bench(BenchCommand::Kernels(args)) => {
             let report = bench::kernels(&args)?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.to_table());
-            }
-            Ok(())
+            print_report(args.json, &report, || report.to_table())
         }
         Command::Bench(BenchCommand::Model(args)) => {
             let report = model_bench::run(&args)?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.to_table());
-            }
-            Ok(())
+            print_report(args.json, &report, || report.to_table())
         }
         Command::Bench(BenchCommand::Finetune(args)) => {
             let report = train_bench::run(&args)?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.to_table());
-            }
-            Ok(())
+            print_report(args.json, &report, || report.to_table())
         }
         Command::Bench(BenchCommand::Swarm(args)) => {
             let report = swarm_bench::run(&args)?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.to_table());
-            }
-            Ok(())
+            print_report(args.json, &report, || report.to_table())
         }
         Command::Model(ModelCommand::Init(a)) => model_cmd::init(&a),
         Command::Model(ModelCommand::Inspect(a)) => model_cmd::inspect(&a),
@@ -196,5 +214,20 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Status { dir, json } => node_cmd::status(&dir, json),
         Command::Peers { dir, json } => node_cmd::peers(&dir, json),
         Command::Blob(c) => node_cmd::blob(&c),
+        Command::Submit(SubmitCommand::Finetune(a)) => job_cmd::submit_finetune(&a),
+        Command::Submit(SubmitCommand::Infer(a)) => job_cmd::submit_infer(&a),
+        Command::Job(JobCommand::Status { job, json }) => job_cmd::status(&job, json),
+        Command::Job(JobCommand::Fetch { job, out }) => job_cmd::fetch(&job, &out),
+        Command::Demo(a) => job_cmd::demo(&a),
     }
+}
+
+/// A benchmark's report: one JSON document, or its table.
+fn print_report<R: serde::Serialize>(json: bool, report: &R, table: impl FnOnce() -> String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        print!("{}", table());
+    }
+    Ok(())
 }

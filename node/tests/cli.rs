@@ -360,3 +360,128 @@ fn bench_swarm_quick_measures_convergence_transfer_and_idle_memory() {
     assert!(idle.iter().all(|i| i["rss_bytes"].as_u64().unwrap() > 1 << 20));
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[cfg(unix)]
+#[test]
+fn a_finetune_submitted_through_the_cli_runs_on_a_daemon_and_its_adapter_is_fetched() {
+    let d = tempdir("submit");
+    let (w, c) = (d.join("worker"), d.join("client"));
+    let model = d.join("tiny.gguf");
+    let (m, c_s) = (model.to_str().unwrap(), c.to_str().unwrap());
+    ok(&tern(&[
+        "model", "init", "--preset", "tiny", "--seed", "2", "--format", "gguf-tq2", "--out", m,
+    ]));
+    let config = d.join("client.toml");
+    std::fs::write(
+        &config,
+        "gpu = false\nbench = false\nmdns = false\nlisten = [\"/ip4/127.0.0.1/udp/0/quic-v1\"]\n",
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap();
+    // A dataset that does not parse: the line is named, nothing starts.
+    let bad = d.join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"fine\"}\n{not json}\n").unwrap();
+    fails_with(
+        &tern(&[
+            "submit",
+            "finetune",
+            "--model",
+            m,
+            "--data",
+            bad.to_str().unwrap(),
+            "--data-dir",
+            c_s,
+            "--config",
+            cfg,
+        ]),
+        "bad.jsonl:2: invalid JSON",
+    );
+
+    let (_worker, status) = Daemon::start(&w, &[]);
+    let addr = format!(
+        "{}/p2p/{}",
+        status["listen_addrs"][0].as_str().unwrap(),
+        status["peer_id"].as_str().unwrap()
+    );
+    let out = ok(&tern(&[
+        "submit",
+        "finetune",
+        "--model",
+        m,
+        "--data",
+        "synthetic",
+        "--rounds",
+        "2",
+        "--local-steps",
+        "2",
+        "--shards",
+        "2",
+        "--verify",
+        "spot:1",
+        "--lr",
+        "0.01",
+        "--bootstrap",
+        &addr,
+        "--data-dir",
+        c_s,
+        "--config",
+        cfg,
+        "--json",
+    ]));
+    let state: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(state["finished"], true);
+    assert_eq!(state["rounds"].as_array().unwrap().len(), 2);
+    let id = state["id"].as_str().unwrap();
+    // Every result was spot-checked by the client's re-run and held.
+    assert!(out.contains("\"check\":\"spot\""), "{out}");
+    assert!(state["verdicts"].as_array().unwrap().is_empty());
+
+    let text = ok(&tern(&["job", "status", id, "--data-dir", c_s]));
+    assert!(text.contains("finished") && text.contains("round   2"), "{text}");
+    let adapter = d.join("adapter");
+    ok(&tern(&[
+        "job",
+        "fetch",
+        id,
+        "--data-dir",
+        c_s,
+        "--out",
+        adapter.to_str().unwrap(),
+    ]));
+    assert!(adapter.join("adapter_model.safetensors").exists());
+    assert!(adapter.join("adapter.gguf").exists());
+    // The fetched adapter loads onto its base model and generates.
+    ok(&tern(&[
+        "generate",
+        "--model",
+        m,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--prompt",
+        "a",
+        "--max-tokens",
+        "2",
+    ]));
+    fails_with(&tern(&["job", "status", &"0".repeat(64), "--data-dir", c_s]), "no job");
+}
+
+#[test]
+fn the_demo_fine_tunes_on_a_local_swarm_and_the_adapter_helps() {
+    let d = tempdir("demo");
+    let out = ok(&tern(&["demo", "--rounds", "3", "--dir", d.to_str().unwrap()]));
+    assert!(out.contains("(finished)"), "{out}");
+    let right = |label: &str| -> usize {
+        let line = out.lines().find(|l| l.starts_with(label)).unwrap();
+        line.split(": ")
+            .nth(1)
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (before, after) = (right("generation before"), right("generation after"));
+    assert!(after > before, "before {before}, after {after}\n{out}");
+    assert!(d.join("adapter/adapter_model.safetensors").exists());
+}
