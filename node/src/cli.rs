@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::node_cmd::{self, BlobCommand, DataDirArg};
-use crate::{bench, finetune, job_cmd, model_bench, model_cmd, swarm_bench, train_bench};
+use crate::{bench, finetune, job_bench, job_cmd, model_bench, model_cmd, swarm_bench, train_bench};
 
 /// tern: a peer-to-peer compute node for BitNet b1.58 models.
 #[derive(Debug, Parser)]
@@ -129,6 +129,10 @@ pub enum BenchCommand {
     /// The node's networking on loopback: advert convergence of a swarm,
     /// verified blob transfer throughput, and an idle daemon's memory.
     Swarm(swarm_bench::SwarmBenchArgs),
+    /// A distributed fine-tune on loopback: the cost of each verification
+    /// mode, the share of time outside compute, and the held-out loss
+    /// against local training.
+    Job(job_bench::JobBenchArgs),
 }
 
 /// Arguments of `tern bench kernels`.
@@ -191,6 +195,10 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(BenchCommand::Swarm(args)) => {
             let report = swarm_bench::run(&args)?;
+            print_report(args.json, &report, || report.to_table())
+        }
+        Command::Bench(BenchCommand::Job(args)) => {
+            let report = job_bench::run(&args)?;
             print_report(args.json, &report, || report.to_table())
         }
         Command::Model(ModelCommand::Init(a)) => model_cmd::init(&a),

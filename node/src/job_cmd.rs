@@ -610,13 +610,9 @@ fn mapping_accuracy(
         right += usize::from(got == v);
         if i < 4 {
             let t = |x: u32| tok.decode(&[x], false).unwrap_or_default();
-            shown.push(format!(
-                "{:>12} -> {:<12} (want {}){}",
-                format!("{:?}", t(k)),
-                format!("{:?}", t(got)),
-                format!("{:?}", t(v)),
-                if got == v { "  ok" } else { "" }
-            ));
+            let (k, g, want) = (format!("{:?}", t(k)), format!("{:?}", t(got)), format!("{:?}", t(v)));
+            let mark = if got == v { "  ok" } else { "" };
+            shown.push(format!("{k:>12} -> {g:<12} (want {want}){mark}"));
         }
     }
     Ok((right, shown))

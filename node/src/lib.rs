@@ -14,6 +14,7 @@ pub mod hw;
 pub mod identity;
 pub mod infer;
 pub mod job;
+pub mod job_bench;
 pub mod job_cmd;
 pub mod model_bench;
 pub mod model_cmd;

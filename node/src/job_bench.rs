@@ -1,0 +1,345 @@
+//! `tern bench job`: what distributing and verifying a fine-tune costs.
+//!
+//! A client and two workers (one compute thread each) run in this process
+//! on loopback. The same job (a seeded model of `--preset`, the synthetic
+//! key-value task, two shards) runs once per verification mode: `none`,
+//! `spot:0.25` and `redundancy:2`. Reported:
+//!
+//! - each mode's wall time, and its ratio to `none` (the verification
+//!   overhead);
+//! - the share of the unverified job's time spent outside compute
+//!   (scheduling, transfer, aggregation, evaluation): one minus the
+//!   critical path of compute over the wall time, where the critical path
+//!   is, per round, the slowest shard's local step time measured alone on
+//!   one thread in the same run;
+//! - the held-out loss the distributed job reaches against `tern finetune`'s
+//!   engine training locally with the same hyper-parameters for the same
+//!   number of sequential optimizer steps (`rounds x local_steps`) on all
+//!   the training data.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use kernels::model::{self, Model};
+use kernels::train::{AdamWConfig, Engine, Schedule, StateDtype, TrainConfig, Trainer, data};
+use protocol::train::{LoraHyper, Outer, PROJECTIONS, Rule, Sequences};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::daemon::{self, NodeHandle};
+use crate::job::{self, JobSpec, JobState, Verify};
+use crate::shard;
+
+/// Arguments of `tern bench job`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct JobBenchArgs {
+    /// Model shapes: tiny or small.
+    #[arg(long, default_value = "small")]
+    pub preset: String,
+    #[arg(long, default_value_t = 4)]
+    pub rounds: u32,
+    #[arg(long, default_value_t = 4)]
+    pub local_steps: u32,
+    /// Key-value pairs of the synthetic task (sequences are 1 + 2 x pairs tokens).
+    #[arg(long, default_value_t = 32)]
+    pub pairs: usize,
+    /// Where the nodes keep their data (default: a fresh temporary directory, removed after).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// The tiny model and two rounds: checks that everything works, measures nothing useful.
+    #[arg(long)]
+    pub quick: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One verification mode's run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModeRun {
+    pub verify: String,
+    pub seconds: f64,
+    /// Over the unverified job's seconds.
+    pub of_unverified: f64,
+    /// Seconds the client spent re-running shards.
+    pub referee_seconds: f64,
+    pub tasks: u64,
+    pub eval_loss: Option<f64>,
+    /// The final adapter's id: equal across modes, since honest results are exact.
+    pub adapter: String,
+}
+
+/// What `tern bench job` measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobBenchReport {
+    pub cpu: String,
+    pub preset: String,
+    pub rounds: u32,
+    pub local_steps: u32,
+    pub shards: usize,
+    pub workers: usize,
+    pub train_sequences: usize,
+    pub sequence_tokens: usize,
+    pub modes: Vec<ModeRun>,
+    /// Per round, the slowest shard's compute alone; summed.
+    pub compute_critical_path_seconds: f64,
+    /// Of the unverified job's wall time, the share outside that critical path.
+    pub outside_compute_share: f64,
+    pub eval_loss_start: Option<f64>,
+    pub local_eval_loss: f64,
+    pub local_seconds: f64,
+    /// Distributed (unverified) held-out loss over the local one.
+    pub loss_ratio: f64,
+}
+
+fn hyper() -> LoraHyper {
+    LoraHyper {
+        rank: 8,
+        alpha: 16.0,
+        targets: (1 << PROJECTIONS.len()) - 1,
+        lr: 2e-3,
+        batch: 4,
+        max_grad_norm: 1.0,
+        weight_decay: 0.0,
+        dropout: 0.0,
+    }
+}
+
+/// `tern bench job`.
+pub fn run(a: &JobBenchArgs) -> Result<JobBenchReport> {
+    let (preset, rounds) = if a.quick {
+        ("tiny".to_string(), 2)
+    } else {
+        (a.preset.clone(), a.rounds)
+    };
+    ensure!(preset == "tiny" || preset == "small", "--preset must be tiny or small");
+    let root = match &a.dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("tern-bench-job-{}", std::process::id())),
+    };
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let (w, t) = model::init::random(model::Preset::parse(&preset)?, 5)?;
+    let model_path = root.join("model.gguf");
+    model::save(&w, &t, model::ModelFormat::GgufTq2, &model_path)?;
+    let loaded = model::load(&model_path)?;
+    let c = loaded.weights.config.clone();
+    let bos = loaded.tokenizer.bos().unwrap_or(1);
+    let (seqs, _) = data::synthetic_mapping(c.vocab_size, bos, a.pairs, 40, 9);
+    let (train, eval) = seqs.split_at(32);
+    let h = hyper();
+    let local_steps = a.local_steps;
+
+    // The local baseline, and each shard's compute alone on one thread.
+    let one = kernels::Backend::Cpu(kernels::cpu::Cpu::new(kernels::cpu::Isa::detect(), 1)?);
+    let m1 = Model::new(&loaded.weights, one)?;
+    let t0 = Instant::now();
+    let steps = u64::from(rounds * local_steps);
+    let mut trainer = Trainer::new(
+        TrainConfig {
+            lora: shard::lora_config(&h)?,
+            lr: h.lr,
+            schedule: Schedule::Constant,
+            warmup: 0,
+            steps,
+            batch: h.batch as usize,
+            grad_accum: 1,
+            max_grad_norm: Some(f64::from(h.max_grad_norm)),
+            adamw: AdamWConfig::default(),
+            state_dtype: StateDtype::F32,
+            seed: 3,
+        },
+        &c,
+    )?;
+    let engine = Engine::new(&m1);
+    for _ in 0..steps {
+        trainer.step(&engine, train)?;
+    }
+    let local_eval_loss = trainer.evaluate(&engine, eval)?;
+    let local_seconds = t0.elapsed().as_secs_f64();
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut modes = Vec::new();
+    let mut spec_none = None;
+    for verify in [
+        Verify::None,
+        Verify::Spot { fraction: 0.25 },
+        Verify::Redundancy { k: 2 },
+    ] {
+        let dir = root.join(verify.to_string().replace(':', "-"));
+        let (state, spec) = rt.block_on(run_job(&dir, &model_path, train, eval, &h, rounds, local_steps, verify))?;
+        let seconds: f64 = state.rounds.iter().map(|r| r.secs).sum();
+        modes.push(ModeRun {
+            verify: verify.to_string(),
+            seconds,
+            of_unverified: 0.0,
+            referee_seconds: state.rounds.iter().map(|r| r.referee_secs).sum(),
+            tasks: state.workers.values().map(|w| w.assigned).sum(),
+            eval_loss: state.rounds.last().and_then(|r| r.eval_loss),
+            adapter: state.result().to_string(),
+        });
+        if verify == Verify::None {
+            spec_none = Some((spec, state, dir));
+        }
+    }
+    let base = modes[0].seconds;
+    for m in &mut modes {
+        m.of_unverified = m.seconds / base;
+    }
+    let (spec, state, dir) = spec_none.context("no unverified run")?;
+    // The critical path: each round's shards replayed alone, from the
+    // adapter that round started from.
+    let store = crate::store::BlobStore::open(&dir.join("client/store"))?;
+    let mut critical = 0.0;
+    let mut start = state.initial;
+    for r in &state.rounds {
+        let params = protocol::train::AdapterParams::decode(&store.read(&start)?)?;
+        let mut slowest = 0f64;
+        for s in 0..spec.shards.len() as u32 {
+            let p = protocol::LoraShardParams {
+                model: spec.model,
+                adapter: start,
+                data: spec.shards[s as usize],
+                local_steps: spec.local_steps,
+                seed: protocol::job::shard_seed(spec.seed, r.round, s),
+                hyper: spec.hyper,
+            };
+            let d = Sequences::decode(&store.read(&p.data)?)?;
+            let t = Instant::now();
+            shard::run(&m1, &p, &params, &d, u64::MAX, &|| false)?;
+            slowest = slowest.max(t.elapsed().as_secs_f64());
+        }
+        critical += slowest;
+        start = r.adapter;
+    }
+    drop(store);
+    if a.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&root);
+    }
+    let dist = modes[0].eval_loss.unwrap_or(f64::NAN);
+    Ok(JobBenchReport {
+        cpu: crate::bench::cpu_model(),
+        preset,
+        rounds,
+        local_steps,
+        shards: spec.shards.len(),
+        workers: 2,
+        train_sequences: train.len(),
+        sequence_tokens: train.first().map_or(0, |s| s.tokens.len()),
+        outside_compute_share: 1.0 - critical / base,
+        compute_critical_path_seconds: critical,
+        modes,
+        eval_loss_start: state.eval_loss_start,
+        local_eval_loss,
+        local_seconds,
+        loss_ratio: dist / local_eval_loss,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_job(
+    dir: &std::path::Path,
+    model_path: &std::path::Path,
+    train: &[kernels::train::Sequence],
+    eval: &[kernels::train::Sequence],
+    h: &LoraHyper,
+    rounds: u32,
+    local_steps: u32,
+    verify: Verify,
+) -> Result<(JobState, JobSpec)> {
+    let mut nodes: Vec<NodeHandle> = Vec::new();
+    for i in 0..3 {
+        let mut cfg = Config::for_test(&dir.join(if i == 0 { "client".into() } else { format!("worker{i}") }));
+        cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
+        if let Some(first) = nodes.first() {
+            cfg.bootstrap = first.dial_addrs().iter().map(|a| a.to_string()).collect();
+        }
+        if i > 0 {
+            cfg.limits.max_threads = 1;
+        }
+        nodes.push(daemon::start(cfg).await?);
+    }
+    let client = &nodes[0];
+    let (model, shards, eval, longest) = job::put_inputs(&client.shared.store, model_path, train, eval, 2)?;
+    let spec = JobSpec {
+        model,
+        shards,
+        eval,
+        hyper: *h,
+        rounds,
+        local_steps,
+        seed: 3,
+        rule: Rule::Mean,
+        outer: Outer::default(),
+        verify,
+        max_tasks_per_peer: 1,
+        task_timeout_secs: 600,
+        max_sequence_tokens: longest,
+    };
+    let t = Instant::now();
+    while job::capable_peers(&client.shared, &model, 0, &[]).len() < 2 {
+        ensure!(t.elapsed() < Duration::from_secs(30), "the workers did not join within 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = job::run(&client.shared, spec.clone(), &|_| {}).await;
+    for n in nodes {
+        n.shutdown().await;
+    }
+    Ok((r?, spec))
+}
+
+impl JobBenchReport {
+    pub fn to_table(&self) -> String {
+        use std::fmt::Write;
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "{} model, {} rounds x {} local steps, {} shards on {} workers (1 thread each), {} sequences of {} tokens; {}",
+            self.preset,
+            self.rounds,
+            self.local_steps,
+            self.shards,
+            self.workers,
+            self.train_sequences,
+            self.sequence_tokens,
+            self.cpu
+        );
+        let _ = writeln!(
+            o,
+            "{:<14} {:>9} {:>14} {:>10} {:>6} {:>10}",
+            "verification", "seconds", "x unverified", "referee s", "tasks", "held-out"
+        );
+        for m in &self.modes {
+            let _ = writeln!(
+                o,
+                "{:<14} {:>9.2} {:>14.2} {:>10.2} {:>6} {:>10.4}",
+                m.verify,
+                m.seconds,
+                m.of_unverified,
+                m.referee_seconds,
+                m.tasks,
+                m.eval_loss.unwrap_or(f64::NAN)
+            );
+        }
+        let same = self.modes.windows(2).all(|w| w[0].adapter == w[1].adapter);
+        let _ = writeln!(o, "same adapter in every mode: {same}");
+        let _ = writeln!(
+            o,
+            "outside compute: {:.1}% of the unverified job ({:.2} s of {:.2} s is the compute critical path)",
+            100.0 * self.outside_compute_share,
+            self.compute_critical_path_seconds,
+            self.modes.first().map_or(0.0, |m| m.seconds)
+        );
+        let _ = writeln!(
+            o,
+            "held-out loss: start {:.4}, distributed {:.4}, local {:.4} ({} steps, {:.1} s): ratio {:.3}",
+            self.eval_loss_start.unwrap_or(f64::NAN),
+            self.modes.first().and_then(|m| m.eval_loss).unwrap_or(f64::NAN),
+            self.local_eval_loss,
+            self.rounds * self.local_steps,
+            self.local_seconds,
+            self.loss_ratio
+        );
+        o
+    }
+}
