@@ -59,6 +59,9 @@ pub struct Shared {
     pub cancel: watch::Receiver<bool>,
     pub listen_addrs: Mutex<Vec<String>>,
     pub stats: Mutex<Stats>,
+    /// The model the last task ran on, kept loaded: the next task on the
+    /// same model (the next round of a job) skips parsing and preparing it.
+    pub model_cache: Mutex<Option<(ContentId, Arc<kernels::model::Model>)>>,
 }
 
 /// Counters shown by `tern status`.
@@ -98,6 +101,25 @@ impl Shared {
             power: hw::power(),
             score: self.score.lock().clone(),
         }
+    }
+
+    /// Model blob `id` loaded on the CPU backend, from the cache when it is
+    /// the last one used. Blocking: call it off the async threads.
+    pub fn model(&self, id: &ContentId) -> Result<Arc<kernels::model::Model>> {
+        let mut cache = self.model_cache.lock();
+        if let Some((cached, m)) = cache.as_ref()
+            && cached == id
+        {
+            return Ok(m.clone());
+        }
+        *cache = None;
+        let loaded = kernels::model::load(&self.store.path(id)).context("the model blob is not a model tern can load")?;
+        let m = Arc::new(kernels::model::Model::new(
+            &loaded.weights,
+            kernels::Backend::Cpu(self.cpu.clone()),
+        )?);
+        *cache = Some((*id, m.clone()));
+        Ok(m)
     }
 
     /// The unexpired entries of the peer table.
@@ -218,6 +240,7 @@ pub async fn start(config: Config) -> Result<NodeHandle> {
         cancel: cancel_rx,
         listen_addrs: Mutex::new(Vec::new()),
         stats: Mutex::new(Stats::default()),
+        model_cache: Mutex::new(None),
         config,
     });
     let mut tasks = vec![tokio::spawn(event_loop.run())];

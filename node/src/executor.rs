@@ -179,18 +179,11 @@ async fn run(shared: &Arc<Shared>, peer: PeerId, task: &Task) -> Result<(Content
             let max_work = task.max_work.min(shared.config.limits.max_work);
             let (s, p) = (shared.clone(), p.clone());
             let (output, work) = tokio::task::spawn_blocking(move || {
-                let adapter = s.store.read(&p.adapter)?;
-                let data = s.store.read(&p.data)?;
+                let start = protocol::train::AdapterParams::decode(&s.store.read(&p.adapter)?).context("the adapter blob")?;
+                let data = protocol::train::Sequences::decode(&s.store.read(&p.data)?).context("the data shard")?;
+                let model = s.model(&p.model)?;
                 let cancel = s.cancel.clone();
-                shard::run_files(
-                    kernels::Backend::Cpu(s.cpu.clone()),
-                    &s.store.path(&p.model),
-                    &p,
-                    &adapter,
-                    &data,
-                    max_work,
-                    &|| *cancel.borrow(),
-                )
+                shard::run(&model, &p, &start, &data, max_work, &|| *cancel.borrow())
             })
             .await??;
             let mut output = output;
@@ -214,13 +207,11 @@ async fn run(shared: &Arc<Shared>, peer: PeerId, task: &Task) -> Result<(Content
 
 /// Runs generation on the CPU backend. The model blob is a GGUF file.
 fn infer(shared: &Shared, p: &InferParams) -> Result<Vec<u32>> {
-    let path = shared.store.path(&p.model);
-    let loaded = kernels::model::load(&path).context("the model blob is not a model tern can load")?;
-    let vocab = loaded.weights.config.vocab_size;
+    let model = shared.model(&p.model)?;
+    let vocab = model.config().vocab_size;
     if let Some(bad) = p.prompt.iter().find(|&&t| t as usize >= vocab) {
         bail!("prompt token {bad} is outside the model's vocabulary of {vocab}");
     }
-    let model = kernels::model::Model::new(&loaded.weights, kernels::Backend::Cpu(shared.cpu.clone()))?;
     let mut sampler = kernels::model::Sampler::new(kernels::model::SamplingParams {
         temperature: p.sampling.temperature,
         top_k: p.sampling.top_k as usize,

@@ -236,6 +236,10 @@ pub struct RoundRecord {
     pub secs: f64,
     pub referee_secs: f64,
     pub aggregate_secs: f64,
+    /// The longest time from sending a task to holding its checked result,
+    /// among the accepted ones (inputs fetched, model loaded, steps run,
+    /// output fetched back).
+    pub slowest_task_secs: f64,
 }
 
 /// A job's whole state on the client.
@@ -404,7 +408,7 @@ struct Got {
 }
 
 /// A task's answer, as the scheduler sees it.
-type Answer = (u32, PublicKey, Result<executor::Submitted>);
+type Answer = (u32, PublicKey, f64, Result<executor::Submitted>);
 
 /// A job being run by a client node.
 pub struct Job {
@@ -553,6 +557,7 @@ impl Job {
         let mut futs = FuturesUnordered::new();
         let mut waiting = None::<Instant>;
         let mut referee_secs = 0f64;
+        let mut slowest = 0f64;
         loop {
             let open: Vec<u32> = (0..n).filter(|s| !self.state.accepted.contains_key(s)).collect();
             if open.is_empty() {
@@ -623,7 +628,8 @@ impl Job {
             }
             waiting = None;
             // Wake at least every second to schedule on newly seen peers.
-            let Ok(Some((s, worker, answer))) = tokio::time::timeout(Duration::from_secs(1), futs.next()).await else {
+            let Ok(Some((s, worker, took, answer))) = tokio::time::timeout(Duration::from_secs(1), futs.next()).await
+            else {
                 continue;
             };
             if let Some(r) = running.get_mut(&worker) {
@@ -638,7 +644,10 @@ impl Job {
                 continue;
             }
             match self.check_answer(round, s, worker, answer) {
-                Ok(got) => results.entry(s).or_default().push(got),
+                Ok(got) => {
+                    slowest = slowest.max(took);
+                    results.entry(s).or_default().push(got)
+                }
                 Err(Fault::Failed(why)) => {
                     self.state.reassigned += 1;
                     self.state.worker(worker).failed += 1;
@@ -721,6 +730,7 @@ impl Job {
         let t = Instant::now();
         let mut record = self.aggregate(round, referee_secs).await?;
         record.aggregate_secs = t.elapsed().as_secs_f64();
+        record.slowest_task_secs = slowest;
         record.secs = t0.elapsed().as_secs_f64();
         self.state.rounds.push(record.clone());
         self.save()?;
@@ -745,11 +755,12 @@ impl Job {
             params: TaskParams::LoraShard(params),
         };
         async move {
+            let t = Instant::now();
             let r = match tokio::time::timeout(timeout, executor::submit(&shared, task)).await {
                 Ok(r) => r,
                 Err(_) => Err(anyhow!("no answer within {} s", timeout.as_secs())),
             };
-            (shard, worker, r)
+            (shard, worker, t.elapsed().as_secs_f64(), r)
         }
     }
 
@@ -917,6 +928,7 @@ impl Job {
             secs: 0.0,
             referee_secs,
             aggregate_secs: 0.0,
+            slowest_task_secs: 0.0,
         })
     }
 }

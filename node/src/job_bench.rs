@@ -10,12 +10,14 @@
 //! - the share of the unverified job's time spent outside compute
 //!   (scheduling, transfer, aggregation, evaluation): one minus the
 //!   critical path of compute over the wall time, where the critical path
-//!   is, per round, the slowest shard's local step time measured alone on
-//!   one thread in the same run;
+//!   is, per round, the time to run that round's shards locally, at once,
+//!   one thread each (as the two workers share this machine), measured in
+//!   the same run;
 //! - the held-out loss the distributed job reaches against `tern finetune`'s
-//!   engine training locally with the same hyper-parameters for the same
-//!   number of sequential optimizer steps (`rounds x local_steps`) on all
-//!   the training data.
+//!   trainer run locally with the same hyper-parameters for the same number
+//!   of optimizer steps (`rounds x local_steps`) on all the training data,
+//!   at the swarm's global batch (`shards x batch`: the same data, steps and
+//!   compute) and at one worker's batch.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -85,11 +87,21 @@ pub struct JobBenchReport {
     pub compute_critical_path_seconds: f64,
     /// Of the unverified job's wall time, the share outside that critical path.
     pub outside_compute_share: f64,
+    /// Where the unverified job's time went, summed over rounds: the slowest
+    /// task from send to checked result, and the client's aggregation and
+    /// held-out evaluation.
+    pub slowest_tasks_seconds: f64,
+    pub aggregate_and_eval_seconds: f64,
     pub eval_loss_start: Option<f64>,
+    /// Local training for `rounds x local_steps` steps (each worker's
+    /// steps) at the workers' batch, and at the swarm's global batch
+    /// (`shards x batch`: the same data, steps and compute as the job).
     pub local_eval_loss: f64,
     pub local_seconds: f64,
-    /// Distributed (unverified) held-out loss over the local one.
+    pub local_global_batch_eval_loss: f64,
+    /// Distributed (unverified) held-out loss over each local one.
     pub loss_ratio: f64,
+    pub loss_ratio_global_batch: f64,
 }
 
 fn hyper() -> LoraHyper {
@@ -133,30 +145,33 @@ pub fn run(a: &JobBenchArgs) -> Result<JobBenchReport> {
     // The local baseline, and each shard's compute alone on one thread.
     let one = kernels::Backend::Cpu(kernels::cpu::Cpu::new(kernels::cpu::Isa::detect(), 1)?);
     let m1 = Model::new(&loaded.weights, one)?;
-    let t0 = Instant::now();
     let steps = u64::from(rounds * local_steps);
-    let mut trainer = Trainer::new(
-        TrainConfig {
-            lora: shard::lora_config(&h)?,
-            lr: h.lr,
-            schedule: Schedule::Constant,
-            warmup: 0,
-            steps,
-            batch: h.batch as usize,
-            grad_accum: 1,
-            max_grad_norm: Some(f64::from(h.max_grad_norm)),
-            adamw: AdamWConfig::default(),
-            state_dtype: StateDtype::F32,
-            seed: 3,
-        },
-        &c,
-    )?;
-    let engine = Engine::new(&m1);
-    for _ in 0..steps {
-        trainer.step(&engine, train)?;
-    }
-    let local_eval_loss = trainer.evaluate(&engine, eval)?;
-    let local_seconds = t0.elapsed().as_secs_f64();
+    let local = |batch: u32| -> Result<(f64, f64)> {
+        let t0 = Instant::now();
+        let mut trainer = Trainer::new(
+            TrainConfig {
+                lora: shard::lora_config(&h)?,
+                lr: h.lr,
+                schedule: Schedule::Constant,
+                warmup: 0,
+                steps,
+                batch: batch as usize,
+                grad_accum: 1,
+                max_grad_norm: Some(f64::from(h.max_grad_norm)),
+                adamw: AdamWConfig::default(),
+                state_dtype: StateDtype::F32,
+                seed: 3,
+            },
+            &c,
+        )?;
+        let engine = Engine::new(&m1);
+        for _ in 0..steps {
+            trainer.step(&engine, train)?;
+        }
+        Ok((trainer.evaluate(&engine, eval)?, t0.elapsed().as_secs_f64()))
+    };
+    let (local_eval_loss, local_seconds) = local(h.batch)?;
+    let (local_global_batch_eval_loss, _) = local(h.batch * 2)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut modes = Vec::new();
@@ -190,11 +205,17 @@ pub fn run(a: &JobBenchArgs) -> Result<JobBenchReport> {
     // The critical path: each round's shards replayed alone, from the
     // adapter that round started from.
     let store = crate::store::BlobStore::open(&dir.join("client/store"))?;
+    let models = (0..spec.shards.len())
+        .map(|_| -> Result<Model> {
+            let one = kernels::Backend::Cpu(kernels::cpu::Cpu::new(kernels::cpu::Isa::detect(), 1)?);
+            Ok(Model::new(&loaded.weights, one)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut critical = 0.0;
     let mut start = state.initial;
     for r in &state.rounds {
         let params = protocol::train::AdapterParams::decode(&store.read(&start)?)?;
-        let mut slowest = 0f64;
+        let mut work = Vec::new();
         for s in 0..spec.shards.len() as u32 {
             let p = protocol::LoraShardParams {
                 model: spec.model,
@@ -205,10 +226,22 @@ pub fn run(a: &JobBenchArgs) -> Result<JobBenchReport> {
                 hyper: spec.hyper,
             };
             let d = Sequences::decode(&store.read(&p.data)?)?;
-            let t = Instant::now();
-            shard::run(&m1, &p, &params, &d, u64::MAX, &|| false)?;
-            slowest = slowest.max(t.elapsed().as_secs_f64());
+            work.push((p, d));
         }
+        // Concurrently, one thread each, as the two workers run them.
+        let t = Instant::now();
+        std::thread::scope(|scope| -> Result<()> {
+            let handles: Vec<_> = work
+                .iter()
+                .zip(&models)
+                .map(|((p, d), m)| scope.spawn(|| shard::run(m, p, &params, d, u64::MAX, &|| false).map(drop)))
+                .collect();
+            for h in handles {
+                h.join().map_err(|_| anyhow::anyhow!("a shard replay panicked"))??;
+            }
+            Ok(())
+        })?;
+        let slowest = t.elapsed().as_secs_f64();
         critical += slowest;
         start = r.adapter;
     }
@@ -230,9 +263,13 @@ pub fn run(a: &JobBenchArgs) -> Result<JobBenchReport> {
         compute_critical_path_seconds: critical,
         modes,
         eval_loss_start: state.eval_loss_start,
+        slowest_tasks_seconds: state.rounds.iter().map(|r| r.slowest_task_secs).sum(),
+        aggregate_and_eval_seconds: state.rounds.iter().map(|r| r.aggregate_secs).sum(),
         local_eval_loss,
         local_seconds,
+        local_global_batch_eval_loss,
         loss_ratio: dist / local_eval_loss,
+        loss_ratio_global_batch: dist / local_global_batch_eval_loss,
     })
 }
 
@@ -332,12 +369,18 @@ impl JobBenchReport {
         );
         let _ = writeln!(
             o,
-            "held-out loss: start {:.4}, distributed {:.4}, local {:.4} ({} steps, {:.1} s): ratio {:.3}",
+            "  of which: slowest task per round {:.2} s (send to checked result), aggregation and held-out evaluation {:.2} s",
+            self.slowest_tasks_seconds, self.aggregate_and_eval_seconds
+        );
+        let _ = writeln!(
+            o,
+            "held-out loss: start {:.4}, distributed {:.4}; local, {} steps: {:.4} at the global batch (ratio {:.3}), {:.4} at one worker's batch (ratio {:.3})",
             self.eval_loss_start.unwrap_or(f64::NAN),
             self.modes.first().and_then(|m| m.eval_loss).unwrap_or(f64::NAN),
-            self.local_eval_loss,
             self.rounds * self.local_steps,
-            self.local_seconds,
+            self.local_global_batch_eval_loss,
+            self.loss_ratio_global_batch,
+            self.local_eval_loss,
             self.loss_ratio
         );
         o

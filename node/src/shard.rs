@@ -7,10 +7,8 @@
 //! change in every parameter. On one backend kind the result is bit-exact,
 //! so redundant workers that are honest return equal blobs.
 
-use std::path::Path;
-
-use anyhow::{Context, Result, bail, ensure};
-use kernels::model::{self, Config as ModelConfig, Model, Proj};
+use anyhow::{Result, bail, ensure};
+use kernels::model::{Config as ModelConfig, Model, Proj};
 use kernels::train::{AdamWConfig, Adapter, Engine, LoraConfig, Schedule, Sequence, StateDtype, TrainConfig, Trainer};
 use protocol::LoraShardParams;
 use protocol::train::{AdapterParams, LoraHyper, LoraShardOutput, PROJECTIONS, Sequences, TrainSequence};
@@ -156,21 +154,4 @@ pub fn run(
         },
         seen,
     ))
-}
-
-/// Runs a shard from blobs on disk: the model file, the adapter and data blobs.
-pub fn run_files(
-    backend: kernels::Backend,
-    model_path: &Path,
-    p: &LoraShardParams,
-    adapter_bytes: &[u8],
-    data_bytes: &[u8],
-    max_work: u64,
-    stop: &dyn Fn() -> bool,
-) -> Result<(LoraShardOutput, u64)> {
-    let start = AdapterParams::decode(adapter_bytes).context("the adapter blob")?;
-    let data = Sequences::decode(data_bytes).context("the data shard")?;
-    let loaded = model::load(model_path).context("the model blob is not a model tern can load")?;
-    let m = Model::new(&loaded.weights, backend)?;
-    run(&m, p, &start, &data, max_work, stop)
 }
