@@ -113,7 +113,8 @@ impl Shared {
             return Ok(m.clone());
         }
         *cache = None;
-        let loaded = kernels::model::load(&self.store.path(id)).context("the model blob is not a model tern can load")?;
+        let loaded =
+            kernels::model::load(&self.store.path(id)).context("the model blob is not a model tern can load")?;
         let m = Arc::new(kernels::model::Model::new(
             &loaded.weights,
             kernels::Backend::Cpu(self.cpu.clone()),

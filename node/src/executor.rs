@@ -179,7 +179,8 @@ async fn run(shared: &Arc<Shared>, peer: PeerId, task: &Task) -> Result<(Content
             let max_work = task.max_work.min(shared.config.limits.max_work);
             let (s, p) = (shared.clone(), p.clone());
             let (output, work) = tokio::task::spawn_blocking(move || {
-                let start = protocol::train::AdapterParams::decode(&s.store.read(&p.adapter)?).context("the adapter blob")?;
+                let start =
+                    protocol::train::AdapterParams::decode(&s.store.read(&p.adapter)?).context("the adapter blob")?;
                 let data = protocol::train::Sequences::decode(&s.store.read(&p.data)?).context("the data shard")?;
                 let model = s.model(&p.model)?;
                 let cancel = s.cancel.clone();

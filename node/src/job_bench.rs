@@ -46,6 +46,11 @@ pub struct JobBenchArgs {
     /// Key-value pairs of the synthetic task (sequences are 1 + 2 x pairs tokens).
     #[arg(long, default_value_t = 32)]
     pub pairs: usize,
+    /// The outer step (DiLoCo's outer optimizer): learning rate and momentum.
+    #[arg(long, default_value_t = 1.0)]
+    pub outer_lr: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub outer_momentum: f32,
     /// Where the nodes keep their data (default: a fresh temporary directory, removed after).
     #[arg(long)]
     pub dir: Option<PathBuf>,
@@ -182,7 +187,20 @@ pub fn run(a: &JobBenchArgs) -> Result<JobBenchReport> {
         Verify::Redundancy { k: 2 },
     ] {
         let dir = root.join(verify.to_string().replace(':', "-"));
-        let (state, spec) = rt.block_on(run_job(&dir, &model_path, train, eval, &h, rounds, local_steps, verify))?;
+        let outer = Outer {
+            lr: a.outer_lr,
+            momentum: a.outer_momentum,
+        };
+        let (state, spec) = rt.block_on(run_job(
+            &dir,
+            &model_path,
+            train,
+            eval,
+            &h,
+            (rounds, local_steps),
+            outer,
+            verify,
+        ))?;
         let seconds: f64 = state.rounds.iter().map(|r| r.secs).sum();
         modes.push(ModeRun {
             verify: verify.to_string(),
@@ -280,8 +298,8 @@ async fn run_job(
     train: &[kernels::train::Sequence],
     eval: &[kernels::train::Sequence],
     h: &LoraHyper,
-    rounds: u32,
-    local_steps: u32,
+    (rounds, local_steps): (u32, u32),
+    outer: Outer,
     verify: Verify,
 ) -> Result<(JobState, JobSpec)> {
     let mut nodes: Vec<NodeHandle> = Vec::new();
@@ -307,7 +325,7 @@ async fn run_job(
         local_steps,
         seed: 3,
         rule: Rule::Mean,
-        outer: Outer::default(),
+        outer,
         verify,
         max_tasks_per_peer: 1,
         task_timeout_secs: 600,
@@ -315,7 +333,10 @@ async fn run_job(
     };
     let t = Instant::now();
     while job::capable_peers(&client.shared, &model, 0, &[]).len() < 2 {
-        ensure!(t.elapsed() < Duration::from_secs(30), "the workers did not join within 30 s");
+        ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "the workers did not join within 30 s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let r = job::run(&client.shared, spec.clone(), &|_| {}).await;
