@@ -244,27 +244,22 @@ impl Adapter {
     /// projection and shape): parameter vectors with equal layout hashes
     /// mean the same thing and may be combined coordinate by coordinate.
     pub fn layout_hash(&self) -> [u8; 32] {
-        let mut h = blake3::Hasher::new();
-        h.update(b"tern-lora-layout-v1");
-        for v in [self.config.rank as u64, self.layers as u64, self.slots.len() as u64] {
-            h.update(&v.to_le_bytes());
-        }
-        h.update(&self.config.alpha.to_le_bytes());
-        h.update(&[u8::from(self.config.rslora)]);
-        for s in &self.slots {
-            h.update(&[s.proj as u8]);
-            h.update(&(s.layer as u64).to_le_bytes());
-            h.update(&(s.rows as u64).to_le_bytes());
-            h.update(&(s.cols as u64).to_le_bytes());
-        }
-        *h.finalize().as_bytes()
+        *self.hash_layout(b"tern-lora-layout-v1", true).finalize().as_bytes()
     }
 
     /// The blake3 hash of the parameters' little-endian bytes and the shape
     /// that gives them meaning: equal adapters, equal ids.
     pub fn content_hash(&self) -> [u8; 32] {
+        let mut h = self.hash_layout(b"tern-lora-v1", false);
+        h.update(bytemuck::cast_slice(&self.params));
+        *h.finalize().as_bytes()
+    }
+
+    /// A hasher over `domain`, rank, layers, slot count, alpha, rsLoRA and
+    /// each slot's projection (with its layer and shape when `shapes`).
+    fn hash_layout(&self, domain: &[u8], shapes: bool) -> blake3::Hasher {
         let mut h = blake3::Hasher::new();
-        h.update(b"tern-lora-v1");
+        h.update(domain);
         for v in [self.config.rank as u64, self.layers as u64, self.slots.len() as u64] {
             h.update(&v.to_le_bytes());
         }
@@ -272,9 +267,13 @@ impl Adapter {
         h.update(&[u8::from(self.config.rslora)]);
         for s in &self.slots {
             h.update(&[s.proj as u8]);
+            if shapes {
+                for v in [s.layer, s.rows, s.cols] {
+                    h.update(&(v as u64).to_le_bytes());
+                }
+            }
         }
-        h.update(bytemuck::cast_slice(&self.params));
-        *h.finalize().as_bytes()
+        h
     }
 
     /// Replaces every parameter (the length must match).
