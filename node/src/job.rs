@@ -358,9 +358,10 @@ pub enum Event {
 /// A progress callback.
 pub type Progress = dyn Fn(&Event) + Send + Sync;
 
-/// Peers that can take tasks on `model`, best first: those already holding
-/// the model, then by measured speed (verified scores first), then by
-/// spare task slots. The local node and `skip` are left out.
+/// Peers that can take tasks on `model`, best first: those on mains power,
+/// then those already holding the model, then by measured speed (verified
+/// scores first), then by spare task slots. The local node, `skip` and
+/// peers without the memory for the model are left out.
 pub fn capable_peers(
     shared: &Shared,
     model: &ContentId,
@@ -378,7 +379,6 @@ pub fn capable_peers(
                 && a.max_tasks > 0
                 && a.cpu.threads > 0
                 && (a.ram_bytes == 0 || a.ram_bytes >= model_bytes)
-                && a.power != protocol::Power::Battery
         })
         .collect();
     let key = |(k, e): &(PublicKey, PeerEntry)| {
@@ -386,6 +386,7 @@ pub fn capable_peers(
         let holds = a.models.contains(model) || a.blobs.contains(model);
         let speed = a.score.as_ref().map_or(0, |s| s.macs_per_second);
         (
+            a.power == protocol::Power::Battery,
             !holds,
             !e.score_verified,
             std::cmp::Reverse(speed),

@@ -20,7 +20,7 @@
 //!   compute) and at one worker's batch.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
 use kernels::model::{self, Model};
@@ -28,8 +28,6 @@ use kernels::train::{AdamWConfig, Engine, Schedule, StateDtype, TrainConfig, Tra
 use protocol::train::{LoraHyper, Outer, PROJECTIONS, Rule, Sequences};
 use serde::Serialize;
 
-use crate::config::Config;
-use crate::daemon::{self, NodeHandle};
 use crate::job::{self, JobSpec, JobState, Verify};
 use crate::shard;
 
@@ -302,18 +300,7 @@ async fn run_job(
     outer: Outer,
     verify: Verify,
 ) -> Result<(JobState, JobSpec)> {
-    let mut nodes: Vec<NodeHandle> = Vec::new();
-    for i in 0..3 {
-        let mut cfg = Config::for_test(&dir.join(if i == 0 { "client".into() } else { format!("worker{i}") }));
-        cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
-        if let Some(first) = nodes.first() {
-            cfg.bootstrap = first.dial_addrs().iter().map(|a| a.to_string()).collect();
-        }
-        if i > 0 {
-            cfg.limits.max_threads = 1;
-        }
-        nodes.push(daemon::start(cfg).await?);
-    }
+    let nodes = crate::job_cmd::local_swarm(dir, 2).await?;
     let client = &nodes[0];
     let (model, shards, eval, longest) = job::put_inputs(&client.shared.store, model_path, train, eval, 2)?;
     let spec = JobSpec {
@@ -331,14 +318,7 @@ async fn run_job(
         task_timeout_secs: 600,
         max_sequence_tokens: longest,
     };
-    let t = Instant::now();
-    while job::capable_peers(&client.shared, &model, 0, &[]).len() < 2 {
-        ensure!(
-            t.elapsed() < Duration::from_secs(30),
-            "the workers did not join within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    crate::job_cmd::wait_for_workers(client, &model, 2).await?;
     let r = job::run(&client.shared, spec.clone(), &|_| {}).await;
     for n in nodes {
         n.shutdown().await;

@@ -217,6 +217,51 @@ fn load_data(spec: &str, m: &LoadedModel, seq_len: usize, eval_fraction: f64, se
     Ok(data::split(seqs, eval_fraction, seed)?)
 }
 
+impl ClientArgs {
+    /// Starts the client node and waits for `--min-workers` capable peers.
+    async fn start(&self, config: Config, model: &ContentId, quiet: bool) -> Result<NodeHandle> {
+        start_client(
+            config,
+            self.min_workers,
+            Duration::from_secs(self.wait_secs),
+            model,
+            quiet,
+        )
+        .await
+    }
+}
+
+/// A client (`[0]`) and `workers` worker nodes of one compute thread each,
+/// in this process on loopback TCP, with their data under `root`.
+pub async fn local_swarm(root: &Path, workers: usize) -> Result<Vec<NodeHandle>> {
+    let mut nodes: Vec<NodeHandle> = Vec::new();
+    for i in 0..=workers {
+        let mut cfg = Config::for_test(&root.join(if i == 0 { "client".into() } else { format!("worker{i}") }));
+        cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
+        if let Some(first) = nodes.first() {
+            cfg.bootstrap = first.dial_addrs().iter().map(|a| a.to_string()).collect();
+        }
+        if i > 0 {
+            cfg.limits.max_threads = 1;
+        }
+        nodes.push(daemon::start(cfg).await?);
+    }
+    Ok(nodes)
+}
+
+/// Waits until `client` sees `n` capable peers for `model`; fails after 30 s.
+pub async fn wait_for_workers(client: &NodeHandle, model: &ContentId, n: usize) -> Result<Duration> {
+    let t = Instant::now();
+    while job::capable_peers(&client.shared, model, 0, &[]).len() < n {
+        ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "the workers did not join within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(t.elapsed())
+}
+
 /// Starts the client node and waits for `min` capable peers.
 async fn start_client(
     config: Config,
@@ -380,14 +425,7 @@ pub fn submit_finetune(a: &SubmitFinetuneArgs) -> Result<()> {
         };
         spec.validate()?;
         let data_dir = config.data_dir.clone();
-        let node = start_client(
-            config,
-            a.client.min_workers,
-            Duration::from_secs(a.client.wait_secs),
-            &model,
-            a.json,
-        )
-        .await?;
+        let node = a.client.start(config, &model, a.json).await?;
         let (bar, on) = progress(&spec, a.json);
         let result = job::run(&node.shared, spec.clone(), &*on).await;
         bar.finish_and_clear();
@@ -429,14 +467,7 @@ pub fn submit_infer(a: &SubmitInferArgs) -> Result<()> {
             }
         };
         drop(store);
-        let node = start_client(
-            config,
-            a.client.min_workers,
-            Duration::from_secs(a.client.wait_secs),
-            &model,
-            a.json,
-        )
-        .await?;
+        let node = a.client.start(config, &model, a.json).await?;
         let r = async {
             if !node.shared.store.has(&model) {
                 crate::fetch::fetch(&node.shared, &model, &[])
@@ -658,19 +689,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
 
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let state = rt.block_on(async {
-        let mut nodes = Vec::new();
-        for i in 0..=a.workers {
-            let mut cfg = Config::for_test(&root.join(if i == 0 { "client".into() } else { format!("worker{i}") }));
-            cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
-            if let Some(first) = nodes.first() {
-                let first: &NodeHandle = first;
-                cfg.bootstrap = first.dial_addrs().iter().map(|a| a.to_string()).collect();
-            }
-            if i > 0 {
-                cfg.limits.max_threads = 1;
-            }
-            nodes.push(daemon::start(cfg).await?);
-        }
+        let nodes = local_swarm(&root, a.workers).await?;
         let client = &nodes[0];
         let (model, shards, eval, longest) =
             job::put_inputs(&client.shared.store, &model_path, train, eval, a.workers)?;
@@ -698,17 +717,10 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
             task_timeout_secs: 120,
             max_sequence_tokens: longest,
         };
-        let t = Instant::now();
-        while job::capable_peers(&client.shared, &model, 0, &[]).len() < a.workers {
-            ensure!(
-                t.elapsed() < Duration::from_secs(30),
-                "the workers did not join within 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let formed = wait_for_workers(client, &model, a.workers).await?;
         println!(
             "swarm formed in {:.1} s; fine-tuning: {} rounds x {} shards x {} local steps, verification {}",
-            t.elapsed().as_secs_f64(),
+            formed.as_secs_f64(),
             spec.rounds,
             spec.shards.len(),
             spec.local_steps,
