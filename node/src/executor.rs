@@ -213,13 +213,7 @@ fn infer(shared: &Shared, p: &InferParams) -> Result<Vec<u32>> {
     if let Some(bad) = p.prompt.iter().find(|&&t| t as usize >= vocab) {
         bail!("prompt token {bad} is outside the model's vocabulary of {vocab}");
     }
-    let mut sampler = kernels::model::Sampler::new(kernels::model::SamplingParams {
-        temperature: p.sampling.temperature,
-        top_k: p.sampling.top_k as usize,
-        top_p: p.sampling.top_p,
-        repetition_penalty: 1.0,
-        seed: p.sampling.seed,
-    })?;
+    let mut sampler = crate::infer::sampler(&p.sampling)?;
     let (tokens, _) = model.generate(&p.prompt, p.max_tokens as usize, &mut sampler, &[], |_| true)?;
     Ok(tokens)
 }

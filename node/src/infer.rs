@@ -64,12 +64,11 @@ pub fn check(model: &Model, p: &InferParams, output: &[u32]) -> Result<Option<Mi
     if output.is_empty() {
         return Ok(None);
     }
-    if let Some(&t) = output.iter().find(|&&t| t as usize >= c.vocab_size) {
-        let position = output.iter().position(|&x| x == t).unwrap_or(0);
+    if let Some(position) = output.iter().position(|&t| t as usize >= c.vocab_size) {
         return Ok(Some(Mismatch {
             position,
             expected: u32::MAX,
-            got: t,
+            got: output[position],
         }));
     }
     let mut sampler = sampler(&p.sampling)?;
@@ -147,13 +146,8 @@ pub async fn infer(
             .await
             .with_context(|| format!("model {model}"))?;
     }
-    let path = shared.store.path(&model);
-    let loaded = tokio::task::spawn_blocking(move || -> Result<Model> {
-        let m = kernels::model::load(&path).context("the model blob is not a model tern can load")?;
-        Ok(Model::new(&m.weights, kernels::Backend::cpu()?)?)
-    })
-    .await??;
-    let loaded = Arc::new(loaded);
+    let s = shared.clone();
+    let loaded = tokio::task::spawn_blocking(move || s.model(&model)).await??;
     let params = InferParams {
         model,
         prompt,

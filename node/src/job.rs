@@ -417,6 +417,9 @@ pub struct Job {
     state: JobState,
     model: Arc<Model>,
     model_bytes: u64,
+    /// The adapter layout hash and parameter count every result must have.
+    layout: [u8; 32],
+    params: usize,
     peer_wait: Duration,
 }
 
@@ -445,20 +448,16 @@ impl Job {
             }
             shared.store.pin(b)?;
         }
-        let path = shared.store.path(&spec.model);
-        let model = tokio::task::spawn_blocking(move || -> Result<Model> {
-            let loaded = kernels::model::load(&path).context("the model blob is not a model tern can load")?;
-            Ok(Model::new(&loaded.weights, kernels::Backend::cpu()?)?)
-        })
-        .await??;
-        let model = Arc::new(model);
+        let (s, m) = (shared.clone(), spec.model);
+        let model = tokio::task::spawn_blocking(move || s.model(&m)).await??;
         let model_bytes = shared.store.size(&spec.model).unwrap_or(0);
+        let first = shard::initial_adapter(model.config(), &spec.hyper, spec.seed)?;
+        let (layout, params) = (first.layout, first.values.len());
         let state = if JobState::path(dir, &id).exists() {
             let s = JobState::load(dir, &id)?;
             ensure!(s.spec == spec, "job {id}'s saved spec differs from the one given");
             s
         } else {
-            let first = shard::initial_adapter(model.config(), &spec.hyper, spec.seed)?;
             let adapter = shared.store.put(&first.encode())?;
             shared.store.pin(&adapter)?;
             let eval_loss_start = match spec.eval {
@@ -499,6 +498,8 @@ impl Job {
             state,
             model,
             model_bytes,
+            layout,
+            params,
             peer_wait: PEER_WAIT,
         })
     }
@@ -507,15 +508,6 @@ impl Job {
     pub fn with_peer_wait(mut self, wait: Duration) -> Self {
         self.peer_wait = wait;
         self
-    }
-
-    pub fn state(&self) -> &JobState {
-        &self.state
-    }
-
-    /// The client's loaded model (for evaluation and generation).
-    pub fn model(&self) -> &Arc<Model> {
-        &self.model
     }
 
     fn save(&self) -> Result<()> {
@@ -565,12 +557,12 @@ impl Job {
                 break;
             }
             let excluded = self.state.excluded();
+            let peers = capable_peers(&self.shared, &spec.model, self.model_bytes, &excluded);
             for &s in &open {
                 let have = results.get(&s).map_or(0, Vec::len) + running_shard.get(&s).copied().unwrap_or(0);
                 for _ in have..copies {
                     let taken = asked.entry(s).or_default();
                     let busy = |k: &PublicKey| running.get(k).copied().unwrap_or(0);
-                    let peers = capable_peers(&self.shared, &spec.model, self.model_bytes, &excluded);
                     let free = |e: &PeerEntry, k: &PublicKey| busy(k) < spec.max_tasks_per_peer.min(e.advert.max_tasks);
                     // A worker not yet asked for this shard; else one that
                     // failed it (not one holding a result: copies must be distinct).
@@ -705,7 +697,6 @@ impl Job {
                             &why,
                             on,
                         );
-                        results.insert(s, got.iter().filter(|g| !wrong.contains(&g.worker)).cloned().collect());
                     }
                     let right: Vec<Got> = got.iter().filter(|g| g.output == reference).cloned().collect();
                     let check = if wrong.is_empty() { Check::Spot } else { Check::Referee };
@@ -794,12 +785,11 @@ impl Job {
             .map_err(|e| Fault::Failed(format!("reading the output: {e:#}")))?;
         let out = LoraShardOutput::decode(&bytes)
             .map_err(|e| wrong(format!("the result is not a valid adapter delta: {e}")))?;
-        let current = self.adapter_params().map_err(|e| Fault::Failed(format!("{e:#}")))?;
-        if out.layout != current.layout || out.delta.len() != current.values.len() {
+        if out.layout != self.layout || out.delta.len() != self.params {
             return Err(wrong(format!(
                 "the delta has {} values for another layout; the adapter has {}",
                 out.delta.len(),
-                current.values.len()
+                self.params
             )));
         }
         if out.steps != self.state.spec.local_steps || out.tokens == 0 {

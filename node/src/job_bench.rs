@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
 use kernels::model::{self, Model};
-use kernels::train::{AdamWConfig, Engine, Schedule, StateDtype, TrainConfig, Trainer, data};
+use kernels::train::{Engine, TrainConfig, Trainer, data};
 use protocol::train::{LoraHyper, Outer, PROJECTIONS, Rule, Sequences};
 use serde::Serialize;
 
@@ -151,22 +151,11 @@ pub fn run(a: &JobBenchArgs) -> Result<JobBenchReport> {
     let steps = u64::from(rounds * local_steps);
     let local = |batch: u32| -> Result<(f64, f64)> {
         let t0 = Instant::now();
-        let mut trainer = Trainer::new(
-            TrainConfig {
-                lora: shard::lora_config(&h)?,
-                lr: h.lr,
-                schedule: Schedule::Constant,
-                warmup: 0,
-                steps,
-                batch: batch as usize,
-                grad_accum: 1,
-                max_grad_norm: Some(f64::from(h.max_grad_norm)),
-                adamw: AdamWConfig::default(),
-                state_dtype: StateDtype::F32,
-                seed: 3,
-            },
-            &c,
-        )?;
+        let config = TrainConfig {
+            batch: batch as usize,
+            ..shard::hyper_config(&h, steps, 3)?
+        };
+        let mut trainer = Trainer::new(config, &c)?;
         let engine = Engine::new(&m1);
         for _ in 0..steps {
             trainer.step(&engine, train)?;

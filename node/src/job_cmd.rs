@@ -629,13 +629,7 @@ fn mapping_accuracy(
             prompt.extend([k2, v2]);
         }
         prompt.push(k);
-        let mut s = model::Sampler::new(model::SamplingParams {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            repetition_penalty: 1.0,
-            seed: 0,
-        })?;
+        let mut s = crate::infer::sampler(&Sampling::greedy())?;
         let (out, _) = m.generate(&prompt, 1, &mut s, &[], |_| true)?;
         let got = out.first().copied().unwrap_or(0);
         right += usize::from(got == v);

@@ -80,13 +80,18 @@ pub fn shard_of(seqs: &[Sequence]) -> Sequences {
 
 /// The inner training configuration of a shard.
 pub fn train_config(p: &LoraShardParams) -> Result<TrainConfig> {
-    let h = &p.hyper;
+    hyper_config(&p.hyper, u64::from(p.local_steps), p.seed)
+}
+
+/// Training with a job's hyper-parameters (constant rate, no warmup, f32
+/// moments) for `steps` steps: a shard's, or a local run's to compare with.
+pub fn hyper_config(h: &LoraHyper, steps: u64, seed: u64) -> Result<TrainConfig> {
     Ok(TrainConfig {
         lora: lora_config(h)?,
         lr: h.lr,
         schedule: Schedule::Constant,
         warmup: 0,
-        steps: u64::from(p.local_steps),
+        steps,
         batch: h.batch as usize,
         grad_accum: 1,
         max_grad_norm: (h.max_grad_norm > 0.0).then_some(f64::from(h.max_grad_norm)),
@@ -95,7 +100,7 @@ pub fn train_config(p: &LoraShardParams) -> Result<TrainConfig> {
             ..Default::default()
         },
         state_dtype: StateDtype::F32,
-        seed: p.seed,
+        seed,
     })
 }
 
