@@ -17,6 +17,7 @@
 //! with code 1 (weight 0), so padding never changes a result.
 
 use std::ops::{Deref, Range};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::{Error, Result};
@@ -28,9 +29,17 @@ pub struct SharedBytes {
     owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
     start: usize,
     len: usize,
-    /// The owner is a read-only map of a file, so resident pages can be
-    /// dropped and read again (see [`SharedBytes::release`]).
-    mapped: bool,
+    /// Set when the owner is a read-only map of this whole file (from
+    /// offset 0): resident pages can then be dropped and read again (see
+    /// [`SharedBytes::release`]), and the bytes can be read with `pread`
+    /// without mapping them at all ([`SharedBytes::detached`]).
+    file: Option<Arc<MappedFile>>,
+}
+
+/// The file behind a memory map, for reads that bypass the map.
+pub(crate) struct MappedFile {
+    pub(crate) file: std::fs::File,
+    pub(crate) path: PathBuf,
 }
 
 impl SharedBytes {
@@ -48,24 +57,58 @@ impl SharedBytes {
             owner,
             start: range.start,
             len: range.end - range.start,
-            mapped: false,
+            file: None,
         })
     }
 
-    /// Marks these bytes as a window into a read-only memory map of a file
-    /// (which the caller guarantees), so that [`SharedBytes::release`] may
-    /// drop their resident pages.
-    pub(crate) fn mark_mapped(mut self) -> Self {
-        self.mapped = true;
+    /// Marks these bytes as a window into a read-only memory map of the
+    /// whole of `file`, starting at its offset 0 (which the caller
+    /// guarantees), so that [`SharedBytes::release`] may drop their
+    /// resident pages and [`SharedBytes::detached`] may read them from the
+    /// file instead.
+    pub(crate) fn mark_mapped(mut self, file: Arc<MappedFile>) -> Self {
+        self.file = Some(file);
         self
+    }
+
+    /// Whether these bytes are a window of a file map.
+    pub fn is_mapped(&self) -> bool {
+        self.file.is_some()
+    }
+
+    /// An owned copy of these bytes that shares nothing with a file map:
+    /// for a window of a map they are read from the file with positioned
+    /// reads, so the map's pages never enter the process's resident set
+    /// (they go through the OS page cache, which is not charged to the
+    /// process); other bytes are shared as they are, without a copy.
+    ///
+    /// Training streams each block's weights through this: the resident
+    /// cost of the model is then one block's copy, whatever the page cache
+    /// does with the map (where large folios are mapped 2 MiB at a time,
+    /// `madvise` could not reliably drop them).
+    pub fn detached(&self) -> Result<Self> {
+        let Some(f) = &self.file else {
+            return Ok(self.clone());
+        };
+        #[cfg(any(unix, windows))]
+        {
+            let mut buf = vec![0u8; self.len];
+            read_at(f, self.start, &mut buf)?;
+            Ok(buf.into())
+        }
+        #[cfg(not(any(unix, windows)))]
+        {
+            let _ = f;
+            Ok(self.to_vec().into())
+        }
     }
 
     /// Tells the OS that the process no longer needs these bytes resident:
     /// for a file map, the pages leave the process's resident set (the page
     /// cache keeps them; the next read maps them again, from disk if they
-    /// were evicted). Owned buffers are untouched. Training calls this after
-    /// each block so that a model much larger than free memory streams
-    /// through.
+    /// were evicted). Owned buffers are untouched. Loading calls this after
+    /// validating a tensor, and training once before it starts streaming
+    /// (see [`SharedBytes::detached`]).
     ///
     /// The range released is the window rounded *out* to 2 MiB, clamped to
     /// the map: the kernel maps a file's large folios whole when one of
@@ -75,7 +118,7 @@ impl SharedBytes {
     /// read-only and they come back on their next read.
     pub fn release(&self) {
         #[cfg(unix)]
-        if self.mapped && self.len > 0 {
+        if self.file.is_some() && self.len > 0 {
             const SPAN: usize = 2 << 20;
             let whole: &[u8] = (*self.owner).as_ref();
             let (map_start, map_end) = (whole.as_ptr() as usize, whole.as_ptr() as usize + whole.len());
@@ -98,6 +141,36 @@ impl SharedBytes {
     }
 }
 
+/// Fills `buf` from `f` at byte `offset`, without the map.
+#[cfg(unix)]
+fn read_at(f: &MappedFile, offset: usize, buf: &mut [u8]) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    f.file
+        .read_exact_at(buf, offset as u64)
+        .map_err(|e| Error::io(&f.path, e))
+}
+
+/// Fills `buf` from `f` at byte `offset`, without the map.
+#[cfg(windows)]
+fn read_at(f: &MappedFile, offset: usize, buf: &mut [u8]) -> Result<()> {
+    use std::os::windows::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        match f.file.seek_read(&mut buf[done..], (offset + done) as u64) {
+            Ok(0) => {
+                return Err(Error::io(
+                    &f.path,
+                    std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+                ));
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io(&f.path, e)),
+        }
+    }
+    Ok(())
+}
+
 impl SharedBytes {
     /// A sub-window `range` of these bytes, sharing the owner.
     pub fn slice(&self, range: Range<usize>) -> Result<Self> {
@@ -112,7 +185,7 @@ impl SharedBytes {
             owner: self.owner.clone(),
             start: self.start + range.start,
             len: range.end - range.start,
-            mapped: self.mapped,
+            file: self.file.clone(),
         })
     }
 }
@@ -124,7 +197,7 @@ impl From<Vec<u8>> for SharedBytes {
             owner: Arc::new(v),
             start: 0,
             len,
-            mapped: false,
+            file: None,
         }
     }
 }
@@ -372,6 +445,16 @@ impl TernaryMatrix {
     /// The packed bytes as shared storage.
     pub fn shared_bytes(&self) -> &SharedBytes {
         &self.data
+    }
+
+    /// The same matrix over a private copy of its bytes, read from the file
+    /// where they are a window of a file map (see [`SharedBytes::detached`]);
+    /// the bytes were checked when the matrix was made.
+    pub fn detached(&self) -> Result<Self> {
+        Ok(Self {
+            data: self.data.detached()?,
+            ..self.clone()
+        })
     }
 }
 

@@ -353,6 +353,38 @@ fn checkpointing_changes_no_bit() {
     );
 }
 
+/// Training streams weights that live in a file map (a private copy of one
+/// block, one head chunk, one embedding row at a time, read from the file);
+/// that must change no bit against reading the map in place or against
+/// weights held in memory.
+#[test]
+fn streaming_weights_from_the_file_changes_no_bit() {
+    let w = tiny();
+    let dir = std::env::temp_dir().join(format!("tern-stream-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let t = model::init::random(model::Preset::Tiny, 5).unwrap().1;
+    let path = dir.join("tiny.gguf");
+    model::save(&w, &t, model::ModelFormat::GgufI2s, &path).unwrap();
+    let loaded = model::load(&path).unwrap().weights;
+    assert!(
+        loaded.layers[0].proj(Proj::Q).shared_bytes().is_mapped() && loaded.embed.shared_bytes().is_mapped(),
+        "an I2_S file is used in place, so the test streams from the map"
+    );
+    let adapter = random_adapter(&w.config, 0.0);
+    let seq = Sequence::all((1..40).collect());
+    let grad = |weights: &ModelWeights, stream: bool| {
+        let model = Model::new(weights, Backend::cpu().unwrap()).unwrap();
+        let engine = Engine::new(&model).stream_weights(stream);
+        let mut grad = vec![0f32; adapter.params().len()];
+        let loss = engine.loss_and_grad(&adapter, &seq, 0.5, 7, &mut grad).unwrap();
+        (loss.sum, engine.loss(Some(&adapter), &seq).unwrap().sum, grad)
+    };
+    let in_memory = grad(&w, true);
+    assert_eq!(grad(&loaded, true), in_memory, "streamed from the file");
+    assert_eq!(grad(&loaded, false), in_memory, "read in place from the map");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 backend_test!(
     gradients_are_identical_on_every_backend_and_thread_count,
     |backend: &Backend| {

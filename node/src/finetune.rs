@@ -99,8 +99,9 @@ pub struct FinetuneArgs {
     /// Keep every block's activations (faster, much more memory).
     #[arg(long)]
     pub no_activation_checkpointing: bool,
-    /// Keep the whole model resident instead of letting each block's weights
-    /// leave the resident set after use (they stay in the page cache).
+    /// Read the weights in place from the file map (they stay resident
+    /// once read) instead of streaming a private copy of one block at a
+    /// time from the file.
     #[arg(long)]
     pub keep_resident: bool,
     #[command(flatten)]
@@ -201,7 +202,7 @@ pub fn finetune(args: &FinetuneArgs) -> Result<Summary> {
     let model = Model::new(&m.weights, args.run.open()?)?;
     let engine = Engine::new(&model)
         .checkpoint(!args.no_activation_checkpointing)
-        .release_weights(!args.keep_resident);
+        .stream_weights(!args.keep_resident);
     let c = &m.weights.config;
     let mut trainer = if args.resume {
         if !ckpt.exists() {

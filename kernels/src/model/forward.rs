@@ -182,7 +182,11 @@ impl Model {
 
     /// The embedding rows of `tokens` (`tokens x hidden`), calling
     /// `after_row(token)` as each row has been read.
-    pub(crate) fn embed_tokens(&self, tokens: &[u32], mut after_row: impl FnMut(usize)) -> Result<Vec<f32>> {
+    pub(crate) fn embed_tokens(
+        &self,
+        tokens: &[u32],
+        mut read_row: impl FnMut(usize, &mut [f32]) -> Result<()>,
+    ) -> Result<Vec<f32>> {
         let c = &self.config;
         let hd = c.hidden_size;
         let mut x = vec![0f32; tokens.len() * hd];
@@ -193,8 +197,7 @@ impl Model {
                     c.vocab_size
                 )));
             }
-            self.embed.row_into(tok as usize, row);
-            after_row(tok as usize);
+            read_row(tok as usize, row)?;
         }
         Ok(x)
     }
@@ -261,7 +264,10 @@ impl Model {
             return Err(Error::Mismatch("the KV cache belongs to another model".into()));
         }
         let hd = c.hidden_size;
-        let mut x = self.embed_tokens(tokens, |_| {})?;
+        let mut x = self.embed_tokens(tokens, |tok, row| {
+            self.embed.row_into(tok, row);
+            Ok(())
+        })?;
         let start = cache.len;
         let rope = self.rope_table(start, t);
         for (li, layer) in self.layers.iter().enumerate() {

@@ -12,6 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::model::write_atomic;
+use crate::ternary::MappedFile;
 use crate::{Error, Result, SharedBytes};
 
 /// ggml type ids of the tensors tern reads and writes.
@@ -190,7 +191,7 @@ pub struct GgufFile {
     bytes: Arc<dyn AsRef<[u8]> + Send + Sync>,
     index: HashMap<String, usize>,
     /// `bytes` is a read-only map of a file.
-    mapped: bool,
+    mapped: Option<Arc<MappedFile>>,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -303,7 +304,10 @@ impl GgufFile {
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         super::small_pages(&map);
         let mut f = Self::parse(Arc::new(map), &path.display().to_string())?;
-        f.mapped = true;
+        f.mapped = Some(Arc::new(MappedFile {
+            file,
+            path: path.to_path_buf(),
+        }));
         Ok(f)
     }
 
@@ -414,7 +418,7 @@ impl GgufFile {
             tensors,
             bytes,
             index,
-            mapped: false,
+            mapped: None,
         })
     }
 
@@ -431,7 +435,10 @@ impl GgufFile {
     /// A tensor's bytes, without a copy.
     pub fn data(&self, t: &TensorInfo) -> Result<SharedBytes> {
         let b = SharedBytes::new(self.bytes.clone(), t.offset..t.offset + t.len)?;
-        Ok(if self.mapped { b.mark_mapped() } else { b })
+        Ok(match &self.mapped {
+            Some(f) => b.mark_mapped(f.clone()),
+            None => b,
+        })
     }
 
     /// The whole file's bytes.

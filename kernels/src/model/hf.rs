@@ -12,6 +12,7 @@ use super::tensor::{FloatDtype, FloatTensor};
 use super::weights::{LoadedModel, ModelFormat, ModelWeights, NORMS, Proj};
 use super::{Config, LayerWeights, Tokenizer, write_atomic};
 use crate::formats::hf::{self as packed, Dtype, WeightScale};
+use crate::ternary::MappedFile;
 use crate::{Error, Result, SharedBytes, TernaryMatrix};
 
 /// One tensor found in a safetensors file.
@@ -54,11 +55,15 @@ fn read_tensors(dir: &Path) -> Result<HashMap<String, Found>> {
         let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?);
         super::small_pages(&map);
         let what = path.display().to_string();
+        let file = Arc::new(MappedFile {
+            file,
+            path: path.clone(),
+        });
         let st = SafeTensors::deserialize(&map[..]).map_err(|e| Error::format(&what, e.to_string()))?;
         let base = map.as_ptr() as usize;
         for (tname, view) in st.tensors() {
             let start = view.data().as_ptr() as usize - base;
-            let data = SharedBytes::new(map.clone(), start..start + view.data().len())?.mark_mapped();
+            let data = SharedBytes::new(map.clone(), start..start + view.data().len())?.mark_mapped(file.clone());
             out.insert(
                 tname,
                 Found {

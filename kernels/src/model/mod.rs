@@ -25,7 +25,7 @@ use std::path::Path;
 
 pub use config::{Activation, Config, Preset};
 pub use forward::{GenerationStats, KvCache, Logits, Model, rms_norm};
-pub(crate) use forward::{add, apply_rope, glu};
+pub(crate) use forward::{Layer, add, apply_rope, glu};
 pub use sample::{Sampler, SamplingParams};
 pub use tensor::{FloatDtype, FloatTensor};
 pub use tokenizer::Tokenizer;

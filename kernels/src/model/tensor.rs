@@ -141,6 +141,33 @@ impl FloatTensor {
         }
     }
 
+    /// Rows `range` as a tensor of their own, sharing these bytes.
+    pub fn window(&self, range: std::ops::Range<usize>) -> Result<Self> {
+        if range.start > range.end || range.end > self.rows {
+            return Err(Error::Length {
+                what: "float tensor rows",
+                expected: self.rows,
+                actual: range.end,
+            });
+        }
+        let rb = self.row_bytes();
+        Ok(Self {
+            dtype: self.dtype,
+            rows: range.len(),
+            cols: self.cols,
+            data: self.data.slice(range.start * rb..range.end * rb)?,
+        })
+    }
+
+    /// The same tensor over a private copy of its bytes, read from the file
+    /// where they are a window of a file map (see [`SharedBytes::detached`]).
+    pub fn detached(&self) -> Result<Self> {
+        Ok(Self {
+            data: self.data.detached()?,
+            ..self.clone()
+        })
+    }
+
     /// Drops rows `range` from the resident set where they are a window
     /// of a file map (see [`SharedBytes::release`]).
     pub fn release_rows(&self, range: std::ops::Range<usize>) {

@@ -17,12 +17,14 @@
 //! exact integer one. Gradients are summed in a fixed order, so a result
 //! depends on neither the thread count nor the backend.
 
+use std::sync::Arc;
+
 use rayon::prelude::*;
 
 use super::linalg::{axpy, mm_nn, mm_nt, mm_tn};
 use super::lora::{Adapter, Slot};
 use crate::model::tensor::dot;
-use crate::model::{Model, Proj, add, apply_rope, glu, rms_norm};
+use crate::model::{FloatTensor, Layer, Model, Proj, add, apply_rope, glu, rms_norm};
 use crate::quant::QuantizedActivations;
 use crate::rng::SplitMix64;
 use crate::{Error, Result, Weights};
@@ -88,7 +90,25 @@ pub struct Engine<'m> {
     model: &'m Model,
     act: ActQuant,
     checkpoint: bool,
-    release: bool,
+    stream: bool,
+}
+
+/// One block's weights for one pass: the model's own, or (when streaming
+/// weights from a file map) a private copy of its ternary matrices read
+/// from the file, dropped when the pass is done.
+enum Block<'m> {
+    Model(&'m Layer),
+    Copy(Layer),
+}
+
+impl std::ops::Deref for Block<'_> {
+    type Target = Layer;
+    fn deref(&self) -> &Layer {
+        match self {
+            Block::Model(l) => l,
+            Block::Copy(l) => l,
+        }
+    }
 }
 
 /// What a block's backward needs from its forward.
@@ -140,37 +160,57 @@ impl<'m> Engine<'m> {
             model,
             act: ActQuant::Int8,
             checkpoint: true,
-            release: true,
+            stream: true,
         }
     }
 
-    /// Whether weights read in place from a file map leave the resident set
-    /// after each use (on by default; they stay in the OS page cache, so
-    /// the next use maps them again without I/O unless memory ran short).
-    /// Peak memory is then the adapter state, the activations and one
-    /// block's weights rather than the whole model.
-    pub fn release_weights(mut self, on: bool) -> Self {
-        self.release = on;
+    /// Whether weights that live in a file map are streamed (on by
+    /// default): each pass reads one block's ternary matrices, one chunk
+    /// of the LM head or one embedding row at a time from the file into a
+    /// private copy (positioned reads, served by the OS page cache), and
+    /// never reads the map itself. Peak memory is then the adapter state,
+    /// the activations and one block's weights rather than the whole
+    /// model, whatever the page cache does. Off: the map is read in place,
+    /// and its pages stay resident once read.
+    pub fn stream_weights(mut self, on: bool) -> Self {
+        self.stream = on;
         self
     }
 
-    /// Loading, or a forward pass elsewhere, may have touched every weight.
+    /// Loading, or a forward pass elsewhere, may have touched every mapped
+    /// weight; streaming passes never touch them again.
     fn release_all(&self) {
-        if self.release {
+        if self.stream {
             self.model.release_weights();
         }
     }
 
-    fn release_layer(&self, li: usize) {
-        if self.release {
-            self.model.release_layer(li);
+    /// Layer `li`'s weights for one pass (see [`Engine::stream_weights`]).
+    fn block(&self, li: usize) -> Result<Block<'_>> {
+        let layer = &self.model.layers[li];
+        let mapped = |w: &Weights| matches!(w, Weights::Cpu(m) if m.shared_bytes().is_mapped());
+        if !self.stream || !layer.projs.iter().any(mapped) {
+            return Ok(Block::Model(layer));
         }
+        let projs = layer
+            .projs
+            .iter()
+            .map(|w| match w {
+                Weights::Cpu(m) => Ok(Weights::Cpu(Arc::new(m.detached()?))),
+                Weights::Wgpu(_) => Err(Error::Mismatch("a GPU layer has no mapped weights to stream".into())),
+            })
+            .collect::<Result<_>>()?;
+        Ok(Block::Copy(Layer {
+            norms: layer.norms.clone(),
+            projs,
+        }))
     }
 
-    fn release_rows(&self, t: &crate::model::FloatTensor, range: std::ops::Range<usize>) {
-        if self.release {
-            t.release_rows(range);
-        }
+    /// Rows `range` of a float tensor (the embedding or the LM head) for
+    /// one use: read from the file when streaming a mapped tensor.
+    fn float_rows(&self, t: &FloatTensor, range: std::ops::Range<usize>) -> Result<FloatTensor> {
+        let rows = t.window(range)?;
+        if self.stream { rows.detached() } else { Ok(rows) }
     }
 
     pub fn act_quant(mut self, act: ActQuant) -> Self {
@@ -197,8 +237,9 @@ impl<'m> Engine<'m> {
         let rope = self.model.rope_table(0, t);
         let mut x = self.embed(&seq.tokens)?;
         for li in 0..self.model.layers.len() {
-            x = self.block_forward(li, x, t, &rope, adapter, None)?.x_out;
-            self.release_layer(li);
+            x = self
+                .block_forward(li, &*self.block(li)?, x, t, &rope, adapter, None)?
+                .x_out;
         }
         let (loss, _) = self.head(&x, seq, None)?;
         Ok(loss)
@@ -234,8 +275,7 @@ impl<'m> Engine<'m> {
         let mut saved = Vec::new();
         let mut x = self.embed(&seq.tokens)?;
         for li in 0..layers {
-            let out = self.block_forward(li, x, t, &rope, Some(adapter), dropout)?;
-            self.release_layer(li);
+            let out = self.block_forward(li, &*self.block(li)?, x, t, &rope, Some(adapter), dropout)?;
             x = out.x_out;
             if self.checkpoint {
                 inputs.push(out.acts.x);
@@ -249,14 +289,17 @@ impl<'m> Engine<'m> {
         };
         drop(x);
         for li in (0..layers).rev() {
+            let block = self.block(li)?;
             let acts = match inputs.pop() {
-                Some(input) => self.block_forward(li, input, t, &rope, Some(adapter), dropout)?.acts,
+                Some(input) => {
+                    self.block_forward(li, &block, input, t, &rope, Some(adapter), dropout)?
+                        .acts
+                }
                 None => saved
                     .pop()
                     .ok_or_else(|| Error::Mismatch("missing saved activations".into()))?,
             };
-            dx = self.block_backward(li, acts, dx, t, &rope, adapter, dropout, grad)?;
-            self.release_layer(li);
+            dx = self.block_backward(li, &block, acts, dx, t, &rope, adapter, dropout, grad)?;
         }
         Ok(loss)
     }
@@ -283,12 +326,14 @@ impl<'m> Engine<'m> {
         Ok(())
     }
 
-    /// The embedding rows of `tokens`; each row's pages leave the resident
-    /// set as soon as it is read (one row can map a whole large folio).
+    /// The embedding rows of `tokens`, each read on its own when
+    /// streaming.
     fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         let e = &self.model.embed;
-        self.model
-            .embed_tokens(tokens, |tok| self.release_rows(e, tok..tok + 1))
+        self.model.embed_tokens(tokens, |tok, row| {
+            self.float_rows(e, tok..tok + 1)?.row_into(0, row);
+            Ok(())
+        })
     }
 
     /// Every BitLinear in `ws` applied to the shared input `x` (`t x cols`),
@@ -320,6 +365,7 @@ impl<'m> Engine<'m> {
     fn block_forward(
         &self,
         li: usize,
+        layer: &Layer,
         x: Vec<f32>,
         t: usize,
         rope: &[(f32, f32)],
@@ -327,7 +373,6 @@ impl<'m> Engine<'m> {
         dropout: Option<Dropout>,
     ) -> Result<BlockOut> {
         let c = self.model.config();
-        let layer = &self.model.layers[li];
         let (hd, eps) = (c.hidden_size, c.rms_norm_eps);
         let mut z: [Vec<f32>; 7] = Default::default();
         let mut lora = |proj: Proj, input: &[f32], out: &mut [f32]| {
@@ -440,6 +485,7 @@ impl<'m> Engine<'m> {
     fn block_backward(
         &self,
         li: usize,
+        layer: &Layer,
         mut a: Acts,
         dx2: Vec<f32>,
         t: usize,
@@ -449,7 +495,6 @@ impl<'m> Engine<'m> {
         grad: &mut [f32],
     ) -> Result<Vec<f32>> {
         let c = self.model.config();
-        let layer = &self.model.layers[li];
         let eps = c.rms_norm_eps;
         let mut lora = |proj: Proj, input: &[f32], dy: &[f32], dx: &mut [f32]| {
             if let Some(slot) = adapter.slot(li, proj) {
@@ -547,9 +592,10 @@ impl<'m> Engine<'m> {
         for v0 in (0..vocab).step_by(HEAD_VOCAB_CHUNK) {
             let n = HEAD_VOCAB_CHUNK.min(vocab - v0);
             let e = &mut e[..n * hd];
+            let rows = self.float_rows(head, v0..v0 + n)?;
             e.par_chunks_mut(hd)
                 .enumerate()
-                .for_each(|(i, row)| head.row_into(v0 + i, row));
+                .for_each(|(i, row)| rows.row_into(i, row));
             let e = &*e;
             states
                 .par_iter_mut()
@@ -582,7 +628,6 @@ impl<'m> Engine<'m> {
                         st.target = l[targets[i] - v0];
                     }
                 });
-            self.release_rows(head, v0..v0 + n);
         }
         let sum: f64 = states
             .iter()
@@ -601,7 +646,7 @@ impl<'m> Engine<'m> {
         let mut dh = vec![0f32; h.len()];
         let mut et = vec![0f32; hd];
         for ((i, &p), st) in positions.iter().enumerate().zip(&states) {
-            head.row_into(targets[i], &mut et);
+            self.float_rows(head, targets[i]..targets[i] + 1)?.row_into(0, &mut et);
             let inv = (1.0 / st.sum) as f32;
             for ((d, &a), &t) in dh[p * hd..(p + 1) * hd]
                 .iter_mut()

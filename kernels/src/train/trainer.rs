@@ -133,6 +133,45 @@ impl Trainer {
         })
     }
 
+    /// A run that continues from `adapter` with the optimizer state of an
+    /// earlier one: `step` updates taken, and the AdamW moments `m` and `v`
+    /// (as f32, laid out as `adapter.params()`). A swarm shard starts like
+    /// this from its round's averaged state.
+    pub fn with_state(config: TrainConfig, adapter: Adapter, step: u64, m: &[f32], v: &[f32]) -> Result<Self> {
+        let n = adapter.params().len();
+        for (what, x) in [("first moment", m), ("second moment", v)] {
+            if x.len() != n {
+                return Err(Error::Length {
+                    what,
+                    expected: n,
+                    actual: x.len(),
+                });
+            }
+        }
+        if let Some(i) = m.iter().chain(v).position(|x| !x.is_finite()) {
+            return Err(Error::NonFinite {
+                what: "optimizer state",
+                index: i % n.max(1),
+            });
+        }
+        if let Some(i) = v.iter().position(|&x| x < 0.0) {
+            return Err(Error::config(
+                "optimizer state",
+                format!("second moment {i} is negative"),
+            ));
+        }
+        let mut t = Self::with_adapter(config, adapter)?;
+        t.opt.step = step;
+        t.opt.m = Moments::from_f32(t.config.state_dtype, m);
+        t.opt.v = Moments::from_f32(t.config.state_dtype, v);
+        Ok(t)
+    }
+
+    /// The optimizer: step count and moments.
+    pub fn optimizer(&self) -> &AdamW {
+        &self.opt
+    }
+
     pub fn config(&self) -> &TrainConfig {
         &self.config
     }
