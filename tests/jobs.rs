@@ -45,6 +45,7 @@ fn setup(client: &NodeHandle, verify: Verify) -> Setup {
         max_tasks_per_peer: 1,
         task_timeout_secs: 120,
         max_sequence_tokens: longest,
+        carry_moments: true,
     };
     Setup { model_path, spec }
 }
@@ -85,6 +86,12 @@ async fn a_job_is_reproducible_bit_for_bit_and_resumes_after_a_client_restart() 
         "the swarm's adapter is the local replay's"
     );
     assert_eq!(state.rounds[0].adapter, expected[0].id());
+    // AdamW's state went from round to round: the last one has taken every
+    // round's local steps.
+    let opt = state.optimizer.expect("the job carries its optimizer state");
+    let opt = protocol::train::OptimizerState::decode(&nodes[0].shared.store.read(&opt).unwrap()).unwrap();
+    assert_eq!(opt.step, u64::from(s.spec.rounds * s.spec.local_steps));
+    assert!(opt.v.iter().any(|v| *v > 0.0));
     // Both workers took part, and training lowered the held-out loss.
     assert_eq!(state.workers.values().filter(|w| w.accepted > 0).count(), 2);
     let (start, end) = (state.eval_loss_start.unwrap(), state.rounds[1].eval_loss.unwrap());

@@ -204,6 +204,7 @@ async fn a_lora_shard_runs_on_another_node_and_returns_the_delta_a_local_run_com
         local_steps: 3,
         seed: 9,
         hyper,
+        optimizer: None,
     };
     let task = |adapter| Task {
         worker: nodes[1].public_key(),
@@ -218,7 +219,7 @@ async fn a_lora_shard_runs_on_another_node_and_returns_the_delta_a_local_run_com
     assert_eq!(sub.result.status, TaskStatus::Done, "{}", sub.result.error);
     let remote = LoraShardOutput::decode(&client.store.read(&sub.result.output.unwrap()).unwrap()).unwrap();
     let m = kernels::model::Model::new(&loaded.weights, kernels::Backend::cpu().unwrap()).unwrap();
-    let (local, work) = node::shard::run(&m, &params, &start, &shard, 1 << 20, &|| false).unwrap();
+    let (local, work) = node::shard::run(&m, &params, &start, None, &shard, 1 << 20, &|| false).unwrap();
     assert_eq!(remote, local, "the worker's delta is bit-identical to a local run");
     assert_eq!(sub.result.work, work);
     assert_eq!(remote.steps, 3);

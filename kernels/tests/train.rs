@@ -420,6 +420,44 @@ fn run_config(steps: u64) -> TrainConfig {
     }
 }
 
+/// A run continued from another's optimizer state (as each round of a
+/// swarm job continues the last) is the uninterrupted run, bit for bit;
+/// fresh moments are not.
+#[test]
+fn a_run_continued_from_its_optimizer_state_is_the_uninterrupted_run() {
+    let w = tiny();
+    let c = &w.config;
+    let (seqs, _) = data::synthetic_mapping(c.vocab_size, 0, 8, 12, 5);
+    let model = Model::new(&w, Backend::cpu().unwrap()).unwrap();
+    let engine = Engine::new(&model);
+    let config = TrainConfig {
+        schedule: Schedule::Constant,
+        warmup: 0,
+        ..run_config(4)
+    };
+    let mut whole = Trainer::new(config.clone(), c).unwrap();
+    for _ in 0..4 {
+        whole.step(&engine, &seqs).unwrap();
+    }
+    let mut first = Trainer::new(config.clone(), c).unwrap();
+    for _ in 0..2 {
+        first.step(&engine, &seqs).unwrap();
+    }
+    let o = first.optimizer();
+    let (m, v) = (o.m.to_f32(), o.v.to_f32());
+    let mut second = Trainer::with_state(config.clone(), first.adapter().clone(), 2, &m, &v).unwrap();
+    let mut fresh = Trainer::with_adapter(config.clone(), first.adapter().clone()).unwrap();
+    for _ in 0..2 {
+        second.step(&engine, &seqs).unwrap();
+        fresh.step(&engine, &seqs).unwrap();
+    }
+    assert_eq!(second.step_count(), 4);
+    assert!(second.adapter().params() == whole.adapter().params());
+    assert!(fresh.adapter().params() != whole.adapter().params());
+    let e = Trainer::with_state(config, first.adapter().clone(), 2, &m[1..], &v).unwrap_err();
+    assert!(e.to_string().contains("first moment"), "{e}");
+}
+
 #[test]
 fn training_learns_a_mapping_the_model_cannot_know() {
     let w = tiny();

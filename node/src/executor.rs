@@ -182,9 +182,15 @@ async fn run(shared: &Arc<Shared>, peer: PeerId, task: &Task) -> Result<(Content
                 let start =
                     protocol::train::AdapterParams::decode(&s.store.read(&p.adapter)?).context("the adapter blob")?;
                 let data = protocol::train::Sequences::decode(&s.store.read(&p.data)?).context("the data shard")?;
+                let opt = match &p.optimizer {
+                    Some(o) => Some(
+                        protocol::train::OptimizerState::decode(&s.store.read(o)?).context("the optimizer state")?,
+                    ),
+                    None => None,
+                };
                 let model = s.model(&p.model)?;
                 let cancel = s.cancel.clone();
-                shard::run(&model, &p, &start, &data, max_work, &|| *cancel.borrow())
+                shard::run(&model, &p, &start, opt.as_ref(), &data, max_work, &|| *cancel.borrow())
             })
             .await??;
             let mut output = output;

@@ -24,7 +24,9 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use futures::stream::{FuturesUnordered, StreamExt};
 use kernels::model::Model;
 use protocol::job::{self as rules, Verdict};
-use protocol::train::{self, AdapterParams, Contribution, LoraHyper, LoraShardOutput, Outer, Rule, Sequences};
+use protocol::train::{
+    self, AdapterParams, Contribution, LoraHyper, LoraShardOutput, OptimizerState, Outer, Rule, Sequences,
+};
 use protocol::{ContentId, LoraShardParams, PeerEntry, PublicKey, Task, TaskParams, TaskStatus};
 use serde::{Deserialize, Serialize};
 
@@ -118,6 +120,17 @@ pub struct JobSpec {
     pub task_timeout_secs: u64,
     /// The longest sequence in any shard (bounds each task's work).
     pub max_sequence_tokens: u32,
+    /// Carry AdamW's state across rounds: each round's tasks continue from
+    /// the combination of the previous round's optimizer states (moments
+    /// and step count) instead of fresh moments. Costs two more
+    /// adapter-sized arrays in every task's input and output; left out of
+    /// the JSON when off, so jobs from before it keep their ids.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub carry_moments: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl JobSpec {
@@ -154,8 +167,9 @@ impl JobSpec {
         Ok(())
     }
 
-    fn params(&self, round: u32, shard: u32, adapter: ContentId) -> LoraShardParams {
+    fn params(&self, round: u32, shard: u32, adapter: ContentId, optimizer: Option<ContentId>) -> LoraShardParams {
         LoraShardParams {
+            optimizer,
             model: self.model,
             adapter,
             data: self.shards[shard as usize],
@@ -224,6 +238,9 @@ pub struct RoundRecord {
     pub round: u32,
     /// The adapter after this round.
     pub adapter: ContentId,
+    /// The optimizer state after this round, when the job carries it.
+    #[serde(default)]
+    pub optimizer: Option<ContentId>,
     /// The shard results combined, in id order.
     pub results: Vec<ContentId>,
     /// Training loss of the local steps, weighted by tokens.
@@ -256,6 +273,10 @@ pub struct JobState {
     pub initial: ContentId,
     /// The outer momentum, when `outer.momentum > 0`.
     pub momentum: Option<ContentId>,
+    /// The optimizer state the current round continues, when the job
+    /// carries moments.
+    #[serde(default)]
+    pub optimizer: Option<ContentId>,
     /// Results accepted so far in the current round, by shard.
     pub accepted: BTreeMap<u32, Accepted>,
     pub rounds: Vec<RoundRecord>,
@@ -460,6 +481,13 @@ impl Job {
         } else {
             let adapter = shared.store.put(&first.encode())?;
             shared.store.pin(&adapter)?;
+            let optimizer = if spec.carry_moments {
+                let id = shared.store.put(&OptimizerState::fresh(layout).encode())?;
+                shared.store.pin(&id)?;
+                Some(id)
+            } else {
+                None
+            };
             let eval_loss_start = match spec.eval {
                 Some(e) => Some(eval_loss(shared, &model, &spec.hyper, &first, &e).await?),
                 None => None,
@@ -472,6 +500,7 @@ impl Job {
                 adapter,
                 initial: adapter,
                 momentum: None,
+                optimizer,
                 accepted: BTreeMap::new(),
                 rounds: Vec::new(),
                 eval_loss_start,
@@ -483,7 +512,10 @@ impl Job {
             s.save(dir)?;
             s
         };
-        for b in [Some(state.adapter), state.momentum].into_iter().flatten() {
+        for b in [Some(state.adapter), state.momentum, state.optimizer]
+            .into_iter()
+            .flatten()
+        {
             ensure!(
                 shared.store.has(&b),
                 "the job's adapter blob {b} is missing from the store"
@@ -598,7 +630,11 @@ impl Job {
                         shard: s,
                         worker,
                     });
-                    futs.push(self.send(spec.params(round, s, self.state.adapter), s, worker));
+                    futs.push(self.send(
+                        spec.params(round, s, self.state.adapter, self.state.optimizer),
+                        s,
+                        worker,
+                    ));
                 }
             }
             if futs.is_empty() {
@@ -742,7 +778,10 @@ impl Job {
         let timeout = Duration::from_secs(spec.task_timeout_secs);
         let task = Task {
             worker,
-            inputs: vec![params.model, params.adapter, params.data],
+            inputs: [params.model, params.adapter, params.data]
+                .into_iter()
+                .chain(params.optimizer)
+                .collect(),
             max_work: params.work(u64::from(spec.max_sequence_tokens)),
             params: TaskParams::LoraShard(params),
         };
@@ -792,11 +831,27 @@ impl Job {
                 self.params
             )));
         }
-        if out.steps != self.state.spec.local_steps || out.tokens == 0 {
+        let spec = &self.state.spec;
+        if out.steps != spec.local_steps || out.tokens == 0 {
             return Err(wrong(format!(
                 "{} steps over {} tokens, not {} steps",
-                out.steps, out.tokens, self.state.spec.local_steps
+                out.steps, out.tokens, spec.local_steps
             )));
+        }
+        // Every round takes `local_steps` updates, so a carried state that
+        // ends this round has taken this many.
+        let state_step = u64::from(round + 1) * u64::from(spec.local_steps);
+        match (&out.optimizer, spec.carry_moments) {
+            (None, false) => {}
+            (Some(o), true) if o.step == state_step => {}
+            (Some(o), true) => {
+                return Err(wrong(format!(
+                    "an optimizer state after step {}, not {state_step}",
+                    o.step
+                )));
+            }
+            (None, true) => return Err(wrong("no optimizer state, though the task gave one".into())),
+            (Some(_), false) => return Err(wrong("an optimizer state nobody asked for".into())),
         }
         let _ = store.pin(&output);
         Ok(Got {
@@ -812,6 +867,14 @@ impl Job {
     fn adapter_params(&self) -> Result<AdapterParams> {
         let bytes = self.shared.store.read(&self.state.adapter)?;
         Ok(AdapterParams::decode(&bytes)?)
+    }
+
+    /// The optimizer state the current round continues, if the job carries one.
+    fn optimizer_state(&self) -> Result<Option<OptimizerState>> {
+        match &self.state.optimizer {
+            Some(id) => Ok(Some(OptimizerState::decode(&self.shared.store.read(id)?)?)),
+            None => Ok(None),
+        }
     }
 
     /// Excludes workers caught with a wrong result; results of this round
@@ -855,13 +918,19 @@ impl Job {
 
     /// The client's own run of a shard: the referee of spot checks and disputes.
     async fn referee(&self, round: u32, shard: u32) -> Result<(ContentId, u64, f64)> {
-        let params = self.state.spec.params(round, shard, self.state.adapter);
+        let params = self
+            .state
+            .spec
+            .params(round, shard, self.state.adapter, self.state.optimizer);
         let start = self.adapter_params()?;
+        let opt = self.optimizer_state()?;
         let data = Sequences::decode(&self.shared.store.read(&params.data)?)?;
         let model = self.model.clone();
-        let out = tokio::task::spawn_blocking(move || shard::run(&model, &params, &start, &data, u64::MAX, &|| false))
-            .await??
-            .0;
+        let out = tokio::task::spawn_blocking(move || {
+            shard::run(&model, &params, &start, opt.as_ref(), &data, u64::MAX, &|| false)
+        })
+        .await??
+        .0;
         let id = self.shared.store.put(&out.encode())?;
         self.shared.store.pin(&id)?;
         Ok((id, out.tokens, out.loss))
@@ -896,6 +965,14 @@ impl Job {
             store.pin(&id)?;
             Some(id)
         };
+        let optimizer = match &next.optimizer {
+            Some(o) => {
+                let id = store.put(&o.encode())?;
+                store.pin(&id)?;
+                Some(id)
+            }
+            None => None,
+        };
         let tokens: u64 = outs.iter().map(|(_, o)| o.tokens).sum();
         let loss = outs.iter().map(|(_, o)| o.loss * o.tokens as f64).sum::<f64>() / tokens.max(1) as f64;
         let eval_loss = match spec.eval {
@@ -906,12 +983,16 @@ impl Job {
         results.sort();
         self.state.adapter = adapter;
         self.state.momentum = momentum;
+        self.state.optimizer = optimizer;
         self.state.accepted.clear();
         self.state.round = round + 1;
-        self.shared.net.provide(adapter.as_bytes().to_vec()).await;
+        for b in std::iter::once(adapter).chain(optimizer) {
+            self.shared.net.provide(b.as_bytes().to_vec()).await;
+        }
         Ok(RoundRecord {
             round,
             adapter,
+            optimizer,
             results,
             loss,
             tokens,
@@ -1021,14 +1102,16 @@ pub fn run_locally(
     spec.validate()?;
     let mut adapter = shard::initial_adapter(model.config(), &spec.hyper, spec.seed)?;
     let mut momentum = Vec::new();
+    let mut optimizer = spec.carry_moments.then(|| OptimizerState::fresh(adapter.layout));
     let mut out = Vec::new();
     for round in 0..spec.rounds {
         let id = adapter.id();
+        let opt_id = optimizer.as_ref().map(OptimizerState::id);
         let mut results = Vec::new();
         for s in 0..spec.shards.len() as u32 {
-            let p = spec.params(round, s, id);
+            let p = spec.params(round, s, id, opt_id);
             let data = Sequences::decode(&read(&p.data)?)?;
-            let (o, _) = shard::run(model, &p, &adapter, &data, u64::MAX, &|| false)?;
+            let (o, _) = shard::run(model, &p, &adapter, optimizer.as_ref(), &data, u64::MAX, &|| false)?;
             results.push((ContentId::of(&o.encode()), o));
         }
         let c: Vec<Contribution<'_>> = results
@@ -1038,6 +1121,7 @@ pub fn run_locally(
         let next = train::aggregate(&adapter, &momentum, &c, spec.rule, spec.outer)?;
         adapter = next.adapter;
         momentum = next.momentum;
+        optimizer = next.optimizer;
         out.push(adapter.clone());
     }
     Ok(out)

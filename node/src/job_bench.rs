@@ -49,6 +49,9 @@ pub struct JobBenchArgs {
     pub outer_lr: f32,
     #[arg(long, default_value_t = 0.0)]
     pub outer_momentum: f32,
+    /// Fresh AdamW moments every round instead of the carried state.
+    #[arg(long)]
+    pub reset_moments: bool,
     /// Where the nodes keep their data (default: a fresh temporary directory, removed after).
     #[arg(long)]
     pub dir: Option<PathBuf>,
@@ -81,6 +84,8 @@ pub struct JobBenchReport {
     pub preset: String,
     pub rounds: u32,
     pub local_steps: u32,
+    /// AdamW's state carried across rounds (else fresh moments every round).
+    pub carry_moments: bool,
     pub shards: usize,
     pub workers: usize,
     pub train_sequences: usize,
@@ -187,6 +192,7 @@ pub fn run(a: &JobBenchArgs) -> Result<JobBenchReport> {
             (rounds, local_steps),
             outer,
             verify,
+            !a.reset_moments,
         ))?;
         let seconds: f64 = state.rounds.iter().map(|r| r.secs).sum();
         modes.push(ModeRun {
@@ -218,8 +224,16 @@ pub fn run(a: &JobBenchArgs) -> Result<JobBenchReport> {
         .collect::<Result<Vec<_>>>()?;
     let mut critical = 0.0;
     let mut start = state.initial;
+    let mut start_opt = None;
     for r in &state.rounds {
         let params = protocol::train::AdapterParams::decode(&store.read(&start)?)?;
+        if spec.carry_moments && start_opt.is_none() {
+            start_opt = Some(protocol::train::OptimizerState::fresh(params.layout).id());
+        }
+        let opt = match &start_opt {
+            Some(id) => Some(protocol::train::OptimizerState::decode(&store.read(id)?)?),
+            None => None,
+        };
         let mut work = Vec::new();
         for s in 0..spec.shards.len() as u32 {
             let p = protocol::LoraShardParams {
@@ -229,6 +243,7 @@ pub fn run(a: &JobBenchArgs) -> Result<JobBenchReport> {
                 local_steps: spec.local_steps,
                 seed: protocol::job::shard_seed(spec.seed, r.round, s),
                 hyper: spec.hyper,
+                optimizer: start_opt,
             };
             let d = Sequences::decode(&store.read(&p.data)?)?;
             work.push((p, d));
@@ -239,7 +254,9 @@ pub fn run(a: &JobBenchArgs) -> Result<JobBenchReport> {
             let handles: Vec<_> = work
                 .iter()
                 .zip(&models)
-                .map(|((p, d), m)| scope.spawn(|| shard::run(m, p, &params, d, u64::MAX, &|| false).map(drop)))
+                .map(|((p, d), m)| {
+                    scope.spawn(|| shard::run(m, p, &params, opt.as_ref(), d, u64::MAX, &|| false).map(drop))
+                })
                 .collect();
             for h in handles {
                 h.join().map_err(|_| anyhow::anyhow!("a shard replay panicked"))??;
@@ -249,6 +266,7 @@ pub fn run(a: &JobBenchArgs) -> Result<JobBenchReport> {
         let slowest = t.elapsed().as_secs_f64();
         critical += slowest;
         start = r.adapter;
+        start_opt = r.optimizer;
     }
     drop(store);
     if a.dir.is_none() {
@@ -260,6 +278,7 @@ pub fn run(a: &JobBenchArgs) -> Result<JobBenchReport> {
         preset,
         rounds,
         local_steps,
+        carry_moments: spec.carry_moments,
         shards: spec.shards.len(),
         workers: 2,
         train_sequences: train.len(),
@@ -288,6 +307,7 @@ async fn run_job(
     (rounds, local_steps): (u32, u32),
     outer: Outer,
     verify: Verify,
+    carry_moments: bool,
 ) -> Result<(JobState, JobSpec)> {
     let nodes = crate::job_cmd::local_swarm(dir, 2).await?;
     let client = &nodes[0];
@@ -306,6 +326,7 @@ async fn run_job(
         max_tasks_per_peer: 1,
         task_timeout_secs: 600,
         max_sequence_tokens: longest,
+        carry_moments,
     };
     crate::job_cmd::wait_for_workers(client, &model, 2).await?;
     let r = job::run(&client.shared, spec.clone(), &|_| {}).await;
@@ -321,10 +342,15 @@ impl JobBenchReport {
         let mut o = String::new();
         let _ = writeln!(
             o,
-            "{} model, {} rounds x {} local steps, {} shards on {} workers (1 thread each), {} sequences of {} tokens; {}",
+            "{} model, {} rounds x {} local steps ({}), {} shards on {} workers (1 thread each), {} sequences of {} tokens; {}",
             self.preset,
             self.rounds,
             self.local_steps,
+            if self.carry_moments {
+                "AdamW state carried across rounds"
+            } else {
+                "fresh AdamW moments every round"
+            },
             self.shards,
             self.workers,
             self.train_sequences,

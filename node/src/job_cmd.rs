@@ -110,6 +110,11 @@ pub struct SubmitFinetuneArgs {
     pub outer_lr: f32,
     #[arg(long, default_value_t = 0.0)]
     pub outer_momentum: f32,
+    /// Start every round's local steps from fresh AdamW moments instead of
+    /// the previous round's combined optimizer state (smaller tasks: no
+    /// state travels; slower training).
+    #[arg(long)]
+    pub reset_moments: bool,
     #[arg(long, default_value_t = 1)]
     pub max_tasks_per_peer: u32,
     /// Seconds before a task is given to another worker.
@@ -422,6 +427,7 @@ pub fn submit_finetune(a: &SubmitFinetuneArgs) -> Result<()> {
             max_tasks_per_peer: a.max_tasks_per_peer,
             task_timeout_secs: a.task_timeout,
             max_sequence_tokens: longest,
+            carry_moments: !a.reset_moments,
         };
         spec.validate()?;
         let data_dir = config.data_dir.clone();
@@ -710,6 +716,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
             max_tasks_per_peer: 1,
             task_timeout_secs: 120,
             max_sequence_tokens: longest,
+            carry_moments: true,
         };
         let formed = wait_for_workers(client, &model, a.workers).await?;
         println!(

@@ -1,17 +1,21 @@
 //! LoRA-shard tasks on the kernels: the worker's local steps, and the
 //! conversions between protocol blobs and the training engine's types.
 //!
-//! A shard starts from the round's adapter with fresh AdamW moments and a
-//! constant learning rate, takes `local_steps` optimizer steps on its data
+//! A shard starts from the round's adapter and, when the task names one, the
+//! job's AdamW state after the previous round (else fresh moments), takes
+//! `local_steps` optimizer steps at a constant learning rate on its data
 //! shard (data order and dropout from the task's seed), and returns the
-//! change in every parameter. On one backend kind the result is bit-exact,
+//! change in every parameter, with the optimizer state after when it was
+//! given one. On one backend kind the result is bit-exact,
 //! so redundant workers that are honest return equal blobs.
 
 use anyhow::{Result, bail, ensure};
 use kernels::model::{Config as ModelConfig, Model, Proj};
 use kernels::train::{AdamWConfig, Adapter, Engine, LoraConfig, Schedule, Sequence, StateDtype, TrainConfig, Trainer};
 use protocol::LoraShardParams;
-use protocol::train::{AdapterParams, LoraHyper, LoraShardOutput, PROJECTIONS, Sequences, TrainSequence};
+use protocol::train::{
+    AdapterParams, LoraHyper, LoraShardOutput, OptimizerState, PROJECTIONS, Sequences, TrainSequence,
+};
 
 /// The kernels' LoRA configuration for a shard's hyper-parameters.
 pub fn lora_config(h: &LoraHyper) -> Result<LoraConfig> {
@@ -104,13 +108,16 @@ pub fn hyper_config(h: &LoraHyper, steps: u64, seed: u64) -> Result<TrainConfig>
     })
 }
 
-/// Runs a shard's local steps on a loaded model. `max_work` bounds the
-/// tokens processed (checked before any step runs); `stop` is asked before
-/// each step and ends the run with an error when it says so.
+/// Runs a shard's local steps on a loaded model, from adapter `start` and
+/// (exactly when the task names one) optimizer state `opt`. `max_work`
+/// bounds the tokens processed (checked before any step runs); `stop` is
+/// asked before each step and ends the run with an error when it says so.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     model: &Model,
     p: &LoraShardParams,
     start: &AdapterParams,
+    opt: Option<&OptimizerState>,
     data: &Sequences,
     max_work: u64,
     stop: &dyn Fn() -> bool,
@@ -132,7 +139,21 @@ pub fn run(
     );
     let before = adapter(c, &p.hyper, start)?;
     let engine = Engine::new(model);
-    let mut trainer = Trainer::with_adapter(train_config(p)?, before.clone())?;
+    ensure!(
+        opt.is_some() == p.optimizer.is_some(),
+        "the task names an optimizer state exactly when one is given"
+    );
+    let mut trainer = match opt {
+        Some(o) => {
+            ensure!(
+                o.layout == start.layout,
+                "the optimizer state is for another adapter layout"
+            );
+            let (m, v) = o.moments(start.values.len())?;
+            Trainer::with_state(train_config(p)?, before.clone(), o.step, &m, &v)?
+        }
+        None => Trainer::with_adapter(train_config(p)?, before.clone())?,
+    };
     let (mut tokens, mut loss_sum, mut seen) = (0u64, 0f64, 0u64);
     for _ in 0..p.local_steps {
         ensure!(!stop(), "stopped before the last local step");
@@ -156,6 +177,15 @@ pub fn run(
             tokens,
             loss: loss_sum / tokens as f64,
             steps: p.local_steps,
+            optimizer: opt.map(|_| {
+                let o = trainer.optimizer();
+                OptimizerState {
+                    layout: start.layout,
+                    step: o.step,
+                    m: o.m.to_f32(),
+                    v: o.v.to_f32(),
+                }
+            }),
         },
         seen,
     ))

@@ -98,6 +98,10 @@ pub struct LoraShardParams {
     pub seed: u64,
     /// Everything else that decides the result.
     pub hyper: crate::train::LoraHyper,
+    /// The optimizer state to continue from (an
+    /// [`OptimizerState`](crate::train::OptimizerState) blob), or fresh
+    /// moments; the output carries the state after exactly when this is set.
+    pub optimizer: Option<ContentId>,
 }
 
 impl LoraShardParams {
@@ -176,6 +180,11 @@ impl TryFrom<wire::Task> for Task {
                     local_steps: p.local_steps,
                     seed: p.seed,
                     hyper: p.hyper.try_into()?,
+                    optimizer: if p.optimizer.is_empty() {
+                        None
+                    } else {
+                        Some(id("optimizer state id", &p.optimizer)?)
+                    },
                 })
             }
             (kind, _) => {
@@ -187,7 +196,7 @@ impl TryFrom<wire::Task> for Task {
         };
         let named = match &params {
             TaskParams::Infer(p) => vec![p.model],
-            TaskParams::LoraShard(p) => vec![p.model, p.adapter, p.data],
+            TaskParams::LoraShard(p) => [p.model, p.adapter, p.data].into_iter().chain(p.optimizer).collect(),
         };
         if let Some(missing) = named.iter().find(|n| !inputs.contains(n)) {
             return Err(Error::invalid(
@@ -238,6 +247,7 @@ impl From<&Task> for wire::Task {
                     local_steps: p.local_steps,
                     seed: p.seed,
                     hyper: Some((&p.hyper).into()),
+                    optimizer: p.optimizer.map_or_else(Vec::new, |o| o.as_bytes().to_vec()),
                 }),
             ),
         };

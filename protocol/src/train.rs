@@ -166,6 +166,101 @@ impl AdapterParams {
     }
 }
 
+/// AdamW's state for an adapter: the updates taken and both moments, laid
+/// out as the adapter's parameters. A job carries it across rounds, so each
+/// round continues one optimizer (bias correction and moments) instead of
+/// restarting it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimizerState {
+    pub layout: [u8; 32],
+    pub step: u64,
+    /// Both empty when `step` is 0 (all zero); else one value per parameter.
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+impl OptimizerState {
+    /// The state before any update: every moment zero, stored as nothing.
+    pub fn fresh(layout: [u8; 32]) -> Self {
+        Self {
+            layout,
+            step: 0,
+            m: Vec::new(),
+            v: Vec::new(),
+        }
+    }
+
+    /// The moments for `n` parameters (zeros for a fresh state), or an
+    /// error when they are laid out for another count.
+    pub fn moments(&self, n: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        if self.m.is_empty() {
+            return Ok((vec![0.0; n], vec![0.0; n]));
+        }
+        if self.m.len() != n {
+            return Err(Error::invalid(
+                "optimizer state",
+                format!("{} moments for {n} parameters", self.m.len()),
+            ));
+        }
+        Ok((self.m.clone(), self.v.clone()))
+    }
+
+    /// The canonical bytes (the blob).
+    pub fn encode(&self) -> Vec<u8> {
+        wire::OptimizerState::from(self).encode_to_vec()
+    }
+
+    /// The content id of [`encode`](Self::encode)'s bytes.
+    pub fn id(&self) -> ContentId {
+        ContentId::of(&self.encode())
+    }
+
+    /// Decodes and checks a blob.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let w = wire::OptimizerState::decode(bytes).map_err(|e| Error::decode("optimizer state", e))?;
+        Self::try_from(w)
+    }
+}
+
+impl From<&OptimizerState> for wire::OptimizerState {
+    fn from(o: &OptimizerState) -> Self {
+        Self {
+            layout: o.layout.to_vec(),
+            step: o.step,
+            m: o.m.clone(),
+            v: o.v.clone(),
+        }
+    }
+}
+
+impl TryFrom<wire::OptimizerState> for OptimizerState {
+    type Error = Error;
+
+    /// Checks a 32-byte layout, finite moments of equal length within the
+    /// limits, a second moment that is never negative, and moments present
+    /// exactly when a step has been taken.
+    fn try_from(w: wire::OptimizerState) -> Result<Self> {
+        let bad = |why: String| Err(Error::invalid("optimizer state", why));
+        finite("first moment", &w.m)?;
+        finite("second moment", &w.v)?;
+        if w.m.len() != w.v.len() {
+            return bad(format!("{} first and {} second moments", w.m.len(), w.v.len()));
+        }
+        if (w.step == 0) != w.m.is_empty() {
+            return bad(format!("step {} with {} moments", w.step, w.m.len()));
+        }
+        if let Some(i) = w.v.iter().position(|&v| v < 0.0) {
+            return bad(format!("second moment {i} is negative"));
+        }
+        Ok(Self {
+            layout: layout(&w.layout)?,
+            step: w.step,
+            m: w.m,
+            v: w.v,
+        })
+    }
+}
+
 /// One training sequence: tokens, and which are predicted (counted in the loss).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrainSequence {
@@ -271,6 +366,8 @@ pub struct LoraShardOutput {
     /// Mean loss per counted token over the local steps.
     pub loss: f64,
     pub steps: u32,
+    /// AdamW's state after the local steps, when the task gave one.
+    pub optimizer: Option<OptimizerState>,
 }
 
 impl LoraShardOutput {
@@ -282,12 +379,14 @@ impl LoraShardOutput {
             tokens: self.tokens,
             loss: self.loss,
             steps: self.steps,
+            optimizer: self.optimizer.as_ref().map(Into::into),
         }
         .encode_to_vec()
     }
 
     /// Decodes and checks an output blob: a 32-byte layout, finite delta and
-    /// loss, at least one counted token.
+    /// loss, at least one counted token, and an optimizer state (if any) of
+    /// the same layout with one moment per delta value.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
         let w = wire::LoraShardOutput::decode(bytes).map_err(|e| Error::decode("shard output", e))?;
         finite("shard delta", &w.delta)?;
@@ -297,12 +396,27 @@ impl LoraShardOutput {
         if w.tokens == 0 || w.steps == 0 {
             return Err(Error::invalid("shard output", "no token or no step"));
         }
+        let layout = layout(&w.layout)?;
+        let optimizer = w.optimizer.map(OptimizerState::try_from).transpose()?;
+        if let Some(o) = &optimizer
+            && (o.layout != layout || o.m.len() != w.delta.len())
+        {
+            return Err(Error::invalid(
+                "shard output",
+                format!(
+                    "an optimizer state of {} moments for another layout or size than the delta's {}",
+                    o.m.len(),
+                    w.delta.len()
+                ),
+            ));
+        }
         Ok(Self {
-            layout: layout(&w.layout)?,
+            layout,
             delta: w.delta,
             tokens: w.tokens,
             loss: w.loss,
             steps: w.steps,
+            optimizer,
         })
     }
 }
@@ -347,6 +461,9 @@ pub struct Aggregate {
     pub adapter: AdapterParams,
     /// The outer momentum to carry into the next round (empty when `mu = 0`).
     pub momentum: Vec<f32>,
+    /// The shards' optimizer states combined by the same rule as their
+    /// deltas, when they carry one: the state the next round continues.
+    pub optimizer: Option<OptimizerState>,
 }
 
 /// Combines shard deltas into the next adapter.
@@ -355,6 +472,10 @@ pub struct Aggregate {
 /// duplicates refused), every coordinate is reduced in that order in f64
 /// without fused operations, and rounded to f32 once. The same accepted
 /// results give the same bytes on every machine.
+///
+/// When the results carry optimizer states (all or none of them), their
+/// moments are combined coordinate by coordinate by the same rule; they must
+/// all have taken the same number of steps.
 pub fn aggregate(
     current: &AdapterParams,
     momentum: &[f32],
@@ -395,43 +516,31 @@ pub fn aggregate(
             ));
         }
     }
+    let states: Vec<&OptimizerState> = sorted.iter().filter_map(|c| c.output.optimizer.as_ref()).collect();
+    if !states.is_empty() && states.len() != sorted.len() {
+        return bad("some results carry an optimizer state and some do not".into());
+    }
+    if states.windows(2).any(|w| w[0].step != w[1].step) {
+        return bad("the results' optimizer states took different numbers of steps".into());
+    }
+    if states.iter().any(|o| o.m.len() != n) {
+        return bad(format!("an optimizer state does not hold {n} moments"));
+    }
     let k = sorted.len();
     if let Rule::TrimmedMean { trim } = rule
         && 2 * trim as usize >= k
     {
         return bad(format!("trimming {trim} from each end of {k} results leaves none"));
     }
-    let total_weight: f64 = sorted.iter().map(|c| c.output.tokens as f64).sum();
-    let mut column = vec![0f64; k];
+    let mut reduce = Reducer {
+        rule,
+        weights: sorted.iter().map(|c| c.output.tokens as f64).collect(),
+        column: vec![0f64; k],
+    };
     let mut values = Vec::with_capacity(n);
     let mut next_momentum = Vec::with_capacity(if outer.momentum > 0.0 { n } else { 0 });
     for i in 0..n {
-        let combined = match rule {
-            Rule::Mean => {
-                let mut s = 0f64;
-                for c in &sorted {
-                    s += c.output.tokens as f64 * f64::from(c.output.delta[i]);
-                }
-                s / total_weight
-            }
-            Rule::TrimmedMean { trim } => {
-                fill_sorted(&mut column, &sorted, i);
-                let kept = &column[trim as usize..k - trim as usize];
-                let mut s = 0f64;
-                for v in kept {
-                    s += v;
-                }
-                s / kept.len() as f64
-            }
-            Rule::Median => {
-                fill_sorted(&mut column, &sorted, i);
-                if k % 2 == 1 {
-                    column[k / 2]
-                } else {
-                    (column[k / 2 - 1] + column[k / 2]) / 2.0
-                }
-            }
-        };
+        let combined = reduce.at(sorted.iter().map(|c| c.output.delta[i]));
         let m = if outer.momentum > 0.0 {
             let prev = momentum.get(i).copied().map_or(0.0, f64::from);
             let m = f64::from(outer.momentum) * prev + combined;
@@ -443,20 +552,82 @@ pub fn aggregate(
         values.push((f64::from(current.values[i]) + f64::from(outer.lr) * m) as f32);
     }
     finite("aggregated adapter", &values)?;
+    let optimizer = match states.first() {
+        None => None,
+        Some(first) => {
+            let mut m = Vec::with_capacity(n);
+            let mut v = Vec::with_capacity(n);
+            for i in 0..n {
+                m.push(reduce.at(states.iter().map(|o| o.m[i])) as f32);
+                v.push(reduce.at(states.iter().map(|o| o.v[i])).max(0.0) as f32);
+            }
+            finite("aggregated first moment", &m)?;
+            finite("aggregated second moment", &v)?;
+            Some(OptimizerState {
+                layout: current.layout,
+                step: first.step,
+                m,
+                v,
+            })
+        }
+    };
     Ok(Aggregate {
         adapter: AdapterParams {
             layout: current.layout,
             values,
         },
         momentum: next_momentum,
+        optimizer,
     })
 }
 
-fn fill_sorted(column: &mut [f64], sorted: &[&Contribution<'_>], i: usize) {
-    for (slot, c) in column.iter_mut().zip(sorted) {
-        *slot = f64::from(c.output.delta[i]);
+/// One coordinate's reduction over the results (in id order) by a rule.
+struct Reducer {
+    rule: Rule,
+    /// Each result's counted tokens (the mean's weights).
+    weights: Vec<f64>,
+    column: Vec<f64>,
+}
+
+impl Reducer {
+    fn at(&mut self, values: impl Iterator<Item = f32>) -> f64 {
+        let k = self.weights.len();
+        match self.rule {
+            Rule::Mean => {
+                let (mut s, mut total) = (0f64, 0f64);
+                for (w, v) in self.weights.iter().zip(values) {
+                    s += w * f64::from(v);
+                    total += w;
+                }
+                s / total
+            }
+            Rule::TrimmedMean { trim } => {
+                self.fill_sorted(values);
+                let kept = &self.column[trim as usize..k - trim as usize];
+                let mut s = 0f64;
+                for v in kept {
+                    s += v;
+                }
+                s / kept.len() as f64
+            }
+            Rule::Median => {
+                self.fill_sorted(values);
+                let c = &self.column;
+                if k % 2 == 1 {
+                    c[k / 2]
+                } else {
+                    (c[k / 2 - 1] + c[k / 2]) / 2.0
+                }
+            }
+        }
     }
-    column.sort_by(f64::total_cmp);
+
+    fn fill_sorted(&mut self, values: impl Iterator<Item = f32>) {
+        for (slot, v) in self.column.iter_mut().zip(values) {
+            *slot = f64::from(v);
+        }
+        self.column.sort_by(f64::total_cmp);
+    }
 }
 
 #[cfg(test)]
@@ -470,6 +641,7 @@ mod tests {
             tokens,
             loss: 1.0,
             steps: 1,
+            optimizer: None,
         }
     }
 
@@ -674,5 +846,80 @@ mod tests {
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
         }
+    }
+
+    fn with_state(mut o: LoraShardOutput, step: u64, m: Vec<f32>, v: Vec<f32>) -> LoraShardOutput {
+        o.optimizer = Some(OptimizerState {
+            layout: o.layout,
+            step,
+            m,
+            v,
+        });
+        o
+    }
+
+    #[test]
+    fn optimizer_states_round_trip_and_bad_ones_are_refused() {
+        let o = with_state(out(vec![0.5, -0.5], 3), 4, vec![0.1, -0.2], vec![0.01, 0.04]);
+        assert_eq!(LoraShardOutput::decode(&o.encode()).unwrap(), o);
+        let fresh = OptimizerState::fresh([1; 32]);
+        assert_eq!(OptimizerState::decode(&fresh.encode()).unwrap(), fresh);
+        assert_eq!(fresh.moments(2).unwrap(), (vec![0.0; 2], vec![0.0; 2]));
+        let state = |step, m: Vec<f32>, v: Vec<f32>| OptimizerState {
+            layout: [1; 32],
+            step,
+            m,
+            v,
+        };
+        for (bad, why) in [
+            (state(1, vec![0.0], vec![-1.0]), "negative"),
+            (state(1, vec![0.0, 1.0], vec![1.0]), "first and"),
+            (state(0, vec![0.0], vec![0.0]), "step 0 with 1"),
+            (state(2, vec![], vec![]), "step 2 with 0"),
+            (state(1, vec![f32::NAN], vec![0.0]), "NaN"),
+        ] {
+            let e = OptimizerState::decode(&bad.encode()).unwrap_err();
+            assert!(e.to_string().contains(why), "{e} lacks {why}");
+        }
+        assert!(state(1, vec![0.0; 3], vec![0.0; 3]).moments(2).is_err());
+        // A state for another size than the delta's is refused with the output.
+        let short = with_state(out(vec![0.5, -0.5], 3), 4, vec![0.1], vec![0.01]);
+        assert!(LoraShardOutput::decode(&short.encode()).is_err());
+    }
+
+    #[test]
+    fn optimizer_states_combine_by_the_deltas_rule() {
+        let b = base(vec![0.0]);
+        let outs = [
+            with_state(out(vec![1.0], 1), 4, vec![1.0], vec![1.0]),
+            with_state(out(vec![4.0], 3), 4, vec![5.0], vec![9.0]),
+        ];
+        let r = aggregate(&b, &[], &contributions(&outs), Rule::Mean, Outer::default()).unwrap();
+        let o = r.optimizer.unwrap();
+        assert_eq!((o.step, o.m[0], o.v[0]), (4, 4.0, 7.0), "token-weighted like the delta");
+        assert_eq!(r.adapter.values[0], 3.25);
+        let three = [
+            outs[0].clone(),
+            outs[1].clone(),
+            with_state(out(vec![2.0], 1), 4, vec![100.0], vec![2.0]),
+        ];
+        let r = aggregate(&b, &[], &contributions(&three), Rule::Median, Outer::default()).unwrap();
+        let o = r.optimizer.unwrap();
+        assert_eq!((o.m[0], o.v[0]), (5.0, 2.0), "the median, coordinate by coordinate");
+        let mixed = [outs[0].clone(), out(vec![2.0], 1)];
+        let e = aggregate(&b, &[], &contributions(&mixed), Rule::Mean, Outer::default()).unwrap_err();
+        assert!(e.to_string().contains("some results carry"), "{e}");
+        let skewed = [outs[0].clone(), with_state(out(vec![2.0], 1), 5, vec![1.0], vec![1.0])];
+        let e = aggregate(&b, &[], &contributions(&skewed), Rule::Mean, Outer::default()).unwrap_err();
+        assert!(e.to_string().contains("different numbers of steps"), "{e}");
+        let none = aggregate(
+            &b,
+            &[],
+            &contributions(&[out(vec![1.0], 1)]),
+            Rule::Mean,
+            Outer::default(),
+        )
+        .unwrap();
+        assert_eq!(none.optimizer, None);
     }
 }
