@@ -44,6 +44,18 @@ pub struct JobBenchArgs {
     /// Key-value pairs of the synthetic task (sequences are 1 + 2 x pairs tokens).
     #[arg(long, default_value_t = 32)]
     pub pairs: usize,
+    /// Values per key, drawn uniformly at every occurrence: above 1 the
+    /// held-out loss has a floor of ln(choices) per value token, where runs
+    /// can be compared once they converge.
+    #[arg(long, default_value_t = 1)]
+    pub choices: usize,
+    /// The inner AdamW's learning rate (the local baselines use it too).
+    #[arg(long, default_value_t = 2e-3)]
+    pub lr: f32,
+    /// Verification modes to run, comma-separated; the first must be
+    /// `none` (the others are measured against it).
+    #[arg(long, default_value = "none,spot:0.25,redundancy:2")]
+    pub verify: String,
     /// The outer step (DiLoCo's outer optimizer): learning rate and momentum.
     #[arg(long, default_value_t = 1.0)]
     pub outer_lr: f32,
@@ -90,6 +102,9 @@ pub struct JobBenchReport {
     pub workers: usize,
     pub train_sequences: usize,
     pub sequence_tokens: usize,
+    /// Values per key of the task (the held-out floor is ln of it).
+    pub choices: usize,
+    pub lr: f32,
     pub modes: Vec<ModeRun>,
     /// Per round, the slowest shard's compute alone; summed.
     pub compute_critical_path_seconds: f64,
@@ -112,12 +127,12 @@ pub struct JobBenchReport {
     pub loss_ratio_global_batch: f64,
 }
 
-fn hyper() -> LoraHyper {
+fn hyper(lr: f32) -> LoraHyper {
     LoraHyper {
         rank: 8,
         alpha: 16.0,
         targets: (1 << PROJECTIONS.len()) - 1,
-        lr: 2e-3,
+        lr,
         batch: 4,
         max_grad_norm: 1.0,
         weight_decay: 0.0,
@@ -145,9 +160,9 @@ pub fn run(a: &JobBenchArgs) -> Result<JobBenchReport> {
     let loaded = model::load(&model_path)?;
     let c = loaded.weights.config.clone();
     let bos = loaded.tokenizer.bos().unwrap_or(1);
-    let (seqs, _) = data::synthetic_mapping(c.vocab_size, bos, a.pairs, 40, 9);
+    let (seqs, _) = data::synthetic_choices(c.vocab_size, bos, a.pairs, a.choices, 40, 9);
     let (train, eval) = seqs.split_at(32);
-    let h = hyper();
+    let h = hyper(a.lr);
     let local_steps = a.local_steps;
 
     // The local baseline, and each shard's compute alone on one thread.
@@ -173,11 +188,16 @@ pub fn run(a: &JobBenchArgs) -> Result<JobBenchReport> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut modes = Vec::new();
     let mut spec_none = None;
-    for verify in [
-        Verify::None,
-        Verify::Spot { fraction: 0.25 },
-        Verify::Redundancy { k: 2 },
-    ] {
+    let verifies = a
+        .verify
+        .split(',')
+        .map(|v| Verify::parse(v.trim()))
+        .collect::<Result<Vec<_>>>()?;
+    ensure!(
+        verifies.first() == Some(&Verify::None),
+        "--verify must start with none: the other modes are measured against it"
+    );
+    for verify in verifies {
         let dir = root.join(verify.to_string().replace(':', "-"));
         let outer = Outer {
             lr: a.outer_lr,
@@ -282,6 +302,8 @@ pub fn run(a: &JobBenchArgs) -> Result<JobBenchReport> {
         shards: spec.shards.len(),
         workers: 2,
         train_sequences: train.len(),
+        choices: a.choices.max(1),
+        lr: a.lr,
         sequence_tokens: train.first().map_or(0, |s| s.tokens.len()),
         outside_compute_share: 1.0 - critical / base,
         compute_critical_path_seconds: critical,
@@ -342,10 +364,11 @@ impl JobBenchReport {
         let mut o = String::new();
         let _ = writeln!(
             o,
-            "{} model, {} rounds x {} local steps ({}), {} shards on {} workers (1 thread each), {} sequences of {} tokens; {}",
+            "{} model, {} rounds x {} local steps at lr {} ({}), {} shards on {} workers (1 thread each), {} sequences of {} tokens; {}",
             self.preset,
             self.rounds,
             self.local_steps,
+            self.lr,
             if self.carry_moments {
                 "AdamW state carried across rounds"
             } else {
@@ -390,7 +413,8 @@ impl JobBenchReport {
         );
         let _ = writeln!(
             o,
-            "held-out loss: start {:.4}, distributed {:.4}; local, {} steps: {:.4} at the global batch (ratio {:.3}), {:.4} at one worker's batch (ratio {:.3})",
+            "held-out loss (floor {:.4}): start {:.4}, distributed {:.4}; local, {} steps: {:.4} at the global batch (ratio {:.3}), {:.4} at one worker's batch (ratio {:.3})",
+            (self.choices as f64).ln(),
             self.eval_loss_start.unwrap_or(f64::NAN),
             self.modes.first().and_then(|m| m.eval_loss).unwrap_or(f64::NAN),
             self.rounds * self.local_steps,

@@ -304,20 +304,51 @@ pub fn synthetic_mapping(
     sequences: usize,
     seed: u64,
 ) -> (Vec<Sequence>, Vec<(u32, u32)>) {
+    let (seqs, map) = synthetic_choices(vocab, bos, pairs, 1, sequences, seed);
+    (seqs, map.into_iter().map(|(k, v)| (k, v[0])).collect())
+}
+
+/// [`synthetic_mapping`] where each key has `choices` values and every
+/// occurrence draws one of them uniformly (seeded): the best possible loss
+/// on a value token is then `ln(choices)`, a floor that training approaches
+/// and cannot pass, so runs can be compared where they converge. With one
+/// choice it is [`synthetic_mapping`], token for token.
+pub fn synthetic_choices(
+    vocab: usize,
+    bos: u32,
+    pairs: usize,
+    choices: usize,
+    sequences: usize,
+    seed: u64,
+) -> (Vec<Sequence>, Vec<(u32, Vec<u32>)>) {
     // Skip the first few ids: special tokens live there.
     let first = 8u32.min(vocab as u32 / 4);
     let mut ids: Vec<u32> = (first..vocab as u32).collect();
     shuffle(&mut ids, seed);
-    let pairs = pairs.min(ids.len() / 2);
-    let map: Vec<(u32, u32)> = (0..pairs).map(|i| (ids[2 * i], ids[2 * i + 1])).collect();
+    let choices = choices.max(1);
+    let pairs = pairs.min(ids.len() / (1 + choices));
+    let map: Vec<(u32, Vec<u32>)> = (0..pairs)
+        .map(|i| {
+            let at = i * (1 + choices);
+            (ids[at], ids[at + 1..at + 1 + choices].to_vec())
+        })
+        .collect();
     let seqs = (0..sequences)
         .map(|s| {
             let mut order: Vec<usize> = (0..pairs).collect();
-            shuffle(&mut order, seed ^ (s as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let seq_seed = seed ^ (s as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            shuffle(&mut order, seq_seed);
+            let mut pick = SplitMix64::new(seq_seed.rotate_left(17));
             let mut tokens = vec![bos];
             let mut targets = vec![false];
             for i in order {
-                tokens.extend([map[i].0, map[i].1]);
+                let (k, values) = &map[i];
+                let v = if choices == 1 {
+                    values[0]
+                } else {
+                    values[pick.below(choices)]
+                };
+                tokens.extend([*k, v]);
                 targets.extend([false, true]);
             }
             Sequence { tokens, targets }
@@ -415,5 +446,30 @@ mod tests {
         assert_ne!(a, split(seqs, 0.2, 2).unwrap());
         assert_eq!(epoch_order(50, 3, 0), epoch_order(50, 3, 0));
         assert_ne!(epoch_order(50, 3, 0), epoch_order(50, 3, 1));
+    }
+
+    #[test]
+    fn synthetic_choices_draw_each_keys_values_and_one_choice_is_the_plain_mapping() {
+        let (seqs, map) = synthetic_choices(1000, 1, 6, 3, 20, 4);
+        let (plain, plain_map) = synthetic_mapping(1000, 1, 6, 20, 4);
+        assert_ne!(seqs, plain);
+        let mut seen = std::collections::HashSet::new();
+        for s in &seqs {
+            assert_eq!(s.tokens.len(), 1 + 2 * 6);
+            for kv in s.tokens[1..].chunks_exact(2) {
+                let (_, values) = map.iter().find(|(k, _)| *k == kv[0]).expect("a key");
+                assert!(values.contains(&kv[1]), "{kv:?} is not one of {values:?}");
+                seen.insert(kv[1]);
+            }
+        }
+        assert_eq!(seen.len(), 18, "every value of every key occurs");
+        let (one, one_map) = synthetic_choices(1000, 1, 6, 1, 20, 4);
+        assert_eq!(one, plain);
+        assert!(
+            one_map
+                .iter()
+                .zip(&plain_map)
+                .all(|((k, v), (pk, pv))| k == pk && v == &[*pv])
+        );
     }
 }
