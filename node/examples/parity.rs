@@ -10,7 +10,6 @@ use anyhow::Result;
 use kernels::model::{self, Model};
 use kernels::train::{Engine, TrainConfig, Trainer, data};
 use node::shard;
-use protocol::train::{LoraHyper, PROJECTIONS};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -26,16 +25,7 @@ fn main() -> Result<()> {
     let bos = loaded.tokenizer.bos().unwrap_or(1);
     let (seqs, _) = data::synthetic_mapping(c.vocab_size, bos, 32, 40, 9);
     let (train, eval) = seqs.split_at(32);
-    let h = LoraHyper {
-        rank: 8,
-        alpha: 16.0,
-        targets: (1 << PROJECTIONS.len()) - 1,
-        lr,
-        batch: 4,
-        max_grad_norm: 1.0,
-        weight_decay: 0.0,
-        dropout: 0.0,
-    };
+    let h = node::job_bench::hyper(lr);
     let m = Model::new(&loaded.weights, kernels::Backend::cpu()?)?;
     let engine = Engine::new(&m);
     let steps = rounds * local;

@@ -127,7 +127,9 @@ pub struct JobBenchReport {
     pub loss_ratio_global_batch: f64,
 }
 
-fn hyper(lr: f32) -> LoraHyper {
+/// The benchmark job's hyper-parameters: rank 8 on every projection, batch
+/// 4, gradients clipped at 1.
+pub fn hyper(lr: f32) -> LoraHyper {
     LoraHyper {
         rank: 8,
         alpha: 16.0,
