@@ -160,11 +160,19 @@ impl Trainer {
                 format!("second moment {i} is negative"),
             ));
         }
-        let mut t = Self::with_adapter(config, adapter)?;
-        t.opt.step = step;
-        t.opt.m = Moments::from_f32(t.config.state_dtype, m);
-        t.opt.v = Moments::from_f32(t.config.state_dtype, v);
-        Ok(t)
+        config.validate()?;
+        let opt = AdamW {
+            config: config.adamw,
+            step,
+            m: Moments::from_f32(config.state_dtype, m),
+            v: Moments::from_f32(config.state_dtype, v),
+        };
+        Ok(Self {
+            config,
+            adapter,
+            opt,
+            history: Vec::new(),
+        })
     }
 
     /// The optimizer: step count and moments.
