@@ -187,8 +187,7 @@ pub async fn infer(
                 continue;
             }
         };
-        let evidence = shared.store.put(&sub.envelope)?;
-        shared.store.pin(&evidence)?;
+        let evidence = shared.store.put_pinned(&sub.envelope)?;
         if sub.result.status != TaskStatus::Done {
             errors.push(format!("{worker}: {:?}: {}", sub.result.status, sub.result.error));
             continue;

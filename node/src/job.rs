@@ -338,11 +338,14 @@ impl JobState {
     }
 }
 
-/// What a running job reports, for progress displays and logs.
-#[derive(Debug, Clone)]
+/// What a running job reports, for progress displays and logs (and, as
+/// JSON lines tagged by `event`, for `tern submit --json`).
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// The job starts, or resumes at `round` with `accepted` results of it kept.
     Started {
+        #[serde(rename = "job")]
         id: ContentId,
         round: u32,
         accepted: usize,
@@ -373,7 +376,9 @@ pub enum Event {
         worker: PublicKey,
         why: String,
     },
-    RoundDone(RoundRecord),
+    RoundDone {
+        record: RoundRecord,
+    },
 }
 
 /// A progress callback.
@@ -479,12 +484,9 @@ impl Job {
             ensure!(s.spec == spec, "job {id}'s saved spec differs from the one given");
             s
         } else {
-            let adapter = shared.store.put(&first.encode())?;
-            shared.store.pin(&adapter)?;
+            let adapter = shared.store.put_pinned(&first.encode())?;
             let optimizer = if spec.carry_moments {
-                let id = shared.store.put(&OptimizerState::fresh(layout).encode())?;
-                shared.store.pin(&id)?;
-                Some(id)
+                Some(shared.store.put_pinned(&OptimizerState::fresh(layout).encode())?)
             } else {
                 None
             };
@@ -762,7 +764,7 @@ impl Job {
         record.secs = t0.elapsed().as_secs_f64();
         self.state.rounds.push(record.clone());
         self.save()?;
-        on(&Event::RoundDone(record));
+        on(&Event::RoundDone { record });
         Ok(())
     }
 
@@ -871,10 +873,10 @@ impl Job {
 
     /// The optimizer state the current round continues, if the job carries one.
     fn optimizer_state(&self) -> Result<Option<OptimizerState>> {
-        match &self.state.optimizer {
-            Some(id) => Ok(Some(OptimizerState::decode(&self.shared.store.read(id)?)?)),
-            None => Ok(None),
-        }
+        self.state
+            .optimizer
+            .map(|id| Ok(OptimizerState::decode(&self.shared.store.read(&id)?)?))
+            .transpose()
     }
 
     /// Excludes workers caught with a wrong result; results of this round
@@ -931,8 +933,7 @@ impl Job {
         })
         .await??
         .0;
-        let id = self.shared.store.put(&out.encode())?;
-        self.shared.store.pin(&id)?;
+        let id = self.shared.store.put_pinned(&out.encode())?;
         Ok((id, out.tokens, out.loss))
     }
 
@@ -952,8 +953,7 @@ impl Job {
             outs.iter().map(|(id, o)| Contribution { id: *id, output: o }).collect();
         let spec = &self.state.spec;
         let next = train::aggregate(&current, &momentum, &contributions, spec.rule, spec.outer)?;
-        let adapter = store.put(&next.adapter.encode())?;
-        store.pin(&adapter)?;
+        let adapter = store.put_pinned(&next.adapter.encode())?;
         let momentum = if next.momentum.is_empty() {
             None
         } else {
@@ -961,18 +961,13 @@ impl Job {
                 layout: current.layout,
                 values: next.momentum,
             };
-            let id = store.put(&m.encode())?;
-            store.pin(&id)?;
-            Some(id)
+            Some(store.put_pinned(&m.encode())?)
         };
-        let optimizer = match &next.optimizer {
-            Some(o) => {
-                let id = store.put(&o.encode())?;
-                store.pin(&id)?;
-                Some(id)
-            }
-            None => None,
-        };
+        let optimizer = next
+            .optimizer
+            .as_ref()
+            .map(|o| store.put_pinned(&o.encode()))
+            .transpose()?;
         let tokens: u64 = outs.iter().map(|(_, o)| o.tokens).sum();
         let loss = outs.iter().map(|(_, o)| o.loss * o.tokens as f64).sum::<f64>() / tokens.max(1) as f64;
         let eval_loss = match spec.eval {
@@ -1076,16 +1071,12 @@ pub fn put_inputs(
     store.pin(&model_id)?;
     let mut ids = Vec::new();
     for r in rules::split(train.len(), shards) {
-        let id = store.put(&shard::shard_of(&train[r]).encode())?;
-        store.pin(&id)?;
-        ids.push(id);
+        ids.push(store.put_pinned(&shard::shard_of(&train[r]).encode())?);
     }
     let eval_id = if eval.is_empty() {
         None
     } else {
-        let id = store.put(&shard::shard_of(eval).encode())?;
-        store.pin(&id)?;
-        Some(id)
+        Some(store.put_pinned(&shard::shard_of(eval).encode())?)
     };
     let longest = train.iter().map(|s| s.tokens.len()).max().unwrap_or(0) as u32;
     Ok((model_id, ids, eval_id, longest))

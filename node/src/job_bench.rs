@@ -25,7 +25,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, ensure};
 use kernels::model::{self, Model};
 use kernels::train::{Engine, TrainConfig, Trainer, data};
-use protocol::train::{LoraHyper, Outer, PROJECTIONS, Rule, Sequences};
+use protocol::train::{LoraHyper, Outer, Rule, Sequences};
 use serde::Serialize;
 
 use crate::job::{self, JobSpec, JobState, Verify};
@@ -56,14 +56,8 @@ pub struct JobBenchArgs {
     /// `none` (the others are measured against it).
     #[arg(long, default_value = "none,spot:0.25,redundancy:2")]
     pub verify: String,
-    /// The outer step (DiLoCo's outer optimizer): learning rate and momentum.
-    #[arg(long, default_value_t = 1.0)]
-    pub outer_lr: f32,
-    #[arg(long, default_value_t = 0.0)]
-    pub outer_momentum: f32,
-    /// Fresh AdamW moments every round instead of the carried state.
-    #[arg(long)]
-    pub reset_moments: bool,
+    #[command(flatten)]
+    pub between: crate::job_cmd::BetweenRounds,
     /// Where the nodes keep their data (default: a fresh temporary directory, removed after).
     #[arg(long)]
     pub dir: Option<PathBuf>,
@@ -127,21 +121,6 @@ pub struct JobBenchReport {
     pub loss_ratio_global_batch: f64,
 }
 
-/// The benchmark job's hyper-parameters: rank 8 on every projection, batch
-/// 4, gradients clipped at 1.
-pub fn hyper(lr: f32) -> LoraHyper {
-    LoraHyper {
-        rank: 8,
-        alpha: 16.0,
-        targets: (1 << PROJECTIONS.len()) - 1,
-        lr,
-        batch: 4,
-        max_grad_norm: 1.0,
-        weight_decay: 0.0,
-        dropout: 0.0,
-    }
-}
-
 /// `tern bench job`.
 pub fn run(a: &JobBenchArgs) -> Result<JobBenchReport> {
     let (preset, rounds) = if a.quick {
@@ -164,7 +143,7 @@ pub fn run(a: &JobBenchArgs) -> Result<JobBenchReport> {
     let bos = loaded.tokenizer.bos().unwrap_or(1);
     let (seqs, _) = data::synthetic_choices(c.vocab_size, bos, a.pairs, a.choices, 40, 9);
     let (train, eval) = seqs.split_at(32);
-    let h = hyper(a.lr);
+    let h = crate::job_cmd::builtin_hyper(a.lr);
     let local_steps = a.local_steps;
 
     // The local baseline, and each shard's compute alone on one thread.
@@ -201,10 +180,6 @@ pub fn run(a: &JobBenchArgs) -> Result<JobBenchReport> {
     );
     for verify in verifies {
         let dir = root.join(verify.to_string().replace(':', "-"));
-        let outer = Outer {
-            lr: a.outer_lr,
-            momentum: a.outer_momentum,
-        };
         let (state, spec) = rt.block_on(run_job(
             &dir,
             &model_path,
@@ -212,9 +187,9 @@ pub fn run(a: &JobBenchArgs) -> Result<JobBenchReport> {
             eval,
             &h,
             (rounds, local_steps),
-            outer,
+            a.between.outer(),
             verify,
-            !a.reset_moments,
+            !a.between.reset_moments,
         ))?;
         let seconds: f64 = state.rounds.iter().map(|r| r.secs).sum();
         modes.push(ModeRun {

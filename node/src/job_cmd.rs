@@ -57,6 +57,46 @@ impl ClientArgs {
     }
 }
 
+/// The LoRA setting of the demo and of `tern bench job`: rank 8 on every
+/// projection, batch 4, gradients clipped at 1, at inner rate `lr`.
+pub fn builtin_hyper(lr: f32) -> LoraHyper {
+    LoraHyper {
+        rank: 8,
+        alpha: 16.0,
+        targets: (1 << PROJECTIONS.len()) - 1,
+        lr,
+        batch: 4,
+        max_grad_norm: 1.0,
+        weight_decay: 0.0,
+        dropout: 0.0,
+    }
+}
+
+/// What carries a job from one round to the next: the outer step applied
+/// to the combined deltas, and AdamW's state.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BetweenRounds {
+    /// The outer step (DiLoCo's outer optimizer): learning rate and momentum.
+    #[arg(long, default_value_t = 1.0)]
+    pub outer_lr: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub outer_momentum: f32,
+    /// Start every round's local steps from fresh AdamW moments instead of
+    /// the previous round's combined optimizer state (smaller tasks: no
+    /// state travels; slower training).
+    #[arg(long)]
+    pub reset_moments: bool,
+}
+
+impl BetweenRounds {
+    pub fn outer(&self) -> Outer {
+        Outer {
+            lr: self.outer_lr,
+            momentum: self.outer_momentum,
+        }
+    }
+}
+
 /// Arguments of `tern submit finetune`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SubmitFinetuneArgs {
@@ -106,15 +146,8 @@ pub struct SubmitFinetuneArgs {
     /// mean, trimmed:N or median.
     #[arg(long, default_value = "mean")]
     pub rule: String,
-    #[arg(long, default_value_t = 1.0)]
-    pub outer_lr: f32,
-    #[arg(long, default_value_t = 0.0)]
-    pub outer_momentum: f32,
-    /// Start every round's local steps from fresh AdamW moments instead of
-    /// the previous round's combined optimizer state (smaller tasks: no
-    /// state travels; slower training).
-    #[arg(long)]
-    pub reset_moments: bool,
+    #[command(flatten)]
+    pub between: BetweenRounds,
     #[arg(long, default_value_t = 1)]
     pub max_tasks_per_peer: u32,
     /// Seconds before a task is given to another worker.
@@ -314,7 +347,7 @@ fn progress(spec: &JobSpec, json: bool) -> (ProgressBar, Box<job::Progress>) {
     let (b, shards, rounds) = (bar.clone(), spec.shards.len() as u64, spec.rounds);
     let on = move |e: &Event| {
         if json {
-            println!("{}", event_json(e));
+            println!("{}", serde_json::to_string(e).unwrap_or_default());
             return;
         }
         match e {
@@ -335,7 +368,7 @@ fn progress(spec: &JobSpec, json: bool) -> (ProgressBar, Box<job::Progress>) {
                 "  caught {}: {why}; excluded from the job",
                 short(&worker.to_string())
             )),
-            Event::RoundDone(r) => {
+            Event::RoundDone { record: r } => {
                 let eval = r.eval_loss.map(|e| format!(", held-out {e:.4}")).unwrap_or_default();
                 b.println(format!(
                     "round {}: loss {:.4}{eval}, {} tokens, {:.1} s",
@@ -353,38 +386,6 @@ fn progress(spec: &JobSpec, json: bool) -> (ProgressBar, Box<job::Progress>) {
 
 fn short(s: &str) -> &str {
     &s[..s.len().min(12)]
-}
-
-fn event_json(e: &Event) -> serde_json::Value {
-    use serde_json::json;
-    match e {
-        Event::Started { id, round, accepted } => {
-            json!({"event": "started", "job": id, "round": round, "accepted": accepted})
-        }
-        Event::RoundStarted { round } => json!({"event": "round_started", "round": round}),
-        Event::Assigned { round, shard, worker } => {
-            json!({"event": "assigned", "round": round, "shard": shard, "worker": worker})
-        }
-        Event::Accepted {
-            round,
-            shard,
-            output,
-            check,
-        } => json!({"event": "accepted", "round": round, "shard": shard, "output": output, "check": check}),
-        Event::Failed {
-            round,
-            shard,
-            worker,
-            why,
-        } => json!({"event": "failed", "round": round, "shard": shard, "worker": worker, "why": why}),
-        Event::Caught {
-            round,
-            shard,
-            worker,
-            why,
-        } => json!({"event": "caught", "round": round, "shard": shard, "worker": worker, "why": why}),
-        Event::RoundDone(r) => json!({"event": "round_done", "record": r}),
-    }
 }
 
 /// `tern submit finetune`.
@@ -419,15 +420,12 @@ pub fn submit_finetune(a: &SubmitFinetuneArgs) -> Result<()> {
             local_steps: a.local_steps,
             seed: a.seed,
             rule,
-            outer: Outer {
-                lr: a.outer_lr,
-                momentum: a.outer_momentum,
-            },
+            outer: a.between.outer(),
             verify,
             max_tasks_per_peer: a.max_tasks_per_peer,
             task_timeout_secs: a.task_timeout,
             max_sequence_tokens: longest,
-            carry_moments: !a.reset_moments,
+            carry_moments: !a.between.reset_moments,
         };
         spec.validate()?;
         let data_dir = config.data_dir.clone();
@@ -697,16 +695,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
             model,
             shards,
             eval,
-            hyper: LoraHyper {
-                rank: 8,
-                alpha: 16.0,
-                targets: (1 << PROJECTIONS.len()) - 1,
-                lr: 1e-2,
-                batch: 4,
-                max_grad_norm: 1.0,
-                weight_decay: 0.0,
-                dropout: 0.0,
-            },
+            hyper: builtin_hyper(1e-2),
             rounds: a.rounds,
             local_steps: 4,
             seed: a.seed,

@@ -131,6 +131,14 @@ impl BlobStore {
         Ok(id)
     }
 
+    /// Stores bytes held in memory and keeps them through garbage
+    /// collection (a job's adapters, results and evidence).
+    pub fn put_pinned(&self, bytes: &[u8]) -> Result<ContentId> {
+        let id = self.put(bytes)?;
+        self.pin(&id)?;
+        Ok(id)
+    }
+
     /// Copies a file into the store, hashing it as it goes.
     pub fn import_file(&self, path: &Path) -> Result<(ContentId, u64)> {
         let mut src = File::open(path).with_context(|| format!("opening {}", path.display()))?;
