@@ -2,9 +2,11 @@
 //! 2B4T, each judged by a ratio measured in the same run.
 //!
 //! - GEMV (decode) is memory-bound, so it is judged against the machine's
-//!   read bandwidth, measured first. Its weights rotate through enough
-//!   copies to exceed the last-level cache many times over, so every call
-//!   streams them from memory, as decoding a real model does.
+//!   read bandwidth, measured between its runs (this machine is shared, and
+//!   its bandwidth drifts by a third from one minute to the next). Its
+//!   weights rotate through enough copies to exceed the last-level cache
+//!   many times over, so every call streams them from memory, as decoding a
+//!   real model does.
 //! - GEMM (prefill, training batches) is compute-bound, so it is judged
 //!   against an f32 GEMM of the same shape by the `gemm` crate (the CPU
 //!   matmul behind candle), on the same threads. The ternary timing
@@ -38,7 +40,8 @@ pub(crate) const BANDWIDTH_BUFFER: usize = 512 << 20;
 #[derive(Debug, Serialize)]
 pub struct KernelsReport {
     pub machine: Machine,
-    /// Read bandwidth of all CPU threads, bytes per second (median).
+    /// Read bandwidth of all CPU threads, bytes per second (median of the
+    /// samples taken before and between the GEMV runs).
     pub read_bandwidth: f64,
     pub gemv: Vec<GemvFigure>,
     pub gemm: Vec<GemmFigure>,
@@ -65,9 +68,20 @@ pub struct GemvFigure {
     pub median_seconds: f64,
     /// Weight bytes per second.
     pub weight_bandwidth: f64,
-    /// `weight_bandwidth` over the CPU read bandwidth (CPU backends only).
+    /// The CPU read bandwidth measured between this figure's runs, bytes
+    /// per second (median; CPU backends only).
+    pub read_bandwidth: Option<f64>,
+    /// `weight_bandwidth` over `read_bandwidth`.
     pub bandwidth_fraction: Option<f64>,
+    /// How fast the same threads read a buffer of `weight_bytes` from memory
+    /// (median, bytes per second; CPU backends only): a small read pays for
+    /// its start-up, which the large buffer of `read_bandwidth` hides.
+    pub same_size_read: Option<f64>,
 }
+
+/// Rounds a GEMV figure alternates between reading the bandwidth buffer and
+/// running the GEMV.
+const GEMV_ROUNDS: usize = 8;
 
 /// One GEMM measurement.
 #[derive(Debug, Serialize)]
@@ -89,6 +103,12 @@ pub struct GemmFigure {
 /// one warm-up call, and returns the median duration.
 pub(crate) fn median_time(budget: Duration, min_runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;
+    Ok(median(time_runs(budget, min_runs, f)?))
+}
+
+/// The durations of runs of `f`, until `budget` has passed and at least
+/// `min_runs` were made.
+fn time_runs(budget: Duration, min_runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
     let start = Instant::now();
     let mut times = Vec::new();
     while times.len() < min_runs || (start.elapsed() < budget && times.len() < 10_000) {
@@ -96,7 +116,7 @@ pub(crate) fn median_time(budget: Duration, min_runs: usize, mut f: impl FnMut()
         f()?;
         times.push(t.elapsed().as_secs_f64());
     }
-    Ok(median(times))
+    Ok(times)
 }
 
 /// The median of some samples (the upper one of an even count).
@@ -105,10 +125,15 @@ pub(crate) fn median(mut samples: Vec<f64>) -> f64 {
     samples[samples.len() / 2]
 }
 
+/// A buffer of `bytes` to measure the read bandwidth with.
+pub(crate) fn bandwidth_buffer(bytes: usize) -> Vec<u64> {
+    (0..bytes as u64 / 8).collect()
+}
+
 /// The read bandwidth of `cpu`'s threads over a buffer of `bytes`, bytes per
 /// second: the median of 7 passes.
 pub(crate) fn median_read_bandwidth(cpu: &Cpu, bytes: usize) -> f64 {
-    let buffer: Vec<u64> = (0..bytes as u64 / 8).collect();
+    let buffer = bandwidth_buffer(bytes);
     median((0..7).map(|_| cpu::read_bandwidth(cpu, &buffer)).collect())
 }
 
@@ -153,7 +178,8 @@ pub fn kernels(args: &KernelsArgs) -> Result<KernelsReport> {
     };
 
     progress(args, "measuring memory read bandwidth");
-    let read_bandwidth = median_read_bandwidth(&cpu, bw_bytes);
+    let bw_buffer = bandwidth_buffer(bw_bytes);
+    let mut bw_samples: Vec<f64> = (0..7).map(|_| cpu::read_bandwidth(&cpu, &bw_buffer)).collect();
 
     let mut backends = Vec::new();
     let mut skipped = Vec::new();
@@ -178,15 +204,9 @@ pub fn kernels(args: &KernelsArgs) -> Result<KernelsReport> {
     for backend in &backends {
         for &(rows, cols) in shapes.iter().filter(|_| args.only != Some(Op::Gemm)) {
             progress(args, &format!("GEMV {rows}x{cols} on {}", backend.name()));
-            gemv.push(bench_gemv(
-                backend,
-                rows,
-                cols,
-                working_set,
-                budget,
-                read_bandwidth,
-                &mut rng,
-            )?);
+            let (figure, samples) = bench_gemv(backend, &cpu, rows, cols, working_set, budget, &bw_buffer, &mut rng)?;
+            gemv.push(figure);
+            bw_samples.extend(samples);
         }
         for &t in tokens.iter().filter(|_| args.only != Some(Op::Gemv)) {
             for &(rows, cols) in &shapes {
@@ -201,7 +221,7 @@ pub fn kernels(args: &KernelsArgs) -> Result<KernelsReport> {
             threads: cpu.threads(),
             isa: cpu.isa().name().to_owned(),
         },
-        read_bandwidth,
+        read_bandwidth: median(bw_samples),
         gemv,
         gemm,
         skipped,
@@ -214,36 +234,79 @@ fn progress(args: &KernelsArgs, what: &str) {
     }
 }
 
+/// One GEMV figure, and the bandwidth samples taken between its runs.
+#[allow(clippy::too_many_arguments)]
 fn bench_gemv(
     backend: &Backend,
+    cpu: &Cpu,
     rows: usize,
     cols: usize,
     working_set: usize,
     budget: Duration,
-    read_bandwidth: f64,
+    bw_buffer: &[u64],
     rng: &mut SplitMix64,
-) -> Result<GemvFigure> {
+) -> Result<(GemvFigure, Vec<f64>)> {
     let w = TernaryMatrix::from_trits(rows, cols, &rng.trits(rows * cols), 0.01)?;
     let bytes = w.as_bytes().len();
     let copies = working_set.div_ceil(bytes).max(1);
-    let loaded = (0..copies).map(|_| backend.load(&w)).collect::<Result<Vec<_>, _>>()?;
+    // Each copy owns its bytes: a clone of `w` would share them (clones are
+    // cheap by design), and every call would then read the same cached copy.
+    let loaded = (0..copies)
+        .map(|_| {
+            backend.load(&TernaryMatrix::from_packed(
+                rows,
+                cols,
+                w.as_bytes().to_vec(),
+                w.scale(),
+            )?)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let x = QuantizedActivations::quantize(1, cols, &rng.signed_f32s(cols))?;
+    let is_cpu = matches!(backend, Backend::Cpu(_));
     let mut i = 0;
-    let median = median_time(budget, 10, || {
+    let mut run = || {
         i = (i + 1) % copies;
         std::hint::black_box(backend.matmul(&loaded[i], &x)?);
         Ok(())
-    })?;
-    let weight_bandwidth = bytes as f64 / median;
-    Ok(GemvFigure {
-        backend: backend.name(),
-        rows,
-        cols,
-        weight_bytes: bytes,
-        median_seconds: median,
-        weight_bandwidth,
-        bandwidth_fraction: matches!(backend, Backend::Cpu(_)).then(|| weight_bandwidth / read_bandwidth),
-    })
+    };
+    run()?;
+    let mut times = Vec::new();
+    let mut bandwidth = Vec::new();
+    let mut small_reads = Vec::new();
+    let words = bytes.div_ceil(8).min(bw_buffer.len());
+    for round in 0..GEMV_ROUNDS {
+        if is_cpu {
+            bandwidth.push(cpu::read_bandwidth(cpu, bw_buffer));
+            // Each from a window of the buffer read longest ago, so from
+            // memory; the better of the two ways of reading counts.
+            let window = |k: usize| {
+                let at = (round * 4 + k) * words % (bw_buffer.len() - words + 1);
+                &bw_buffer[at..at + words]
+            };
+            for k in 0..2 {
+                let plain = cpu::read_once(cpu, window(2 * k), false);
+                small_reads.push(plain.max(cpu::read_once(cpu, window(2 * k + 1), true)));
+            }
+        }
+        times.extend(time_runs(budget / GEMV_ROUNDS as u32, 2, &mut run)?);
+    }
+    let median_seconds = median(times);
+    let weight_bandwidth = bytes as f64 / median_seconds;
+    let read_bandwidth = is_cpu.then(|| median(bandwidth.clone()));
+    Ok((
+        GemvFigure {
+            backend: backend.name(),
+            rows,
+            cols,
+            weight_bytes: bytes,
+            median_seconds,
+            weight_bandwidth,
+            read_bandwidth,
+            bandwidth_fraction: read_bandwidth.map(|bw| weight_bandwidth / bw),
+            same_size_read: is_cpu.then(|| median(small_reads)),
+        },
+        bandwidth,
+    ))
 }
 
 fn bench_gemm(
@@ -319,29 +382,35 @@ impl KernelsReport {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "\nmachine: {} ({} threads, {})\nmemory read bandwidth: {:.1} GB/s (median of 7)\n",
+            "\nmachine: {} ({} threads, {})\nmemory read bandwidth: {:.1} GB/s (median of all samples)\n",
             self.machine.cpu,
             self.machine.threads,
             self.machine.isa,
             self.read_bandwidth / 1e9
         );
-        let _ = writeln!(s, "GEMV (1 token), weights streamed from memory");
         let _ = writeln!(
             s,
-            "{:<34} {:>11} {:>10} {:>10} {:>10} {:>9}",
-            "backend", "shape", "weight MB", "median us", "GB/s", "of bw"
+            "GEMV (1 token), weights streamed from memory; bw: the read bandwidth measured between its runs"
+        );
+        let _ = writeln!(
+            s,
+            "{:<34} {:>11} {:>10} {:>10} {:>10} {:>10} {:>9} {:>14}",
+            "backend", "shape", "weight MB", "median us", "GB/s", "bw GB/s", "of bw", "same-size read"
         );
         for g in &self.gemv {
             let _ = writeln!(
                 s,
-                "{:<34} {:>11} {:>10.2} {:>10.1} {:>10.1} {:>9}",
+                "{:<34} {:>11} {:>10.2} {:>10.1} {:>10.1} {:>10} {:>9} {:>14}",
                 g.backend,
                 format!("{}x{}", g.rows, g.cols),
                 g.weight_bytes as f64 / 1e6,
                 g.median_seconds * 1e6,
                 g.weight_bandwidth / 1e9,
+                g.read_bandwidth.map_or("-".to_owned(), |b| format!("{:.1}", b / 1e9)),
                 g.bandwidth_fraction
-                    .map_or("-".to_owned(), |f| format!("{:.0}%", f * 100.0))
+                    .map_or("-".to_owned(), |f| format!("{:.0}%", f * 100.0)),
+                g.same_size_read
+                    .map_or("-".to_owned(), |b| format!("{:.1} GB/s", b / 1e9))
             );
         }
         let _ = writeln!(s, "\nGEMM against f32 GEMM (gemm crate, same threads)");
