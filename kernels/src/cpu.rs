@@ -173,6 +173,14 @@ impl Cpu {
         self.threads
     }
 
+    /// Calls `f(0)`, ..., `f(parts - 1)` on this backend's threads, the team
+    /// that runs the one-token products and stays hot between them (for
+    /// other short, memory-bound work of a decode step, such as the LM head).
+    /// Parts are claimed in turn; a panic in one is resumed here.
+    pub fn run_parts(&self, parts: usize, f: &(dyn Fn(usize) + Sync)) {
+        self.team.run(parts, f);
+    }
+
     /// `acc[m][n] = sum_k w[n][k] * x[m][k]`, tokens x outputs, row-major.
     pub fn matmul(&self, w: &TernaryMatrix, x: &QuantizedActivations) -> Result<Vec<i32>> {
         check_inner("matmul", w.cols(), x.cols())?;

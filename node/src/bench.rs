@@ -130,13 +130,6 @@ pub(crate) fn bandwidth_buffer(bytes: usize) -> Vec<u64> {
     (0..bytes as u64 / 8).collect()
 }
 
-/// The read bandwidth of `cpu`'s threads over a buffer of `bytes`, bytes per
-/// second: the median of 7 passes.
-pub(crate) fn median_read_bandwidth(cpu: &Cpu, bytes: usize) -> f64 {
-    let buffer = bandwidth_buffer(bytes);
-    median((0..7).map(|_| cpu::read_bandwidth(cpu, &buffer)).collect())
-}
-
 /// The process's peak resident memory (`VmHWM`), where the OS reports it.
 pub fn peak_rss() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

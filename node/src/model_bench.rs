@@ -16,7 +16,7 @@ use kernels::cpu::{self, Cpu};
 use kernels::model::{self, Logits, Model, ModelFormat, Preset, Proj};
 use serde::Serialize;
 
-use crate::bench::{BANDWIDTH_BUFFER, cpu_model, median, median_read_bandwidth, median_time};
+use crate::bench::{BANDWIDTH_BUFFER, bandwidth_buffer, cpu_model, median, median_time};
 
 /// Arguments of `tern bench model`.
 #[derive(Debug, Clone, clap::Args)]
@@ -53,7 +53,8 @@ pub struct ModelReport {
     pub isa: String,
     pub preset: String,
     pub parameters: u64,
-    /// Read bandwidth of all threads, bytes/s (median).
+    /// Read bandwidth of all threads, bytes/s (median of every sample: 7
+    /// before the first format, one before each decoded token).
     pub read_bandwidth: f64,
     pub figures: Vec<ModelFigure>,
 }
@@ -65,6 +66,9 @@ pub struct ModelFigure {
     pub file_bytes: u64,
     /// Bytes one decode step reads (weights, LM head, norms, KV cache at the mean position).
     pub bytes_per_token: u64,
+    /// The read bandwidth measured between this format's decoded tokens,
+    /// bytes/s (median): this machine is shared, and its bandwidth drifts.
+    pub read_bandwidth: f64,
     /// `read_bandwidth / bytes_per_token`.
     pub bound_tokens_per_second: f64,
     pub decode_tokens_per_second: f64,
@@ -141,7 +145,8 @@ fn measure(
     drop(weights);
 
     say(args, "measuring memory read bandwidth");
-    let bandwidth = median_read_bandwidth(cpu, BANDWIDTH_BUFFER);
+    let bw_buffer = bandwidth_buffer(BANDWIDTH_BUFFER);
+    let mut all_bandwidth: Vec<f64> = (0..7).map(|_| cpu::read_bandwidth(cpu, &bw_buffer)).collect();
 
     let prompt: Vec<u32> = (0..args.prompt_tokens as u32).map(|i| 3 + (i * 7919) % 250).collect();
     let mut figures = Vec::new();
@@ -179,18 +184,23 @@ fn measure(
         let mut cache = model.new_cache();
         let mut logits = model.forward(&prompt, &mut cache, Logits::Last)?;
         let mut times = Vec::with_capacity(args.decode_tokens);
+        let mut bandwidth = Vec::with_capacity(args.decode_tokens);
         for _ in 0..args.decode_tokens {
+            bandwidth.push(cpu::read_bandwidth(cpu, &bw_buffer));
             let tok = model::sample::argmax(&logits);
             let t = Instant::now();
             logits = model.forward(&[tok], &mut cache, Logits::Last)?;
             times.push(t.elapsed().as_secs_f64());
         }
+        all_bandwidth.extend(&bandwidth);
         let per_token = median(times);
+        let bandwidth = median(bandwidth);
         let bound = bandwidth / bytes_per_token as f64;
         figures.push(ModelFigure {
             format: format.name().into(),
             file_bytes,
             bytes_per_token,
+            read_bandwidth: bandwidth,
             bound_tokens_per_second: bound,
             decode_tokens_per_second: 1.0 / per_token,
             decode_fraction_of_bound: (1.0 / per_token) / bound,
@@ -206,7 +216,7 @@ fn measure(
         isa: cpu.isa().name().into(),
         preset: preset.name().into(),
         parameters,
-        read_bandwidth: bandwidth,
+        read_bandwidth: median(all_bandwidth),
         figures,
     })
 }
@@ -245,7 +255,7 @@ impl ModelReport {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "\nmachine: {} ({} threads, {})\nmodel: {} preset, {:.2} B parameters\nmemory read bandwidth: {:.1} GB/s (median of 7)\n",
+            "\nmachine: {} ({} threads, {})\nmodel: {} preset, {:.2} B parameters\nmemory read bandwidth: {:.1} GB/s (median of all samples; bw: those between a format's decoded tokens)\n",
             self.cpu,
             self.threads,
             self.isa,
@@ -255,16 +265,26 @@ impl ModelReport {
         );
         let _ = writeln!(
             s,
-            "{:<10} {:>9} {:>11} {:>10} {:>10} {:>8} {:>12} {:>10} {:>8}",
-            "format", "file MB", "MB/token", "bound t/s", "decode t/s", "of bound", "prefill t/s", "load RSS", "x file"
+            "{:<10} {:>9} {:>11} {:>8} {:>10} {:>10} {:>8} {:>12} {:>10} {:>8}",
+            "format",
+            "file MB",
+            "MB/token",
+            "bw GB/s",
+            "bound t/s",
+            "decode t/s",
+            "of bound",
+            "prefill t/s",
+            "load RSS",
+            "x file"
         );
         for f in &self.figures {
             let _ = writeln!(
                 s,
-                "{:<10} {:>9.1} {:>11.1} {:>10.2} {:>10.2} {:>7.0}% {:>12.1} {:>10} {:>8}",
+                "{:<10} {:>9.1} {:>11.1} {:>8.1} {:>10.2} {:>10.2} {:>7.0}% {:>12.1} {:>10} {:>8}",
                 f.format,
                 f.file_bytes as f64 / 1e6,
                 f.bytes_per_token as f64 / 1e6,
+                f.read_bandwidth / 1e9,
                 f.bound_tokens_per_second,
                 f.decode_tokens_per_second,
                 f.decode_fraction_of_bound * 100.0,

@@ -242,7 +242,11 @@ impl Model {
             Logits::Last => (1, &h[(t - 1) * c.hidden_size..]),
         };
         let mut logits = vec![0f32; rows * c.vocab_size];
-        self.head.matmul_t(x, rows, &mut logits)?;
+        let cpu = match &self.backend {
+            Backend::Cpu(cpu) => Some(cpu),
+            _ => None,
+        };
+        self.head.matmul_t_on(cpu, x, rows, &mut logits)?;
         Ok(logits)
     }
 

@@ -1,9 +1,12 @@
 //! [`FloatTensor`]: the model's non-ternary matrices (token embedding, an
 //! untied LM head) kept in their file's element type and read in place.
 
+use std::sync::{Mutex, PoisonError};
+
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::cpu::Cpu;
 use crate::{Error, Result, SharedBytes};
 
 /// Element types of float tensors.
@@ -221,10 +224,17 @@ impl FloatTensor {
     }
 
     /// `out[t][r] = x[t] . row[r]` for `tokens` rows of `x` (each `cols`
-    /// long): the LM head's product, with rows split across threads. Each
-    /// dot product is summed in a fixed order, so the result does not depend
-    /// on the thread count.
+    /// long): the LM head's product, with rows split across rayon's threads.
+    /// Each dot product is summed in a fixed order, so the result does not
+    /// depend on the thread count.
     pub fn matmul_t(&self, x: &[f32], tokens: usize, out: &mut [f32]) -> Result<()> {
+        self.matmul_t_on(None, x, tokens, out)
+    }
+
+    /// [`FloatTensor::matmul_t`] with the rows split on `cpu`'s threads (the
+    /// team that runs its one-token products, which stays hot between
+    /// them), or on rayon's when `cpu` is `None`. The same results either way.
+    pub fn matmul_t_on(&self, cpu: Option<&Cpu>, x: &[f32], tokens: usize, out: &mut [f32]) -> Result<()> {
         let (n, k) = (self.rows, self.cols);
         if x.len() != tokens * k || out.len() != tokens * n {
             return Err(Error::Mismatch(format!(
@@ -233,23 +243,29 @@ impl FloatTensor {
                 out.len()
             )));
         }
-        const CHUNK: usize = 64;
+        if tokens == 0 || n == 0 {
+            return Ok(());
+        }
+        // partial[r][t]: rows are what the threads split.
         let mut partial = vec![0f32; n * tokens];
-        partial.par_chunks_mut(CHUNK * tokens).enumerate().for_each_init(
-            || vec![0f32; k],
-            |row, (chunk, dst)| {
-                for (i, d) in dst.chunks_exact_mut(tokens).enumerate() {
-                    let r = chunk * CHUNK + i;
-                    if tokens <= 2 && self.fused_dots(r, x, d).is_some() {
-                        continue;
-                    }
-                    self.row_into(r, row);
-                    for (t, v) in d.iter_mut().enumerate() {
-                        *v = dot(row, &x[t * k..(t + 1) * k]);
-                    }
-                }
-            },
-        );
+        match cpu {
+            Some(cpu) => {
+                // Two pieces per thread, as the ternary GEMV cuts its rows.
+                let per = n.div_ceil(cpu.threads() * 2).max(64).next_multiple_of(FUSED_ROWS);
+                let pieces: Vec<Mutex<&mut [f32]>> = partial.chunks_mut(per * tokens).map(Mutex::new).collect();
+                cpu.run_parts(pieces.len(), &|i| {
+                    let mut dst = pieces[i].lock().unwrap_or_else(PoisonError::into_inner);
+                    self.rows_times(i * per, x, tokens, &mut dst);
+                });
+            }
+            None => {
+                const CHUNK: usize = 64;
+                partial
+                    .par_chunks_mut(CHUNK * tokens)
+                    .enumerate()
+                    .for_each(|(c, dst)| self.rows_times(c * CHUNK, x, tokens, dst));
+            }
+        }
         for (r, p) in partial.chunks_exact(tokens).enumerate() {
             for (t, &v) in p.iter().enumerate() {
                 out[t * n + r] = v;
@@ -257,40 +273,203 @@ impl FloatTensor {
         }
         Ok(())
     }
+
+    /// `dst[i][t] = x[t] . row[r0 + i]` for the rows `dst` covers.
+    fn rows_times(&self, r0: usize, x: &[f32], tokens: usize, dst: &mut [f32]) {
+        let k = self.cols;
+        let rows = dst.len() / tokens;
+        let done = if tokens <= 2 {
+            self.fused_rows(r0, rows, x, dst)
+        } else {
+            0
+        };
+        if done == rows {
+            return;
+        }
+        let mut row = vec![0f32; k];
+        for (i, d) in dst.chunks_exact_mut(tokens).enumerate().skip(done) {
+            self.row_into(r0 + i, &mut row);
+            for (t, v) in d.iter_mut().enumerate() {
+                *v = dot(&row, &x[t * k..(t + 1) * k]);
+            }
+        }
+    }
 }
 
+/// Rows the fused 16-bit path reads side by side.
+const FUSED_ROWS: usize = 4;
+
 impl FloatTensor {
-    /// `out[t] = x[t] . row[r]` straight from 16-bit storage with AVX-512,
-    /// bit-identical to decoding the row and calling [`dot`]; `None` where
+    /// `dst[i][t] = x[t] . row[r0 + i]` for `rows` rows straight from 16-bit
+    /// storage with AVX-512, bit-identical to decoding each row and calling
+    /// [`dot`]. Returns how many rows it did: all of them, or none where
     /// that path does not apply.
     #[allow(unreachable_code, unused_variables)]
-    fn fused_dots(&self, r: usize, x: &[f32], out: &mut [f32]) -> Option<()> {
+    fn fused_rows(&self, r0: usize, rows: usize, x: &[f32], dst: &mut [f32]) -> usize {
         #[cfg(target_arch = "x86_64")]
         {
             let bf16 = match self.dtype {
                 FloatDtype::Bf16 => true,
                 FloatDtype::F16 => false,
-                _ => return None,
+                _ => return 0,
             };
-            if !(std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("f16c")) {
-                return None;
+            if !(std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("f16c"))
+            {
+                return 0;
             }
             let k = self.cols;
-            let row = &self.data[r * k * 2..(r + 1) * k * 2];
-            for (t, o) in out.iter_mut().enumerate() {
-                // SAFETY: the CPU has AVX-512F and F16C (checked above); the
-                // row holds `k` 16-bit values and each `x` row `k` floats.
-                *o = unsafe { x86::dot16(row, &x[t * k..(t + 1) * k], bf16) };
+            let tokens = dst.len() / rows.max(1);
+            let bytes = &self.data[r0 * k * 2..(r0 + rows) * k * 2];
+            x86::prefetch_head(bytes, x86::ahead(k));
+            let mut r = 0;
+            while r < rows {
+                let n = (rows - r).min(FUSED_ROWS);
+                let block = &bytes[r * k * 2..(r + n) * k * 2];
+                for t in 0..tokens {
+                    let xt = &x[t * k..(t + 1) * k];
+                    let sums = if n == FUSED_ROWS {
+                        // SAFETY: the CPU has AVX-512F/BW and F16C (checked
+                        // above); `block` holds 4 rows of `k` 16-bit values.
+                        unsafe { x86::dot16x4(block, xt, bf16) }
+                    } else {
+                        let mut sums = [0f32; FUSED_ROWS];
+                        for (i, s) in sums.iter_mut().enumerate().take(n) {
+                            // SAFETY: as above, for one row of `k` values.
+                            *s = unsafe { x86::dot16(&block[i * k * 2..(i + 1) * k * 2], xt, bf16) };
+                        }
+                        sums
+                    };
+                    for (i, s) in sums.iter().enumerate().take(n) {
+                        dst[(r + i) * tokens + t] = *s;
+                    }
+                }
+                r += n;
             }
-            return Some(());
+            return rows;
         }
-        None
+        0
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    /// How far ahead [`dot16x4`] prefetches: four rows (the next block), and
+    /// at least 8 KiB, as the ternary GEMV does (see its `PREFETCH_BYTES`).
+    pub(super) fn ahead(k: usize) -> usize {
+        let block = (4 * 2 * k).max(1);
+        8192usize.div_ceil(block) * block
+    }
+
+    /// Asks for the first `ahead` bytes of `bytes`, which the running
+    /// prefetch of [`dot16x4`] never covers.
+    pub(super) fn prefetch_head(bytes: &[u8], ahead: usize) {
+        for off in (0..ahead.min(bytes.len())).step_by(64) {
+            // SAFETY: `off` is inside `bytes`; prefetching is a hint and never faults.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(bytes.as_ptr().add(off).cast()) };
+        }
+    }
+
+    /// Sixteen bf16 (or f16) values as f32.
+    #[inline]
+    #[target_feature(enable = "avx512f,f16c")]
+    fn widen(h: __m256i, bf16: bool) -> __m512 {
+        if bf16 {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        } else {
+            _mm512_cvtph_ps(h)
+        }
+    }
+
+    /// The sequential tail of [`super::dot`] for one row.
+    fn tail(row: &[u8], x: &[f32], from: usize, bf16: bool) -> f32 {
+        let mut tail = 0f32;
+        for (j, xv) in x.iter().enumerate().skip(from) {
+            let bits = u16::from_le_bytes([row[2 * j], row[2 * j + 1]]);
+            let w = if bf16 {
+                f32::from_bits(u32::from(bits) << 16)
+            } else {
+                half::f16::from_bits(bits).to_f32()
+            };
+            tail += w * xv;
+        }
+        tail
+    }
+
+    /// [`dot16`] of four consecutive rows (`block` holds them) with `x`:
+    /// four independent chains, each in exactly [`dot16`]'s order, so each
+    /// result is bit-identical to it. Reading four rows side by side keeps
+    /// more loads in flight, and the next block is prefetched into L2
+    /// [`ahead`] bytes ahead, which the LM head needs to stream from memory
+    /// at the machine's bandwidth.
+    ///
+    /// # Safety
+    /// AVX-512F/BW and F16C must be present; `block.len() == 4 * 2 * x.len()`.
+    #[target_feature(enable = "avx512f,avx512bw,f16c")]
+    pub(super) unsafe fn dot16x4(block: &[u8], x: &[f32], bf16: bool) -> [f32; 4] {
+        let k = x.len();
+        debug_assert_eq!(block.len(), 8 * k);
+        let full = k / 16 * 16;
+        let ahead = ahead(k);
+        let base = block.as_ptr();
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        if bf16 {
+            // 32 values of a row per step: one 64-byte load, its 64-bit
+            // quarters reordered so that interleaving with zeros yields
+            // values 0..16 and 16..32 of the step, each in natural lane
+            // order and already widened (a bf16 is the top half of an f32).
+            let quads = _mm512_setr_epi64(0, 4, 1, 5, 2, 6, 3, 7);
+            let zero = _mm512_setzero_si512();
+            while i + 32 <= full {
+                // SAFETY: i + 32 <= k, so 32 floats of `x` and 64 bytes at
+                // 2 * i of each row are in bounds. Prefetching is a hint
+                // and never faults, wherever it points.
+                unsafe {
+                    let x0 = _mm512_loadu_ps(x.as_ptr().add(i));
+                    let x1 = _mm512_loadu_ps(x.as_ptr().add(i + 16));
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let at = base.add(r * 2 * k + 2 * i);
+                        _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(ahead).cast());
+                        let v = _mm512_permutexvar_epi64(quads, _mm512_loadu_si512(at.cast()));
+                        let w0 = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v));
+                        let w1 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v));
+                        *a = _mm512_add_ps(*a, _mm512_mul_ps(w0, x0));
+                        *a = _mm512_add_ps(*a, _mm512_mul_ps(w1, x1));
+                    }
+                }
+                i += 32;
+            }
+        }
+        while i < full {
+            // SAFETY: i + 16 <= k, so 16 floats of `x` and 32 bytes at
+            // 2 * i of each row are in bounds. Prefetching is a hint and
+            // never faults, wherever it points.
+            unsafe {
+                let xv = _mm512_loadu_ps(x.as_ptr().add(i));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let at = base.add(r * 2 * k + 2 * i);
+                    if i % 32 == 0 {
+                        _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(ahead).cast());
+                    }
+                    let w = widen(_mm256_loadu_si256(at.cast()), bf16);
+                    *a = _mm512_add_ps(*a, _mm512_mul_ps(w, xv));
+                }
+            }
+            i += 16;
+        }
+        let mut out = [0f32; 4];
+        for (r, (o, a)) in out.iter_mut().zip(acc).enumerate() {
+            let mut lanes = [0f32; 16];
+            // SAFETY: `lanes` holds 16 floats.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), a) };
+            *o = super::reduce16(lanes, tail(&block[r * 2 * k..(r + 1) * 2 * k], x, full, bf16));
+        }
+        out
+    }
 
     /// The dot product of a row of bf16 (or f16) values with `x`, in
     /// exactly [`super::dot`]'s order: 16 lanes of separate multiply and
@@ -309,28 +488,13 @@ mod x86 {
                     _mm512_loadu_ps(x.as_ptr().add(i)),
                 )
             };
-            let w = if bf16 {
-                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
-            } else {
-                _mm512_cvtph_ps(h)
-            };
-            acc = _mm512_add_ps(acc, _mm512_mul_ps(w, xv));
+            acc = _mm512_add_ps(acc, _mm512_mul_ps(widen(h, bf16), xv));
             i += 16;
-        }
-        let mut tail = 0f32;
-        for j in full..k {
-            let bits = u16::from_le_bytes([row[2 * j], row[2 * j + 1]]);
-            let w = if bf16 {
-                f32::from_bits(u32::from(bits) << 16)
-            } else {
-                half::f16::from_bits(bits).to_f32()
-            };
-            tail += w * x[j];
         }
         let mut lanes = [0f32; 16];
         // SAFETY: `lanes` holds 16 floats.
         unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc) };
-        super::reduce16(lanes, tail)
+        super::reduce16(lanes, tail(row, x, full, bf16))
     }
 }
 
@@ -420,17 +584,38 @@ mod tests {
     #[test]
     fn fused_16_bit_dots_equal_decoded_dots_bit_for_bit() {
         let mut rng = SplitMix64::new(4);
-        for cols in [16, 40, 256, 1000] {
-            let values = rng.signed_f32s(5 * cols);
-            let x = rng.signed_f32s(cols);
-            for dtype in [FloatDtype::F16, FloatDtype::Bf16] {
-                let t = FloatTensor::from_f32(dtype, 5, cols, &values).unwrap();
-                let mut fused = vec![0f32; 5];
-                t.matmul_t(&x, 1, &mut fused).unwrap();
-                let decoded = t.to_f32();
-                for (r, f) in fused.iter().enumerate() {
-                    let want = dot(&decoded[r * cols..(r + 1) * cols], &x);
-                    assert_eq!(f.to_bits(), want.to_bits(), "{dtype:?} {cols}");
+        let cpus = [
+            Cpu::new(crate::cpu::Isa::Scalar, 1).unwrap(),
+            Cpu::new(crate::cpu::Isa::Scalar, 3).unwrap(),
+        ];
+        // Row counts that leave 0, 1 and 3 rows after the blocks of four,
+        // and pieces that end inside a block.
+        for (rows, cols) in [(5, 16), (7, 40), (70, 256), (131, 1000)] {
+            for tokens in [1, 2, 3] {
+                let values = rng.signed_f32s(rows * cols);
+                let x = rng.signed_f32s(tokens * cols);
+                for dtype in [FloatDtype::F16, FloatDtype::Bf16] {
+                    let t = FloatTensor::from_f32(dtype, rows, cols, &values).unwrap();
+                    let decoded = t.to_f32();
+                    let want: Vec<u32> = (0..tokens * rows)
+                        .map(|i| {
+                            let (tok, r) = (i / rows, i % rows);
+                            dot(&decoded[r * cols..(r + 1) * cols], &x[tok * cols..(tok + 1) * cols]).to_bits()
+                        })
+                        .collect();
+                    let mut out = vec![0f32; tokens * rows];
+                    t.matmul_t(&x, tokens, &mut out).unwrap();
+                    assert_eq!(
+                        out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        want,
+                        "{dtype:?} {rows}x{cols}"
+                    );
+                    for cpu in &cpus {
+                        let mut out = vec![0f32; tokens * rows];
+                        t.matmul_t_on(Some(cpu), &x, tokens, &mut out).unwrap();
+                        let got: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+                        assert_eq!(got, want, "{dtype:?} {rows}x{cols}, {} threads", cpu.threads());
+                    }
                 }
             }
         }
