@@ -31,7 +31,7 @@ use team::Team;
 /// Outputs per panel (the microkernel's width).
 const NR: usize = 32;
 /// Panels a GEMM task packs before it walks the tokens, so that a block of
-/// tokens is reused across `PANELS_PER_TASK * NR` outputs.
+/// tokens is reused across up to `PANELS_PER_TASK * NR` outputs.
 const PANELS_PER_TASK: usize = 4;
 /// Tokens per block inside a GEMM task.
 const TOKENS_PER_BLOCK: usize = 64;
@@ -260,12 +260,12 @@ impl Cpu {
     /// One token's activations as the GEMV kernels read them (padded to the
     /// row stride, permuted for AVX-512), and their sum, which the kernels'
     /// unsigned codes (weight + 1) make them subtract.
-    fn gemv_input(&self, x: &[i8], stride: usize) -> (Vec<i8>, i32) {
+    fn gemv_input<'a>(&self, x: &'a [i8], stride: usize) -> (std::borrow::Cow<'a, [i8]>, i32) {
         let padded = pad_rows(x, 1, x.len(), stride * 4);
         let sum: i32 = x.iter().map(|&v| i32::from(v)).sum();
         #[cfg(target_arch = "x86_64")]
         let padded = if self.isa == Isa::Avx512Vnni && stride * 4 <= x86::AVX512_MAX_COLS {
-            x86::permute_for_avx512(&padded)
+            std::borrow::Cow::Owned(x86::permute_for_avx512(&padded))
         } else {
             padded
         };
@@ -330,7 +330,14 @@ impl Cpu {
         let m = sums.len();
         let quads = lda / 4;
         let panel_bytes = quads * NR * 4;
-        let cols_per_task = NR * PANELS_PER_TASK;
+        // Fewer panels per task for narrow outputs, so that there are tasks
+        // enough for the threads before tokens are split (which packs the
+        // same panels once per token chunk).
+        let panels_per_task = (1..=PANELS_PER_TASK)
+            .rev()
+            .find(|&p| out_cols.div_ceil(NR * p) >= self.threads * 4)
+            .unwrap_or(1);
+        let cols_per_task = NR * panels_per_task;
         let groups = out_cols.div_ceil(cols_per_task);
         // Enough tasks to keep every thread busy, none under one token block.
         let chunks = (self.threads * 4)
@@ -345,8 +352,14 @@ impl Cpu {
             if tokens.is_empty() {
                 return;
             }
-            let panels = (out_cols - j0).div_ceil(NR).min(PANELS_PER_TASK);
-            let mut packed = vec![0u8; panels * panel_bytes];
+            let panels = (out_cols - j0).div_ceil(NR).min(panels_per_task);
+            // A buffer per thread, kept: a fresh one of this size is mapped
+            // from the OS and faulted in page by page on every task.
+            thread_local! {
+                static PACKED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+            }
+            let mut packed = PACKED.with(|p| std::mem::take(&mut *p.borrow_mut()));
+            packed.resize(panels * panel_bytes, 0);
             for (p, dst) in packed.chunks_exact_mut(panel_bytes).enumerate() {
                 pack(j0 + p * NR, dst);
             }
@@ -358,7 +371,7 @@ impl Cpu {
                     let jp = j0 + p * NR;
                     let width = (out_cols - jp).min(NR);
                     for i in 0..mb {
-                        // SAFETY: this task alone writes outputs j0..j0 + 128 of
+                        // SAFETY: this task alone writes outputs j0..j0 + cols_per_task of
                         // tokens in its chunk, and (m0 + i, jp..jp + width) is
                         // inside `out`.
                         let dst = unsafe { out.row(m0 + i, out_cols, jp, width) };
@@ -368,6 +381,7 @@ impl Cpu {
                     }
                 }
             }
+            PACKED.with(|p| *p.borrow_mut() = packed);
         });
     }
 }
@@ -405,12 +419,17 @@ fn check_inner(op: &str, w: usize, x: usize) -> Result<()> {
 }
 
 /// Rows of `cols` values, each padded with zeros to `lda`.
-fn pad_rows(x: &[i8], rows: usize, cols: usize, lda: usize) -> Vec<i8> {
+fn pad_rows(x: &[i8], rows: usize, cols: usize, lda: usize) -> std::borrow::Cow<'_, [i8]> {
+    if cols == lda {
+        // Already the kernels' width (the model's widths are multiples of
+        // 128): no copy.
+        return std::borrow::Cow::Borrowed(&x[..rows * cols]);
+    }
     let mut v = vec![0i8; rows * lda];
     for (dst, src) in v.chunks_exact_mut(lda).zip(x.chunks_exact(cols)) {
         dst[..cols].copy_from_slice(src);
     }
-    v
+    std::borrow::Cow::Owned(v)
 }
 
 fn row_sums(x: &[i8], cols: usize) -> Vec<i32> {
@@ -421,26 +440,38 @@ fn row_sums(x: &[i8], cols: usize) -> Vec<i32> {
 
 /// Packs rows `n0..n0 + 32` of `w` as a `[quad][32][4]` panel of codes, quads
 /// running over (padded) columns. Rows past the end become zero weights.
+///
+/// Quad `q` covers columns `4q..4q + 4`, which sit at the same bit pair of
+/// four consecutive bytes. So eight bytes of a row, shifted and masked once
+/// per bit pair, give two quads at a time: a few instructions per quad,
+/// where taking each quad's bytes apart cost about fifteen (packing was a
+/// third of a GEMM's time at 128 tokens).
 fn pack_rows_panel(w: &TernaryMatrix, n0: usize, dst: &mut [u8]) {
-    let stride = w.row_stride();
+    const QUAD_STEP: usize = NR * 4;
     for j in 0..NR {
         let n = n0 + j;
         if n >= w.rows() {
-            for q in dst.chunks_exact_mut(NR * 4) {
+            for q in dst.chunks_exact_mut(QUAD_STEP) {
                 q[j * 4..j * 4 + 4].fill(ZERO_CODE);
             }
             continue;
         }
-        let row = w.row(n);
-        // Quad q covers columns 4q..4q + 4, which sit at the same bit pair
-        // of four consecutive bytes: one u32, one shift, one mask.
-        for (q, d) in dst.chunks_exact_mut(NR * 4).enumerate().take(stride) {
-            let col = q * 4;
-            let within = col % GROUP;
-            let byte = (col / GROUP) * GROUP_BYTES + within % GROUP_BYTES;
-            let shift = 6 - 2 * (within / GROUP_BYTES) as u32;
-            let b = u32::from_le_bytes([row[byte], row[byte + 1], row[byte + 2], row[byte + 3]]);
-            d[j * 4..j * 4 + 4].copy_from_slice(&((b >> shift) & 0x0303_0303).to_le_bytes());
+        for (g, group) in w.row(n).chunks_exact(GROUP_BYTES).enumerate() {
+            for (h, eight) in group.chunks_exact(8).enumerate() {
+                let mut bytes = [0u8; 8];
+                bytes.copy_from_slice(eight);
+                let x = u64::from_le_bytes(bytes);
+                for pair in 0..4 {
+                    // Bit pair `pair` (from the top) of a byte holds the
+                    // column `32 * pair` further into the group.
+                    let codes = (x >> (6 - 2 * pair)) & 0x0303_0303_0303_0303;
+                    let q = g * GROUP / 4 + pair * GROUP_BYTES / 4 + 2 * h;
+                    let at = q * QUAD_STEP + j * 4;
+                    dst[at..at + 4].copy_from_slice(&(codes as u32).to_le_bytes());
+                    let at = at + QUAD_STEP;
+                    dst[at..at + 4].copy_from_slice(&((codes >> 32) as u32).to_le_bytes());
+                }
+            }
         }
     }
 }
