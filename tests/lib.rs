@@ -7,10 +7,15 @@ use std::time::Duration;
 use node::config::Config;
 use node::daemon::{self, NodeHandle};
 
-/// A fresh directory under the system temp dir, removed by the caller or left for inspection.
+/// A fresh directory under the system temp dir, left for inspection after
+/// the test. The first call removes those that earlier test processes left
+/// behind (a node's store and models add up to hundreds of MB a run), once
+/// their process has exited.
 pub fn tempdir(name: &str) -> PathBuf {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(remove_dead_runs);
     let d = std::env::temp_dir().join(format!(
         "tern-it-{name}-{}-{}",
         std::process::id(),
@@ -19,6 +24,31 @@ pub fn tempdir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("temp dir");
     d
+}
+
+/// Removes `tern-it-NAME-PID-N` directories whose process is gone (where
+/// the OS says which processes run: Linux's /proc).
+fn remove_dead_runs() {
+    let proc = std::path::Path::new("/proc/self");
+    if !proc.exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !name.starts_with("tern-it-") {
+            continue;
+        }
+        let Some(pid) = name.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Starts `n` nodes on loopback; each bootstraps from the first.
