@@ -19,8 +19,15 @@ use crate::net::BLOB_PROTOCOL;
 
 /// Group requests in flight per provider.
 const PER_PROVIDER: usize = 16;
-/// Failures after which a provider is given up on for this blob.
+/// Failures in a row after which a provider is given up on for this blob.
+/// Requests that were already in flight when a failure was counted do not
+/// count again (a window of them fails together when a connection drops or
+/// a dial is not ready yet). A provider that failed is asked again only
+/// while no provider without failures is left, and after [`RETRY_AFTER`],
+/// doubled per failure; a success clears its count.
 const MAX_FAILURES: usize = 3;
+/// The first wait before a provider that failed is asked again.
+const RETRY_AFTER: Duration = Duration::from_millis(100);
 
 /// What became of one group request.
 enum Got {
@@ -156,20 +163,30 @@ pub async fn fetch(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]) -> Res
     let partial = Arc::new(std::sync::Mutex::new(partial));
     let mut queue: VecDeque<u64> = partial.lock().map_err(|_| anyhow!("poisoned"))?.missing().into();
     let mut providers: Vec<PeerId> = peers;
-    let mut failures: HashMap<PeerId, usize> = HashMap::new();
+    // Per provider: failures counted since its last success, and the first
+    // request number that can count another.
+    let mut failures: HashMap<PeerId, (usize, u64)> = HashMap::new();
+    let mut retry_at: HashMap<PeerId, tokio::time::Instant> = HashMap::new();
     let mut in_flight: HashMap<PeerId, usize> = HashMap::new();
     let mut running = FuturesUnordered::new();
     let mut next = 0usize;
+    let mut issued = 0u64;
     loop {
         // Fill every provider's window.
         while !queue.is_empty() && !providers.is_empty() {
             let mut placed = false;
+            let now = tokio::time::Instant::now();
+            let failed = |p: &PeerId| failures.get(p).is_some_and(|(n, _)| *n > 0);
+            let healthy = providers.iter().any(|p| !failed(p));
             for _ in 0..providers.len() {
                 let p = providers[next % providers.len()];
                 next += 1;
-                if in_flight.get(&p).copied().unwrap_or(0) < PER_PROVIDER {
+                let waiting = failed(&p) && (healthy || retry_at.get(&p).is_some_and(|t| *t > now));
+                if !waiting && in_flight.get(&p).copied().unwrap_or(0) < PER_PROVIDER {
                     let Some(g) = queue.pop_front() else { break };
                     *in_flight.entry(p).or_default() += 1;
+                    let seq = issued;
+                    issued += 1;
                     let (s, part, check) = (shared.clone(), partial.clone(), outline.clone());
                     // Each group is checked and written as soon as it
                     // arrives, while other groups are still on the wire.
@@ -194,7 +211,7 @@ pub async fn fetch(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]) -> Res
                             Ok(_) => Got::WrongAnswer,
                             Err(e) => Got::Failed(e),
                         };
-                        (p, g, got)
+                        (p, g, seq, got)
                     });
                     placed = true;
                 }
@@ -203,14 +220,35 @@ pub async fn fetch(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]) -> Res
                 break;
             }
         }
-        let Some((p, g, got)) = running.next().await else {
+        if running.is_empty() {
+            // Nothing on the wire: either done, or every provider left is
+            // waiting to be asked again.
+            let wake = providers
+                .iter()
+                .filter(|p| failures.get(*p).is_some_and(|(n, _)| *n > 0))
+                .filter_map(|p| retry_at.get(p))
+                .min()
+                .copied();
+            match wake {
+                Some(t) if !queue.is_empty() => {
+                    tokio::time::sleep_until(t).await;
+                    continue;
+                }
+                _ => break,
+            }
+        }
+        let Some((p, g, seq, got)) = running.next().await else {
             break;
         };
         if let Some(n) = in_flight.get_mut(&p) {
             *n -= 1;
         }
         match got {
-            Got::Written => {}
+            Got::Written => {
+                if let Some((n, _)) = failures.get_mut(&p) {
+                    *n = 0;
+                }
+            }
             // What arrived stays in partial/ and the next fetch resumes from it.
             Got::Local(e) => return Err(e.context(format!("storing blob {id}"))),
             Got::BadBytes(e) => {
@@ -224,13 +262,21 @@ pub async fn fetch(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]) -> Res
                 queue.push_back(g);
             }
             Got::Failed(e) => {
-                let n = failures.entry(p).or_default();
+                queue.push_back(g);
+                let (n, from) = failures.entry(p).or_default();
+                if seq < *from {
+                    // In flight when an earlier failure was counted.
+                    continue;
+                }
                 *n += 1;
+                *from = issued;
                 tracing::info!(peer = %p, blob = %id, group = g, "group request failed ({n}): {e:#}");
                 if *n >= MAX_FAILURES {
                     providers.retain(|x| *x != p);
+                } else {
+                    let wait = RETRY_AFTER * (1 << (*n - 1)) as u32;
+                    retry_at.insert(p, tokio::time::Instant::now() + wait);
                 }
-                queue.push_back(g);
             }
         }
     }
