@@ -1,9 +1,10 @@
-//! The CPU backend: runtime ISA detection, a thread pool per thread count,
-//! and the drivers that cut products into cache-sized, parallel pieces.
+//! The CPU backend: runtime ISA detection, per thread count a rayon pool
+//! (GEMM) and a hot `Team` (GEMV and the LM head), and the drivers that
+//! cut products into cache-sized, parallel pieces.
 //!
 //! Three kernels cover every product:
 //! - GEMV streams packed rows against one token (decode): weights are read
-//!   once, straight from the 2-bit layout.
+//!   once, straight from the 2-bit layout, prefetched into L2 ahead of use.
 //! - GEMM packs 32 output rows at a time into a *panel* of unsigned codes,
 //!   `[quad][32][4]` bytes, and a microkernel multiplies several tokens by it
 //!   with one `vpdpbusd` (or `vpmaddubsw`) per 4 inputs x 16 outputs.
