@@ -10,7 +10,7 @@
 //! Master weights in f32, f16 or bf16 are quantized on load with absmean
 //! ([`crate::quant::absmean`], [`hf::quantize_master`]).
 //!
-//! Decoding converts to [`TernaryMatrix`], tern's compute layout; encoding
+//! Decoding converts to [`TernaryMatrix`](crate::TernaryMatrix), tern's compute layout; encoding
 //! converts back. Both check every length and reject what a valid file
 //! cannot contain (a 2-bit code of 3, a NaN or negative scale, block scales
 //! that disagree), so a corrupt tensor is an error, never a wrong answer.

@@ -14,7 +14,7 @@
 //!   for prefill and training) and the transposed product (`dX = dY W`) for
 //!   backpropagation, on the CPU (scalar, AVX2, AVX-512 VNNI, any thread
 //!   count) or any GPU that wgpu reaches;
-//! - [`reference`]: the same ops written plainly, which the backends must
+//! - [`reference`](mod@reference): the same ops written plainly, which the backends must
 //!   match bit for bit.
 //!
 //! Because the integer part is exact, every backend returns identical
