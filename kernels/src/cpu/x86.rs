@@ -19,13 +19,21 @@ fn hsum256(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(s)
 }
 
-/// Asks for the first `PREFETCH_BYTES` of a piece of rows, which the
-/// kernels' running prefetch (always that far ahead) never covers.
+/// How far ahead a streaming kernel prefetches: [`PREFETCH_BYTES`] rounded
+/// up to whole units of `unit` bytes (a row, or a block of rows read side by
+/// side), so that the line asked for sits at the same place a unit later.
+pub(crate) fn prefetch_distance(unit: usize) -> usize {
+    let unit = unit.max(1);
+    PREFETCH_BYTES.div_ceil(unit) * unit
+}
+
+/// Asks (into L2) for the first `ahead` bytes of a piece of `bytes`, which a
+/// running prefetch that far ahead never covers.
 #[inline]
-fn prefetch_head(rows: &[u8], ahead: usize) {
-    for off in (0..ahead.min(rows.len())).step_by(64) {
-        // SAFETY: `off` is inside `rows`; prefetching is a hint and never faults.
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(rows.as_ptr().add(off).cast()) };
+pub(crate) fn prefetch_head(bytes: &[u8], ahead: usize) {
+    for off in (0..ahead.min(bytes.len())).step_by(64) {
+        // SAFETY: `off` is inside `bytes`; prefetching is a hint and never faults.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(bytes.as_ptr().add(off).cast()) };
     }
 }
 
@@ -64,7 +72,7 @@ pub(super) unsafe fn gemv_avx2(rows: &[u8], stride: usize, x: &[i8], out: &mut [
     debug_assert_eq!(x.len(), stride * 4);
     let ones = _mm256_set1_epi16(1);
     let groups = stride / 32;
-    let ahead = PREFETCH_BYTES.div_ceil(stride) * stride;
+    let ahead = prefetch_distance(stride);
     prefetch_head(rows, ahead);
     let base = rows.as_ptr();
     let xp = x.as_ptr();
@@ -156,7 +164,7 @@ pub(super) unsafe fn gemv_avx512(rows: &[u8], stride: usize, x: &[i8], out: &mut
     ];
     let supers = stride / 64;
     let odd = !stride.is_multiple_of(64);
-    let ahead = PREFETCH_BYTES.div_ceil(stride) * stride;
+    let ahead = prefetch_distance(stride);
     prefetch_head(rows, ahead);
     let base = rows.as_ptr();
     let xp = x.as_ptr();

@@ -357,20 +357,12 @@ impl FloatTensor {
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// How far ahead [`dot16x4`] prefetches: four rows (the next block), and
-    /// at least 8 KiB, as the ternary GEMV does (see its `PREFETCH_BYTES`).
-    pub(super) fn ahead(k: usize) -> usize {
-        let block = (4 * 2 * k).max(1);
-        8192usize.div_ceil(block) * block
-    }
+    pub(super) use crate::cpu::x86::prefetch_head;
 
-    /// Asks for the first `ahead` bytes of `bytes`, which the running
-    /// prefetch of [`dot16x4`] never covers.
-    pub(super) fn prefetch_head(bytes: &[u8], ahead: usize) {
-        for off in (0..ahead.min(bytes.len())).step_by(64) {
-            // SAFETY: `off` is inside `bytes`; prefetching is a hint and never faults.
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(bytes.as_ptr().add(off).cast()) };
-        }
+    /// How far ahead [`dot16x4`] prefetches: whole blocks of four rows, as
+    /// far as the ternary GEMV does.
+    pub(super) fn ahead(k: usize) -> usize {
+        crate::cpu::x86::prefetch_distance(4 * 2 * k)
     }
 
     /// Sixteen bf16 (or f16) values as f32.
