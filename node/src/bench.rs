@@ -130,6 +130,12 @@ pub(crate) fn bandwidth_buffer(bytes: usize) -> Vec<u64> {
     (0..bytes as u64 / 8).collect()
 }
 
+/// Seven read-bandwidth samples over `buffer`: the first ones of a run,
+/// before anything is measured against them.
+pub(crate) fn first_bandwidth_samples(cpu: &Cpu, buffer: &[u64]) -> Vec<f64> {
+    (0..7).map(|_| cpu::read_bandwidth(cpu, buffer)).collect()
+}
+
 /// The process's peak resident memory (`VmHWM`), where the OS reports it.
 pub fn peak_rss() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -172,7 +178,7 @@ pub fn kernels(args: &KernelsArgs) -> Result<KernelsReport> {
 
     progress(args, "measuring memory read bandwidth");
     let bw_buffer = bandwidth_buffer(bw_bytes);
-    let mut bw_samples: Vec<f64> = (0..7).map(|_| cpu::read_bandwidth(&cpu, &bw_buffer)).collect();
+    let mut bw_samples = first_bandwidth_samples(&cpu, &bw_buffer);
 
     let mut backends = Vec::new();
     let mut skipped = Vec::new();

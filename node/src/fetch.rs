@@ -29,6 +29,22 @@ const MAX_FAILURES: usize = 3;
 /// The first wait before a provider that failed is asked again.
 const RETRY_AFTER: Duration = Duration::from_millis(100);
 
+/// A provider's failures since its last success (see [`MAX_FAILURES`]).
+#[derive(Default)]
+struct Strikes {
+    count: usize,
+    /// The first request number that can count another failure.
+    from: u64,
+    /// When the provider may be asked again.
+    retry_at: Option<tokio::time::Instant>,
+}
+
+impl Strikes {
+    fn failed(strikes: &HashMap<PeerId, Strikes>, p: &PeerId) -> bool {
+        strikes.get(p).is_some_and(|s| s.count > 0)
+    }
+}
+
 /// What became of one group request.
 enum Got {
     /// Checked against the outline and written.
@@ -163,10 +179,7 @@ pub async fn fetch(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]) -> Res
     let partial = Arc::new(std::sync::Mutex::new(partial));
     let mut queue: VecDeque<u64> = partial.lock().map_err(|_| anyhow!("poisoned"))?.missing().into();
     let mut providers: Vec<PeerId> = peers;
-    // Per provider: failures counted since its last success, and the first
-    // request number that can count another.
-    let mut failures: HashMap<PeerId, (usize, u64)> = HashMap::new();
-    let mut retry_at: HashMap<PeerId, tokio::time::Instant> = HashMap::new();
+    let mut strikes: HashMap<PeerId, Strikes> = HashMap::new();
     let mut in_flight: HashMap<PeerId, usize> = HashMap::new();
     let mut running = FuturesUnordered::new();
     let mut next = 0usize;
@@ -176,12 +189,12 @@ pub async fn fetch(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]) -> Res
         while !queue.is_empty() && !providers.is_empty() {
             let mut placed = false;
             let now = tokio::time::Instant::now();
-            let failed = |p: &PeerId| failures.get(p).is_some_and(|(n, _)| *n > 0);
-            let healthy = providers.iter().any(|p| !failed(p));
+            let healthy = providers.iter().any(|p| !Strikes::failed(&strikes, p));
             for _ in 0..providers.len() {
                 let p = providers[next % providers.len()];
                 next += 1;
-                let waiting = failed(&p) && (healthy || retry_at.get(&p).is_some_and(|t| *t > now));
+                let waiting = Strikes::failed(&strikes, &p)
+                    && (healthy || strikes.get(&p).and_then(|s| s.retry_at).is_some_and(|t| t > now));
                 if !waiting && in_flight.get(&p).copied().unwrap_or(0) < PER_PROVIDER {
                     let Some(g) = queue.pop_front() else { break };
                     *in_flight.entry(p).or_default() += 1;
@@ -225,10 +238,10 @@ pub async fn fetch(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]) -> Res
             // waiting to be asked again.
             let wake = providers
                 .iter()
-                .filter(|p| failures.get(*p).is_some_and(|(n, _)| *n > 0))
-                .filter_map(|p| retry_at.get(p))
-                .min()
-                .copied();
+                .filter_map(|p| strikes.get(p))
+                .filter(|s| s.count > 0)
+                .filter_map(|s| s.retry_at)
+                .min();
             match wake {
                 Some(t) if !queue.is_empty() => {
                     tokio::time::sleep_until(t).await;
@@ -245,8 +258,8 @@ pub async fn fetch(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]) -> Res
         }
         match got {
             Got::Written => {
-                if let Some((n, _)) = failures.get_mut(&p) {
-                    *n = 0;
+                if let Some(s) = strikes.get_mut(&p) {
+                    s.count = 0;
                 }
             }
             // What arrived stays in partial/ and the next fetch resumes from it.
@@ -263,19 +276,19 @@ pub async fn fetch(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]) -> Res
             }
             Got::Failed(e) => {
                 queue.push_back(g);
-                let (n, from) = failures.entry(p).or_default();
-                if seq < *from {
+                let s = strikes.entry(p).or_default();
+                if seq < s.from {
                     // In flight when an earlier failure was counted.
                     continue;
                 }
-                *n += 1;
-                *from = issued;
-                tracing::info!(peer = %p, blob = %id, group = g, "group request failed ({n}): {e:#}");
-                if *n >= MAX_FAILURES {
+                s.count += 1;
+                s.from = issued;
+                tracing::info!(peer = %p, blob = %id, group = g, "group request failed ({}): {e:#}", s.count);
+                if s.count >= MAX_FAILURES {
                     providers.retain(|x| *x != p);
                 } else {
-                    let wait = RETRY_AFTER * (1 << (*n - 1)) as u32;
-                    retry_at.insert(p, tokio::time::Instant::now() + wait);
+                    let wait = RETRY_AFTER * (1 << (s.count - 1)) as u32;
+                    s.retry_at = Some(tokio::time::Instant::now() + wait);
                 }
             }
         }

@@ -16,7 +16,7 @@ use kernels::cpu::{self, Cpu};
 use kernels::model::{self, Logits, Model, ModelFormat, Preset, Proj};
 use serde::Serialize;
 
-use crate::bench::{BANDWIDTH_BUFFER, bandwidth_buffer, cpu_model, median, median_time};
+use crate::bench::{BANDWIDTH_BUFFER, bandwidth_buffer, cpu_model, first_bandwidth_samples, median, median_time};
 
 /// Arguments of `tern bench model`.
 #[derive(Debug, Clone, clap::Args)]
@@ -146,7 +146,7 @@ fn measure(
 
     say(args, "measuring memory read bandwidth");
     let bw_buffer = bandwidth_buffer(BANDWIDTH_BUFFER);
-    let mut all_bandwidth: Vec<f64> = (0..7).map(|_| cpu::read_bandwidth(cpu, &bw_buffer)).collect();
+    let mut all_bandwidth = first_bandwidth_samples(cpu, &bw_buffer);
 
     let prompt: Vec<u32> = (0..args.prompt_tokens as u32).map(|i| 3 + (i * 7919) % 250).collect();
     let mut figures = Vec::new();
