@@ -177,7 +177,10 @@ pub async fn fetch(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]) -> Res
     let o2 = outline.clone();
     let partial = tokio::task::spawn_blocking(move || store.partial(&oid, &o2)).await??;
     let partial = Arc::new(std::sync::Mutex::new(partial));
-    let mut queue: VecDeque<u64> = partial.lock().map_err(|_| anyhow!("poisoned"))?.missing().into();
+    let (mut queue, writer): (VecDeque<u64>, _) = {
+        let p = partial.lock().map_err(|_| anyhow!("poisoned"))?;
+        (p.missing().into(), p.writer())
+    };
     let mut providers: Vec<PeerId> = peers;
     let mut strikes: HashMap<PeerId, Strikes> = HashMap::new();
     let mut in_flight: HashMap<PeerId, usize> = HashMap::new();
@@ -200,7 +203,8 @@ pub async fn fetch(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]) -> Res
                     *in_flight.entry(p).or_default() += 1;
                     let seq = issued;
                     issued += 1;
-                    let (s, part, check) = (shared.clone(), partial.clone(), outline.clone());
+                    let (s, part, check, writer) =
+                        (shared.clone(), partial.clone(), outline.clone(), writer.clone());
                     // Each group is checked and written as soon as it
                     // arrives, while other groups are still on the wire.
                     running.push(async move {
@@ -210,8 +214,13 @@ pub async fn fetch(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]) -> Res
                                     if let Err(e) = check.check_group(&oid, g, &bytes) {
                                         return Got::BadBytes(e.into());
                                     }
+                                    // Groups are written in parallel; only
+                                    // recording them takes the lock.
+                                    if let Err(e) = writer.write(g, &bytes) {
+                                        return Got::Local(e);
+                                    }
                                     match part.lock() {
-                                        Ok(mut p) => match p.write_verified(g, &bytes) {
+                                        Ok(mut p) => match p.mark_written(g) {
                                             Ok(()) => Got::Written,
                                             Err(e) => Got::Local(e),
                                         },

@@ -14,6 +14,8 @@
 use std::fs::{self, File};
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result, bail};
 use protocol::blob::{GROUP_LEN, group_chaining_value, group_count, group_range};
@@ -343,7 +345,7 @@ impl BlobStore {
 
     /// A fetch of `id` in progress, resumed if one was interrupted.
     pub fn partial(&self, id: &ContentId, outline: &Outline) -> Result<Partial> {
-        Partial::open(self, id, outline)
+        Partial::open(self, id, outline, true)
     }
 }
 
@@ -392,11 +394,14 @@ fn copy_atomic(src: &Path, dest: &Path) -> Result<()> {
 
 /// A blob being fetched: verified groups written in place, with a bitmap of
 /// those present so an interrupted fetch resumes.
+///
+/// Groups are written through a [`GroupWriter`], which several threads use
+/// at once; [`Partial::mark_written`] then records them.
 #[derive(Debug)]
 pub struct Partial {
     id: ContentId,
     outline: Outline,
-    file: File,
+    writer: Arc<GroupWriter>,
     data: PathBuf,
     have_path: PathBuf,
     have: Vec<bool>,
@@ -408,7 +413,7 @@ pub struct Partial {
 const SYNC_EVERY: usize = 64;
 
 impl Partial {
-    fn open(store: &BlobStore, id: &ContentId, outline: &Outline) -> Result<Self> {
+    fn open(store: &BlobStore, id: &ContentId, outline: &Outline, direct: bool) -> Result<Self> {
         let data = store.root.join("partial").join(id.to_string());
         let have_path = data.with_extension("have");
         let file = fs::OpenOptions::new()
@@ -427,10 +432,17 @@ impl Partial {
                 *h = b == 1;
             }
         }
+        let direct = if direct { direct::open(&data) } else { None };
         Ok(Self {
             id: *id,
             outline: outline.clone(),
-            file,
+            writer: Arc::new(GroupWriter {
+                file,
+                direct,
+                refused: Default::default(),
+                size: outline.size(),
+                spare: std::sync::Mutex::new(Vec::new()),
+            }),
             data,
             have_path,
             have,
@@ -451,20 +463,30 @@ impl Partial {
         &self.outline
     }
 
+    /// Writes groups in place; shared by the threads that write at once.
+    pub fn writer(&self) -> Arc<GroupWriter> {
+        self.writer.clone()
+    }
+
     /// Verifies group `index` and writes it.
     pub fn write_group(&mut self, index: u64, bytes: &[u8]) -> Result<()> {
         self.outline.check_group(&self.id, index, bytes)?;
-        self.write_verified(index, bytes)
+        self.writer.write(index, bytes)?;
+        self.mark_written(index)
     }
 
-    /// Writes group `index`, which the caller checked against this blob's
-    /// outline (so that several groups are hashed at once, outside the lock
-    /// that serializes writes).
-    pub(crate) fn write_verified(&mut self, index: u64, bytes: &[u8]) -> Result<()> {
-        let offset = group_range(self.outline.size(), index).start;
-        write_at(&self.file, bytes, offset)?;
-        self.have[index as usize] = true;
-        self.unsynced += 1;
+    /// Records group `index`, which the caller checked against this blob's
+    /// outline and wrote through [`Partial::writer`]. Every
+    /// [`SYNC_EVERY`] groups the data and the bitmap are made durable, so the
+    /// bitmap never names a group that a crash could lose.
+    pub fn mark_written(&mut self, index: u64) -> Result<()> {
+        let Some(h) = self.have.get_mut(index as usize) else {
+            bail!("group {index} is out of range");
+        };
+        if !*h {
+            *h = true;
+            self.unsynced += 1;
+        }
         if self.unsynced >= SYNC_EVERY {
             self.sync()?;
         }
@@ -472,7 +494,8 @@ impl Partial {
     }
 
     fn sync(&mut self) -> Result<()> {
-        self.file.sync_data()?;
+        // One inode: this also flushes what went through the direct handle.
+        self.writer.file.sync_data()?;
         let bits: Vec<u8> = self.have.iter().map(|&h| u8::from(h)).collect();
         let tmp = self.have_path.with_extension("have.tmp");
         fs::write(&tmp, bits)?;
@@ -486,10 +509,149 @@ impl Partial {
         if !self.missing().is_empty() {
             bail!("blob {} is missing {} groups", self.id, self.missing().len());
         }
-        self.file.sync_all()?;
+        self.writer.file.sync_all()?;
         self.store.commit(&self.data, &self.id, &self.outline)?;
         let _ = fs::remove_file(&self.have_path);
         Ok(())
+    }
+}
+
+/// Writes the groups of one partial blob at their offsets; any number of
+/// threads may write different groups at once.
+///
+/// Whole groups bypass the page cache where the platform and filesystem
+/// allow it (Linux `O_DIRECT`). A fetched blob is written once and read
+/// later, so caching it on the way in only costs: copying every byte into
+/// newly allocated cache pages took 30% of a 1 GiB loopback fetch's CPU
+/// time and twice as long as the network side, and it evicts what the
+/// machine's owner had cached. The short last group, and every group where
+/// direct writes are refused, goes through the page cache.
+#[derive(Debug)]
+pub struct GroupWriter {
+    file: File,
+    /// The same file opened for direct I/O.
+    direct: Option<File>,
+    /// Set when the filesystem refused a direct write: later groups go
+    /// through the page cache without trying again.
+    refused: std::sync::atomic::AtomicBool,
+    size: u64,
+    /// Aligned buffers that direct writes copy groups into, kept for reuse.
+    spare: std::sync::Mutex<Vec<direct::Buffer>>,
+}
+
+impl GroupWriter {
+    /// Writes group `index` (which must be that group's exact bytes).
+    pub fn write(&self, index: u64, bytes: &[u8]) -> Result<()> {
+        let range = group_range(self.size, index);
+        if range.end - range.start != bytes.len() as u64 {
+            bail!(
+                "group {index} is {} bytes, not {}",
+                bytes.len(),
+                range.end - range.start
+            );
+        }
+        if let Some(direct) = &self.direct
+            && bytes.len() as u64 == GROUP_LEN
+            && !self.refused.load(Ordering::Relaxed)
+        {
+            if self.write_direct(direct, bytes, range.start)? {
+                return Ok(());
+            }
+            tracing::debug!("direct writes refused here; writing through the page cache");
+            self.refused.store(true, Ordering::Relaxed);
+        }
+        write_at(&self.file, bytes, range.start)?;
+        Ok(())
+    }
+
+    /// Writes a whole group through the direct handle; `false` when the
+    /// filesystem refuses direct writes (the caller writes it cached).
+    fn write_direct(&self, direct: &File, bytes: &[u8], offset: u64) -> Result<bool> {
+        let spare = self.spare.lock().ok().and_then(|mut s| s.pop());
+        let mut buf = match spare {
+            Some(b) => b,
+            None => direct::Buffer::new(GROUP_LEN as usize)?,
+        };
+        let aligned = buf.as_mut_slice();
+        aligned.copy_from_slice(bytes);
+        let wrote = match write_at(direct, aligned, offset) {
+            Ok(()) => true,
+            // Opened, but this filesystem does not take direct writes.
+            Err(e) if e.raw_os_error() == Some(direct::REFUSED) => false,
+            Err(e) => return Err(e.into()),
+        };
+        if let Ok(mut spare) = self.spare.lock() {
+            spare.push(buf);
+        }
+        Ok(wrote)
+    }
+}
+
+/// Direct I/O: opening a file for it, and the aligned buffers it needs.
+mod direct {
+    use std::fs::File;
+    use std::path::Path;
+
+    /// Alignment of a direct write's buffer, offset and length: the largest
+    /// logical block size in use (4 KiB), which covers 512-byte devices too.
+    pub(super) const ALIGN: usize = 4096;
+    // Whole groups start and end on aligned offsets.
+    const _: () = assert!(protocol::blob::GROUP_LEN as usize % ALIGN == 0);
+
+    /// The error a filesystem gives for a direct write it does not support.
+    #[cfg(unix)]
+    pub(super) const REFUSED: i32 = libc::EINVAL;
+    #[cfg(not(unix))]
+    pub(super) const REFUSED: i32 = -1;
+
+    /// `path` opened for writes that bypass the page cache, or `None` where
+    /// the platform or filesystem (tmpfs, say) has no such thing.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    pub(super) fn open(path: &Path) -> Option<File> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok()
+    }
+
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    pub(super) fn open(_: &Path) -> Option<File> {
+        None
+    }
+
+    /// A zeroed heap buffer aligned to [`ALIGN`].
+    #[derive(Debug)]
+    pub(super) struct Buffer {
+        ptr: std::ptr::NonNull<u8>,
+        layout: std::alloc::Layout,
+    }
+
+    // SAFETY: the buffer owns its allocation outright, like a `Box<[u8]>`.
+    unsafe impl Send for Buffer {}
+
+    impl Buffer {
+        pub(super) fn new(len: usize) -> anyhow::Result<Self> {
+            let layout = std::alloc::Layout::from_size_align(len.max(1), ALIGN)?;
+            // SAFETY: the layout's size is not zero.
+            let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+            let ptr = std::ptr::NonNull::new(ptr).ok_or_else(|| anyhow::anyhow!("out of memory for a {len}-byte buffer"))?;
+            Ok(Self { ptr, layout })
+        }
+
+        pub(super) fn as_mut_slice(&mut self) -> &mut [u8] {
+            // SAFETY: `ptr` is a live, initialized allocation of
+            // `layout.size()` bytes that only `self` reaches.
+            unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+        }
+    }
+
+    impl Drop for Buffer {
+        fn drop(&mut self) {
+            // SAFETY: allocated in `new` with this layout, freed once.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+        }
     }
 }
 
@@ -575,30 +737,53 @@ mod tests {
         fs::remove_dir_all(d).unwrap();
     }
 
-    #[test]
-    fn partial_fetches_verify_each_group_and_resume() {
+    /// One fetch: a bad group refused, a good one kept across an
+    /// interruption, the rest written from several threads at once.
+    fn partial_fetch(direct: bool) {
         let (d, s) = store();
-        let big = data(2 * GROUP_LEN as usize + 5);
+        let big = data(4 * GROUP_LEN as usize + 5);
         let id = ContentId::of(&big);
         let outline = Outline::of(&big);
         let group = |i: u64| {
             let r = group_range(big.len() as u64, i);
             &big[r.start as usize..r.end as usize]
         };
-        let mut p = s.partial(&id, &outline).unwrap();
+        let mut p = Partial::open(&s, &id, &outline, direct).unwrap();
+        assert_eq!(p.writer.direct.is_some(), direct && direct::open(&p.data).is_some());
         let mut bad = group(1).to_vec();
         bad[0] ^= 1;
         assert!(p.write_group(1, &bad).is_err());
+        assert!(p.writer().write(1, &group(1)[1..]).is_err(), "a group of the wrong length");
+        assert!(p.mark_written(5).is_err(), "a group past the end");
         p.write_group(1, group(1)).unwrap();
         p.sync().unwrap();
         drop(p);
         // A new fetch resumes with group 1 already there.
-        let mut p = s.partial(&id, &outline).unwrap();
-        assert_eq!(p.missing(), [0, 2]);
-        p.write_group(0, group(0)).unwrap();
-        p.write_group(2, group(2)).unwrap();
+        let mut p = Partial::open(&s, &id, &outline, direct).unwrap();
+        assert_eq!(p.missing(), [0, 2, 3, 4]);
+        let writer = p.writer();
+        std::thread::scope(|scope| {
+            for g in [0, 2, 3, 4] {
+                let (w, bytes) = (writer.clone(), group(g));
+                scope.spawn(move || w.write(g, bytes).unwrap());
+            }
+        });
+        for g in [0, 2, 3, 4] {
+            p.mark_written(g).unwrap();
+        }
+        drop(writer);
         p.finish().unwrap();
         assert_eq!(s.read(&id).unwrap(), big);
         fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn partial_fetches_verify_each_group_and_resume_writing_directly() {
+        partial_fetch(true);
+    }
+
+    #[test]
+    fn partial_fetches_verify_each_group_and_resume_through_the_page_cache() {
+        partial_fetch(false);
     }
 }

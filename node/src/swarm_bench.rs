@@ -40,6 +40,9 @@ pub struct SwarmBenchArgs {
     /// Seconds an idle daemon settles before its memory is read.
     #[arg(long, default_value_t = 10)]
     pub idle_secs: u64,
+    /// Transports whose transfer is timed (quic, tcp; default both).
+    #[arg(long = "transport", value_parser = ["quic", "tcp"])]
+    pub transports: Vec<String>,
     /// Where the nodes keep their data (default: a fresh temporary directory, removed after).
     #[arg(long)]
     pub dir: Option<PathBuf>,
@@ -112,8 +115,13 @@ pub fn run(args: &SwarmBenchArgs) -> Result<SwarmReport> {
     };
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let transports: Vec<(&str, &str)> = [("quic", QUIC), ("tcp", TCP)]
+        .into_iter()
+        .filter(|(name, _)| args.transports.is_empty() || args.transports.iter().any(|t| t == name))
+        .collect();
     let result = rt.block_on(measure(
         &root,
+        &transports,
         nodes,
         blob_mib << 20,
         runs,
@@ -143,7 +151,10 @@ fn bench_config(dir: &Path, listen: &str) -> Config {
 const QUIC: &str = "/ip4/127.0.0.1/udp/0/quic-v1";
 const TCP: &str = "/ip4/127.0.0.1/tcp/0";
 
-async fn measure(root: &Path, n: usize, blob_bytes: u64, runs: usize, idle: Duration) -> Result<SwarmReport> {
+async fn measure(
+    root: &Path,
+    transports: &[(&str, &str)],
+    n: usize, blob_bytes: u64, runs: usize, idle: Duration) -> Result<SwarmReport> {
     // Transfers first, while the machine is quiet.
     let blob = root.join("blob.bin");
     write_seeded(&blob, blob_bytes)?;
@@ -158,7 +169,7 @@ async fn measure(root: &Path, n: usize, blob_bytes: u64, runs: usize, idle: Dura
     }
     let local_import = median(local);
     let mut transfers = Vec::new();
-    for (name, listen) in [("quic", QUIC), ("tcp", TCP)] {
+    for &(name, listen) in transports {
         let seconds = transfer(root, name, listen, &blob, runs).await?;
         let m = median(seconds.clone());
         let bps = blob_bytes as f64 / m;
