@@ -316,6 +316,8 @@ async fn advert_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         if let Err(e) = publish_advert(&shared).await {
             tracing::debug!("advert not published: {e:#}");
         }
+        // What serving and fetching kept in the heap for reuse.
+        let _ = tokio::task::spawn_blocking(crate::memory::release_free).await;
     }
 }
 

@@ -134,6 +134,13 @@ pub async fn fetch(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]) -> Res
     if shared.store.has(id) {
         return Ok(());
     }
+    let fetched = transfer(shared, id, hint).await;
+    // The group buffers the heap kept for reuse during the transfer.
+    let _ = tokio::task::spawn_blocking(crate::memory::release_free).await;
+    fetched
+}
+
+async fn transfer(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]) -> Result<()> {
     let peers = providers(shared, id, hint).await;
     if peers.is_empty() {
         bail!("no peer is known to hold blob {id}");
