@@ -210,8 +210,7 @@ async fn transfer(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]) -> Resu
                     *in_flight.entry(p).or_default() += 1;
                     let seq = issued;
                     issued += 1;
-                    let (s, part, check, writer) =
-                        (shared.clone(), partial.clone(), outline.clone(), writer.clone());
+                    let (s, part, check, writer) = (shared.clone(), partial.clone(), outline.clone(), writer.clone());
                     // Each group is checked and written as soon as it
                     // arrives, while other groups are still on the wire.
                     running.push(async move {

@@ -596,7 +596,7 @@ mod direct {
     /// logical block size in use (4 KiB), which covers 512-byte devices too.
     pub(super) const ALIGN: usize = 4096;
     // Whole groups start and end on aligned offsets.
-    const _: () = assert!(protocol::blob::GROUP_LEN as usize % ALIGN == 0);
+    const _: () = assert!((protocol::blob::GROUP_LEN as usize).is_multiple_of(ALIGN));
 
     /// The error a filesystem gives for a direct write it does not support.
     #[cfg(unix)]
@@ -636,7 +636,8 @@ mod direct {
             let layout = std::alloc::Layout::from_size_align(len.max(1), ALIGN)?;
             // SAFETY: the layout's size is not zero.
             let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-            let ptr = std::ptr::NonNull::new(ptr).ok_or_else(|| anyhow::anyhow!("out of memory for a {len}-byte buffer"))?;
+            let ptr =
+                std::ptr::NonNull::new(ptr).ok_or_else(|| anyhow::anyhow!("out of memory for a {len}-byte buffer"))?;
             Ok(Self { ptr, layout })
         }
 
@@ -753,7 +754,10 @@ mod tests {
         let mut bad = group(1).to_vec();
         bad[0] ^= 1;
         assert!(p.write_group(1, &bad).is_err());
-        assert!(p.writer().write(1, &group(1)[1..]).is_err(), "a group of the wrong length");
+        assert!(
+            p.writer().write(1, &group(1)[1..]).is_err(),
+            "a group of the wrong length"
+        );
         assert!(p.mark_written(5).is_err(), "a group past the end");
         p.write_group(1, group(1)).unwrap();
         p.sync().unwrap();

@@ -154,7 +154,11 @@ const TCP: &str = "/ip4/127.0.0.1/tcp/0";
 async fn measure(
     root: &Path,
     transports: &[(&str, &str)],
-    n: usize, blob_bytes: u64, runs: usize, idle: Duration) -> Result<SwarmReport> {
+    n: usize,
+    blob_bytes: u64,
+    runs: usize,
+    idle: Duration,
+) -> Result<SwarmReport> {
     // Transfers first, while the machine is quiet.
     let blob = root.join("blob.bin");
     write_seeded(&blob, blob_bytes)?;
