@@ -11,6 +11,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", f.display());
     }
     let descriptors = protox::compile(&files, [&root])?;
-    prost_build::Config::new().compile_fds(descriptors)?;
+    prost_build::Config::new()
+        // A blob group (1 MiB) decodes as a slice of the received frame
+        // rather than a copy of it.
+        .bytes([".tern.v1.BlobResponse"])
+        .compile_fds(descriptors)?;
     Ok(())
 }

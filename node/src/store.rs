@@ -239,16 +239,36 @@ impl BlobStore {
 
     /// The bytes of group `index` of a held blob.
     pub fn read_group(&self, id: &ContentId, index: u64) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        self.read_group_into(id, index, &mut buf, |_, _| {})?;
+        Ok(buf)
+    }
+
+    /// Appends the bytes of group `index` of a held blob to `out`, reading
+    /// straight into its spare capacity; `header` first appends whatever
+    /// goes before them, given their length.
+    pub fn read_group_into(
+        &self,
+        id: &ContentId,
+        index: u64,
+        out: &mut Vec<u8>,
+        header: impl FnOnce(u64, &mut Vec<u8>),
+    ) -> Result<()> {
         let mut f = File::open(self.path(id)).with_context(|| format!("blob {id} not held"))?;
         let size = f.metadata()?.len();
         if index >= group_count(size) {
             bail!("group {index} is past the end of blob {id}");
         }
         let range = group_range(size, index);
-        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        let len = range.end - range.start;
+        header(len, out);
+        out.reserve_exact(len as usize);
         std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(range.start))?;
-        f.read_exact(&mut buf)?;
-        Ok(buf)
+        let got = f.take(len).read_to_end(out)?;
+        if got as u64 != len {
+            bail!("blob {id} ended {} bytes early", len - got as u64);
+        }
+        Ok(())
     }
 
     /// Every held blob with its size.
