@@ -129,6 +129,69 @@ async fn a_bad_provider_is_dropped_and_a_peer_that_leaves_mid_transfer_is_replac
     }
 }
 
+/// A provider that takes group requests and never answers them, as one with
+/// a hung disk or a frozen process does (its requests time out only after a
+/// minute): a swarm speaking tern's protocols with no daemon behind it,
+/// which answers outline requests truthfully and holds every group request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_stops_answering_does_not_hold_the_fetch_back() {
+    use node::net::{BLOB_PROTOCOL, Inbound};
+    use prost::Message as _;
+
+    let nodes = spawn_nodes(2, |_, _| {}).await;
+    let data = bytes(32 << 20, 5);
+    let id = nodes[0].shared.store.put(&data).unwrap();
+    let outline = nodes[0].shared.store.outline(&id).unwrap();
+    let (honest, fetcher) = (&nodes[0], &nodes[1]);
+
+    let mut config = node::config::Config::for_test(&tempdir("staller"));
+    config.bootstrap = fetcher.dial_addrs().iter().map(|a| a.to_string()).collect();
+    let key = node::identity::load_or_create(&config.data_dir).unwrap();
+    let (net, mut inbound, event_loop) =
+        node::net::start(&config, node::identity::libp2p_keypair(&key).unwrap()).unwrap();
+    tokio::spawn(event_loop.run());
+    let staller = net.info().await.map(|i| i.peer_id);
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some(event) = inbound.recv().await {
+            if let Inbound::BlobRequest { request, channel, .. } = event {
+                let request = wire::BlobRequest::decode(request.as_slice()).unwrap();
+                if let Some(wire::blob_request::What::Outline(_)) = request.what {
+                    let answer = wire::BlobResponse {
+                        result: Some(wire::blob_response::Result::Outline(outline.to_wire())),
+                    };
+                    net.respond(BLOB_PROTOCOL, channel, answer.encode_to_vec()).await;
+                } else {
+                    held.push(channel);
+                }
+            }
+        }
+    });
+    let staller_id = staller.unwrap();
+    let t0 = std::time::Instant::now();
+    while !fetcher.shared.net.info().await.unwrap().connected.contains(&staller_id) {
+        assert!(t0.elapsed() < WAIT, "the fetcher did not connect to the staller");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let staller = staller_id.parse().unwrap();
+
+    // The staller is asked first, so it holds a full window of groups.
+    let t0 = std::time::Instant::now();
+    fetch::fetch(&fetcher.shared, &id, &[staller, honest.peer_id()])
+        .await
+        .unwrap();
+    let took = t0.elapsed();
+    assert_eq!(fetcher.shared.store.read(&id).unwrap(), data);
+    assert!(
+        took < Duration::from_secs(30),
+        "the fetch waited {took:?}, as if for the staller's requests to time out (60 s)"
+    );
+    held.abort();
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
 fn infer_task(worker: protocol::PublicKey, model: ContentId) -> Task {
     Task {
         worker,

@@ -2,7 +2,10 @@
 //! then 1 MiB groups from every provider at once, each checked as it
 //! arrives; an interrupted fetch resumes from the groups already stored.
 //! A provider that sends bytes that do not match is dropped for this blob;
-//! one that fails or stalls has its groups handed to the others.
+//! one that fails has its groups handed to the others. In the endgame, once
+//! every group has been asked for, providers with room in their window also
+//! ask for groups still waiting on another, so one that stalls (its requests
+//! time out only after a minute) does not hold the fetch back.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -45,7 +48,16 @@ impl Strikes {
     }
 }
 
-/// What became of one group request.
+/// What came back for one group request.
+enum Answer {
+    Group(prost::bytes::Bytes),
+    /// Something other than a group came back.
+    Other,
+    /// The request failed or timed out.
+    Failed(anyhow::Error),
+}
+
+/// What became of a group that arrived.
 enum Got {
     /// Checked against the outline and written.
     Written,
@@ -53,11 +65,27 @@ enum Got {
     BadBytes(anyhow::Error),
     /// Writing here failed (disk full, say): no provider's fault.
     Local(anyhow::Error),
-    /// Something other than a group came back.
-    WrongAnswer,
-    /// The request failed or timed out.
-    Failed(anyhow::Error),
 }
+
+/// Where a group of the blob being fetched stands.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Group {
+    /// In the queue, waiting for a provider.
+    Queued,
+    /// Requested from the providers in `asked`, nothing back yet.
+    Asked,
+    /// Arrived; being checked and written.
+    Writing,
+    Written,
+}
+
+/// At most this many providers are asked for the same group at once: in
+/// the endgame, with the queue empty, a provider with room in its window
+/// also asks for a group that is waiting on another, so that one slow or
+/// stalled provider (its requests time out only after a minute) does not
+/// hold the fetch back; the first copy to arrive is written, later ones are
+/// dropped.
+const ASKED_AT_MOST: usize = 2;
 
 /// Serves a blob request from the local store.
 pub fn serve(shared: &Shared, request: &[u8]) -> Vec<u8> {
@@ -213,15 +241,27 @@ async fn transfer(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]) -> Resu
         let p = partial.lock().map_err(|_| anyhow!("poisoned"))?;
         (p.missing().into(), p.writer())
     };
+    let mut state = vec![Group::Written; outline.groups() as usize];
+    for &g in &queue {
+        state[g as usize] = Group::Queued;
+    }
+    let mut remaining = queue.len();
+    // Providers asked for each group in `Asked`, and when it was first asked.
+    let mut asked: HashMap<u64, (u64, Vec<PeerId>)> = HashMap::new();
     let mut providers: Vec<PeerId> = peers;
     let mut strikes: HashMap<PeerId, Strikes> = HashMap::new();
     let mut in_flight: HashMap<PeerId, usize> = HashMap::new();
+    // Requests on the wire, and groups being checked and written. Only the
+    // writers hold the partial blob: requests still out when the last group
+    // is written are dropped.
     let mut running = FuturesUnordered::new();
+    let mut writing = FuturesUnordered::new();
     let mut next = 0usize;
     let mut issued = 0u64;
-    loop {
-        // Fill every provider's window.
-        while !queue.is_empty() && !providers.is_empty() {
+    while remaining > 0 || !writing.is_empty() {
+        // Fill every provider's window: from the queue, then in the endgame
+        // with groups that are waiting on another provider.
+        while remaining > 0 && !providers.is_empty() {
             let mut placed = false;
             let now = tokio::time::Instant::now();
             let healthy = providers.iter().any(|p| !Strikes::failed(&strikes, p));
@@ -230,52 +270,45 @@ async fn transfer(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]) -> Resu
                 next += 1;
                 let waiting = Strikes::failed(&strikes, &p)
                     && (healthy || strikes.get(&p).and_then(|s| s.retry_at).is_some_and(|t| t > now));
-                if !waiting && in_flight.get(&p).copied().unwrap_or(0) < PER_PROVIDER {
-                    let Some(g) = queue.pop_front() else { break };
-                    *in_flight.entry(p).or_default() += 1;
-                    let seq = issued;
-                    issued += 1;
-                    let (s, part, check, writer) = (shared.clone(), partial.clone(), outline.clone(), writer.clone());
-                    // Each group is checked and written as soon as it
-                    // arrives, while other groups are still on the wire.
-                    running.push(async move {
-                        let got = match ask(&s, p, &oid, wire::blob_request::What::Group(g)).await {
-                            Ok(wire::blob_response::Result::Group(bytes)) => {
-                                let written = tokio::task::spawn_blocking(move || {
-                                    if let Err(e) = check.check_group(&oid, g, &bytes) {
-                                        return Got::BadBytes(e.into());
-                                    }
-                                    // Groups are written in parallel; only
-                                    // recording them takes the lock.
-                                    if let Err(e) = writer.write(g, &bytes) {
-                                        return Got::Local(e);
-                                    }
-                                    match part.lock() {
-                                        Ok(mut p) => match p.mark_written(g) {
-                                            Ok(()) => Got::Written,
-                                            Err(e) => Got::Local(e),
-                                        },
-                                        Err(_) => Got::Local(anyhow!("a group write panicked")),
-                                    }
-                                })
-                                .await;
-                                written.unwrap_or_else(|e| Got::Local(anyhow!("the write task failed: {e}")))
-                            }
-                            Ok(_) => Got::WrongAnswer,
-                            Err(e) => Got::Failed(e),
-                        };
-                        (p, g, seq, got)
-                    });
-                    placed = true;
+                if waiting || in_flight.get(&p).copied().unwrap_or(0) >= PER_PROVIDER {
+                    continue;
                 }
+                let g = match queue.pop_front() {
+                    Some(g) => g,
+                    None => {
+                        // The group waiting longest that `p` was not asked for.
+                        let endgame = asked
+                            .iter()
+                            .filter(|(_, (_, who))| who.len() < ASKED_AT_MOST && !who.contains(&p))
+                            .min_by_key(|(_, (first, _))| *first)
+                            .map(|(g, _)| *g);
+                        let Some(g) = endgame else { continue };
+                        g
+                    }
+                };
+                state[g as usize] = Group::Asked;
+                asked.entry(g).or_insert_with(|| (issued, Vec::new())).1.push(p);
+                *in_flight.entry(p).or_default() += 1;
+                let seq = issued;
+                issued += 1;
+                let s = shared.clone();
+                running.push(async move {
+                    let answer = match ask(&s, p, &oid, wire::blob_request::What::Group(g)).await {
+                        Ok(wire::blob_response::Result::Group(bytes)) => Answer::Group(bytes),
+                        Ok(_) => Answer::Other,
+                        Err(e) => Answer::Failed(e),
+                    };
+                    (p, g, seq, answer)
+                });
+                placed = true;
             }
             if !placed {
                 break;
             }
         }
-        if running.is_empty() {
-            // Nothing on the wire: either done, or every provider left is
-            // waiting to be asked again.
+        if running.is_empty() && writing.is_empty() {
+            // Nothing on the wire or being written: either every provider
+            // is gone, or those left are waiting to be asked again.
             let wake = providers
                 .iter()
                 .filter_map(|p| strikes.get(p))
@@ -290,49 +323,102 @@ async fn transfer(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]) -> Resu
                 _ => break,
             }
         }
-        let Some((p, g, seq, got)) = running.next().await else {
-            break;
-        };
-        if let Some(n) = in_flight.get_mut(&p) {
-            *n -= 1;
-        }
-        match got {
-            Got::Written => {
-                if let Some(s) = strikes.get_mut(&p) {
-                    s.count = 0;
+        // A group that lost its last request (and did not arrive) goes back
+        // in the queue.
+        let orphaned =
+            |g: u64, state: &mut [Group], asked: &HashMap<u64, (u64, Vec<PeerId>)>, queue: &mut VecDeque<u64>| {
+                if state[g as usize] == Group::Asked && !asked.contains_key(&g) {
+                    state[g as usize] = Group::Queued;
+                    queue.push_back(g);
+                }
+            };
+        tokio::select! {
+            Some((p, g, seq, answer)) = running.next(), if !running.is_empty() => {
+                if let Some(n) = in_flight.get_mut(&p) {
+                    *n = n.saturating_sub(1);
+                }
+                if let Some((_, who)) = asked.get_mut(&g) {
+                    who.retain(|x| *x != p);
+                    if who.is_empty() {
+                        asked.remove(&g);
+                    }
+                }
+                match answer {
+                    Answer::Group(bytes) if state[g as usize] == Group::Asked => {
+                        // The first copy to arrive; any other request for
+                        // this group is left to finish and be dropped.
+                        state[g as usize] = Group::Writing;
+                        asked.remove(&g);
+                        let (part, check, writer) = (partial.clone(), outline.clone(), writer.clone());
+                        writing.push(async move {
+                            // Checked and written on the blocking pool, in
+                            // parallel; only recording a group takes the lock.
+                            let got = tokio::task::spawn_blocking(move || {
+                                if let Err(e) = check.check_group(&oid, g, &bytes) {
+                                    return Got::BadBytes(e.into());
+                                }
+                                if let Err(e) = writer.write(g, &bytes) {
+                                    return Got::Local(e);
+                                }
+                                match part.lock() {
+                                    Ok(mut p) => match p.mark_written(g) {
+                                        Ok(()) => Got::Written,
+                                        Err(e) => Got::Local(e),
+                                    },
+                                    Err(_) => Got::Local(anyhow!("a group write panicked")),
+                                }
+                            })
+                            .await
+                            .unwrap_or_else(|e| Got::Local(anyhow!("the write task failed: {e}")));
+                            (p, g, got)
+                        });
+                    }
+                    // A copy of a group that arrived from another provider.
+                    Answer::Group(_) => {}
+                    Answer::Other => {
+                        tracing::warn!(peer = %p, blob = %id, "dropping a provider that answered a group request with something else");
+                        providers.retain(|x| *x != p);
+                        orphaned(g, &mut state, &asked, &mut queue);
+                    }
+                    Answer::Failed(e) => {
+                        orphaned(g, &mut state, &asked, &mut queue);
+                        let s = strikes.entry(p).or_default();
+                        if seq < s.from {
+                            // In flight when an earlier failure was counted.
+                            continue;
+                        }
+                        s.count += 1;
+                        s.from = issued;
+                        tracing::info!(peer = %p, blob = %id, group = g, "group request failed ({}): {e:#}", s.count);
+                        if s.count >= MAX_FAILURES {
+                            providers.retain(|x| *x != p);
+                        } else {
+                            let wait = RETRY_AFTER * (1 << (s.count - 1)) as u32;
+                            s.retry_at = Some(tokio::time::Instant::now() + wait);
+                        }
+                    }
                 }
             }
-            // What arrived stays in partial/ and the next fetch resumes from it.
-            Got::Local(e) => return Err(e.context(format!("storing blob {id}"))),
-            Got::BadBytes(e) => {
-                tracing::warn!(peer = %p, blob = %id, group = g, "dropping a provider that sent bad bytes: {e:#}");
-                providers.retain(|x| *x != p);
-                queue.push_back(g);
-            }
-            Got::WrongAnswer => {
-                tracing::warn!(peer = %p, blob = %id, "dropping a provider that answered a group request with something else");
-                providers.retain(|x| *x != p);
-                queue.push_back(g);
-            }
-            Got::Failed(e) => {
-                queue.push_back(g);
-                let s = strikes.entry(p).or_default();
-                if seq < s.from {
-                    // In flight when an earlier failure was counted.
-                    continue;
+            Some((p, g, got)) = writing.next(), if !writing.is_empty() => match got {
+                Got::Written => {
+                    state[g as usize] = Group::Written;
+                    remaining -= 1;
+                    if let Some(s) = strikes.get_mut(&p) {
+                        s.count = 0;
+                    }
                 }
-                s.count += 1;
-                s.from = issued;
-                tracing::info!(peer = %p, blob = %id, group = g, "group request failed ({}): {e:#}", s.count);
-                if s.count >= MAX_FAILURES {
+                // What arrived stays in partial/ and the next fetch resumes from it.
+                Got::Local(e) => return Err(e.context(format!("storing blob {id}"))),
+                Got::BadBytes(e) => {
+                    tracing::warn!(peer = %p, blob = %id, group = g, "dropping a provider that sent bad bytes: {e:#}");
                     providers.retain(|x| *x != p);
-                } else {
-                    let wait = RETRY_AFTER * (1 << (s.count - 1)) as u32;
-                    s.retry_at = Some(tokio::time::Instant::now() + wait);
+                    state[g as usize] = Group::Queued;
+                    queue.push_back(g);
                 }
-            }
+            },
         }
     }
+    drop(running);
     let missing = partial.lock().map_err(|_| anyhow!("poisoned"))?.missing().len();
     if missing > 0 {
         // What arrived stays in partial/ and the next fetch resumes from it.
