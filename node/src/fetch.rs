@@ -90,15 +90,6 @@ const ASKED_AT_MOST: usize = 2;
 /// Serves a blob request from the local store.
 pub fn serve(shared: &Shared, request: &[u8]) -> Vec<u8> {
     use wire::blob_response::Result as R;
-    if let Ok(wire::BlobRequest {
-        id,
-        what: Some(wire::blob_request::What::Group(g)),
-    }) = wire::BlobRequest::decode(request)
-        && let Ok(id) = <[u8; 32]>::try_from(id.as_slice()).map(ContentId::from_bytes)
-        && let Ok(response) = group_response(&shared.store, &id, g)
-    {
-        return response;
-    }
     let result = match wire::BlobRequest::decode(request) {
         Err(e) => R::NotFound(format!("malformed request: {e}")),
         Ok(req) => match <[u8; 32]>::try_from(req.id.as_slice()).map(ContentId::from_bytes) {
@@ -109,8 +100,8 @@ pub fn serve(shared: &Shared, request: &[u8]) -> Vec<u8> {
                     Ok(o) => R::Outline(o.to_wire()),
                     Err(e) => R::NotFound(format!("{e:#}")),
                 },
-                Some(wire::blob_request::What::Group(g)) => match shared.store.read_group(&id, g) {
-                    Ok(bytes) => R::Group(bytes.into()),
+                Some(wire::blob_request::What::Group(g)) => match group_response(&shared.store, &id, g) {
+                    Ok(response) => return response,
                     Err(e) => R::NotFound(format!("{e:#}")),
                 },
                 None => R::NotFound("empty request".into()),

@@ -237,13 +237,6 @@ impl BlobStore {
         Ok(outline)
     }
 
-    /// The bytes of group `index` of a held blob.
-    pub fn read_group(&self, id: &ContentId, index: u64) -> Result<Vec<u8>> {
-        let mut buf = Vec::new();
-        self.read_group_into(id, index, &mut buf, |_, _| {})?;
-        Ok(buf)
-    }
-
     /// Appends the bytes of group `index` of a held blob to `out`, reading
     /// straight into its spare capacity; `header` first appends whatever
     /// goes before them, given their length.
@@ -723,7 +716,18 @@ mod tests {
         assert_eq!(size, big.len() as u64);
         assert_eq!(s.read(&id).unwrap(), big);
         assert_eq!(s.outline(&id).unwrap(), Outline::of(&big));
-        assert_eq!(s.read_group(&id, 3).unwrap(), &big[3 * GROUP_LEN as usize..]);
+        let mut group = b"header".to_vec();
+        s.read_group_into(&id, 3, &mut group, |len, out| out.extend_from_slice(&len.to_le_bytes()))
+            .unwrap();
+        let tail = &big[3 * GROUP_LEN as usize..];
+        assert_eq!(
+            group,
+            [b"header", &(tail.len() as u64).to_le_bytes()[..], tail].concat()
+        );
+        assert!(
+            s.read_group_into(&id, 4, &mut group, |_, _| {}).is_err(),
+            "a group past the end"
+        );
 
         let imported = s.import(&src).unwrap();
         assert!(imported.dir);
