@@ -157,6 +157,36 @@ async fn a_job_is_reproducible_bit_for_bit_and_resumes_after_a_client_restart() 
     }
 }
 
+/// A swarm of mixed hardware: with redundancy 2 every shard runs on a GPU
+/// worker and on a CPU worker, and their results must agree to the bit for
+/// the job to go on without a dispute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_and_cpu_workers_agree_on_every_shard() {
+    if !tern_tests::have_gpu("gpu_and_cpu_workers_agree_on_every_shard") {
+        return;
+    }
+    let nodes = spawn_nodes(3, |i, c| {
+        if i == 1 {
+            c.compute = node::config::Compute::Wgpu;
+        }
+    })
+    .await;
+    wait_for_swarm(&nodes[0], 3).await;
+    let s = setup(&nodes[0], Verify::Redundancy { k: 2 });
+    let state = job::run(&nodes[0].shared, s.spec.clone(), &quiet).await.unwrap();
+    assert!(state.finished);
+    assert!(state.verdicts.is_empty(), "a dispute: {:?}", state.verdicts);
+    assert!(state.excluded().is_empty());
+    let shards = s.spec.shards.len() as u64 * u64::from(s.spec.rounds);
+    for n in &nodes[1..] {
+        assert_eq!(state.workers[&n.public_key()].accepted, shards, "{:?}", state.workers);
+    }
+    assert_eq!(adapter_of(&nodes[0], &state), reference(&s, &nodes[0])[1]);
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dishonest_workers_are_caught_excluded_and_change_nothing() {
     // Node 1 perturbs its deltas, node 2 returns junk; 3 and 4 are honest.

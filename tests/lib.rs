@@ -95,3 +95,19 @@ pub fn small_hyper() -> protocol::train::LoraHyper {
         dropout: 0.0,
     }
 }
+
+/// Whether a wgpu adapter opens on this machine, for tests of nodes that
+/// run their tasks on a GPU. Without one such a test is skipped with a loud
+/// message, or fails where `TERN_REQUIRE_GPU=1` (CI, on lavapipe).
+pub fn have_gpu(test: &str) -> bool {
+    match kernels::gpu::Gpu::new(&Default::default()) {
+        Ok(_) => true,
+        Err(e) if std::env::var_os("TERN_REQUIRE_GPU").is_some_and(|v| v == "1") => {
+            panic!("TERN_REQUIRE_GPU=1 but no wgpu adapter for {test}: {e}")
+        }
+        Err(e) => {
+            eprintln!("\n*** SKIPPING {test}: no wgpu adapter ({e}); set TERN_REQUIRE_GPU=1 to fail instead ***\n");
+            false
+        }
+    }
+}

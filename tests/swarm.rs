@@ -245,17 +245,20 @@ async fn a_task_sent_from_one_node_runs_on_another_and_its_signed_result_verifie
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lora_shard_runs_on_another_node_and_returns_the_delta_a_local_run_computes() {
-    let nodes = spawn_nodes(2, |_, _| {}).await;
-    let dir = tempdir("shard");
-    let model_path = tiny_model(&dir);
-    let client = &nodes[0].shared;
-    let (model, _) = client.store.import_file(&model_path).unwrap();
-    let loaded = kernels::model::load(&model_path).unwrap();
-    let config = &loaded.weights.config;
+/// A LoRA-shard task's inputs in `client`'s store: the model at
+/// `model_path`, a fresh adapter and a synthetic data shard.
+fn shard_inputs(
+    client: &node::daemon::Shared,
+    model_path: &std::path::Path,
+) -> (
+    LoraShardParams,
+    protocol::train::AdapterParams,
+    protocol::train::Sequences,
+) {
+    let (model, _) = client.store.import_file(model_path).unwrap();
+    let config = kernels::model::load(model_path).unwrap().weights.config;
     let hyper = small_hyper();
-    let start = node::shard::initial_adapter(config, &hyper, 1).unwrap();
+    let start = node::shard::initial_adapter(&config, &hyper, 1).unwrap();
     let adapter = client.store.put(&start.encode()).unwrap();
     let (seqs, _) = kernels::train::data::synthetic_mapping(config.vocab_size, 1, 16, 8, 3);
     let shard = node::shard::shard_of(&seqs);
@@ -269,6 +272,18 @@ async fn a_lora_shard_runs_on_another_node_and_returns_the_delta_a_local_run_com
         hyper,
         optimizer: None,
     };
+    (params, start, shard)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lora_shard_runs_on_another_node_and_returns_the_delta_a_local_run_computes() {
+    let nodes = spawn_nodes(2, |_, _| {}).await;
+    let dir = tempdir("shard");
+    let model_path = tiny_model(&dir);
+    let client = &nodes[0].shared;
+    let (params, start, shard) = shard_inputs(client, &model_path);
+    let (model, adapter, data) = (params.model, params.adapter, params.data);
+    let loaded = kernels::model::load(&model_path).unwrap();
     let task = |adapter| Task {
         worker: nodes[1].public_key(),
         inputs: vec![model, adapter, data],
@@ -293,6 +308,64 @@ async fn a_lora_shard_runs_on_another_node_and_returns_the_delta_a_local_run_com
     let sub = executor::submit(client, task(junk)).await.unwrap();
     assert_eq!(sub.result.status, TaskStatus::Failed);
     assert!(sub.result.error.contains("adapter blob"), "{}", sub.result.error);
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+/// Products are exact and everything around them runs in one fixed order,
+/// so a worker that runs its tasks on a GPU answers with the very blobs a
+/// CPU worker answers with, and a client compares the two by id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_worker_returns_the_same_bytes_as_a_cpu_worker() {
+    if !tern_tests::have_gpu("a_gpu_worker_returns_the_same_bytes_as_a_cpu_worker") {
+        return;
+    }
+    let nodes = spawn_nodes(3, |i, c| {
+        if i == 1 {
+            c.compute = node::config::Compute::Wgpu;
+        }
+    })
+    .await;
+    let (client, gpu, cpu) = (&nodes[0], &nodes[1], &nodes[2]);
+    assert!(matches!(gpu.shared.backend, kernels::Backend::Wgpu(_)));
+    assert!(matches!(cpu.shared.backend, kernels::Backend::Cpu(_)));
+    // The adverts say where each worker runs its tasks.
+    assert_eventually(WAIT, "both workers' adverts", || client.peers().len() == 3).await;
+    let advert = |k| client.peers().into_iter().find(|(p, _)| *p == k).unwrap().1.advert;
+    assert!(advert(gpu.public_key()).gpus.iter().any(|g| g.runs_tasks));
+    assert!(!advert(cpu.public_key()).gpus.iter().any(|g| g.runs_tasks));
+
+    let dir = tempdir("gpu-task");
+    let model_path = tiny_model(&dir);
+    let (params, _, _) = shard_inputs(&client.shared, &model_path);
+    let outputs = |make: &dyn Fn(protocol::PublicKey) -> Task| {
+        let (a, b) = (make(gpu.public_key()), make(cpu.public_key()));
+        async move {
+            let mut ids = Vec::new();
+            for task in [a, b] {
+                let sub = executor::submit(&client.shared, task).await.unwrap();
+                assert_eq!(sub.result.status, TaskStatus::Done, "{}", sub.result.error);
+                ids.push(sub.result.output.unwrap());
+            }
+            ids
+        }
+    };
+    let infer = outputs(&|w| infer_task(w, params.model)).await;
+    assert_eq!(infer[0], infer[1], "inference on the GPU and on the CPU");
+    let shard = outputs(&|worker| Task {
+        worker,
+        inputs: vec![params.model, params.adapter, params.data],
+        max_work: 1 << 20,
+        params: TaskParams::LoraShard(params.clone()),
+    })
+    .await;
+    assert_eq!(shard[0], shard[1], "a LoRA shard on the GPU and on the CPU");
+    let out = LoraShardOutput::decode(&client.shared.store.read(&shard[0]).unwrap()).unwrap();
+    assert!(out.delta.iter().any(|d| *d != 0.0), "the steps changed the adapter");
+    // And the GPU worker really ran them on its GPU, with no CPU fallback.
+    let cached = gpu.shared.model_cache.lock().clone().expect("the worker's model");
+    assert!(matches!(cached.1.backend(), kernels::Backend::Wgpu(_)));
     for n in nodes {
         n.shutdown().await;
     }

@@ -34,6 +34,11 @@ pub struct Config {
     pub bench: bool,
     /// Look for a GPU to advertise (opening one takes a moment).
     pub gpu: bool,
+    /// Where tasks run: `auto` (a hardware GPU when there is one, else the
+    /// CPU), `cpu`, or `wgpu` (the first wgpu adapter, software ones
+    /// included; the node does not start without one). Results are the
+    /// same bytes on every backend, so this changes speed, never answers.
+    pub compute: Compute,
     /// Who may submit tasks.
     pub policy: Policy,
     /// Resource limits for tasks.
@@ -54,6 +59,21 @@ pub enum Fault {
     JunkShard,
     /// Replaces the last generated token of every inference answer.
     TamperInfer,
+}
+
+/// Where a node runs its tasks (see [`Config::compute`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Compute {
+    /// A GPU that is real hardware (integrated, discrete or virtual), when
+    /// `gpu` is on and one is found; else the CPU. A software adapter
+    /// (Mesa's lavapipe) is slower than tern's CPU kernels and is passed over.
+    #[default]
+    Auto,
+    /// The CPU, always.
+    Cpu,
+    /// The first wgpu adapter, whatever it is.
+    Wgpu,
 }
 
 /// Who may submit tasks to this node.
@@ -103,6 +123,7 @@ impl Default for Config {
             advert_ttl_secs: 120,
             bench: true,
             gpu: true,
+            compute: Compute::Auto,
             policy: Policy {
                 open: true,
                 allow: Vec::new(),
@@ -207,6 +228,10 @@ mod tests {
         let c: Config = toml::from_str("[limits]\nmax_tasks = 1\nonly_when_charging = true\n").unwrap();
         assert!(c.limits.only_when_charging);
         assert!(toml::from_str::<Config>("mdsn = false").is_err());
+        assert_eq!(c.compute, Compute::Auto);
+        let c: Config = toml::from_str("compute = \"wgpu\"").unwrap();
+        assert_eq!(c.compute, Compute::Wgpu);
+        assert!(toml::from_str::<Config>("compute = \"tpu\"").is_err());
         let c: Config = toml::from_str("control = \"0.0.0.0:7447\"").unwrap();
         assert!(c.validate().is_err());
         let c: Config = toml::from_str("[policy]\nallow = [\"nope\"]").unwrap();

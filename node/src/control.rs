@@ -35,6 +35,8 @@ pub struct Status {
     pub blobs: usize,
     pub blob_bytes: u64,
     pub active_tasks: u32,
+    /// Where tasks run: `cpu/avx512-vnni/8t`, `wgpu/vulkan/...`.
+    pub compute: String,
     pub stats: serde_json::Value,
 }
 
@@ -150,6 +152,7 @@ async fn status(State(api): State<Api>, headers: HeaderMap) -> ApiResult<Status>
         blobs: blobs.len(),
         blob_bytes: blobs.iter().map(|b| b.1).sum(),
         active_tasks: s.active_tasks.load(std::sync::atomic::Ordering::Relaxed),
+        compute: s.backend.name(),
         stats: serde_json::to_value(s.stats.lock().clone()).unwrap_or_default(),
     }))
 }

@@ -52,6 +52,8 @@ pub struct Shared {
     pub score_checks: Mutex<std::collections::HashMap<(PublicKey, u64), bool>>,
     pub score: Mutex<Option<BenchScore>>,
     pub cpu: kernels::cpu::Cpu,
+    /// Where tasks run: the CPU above, or the GPU `compute` chose.
+    pub backend: kernels::Backend,
     pub hardware: (protocol::Cpu, Vec<protocol::Gpu>, u64),
     pub active_tasks: AtomicU32,
     pub accepting: AtomicBool,
@@ -103,8 +105,10 @@ impl Shared {
         }
     }
 
-    /// Model blob `id` loaded on the CPU backend, from the cache when it is
-    /// the last one used. Blocking: call it off the async threads.
+    /// Model blob `id` loaded on the task backend, from the cache when it
+    /// is the last one used. A model the GPU cannot take (memory, buffer
+    /// limits) runs on the CPU instead, with the same results. Blocking:
+    /// call it off the async threads.
     pub fn model(&self, id: &ContentId) -> Result<Arc<kernels::model::Model>> {
         let mut cache = self.model_cache.lock();
         if let Some((cached, m)) = cache.as_ref()
@@ -115,10 +119,16 @@ impl Shared {
         *cache = None;
         let loaded =
             kernels::model::load(&self.store.path(id)).context("the model blob is not a model tern can load")?;
-        let m = Arc::new(kernels::model::Model::new(
-            &loaded.weights,
-            kernels::Backend::Cpu(self.cpu.clone()),
-        )?);
+        let cpu = || kernels::Backend::Cpu(self.cpu.clone());
+        let m = match kernels::model::Model::new(&loaded.weights, self.backend.clone()) {
+            Ok(m) => m,
+            Err(e) if matches!(self.backend, kernels::Backend::Wgpu(_)) => {
+                tracing::warn!(model = %id, "the GPU cannot hold the model ({e}); it runs on the CPU");
+                kernels::model::Model::new(&loaded.weights, cpu())?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let m = Arc::new(m);
         *cache = Some((*id, m.clone()));
         Ok(m)
     }
@@ -219,11 +229,13 @@ pub async fn start(config: Config) -> Result<NodeHandle> {
         n => n as usize,
     };
     let cpu = kernels::cpu::Cpu::new(kernels::cpu::Isa::detect(), threads)?;
-    let gpus = if config.gpu {
-        tokio::task::spawn_blocking(hw::gpus).await?
-    } else {
-        Vec::new()
+    let (probe, compute) = (config.gpu, config.compute);
+    let (task_gpu, gpus) = tokio::task::spawn_blocking(move || hw::gpus(probe, compute)).await??;
+    let backend = match task_gpu {
+        Some(g) => kernels::Backend::Wgpu(g),
+        None => kernels::Backend::Cpu(cpu.clone()),
     };
+    tracing::info!(backend = %backend.name(), "tasks run on {}", backend.name());
     let (cancel_tx, cancel_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
@@ -236,6 +248,7 @@ pub async fn start(config: Config) -> Result<NodeHandle> {
         score_checks: Mutex::new(Default::default()),
         score: Mutex::new(None),
         cpu,
+        backend,
         active_tasks: AtomicU32::new(0),
         accepting: AtomicBool::new(true),
         cancel: cancel_rx,

@@ -212,7 +212,7 @@ async fn run(shared: &Arc<Shared>, peer: PeerId, task: &Task) -> Result<(Content
     }
 }
 
-/// Runs generation on the CPU backend. The model blob is a GGUF file.
+/// Runs generation on the node's task backend. The model blob is a GGUF file.
 fn infer(shared: &Shared, p: &InferParams) -> Result<Vec<u32>> {
     let model = shared.model(&p.model)?;
     let vocab = model.config().vocab_size;

@@ -2,13 +2,17 @@
 //! seeded ternary benchmark whose output hash a peer recomputes.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use kernels::cpu::{Cpu, Isa};
+use kernels::gpu::{Gpu, GpuOptions};
 use kernels::rng::SplitMix64;
 use kernels::{QuantizedActivations, TernaryMatrix};
 use protocol::{BenchScore, ContentId, PublicKey};
+
+use crate::config::Compute;
 
 /// The CPU as an advert describes it.
 pub fn cpu(threads: usize) -> protocol::Cpu {
@@ -23,24 +27,40 @@ pub fn cpu(threads: usize) -> protocol::Cpu {
     }
 }
 
-/// The first wgpu adapter, if there is one.
-pub fn gpus() -> Vec<protocol::Gpu> {
-    match kernels::gpu::Gpu::new(&kernels::gpu::GpuOptions::default()) {
-        Ok(g) => {
-            let info = g.info();
-            vec![protocol::Gpu {
-                name: info.name.chars().take(128).collect(),
-                vendor: format!("{:#x}", info.vendor),
-                device_type: format!("{:?}", info.device_type).to_lowercase(),
-                api: format!("{:?}", info.backend).to_lowercase(),
-                max_buffer_bytes: g.max_binding(),
-            }]
+/// The GPU this node's tasks run on, if any, and the GPUs its advert lists,
+/// as `probe` (look for a GPU at all) and `compute` say. Blocking: opening
+/// an adapter takes a moment. Only `compute = "wgpu"` without an adapter is
+/// an error; otherwise a missing GPU means the CPU.
+pub fn gpus(probe: bool, compute: Compute) -> Result<(Option<Arc<Gpu>>, Vec<protocol::Gpu>)> {
+    if !probe && compute != Compute::Wgpu {
+        return Ok((None, Vec::new()));
+    }
+    let gpu = match Gpu::new(&GpuOptions::default()) {
+        Ok(g) => g,
+        Err(e) if compute == Compute::Wgpu => {
+            return Err(anyhow::Error::new(e).context("compute = \"wgpu\", but no wgpu adapter opens"));
         }
         Err(e) => {
             tracing::debug!("no wgpu adapter for the advert: {e}");
-            Vec::new()
+            return Ok((None, Vec::new()));
         }
-    }
+    };
+    let runs_tasks = match compute {
+        Compute::Cpu => false,
+        Compute::Wgpu => true,
+        Compute::Auto => !gpu.is_software(),
+    };
+    let info = gpu.info();
+    let described = protocol::Gpu {
+        name: info.name.chars().take(128).collect(),
+        vendor: format!("{:#x}", info.vendor),
+        device_type: format!("{:?}", info.device_type).to_lowercase(),
+        api: format!("{:?}", info.backend).to_lowercase(),
+        max_buffer_bytes: gpu.max_binding(),
+        runs_tasks,
+    };
+    // A GPU that runs nothing is closed again: an idle daemon keeps no device.
+    Ok((runs_tasks.then(|| Arc::new(gpu)), vec![described]))
 }
 
 /// Physical memory in bytes (0 where unknown).

@@ -145,7 +145,7 @@ pub fn status(dir: &DataDirArg, json: bool) -> Result<()> {
         f("known_peers")
     );
     println!("blobs       {} ({} bytes)", f("blobs"), f("blob_bytes"));
-    println!("tasks       {} running", f("active_tasks"));
+    println!("tasks       {} running, on {}", f("active_tasks"), f("compute"));
     if let Some(addrs) = s.get("listen_addrs").and_then(|a| a.as_array()) {
         for a in addrs {
             println!("listen      {}", a.as_str().unwrap_or_default());
@@ -162,7 +162,7 @@ pub fn peers(dir: &DataDirArg, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<54} {:>7} {:>9} {:>10} {:>8} {:>6}  gpu",
+        "{:<54} {:>7} {:>9} {:>10} {:>8} {:>6}  gpu (* runs tasks)",
         "peer", "threads", "ram GiB", "Gmac/s", "power", "tasks"
     );
     for r in rows.as_array().into_iter().flatten() {
@@ -174,8 +174,15 @@ pub fn peers(dir: &DataDirArg, json: bool) -> Result<()> {
         let gpu = a["gpus"]
             .as_array()
             .and_then(|g| g.first())
-            .and_then(|g| g["name"].as_str())
-            .unwrap_or("-");
+            .map(|g| {
+                let name = g["name"].as_str().unwrap_or("?");
+                if g["runs_tasks"] == true {
+                    format!("{name} *")
+                } else {
+                    name.to_string()
+                }
+            })
+            .unwrap_or_else(|| "-".into());
         println!(
             "{:<54} {:>7} {:>9.1} {:>10} {:>8} {:>6}  {gpu}",
             r["peer_id"].as_str().unwrap_or_default(),

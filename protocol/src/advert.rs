@@ -58,6 +58,8 @@ pub struct Gpu {
     pub api: String,
     /// Largest buffer it allocates.
     pub max_buffer_bytes: u64,
+    /// The node runs its tasks here (else on its CPU).
+    pub runs_tasks: bool,
 }
 
 /// Whether a node runs on mains power.
@@ -164,9 +166,13 @@ impl TryFrom<wire::Advert> for Advert {
                     device_type: string("gpu device type", g.device_type)?,
                     api: string("gpu api", g.api)?,
                     max_buffer_bytes: g.max_buffer_bytes,
+                    runs_tasks: g.runs_tasks,
                 })
             })
-            .collect::<Result<_>>()?;
+            .collect::<Result<Vec<_>>>()?;
+        if gpus.iter().filter(|g| g.runs_tasks).count() > 1 {
+            return Err(Error::invalid("advert", "tasks run on more than one GPU"));
+        }
         if w.max_tasks == 0 && w.active_tasks > 0 {
             return Err(Error::invalid("advert", "active tasks without capacity"));
         }
@@ -222,6 +228,7 @@ impl From<&Advert> for wire::Advert {
                     device_type: g.device_type.clone(),
                     api: g.api.clone(),
                     max_buffer_bytes: g.max_buffer_bytes,
+                    runs_tasks: g.runs_tasks,
                 })
                 .collect(),
             ram_bytes: a.ram_bytes,
@@ -353,6 +360,7 @@ mod tests {
                 device_type: "cpu".into(),
                 api: "vulkan".into(),
                 max_buffer_bytes: 1 << 30,
+                runs_tasks: true,
             }],
             ram_bytes: 16 << 30,
             free_disk_bytes: 100 << 30,
@@ -388,6 +396,12 @@ mod tests {
         let mut w = wire::Advert::from(&sample());
         w.models.push(vec![1, 2, 3]);
         assert!(matches!(Advert::try_from(w), Err(Error::Invalid { .. })));
+        // Tasks run on one place: two GPUs that both claim them are refused.
+        let mut w = wire::Advert::from(&sample());
+        w.gpus.push(w.gpus[0].clone());
+        assert!(matches!(Advert::try_from(w.clone()), Err(Error::Invalid { .. })));
+        w.gpus[1].runs_tasks = false;
+        assert!(Advert::try_from(w).is_ok());
         // A well-formed advert is well under the gossip limit.
         assert!(wire::Advert::from(&sample()).encode_to_vec().len() < crate::limits::MAX_ADVERT_BYTES);
     }
