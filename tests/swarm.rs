@@ -192,6 +192,63 @@ async fn a_provider_that_stops_answering_does_not_hold_the_fetch_back() {
     }
 }
 
+/// A worker with no address anyone can dial, as behind a NAT, reserves a
+/// slot on a relay and advertises its circuit address: a client that knows
+/// it only from gossip reaches it through the relay and gets its task done
+/// (the worker fetches the model by dialling out, as a NATed node can).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_behind_a_relay_is_reached_through_it() {
+    let relay = spawn_nodes(1, |_, c| c.relay_server = true).await;
+    let relay_addr = relay[0].dial_addrs()[0].to_string();
+    let workers = spawn_nodes(1, |_, c| {
+        c.listen = Vec::new();
+        c.relays = vec![relay_addr.clone()];
+        c.bootstrap = vec![relay_addr.clone()];
+    })
+    .await;
+    let clients = spawn_nodes(1, |_, c| c.bootstrap = vec![relay_addr.clone()]).await;
+    let (worker, client) = (&workers[0], &clients[0]);
+
+    // The worker's only address is its circuit through the relay, and that
+    // is what its advert tells the client.
+    assert_eventually(WAIT, "the worker's relay reservation", || {
+        !worker.shared.listen_addrs.lock().is_empty()
+    })
+    .await;
+    let addrs = worker.shared.listen_addrs.lock().clone();
+    assert!(
+        addrs.iter().all(|a| a.contains("/p2p-circuit")),
+        "the worker listens directly: {addrs:?}"
+    );
+    worker.publish_advert().await.ok();
+    assert_eventually(WAIT, "the worker's advert at the client", || {
+        client
+            .peers()
+            .iter()
+            .any(|(k, e)| *k == worker.public_key() && e.advert.listen_addrs.iter().any(|a| a.contains("/p2p-circuit")))
+    })
+    .await;
+
+    let dir = tempdir("relayed-task");
+    let (model, _) = client.shared.store.import_file(&tiny_model(&dir)).unwrap();
+    let sub = executor::submit(&client.shared, infer_task(worker.public_key(), model))
+        .await
+        .unwrap();
+    assert_eq!(sub.result.status, TaskStatus::Done, "{}", sub.result.error);
+    assert_eq!(open(&sub.envelope).unwrap().signer, worker.public_key());
+    // The client's way to the worker went through the relay.
+    let info = client.shared.net.info().await.unwrap();
+    let worker_peer = worker.peer_id().to_string();
+    assert!(
+        info.connections.iter().any(|c| c.peer == worker_peer && c.relayed),
+        "no relayed connection to the worker: {:?}",
+        info.connections
+    );
+    for n in [relay, workers, clients].into_iter().flatten() {
+        n.shutdown().await;
+    }
+}
+
 fn infer_task(worker: protocol::PublicKey, model: ContentId) -> Task {
     Task {
         worker,

@@ -22,6 +22,19 @@ pub struct Config {
     pub mdns: bool,
     /// NAT traversal: AutoNAT probes and hole punching (DCUtR) through relays.
     pub nat_traversal: bool,
+    /// Serve as a circuit relay (v2) for peers that cannot be dialled (behind
+    /// a NAT): for nodes with a public address, whose listen addresses are
+    /// then taken as external. A relayed connection carries requests and
+    /// answers, at most 1 MiB and 2 minutes a circuit; bulk data moves over
+    /// direct connections (the relayed node dials out to fetch).
+    pub relay_server: bool,
+    /// Relays to reserve a slot on (`/ip4/.../p2p/<relay id>`): the node
+    /// listens at `<relay>/p2p-circuit` and advertises that address, so
+    /// peers reach it through the relay when it has no dialable address.
+    pub relays: Vec<String>,
+    /// Addresses peers reach this node at that its listeners do not show
+    /// (a port forward): advertised, and handed to a relay's clients.
+    pub external_addrs: Vec<String>,
     /// The local control API (HTTP, JSON) address; loopback only.
     pub control: SocketAddr,
     /// Most simultaneous connections, and per peer.
@@ -116,6 +129,9 @@ impl Default for Config {
             bootstrap: Vec::new(),
             mdns: true,
             nat_traversal: false,
+            relay_server: false,
+            relays: Vec::new(),
+            external_addrs: Vec::new(),
             control: SocketAddr::from(([127, 0, 0, 1], 7447)),
             max_connections: 128,
             max_connections_per_peer: 2,
@@ -187,6 +203,17 @@ impl Config {
             "advert_ttl_secs must be above advert_interval_secs and at most {} s",
             protocol::limits::MAX_ENVELOPE_TTL_MS / 1000
         );
+        for r in &self.relays {
+            let a: libp2p::Multiaddr = r.parse().with_context(|| format!("relays entry {r:?}"))?;
+            anyhow::ensure!(
+                crate::net::peer_of(&a).is_some(),
+                "relays entry {r:?} must end with /p2p/<the relay's peer id>"
+            );
+        }
+        for a in &self.external_addrs {
+            a.parse::<libp2p::Multiaddr>()
+                .with_context(|| format!("external_addrs entry {a:?}"))?;
+        }
         for a in &self.policy.allow {
             a.parse::<protocol::PublicKey>()
                 .with_context(|| format!("policy.allow entry {a:?}"))?;
@@ -236,5 +263,13 @@ mod tests {
         assert!(c.validate().is_err());
         let c: Config = toml::from_str("[policy]\nallow = [\"nope\"]").unwrap();
         assert!(c.validate().is_err());
+        // A relay must name its peer id, so the reservation goes to that peer.
+        let c: Config = toml::from_str("relays = [\"/ip4/1.2.3.4/udp/4001/quic-v1\"]").unwrap();
+        assert!(format!("{:#}", c.validate().unwrap_err()).contains("/p2p/"));
+        let c: Config = toml::from_str(
+            "relays = [\"/ip4/1.2.3.4/udp/4001/quic-v1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN\"]",
+        )
+        .unwrap();
+        c.validate().unwrap();
     }
 }

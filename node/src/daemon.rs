@@ -91,7 +91,14 @@ impl Shared {
         let ids = |v: Vec<(ContentId, u64)>, max| v.into_iter().map(|(id, _)| id).take(max).collect();
         Advert {
             version: env!("CARGO_PKG_VERSION").to_string(),
-            listen_addrs: self.listen_addrs.lock().clone(),
+            // Peers refuse adverts with more addresses than the limit.
+            listen_addrs: self
+                .listen_addrs
+                .lock()
+                .iter()
+                .take(protocol::limits::MAX_ADDRS)
+                .cloned()
+                .collect(),
             cpu,
             gpus,
             ram_bytes: ram,
@@ -179,7 +186,11 @@ impl NodeHandle {
             .lock()
             .iter()
             .filter_map(|a| a.parse::<Multiaddr>().ok())
-            .map(|a| a.with(libp2p::multiaddr::Protocol::P2p(self.peer_id())))
+            .map(|a| match a.iter().last() {
+                // A relay circuit address already names this node.
+                Some(libp2p::multiaddr::Protocol::P2p(_)) => a,
+                _ => a.with(libp2p::multiaddr::Protocol::P2p(self.peer_id())),
+            })
             .collect()
     }
 

@@ -6,7 +6,9 @@
 //! Protocols: QUIC and TCP (noise + yamux), identify, ping, Kademlia
 //! (`/tern/kad/1`), mDNS (optional), gossipsub (adverts on
 //! [`ADVERT_TOPIC`]), request-response `/tern/blob/1` and `/tern/task/1`,
-//! connection limits, and, when configured, AutoNAT + relay client + DCUtR.
+//! connection limits, the circuit relay client (listening through the
+//! configured `relays`), and, when configured, a relay server and AutoNAT +
+//! DCUtR.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -114,6 +116,7 @@ pub struct Behaviour {
     blob: request_response::Behaviour<Codec>,
     task: request_response::Behaviour<Codec>,
     relay: relay::client::Behaviour,
+    relay_server: Toggle<relay::Behaviour>,
     dcutr: Toggle<dcutr::Behaviour>,
     autonat: Toggle<autonat::Behaviour>,
 }
@@ -193,8 +196,21 @@ pub enum Command {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct NetInfo {
     pub peer_id: String,
+    /// Where peers reach this node: its listeners (relay circuits included)
+    /// and its external addresses.
     pub listen_addrs: Vec<String>,
     pub connected: Vec<String>,
+    /// Every open connection, by peer and remote address.
+    pub connections: Vec<ConnectionInfo>,
+}
+
+/// One open connection.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConnectionInfo {
+    pub peer: String,
+    pub addr: String,
+    /// It runs through a relay (`/p2p-circuit`).
+    pub relayed: bool,
 }
 
 /// A cloneable handle to the event loop.
@@ -282,6 +298,7 @@ impl Net {
 /// events and the event loop to spawn.
 pub fn start(config: &Config, key: libp2p::identity::Keypair) -> Result<(Net, mpsc::Receiver<Inbound>, EventLoop)> {
     let nat = config.nat_traversal;
+    let relay_server = config.relay_server;
     let mdns_on = config.mdns;
     let max_conn = config.max_connections;
     let per_peer = config.max_connections_per_peer;
@@ -348,6 +365,16 @@ pub fn start(config: &Config, key: libp2p::identity::Keypair) -> Result<(Net, mp
                     TASK_REQUEST_TIMEOUT,
                 ),
                 relay,
+                relay_server: Toggle::from(relay_server.then(|| {
+                    relay::Behaviour::new(
+                        peer,
+                        relay::Config {
+                            max_circuit_bytes: RELAY_CIRCUIT_BYTES,
+                            max_circuit_duration: Duration::from_secs(120),
+                            ..relay::Config::default()
+                        },
+                    )
+                })),
                 dcutr: Toggle::from(nat.then(|| dcutr::Behaviour::new(peer))),
                 autonat: Toggle::from(nat.then(|| autonat::Behaviour::new(peer, autonat::Config::default()))),
             })
@@ -363,10 +390,25 @@ pub fn start(config: &Config, key: libp2p::identity::Keypair) -> Result<(Net, mp
         let a: Multiaddr = addr.parse().with_context(|| format!("listen address {addr:?}"))?;
         swarm.listen_on(a).with_context(|| format!("listening on {addr}"))?;
     }
+    for addr in &config.external_addrs {
+        let a: Multiaddr = addr.parse().with_context(|| format!("external address {addr:?}"))?;
+        swarm.add_external_address(a);
+    }
+    let relays = config
+        .relays
+        .iter()
+        .map(|r| r.parse().with_context(|| format!("relay address {r:?}")))
+        .collect::<Result<Vec<Multiaddr>>>()?;
+    let relay_peers: HashSet<PeerId> = relays.iter().filter_map(peer_of).collect();
     for addr in &config.bootstrap {
         let a: Multiaddr = addr.parse().with_context(|| format!("bootstrap address {addr:?}"))?;
         if let Some(peer) = peer_of(&a) {
             swarm.behaviour_mut().kad.add_address(&peer, a.clone());
+            if relay_peers.contains(&peer) {
+                // The reservation below dials it; a second dial racing
+                // that one would make the relay client drop its request.
+                continue;
+            }
         }
         if let Err(e) = swarm.dial(a) {
             tracing::warn!("dialing bootstrap peer {addr}: {e}");
@@ -375,18 +417,23 @@ pub fn start(config: &Config, key: libp2p::identity::Keypair) -> Result<(Net, mp
     let (tx, rx) = mpsc::channel(256);
     let (in_tx, in_rx) = mpsc::channel(256);
     let local = *swarm.local_peer_id();
-    Ok((
-        Net { tx, local },
-        in_rx,
-        EventLoop {
-            swarm,
-            commands: rx,
-            inbound: in_tx,
-            pending: HashMap::new(),
-            providers: HashMap::new(),
-        },
-    ))
+    let mut event_loop = EventLoop {
+        swarm,
+        commands: rx,
+        inbound: in_tx,
+        pending: HashMap::new(),
+        providers: HashMap::new(),
+        connections: HashMap::new(),
+        relay_server,
+        relays: relays.into_iter().map(|r| (r, None)).collect(),
+    };
+    event_loop.reserve_relays();
+    Ok((Net { tx, local }, in_rx, event_loop))
 }
+
+/// What one relayed circuit may carry: task envelopes, their answers and
+/// small blobs, not bulk transfers (a relay's bandwidth is a volunteer's).
+pub const RELAY_CIRCUIT_BYTES: u64 = 1 << 20;
 
 /// Task requests may take as long as the task; the worker's own timeout
 /// (`limits.task_timeout_secs`) is the real bound.
@@ -397,6 +444,20 @@ pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
     addr.iter().find_map(|p| match p {
         libp2p::multiaddr::Protocol::P2p(id) => Some(id),
         _ => None,
+    })
+}
+
+/// Whether an address runs through a relay.
+pub fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| p == libp2p::multiaddr::Protocol::P2pCircuit)
+}
+
+/// Whether an address is a wildcard (`0.0.0.0`, `::`) rather than one to dial.
+fn is_unspecified(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        libp2p::multiaddr::Protocol::Ip4(ip) => ip.is_unspecified(),
+        libp2p::multiaddr::Protocol::Ip6(ip) => ip.is_unspecified(),
+        _ => false,
     })
 }
 
@@ -411,6 +472,12 @@ pub struct EventLoop {
     inbound: mpsc::Sender<Inbound>,
     pending: Pending,
     providers: HashMap<kad::QueryId, (HashSet<PeerId>, oneshot::Sender<HashSet<PeerId>>)>,
+    /// Open connections: peer and remote address.
+    connections: HashMap<libp2p::swarm::ConnectionId, (PeerId, Multiaddr)>,
+    /// A relay server takes its listen addresses as external ones.
+    relay_server: bool,
+    /// The configured relays, each with its circuit listener while one is open.
+    relays: Vec<(Multiaddr, Option<libp2p::core::transport::ListenerId>)>,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -434,7 +501,26 @@ impl EventLoop {
                 },
                 _ = bootstrap.tick() => {
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                    self.reserve_relays();
                 }
+            }
+        }
+    }
+
+    /// Listens through each relay that has no circuit listener open (at
+    /// start, and again each minute after a relay refused, failed or went
+    /// away): the relay client dials it and asks for a reservation.
+    fn reserve_relays(&mut self) {
+        for (relay, listener) in &mut self.relays {
+            if listener.is_some() {
+                continue;
+            }
+            match self
+                .swarm
+                .listen_on(relay.clone().with(libp2p::multiaddr::Protocol::P2pCircuit))
+            {
+                Ok(id) => *listener = Some(id),
+                Err(e) => tracing::warn!(%relay, "listening through the relay: {e}"),
             }
         }
     }
@@ -500,10 +586,28 @@ impl EventLoop {
                 self.providers.insert(q, (HashSet::new(), reply));
             }
             Command::Info { reply } => {
+                let mut listen_addrs: Vec<String> = self.swarm.listeners().map(|a| a.to_string()).collect();
+                for a in self.swarm.external_addresses() {
+                    let a = a.to_string();
+                    if !listen_addrs.contains(&a) {
+                        listen_addrs.push(a);
+                    }
+                }
+                let mut connections: Vec<ConnectionInfo> = self
+                    .connections
+                    .values()
+                    .map(|(peer, addr)| ConnectionInfo {
+                        peer: peer.to_string(),
+                        addr: addr.to_string(),
+                        relayed: is_relayed(addr),
+                    })
+                    .collect();
+                connections.sort_by(|a, b| (&a.peer, &a.addr).cmp(&(&b.peer, &b.addr)));
                 let _ = reply.send(NetInfo {
                     peer_id: self.swarm.local_peer_id().to_string(),
-                    listen_addrs: self.swarm.listeners().map(|a| a.to_string()).collect(),
+                    listen_addrs,
                     connected: self.swarm.connected_peers().map(|p| p.to_string()).collect(),
+                    connections,
                 });
             }
         }
@@ -519,18 +623,48 @@ impl EventLoop {
 
     async fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
-            SwarmEvent::NewListenAddr { address, .. } => tracing::info!(%address, "listening"),
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+                if self.relay_server && !is_relayed(&address) && !is_unspecified(&address) {
+                    // A relay is a node others dial: what it listens on is
+                    // what it hands its clients for their circuit addresses.
+                    self.swarm.add_external_address(address);
+                }
+            }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
                 endpoint,
                 num_established,
                 ..
             } => {
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                self.connections
+                    .insert(connection_id, (peer_id, endpoint.get_remote_address().clone()));
                 if num_established.get() == 1 {
                     self.forward(Inbound::Connected { peer: peer_id }).await;
                 }
             }
+            SwarmEvent::ConnectionClosed { connection_id, .. } => {
+                self.connections.remove(&connection_id);
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id, reason, ..
+            } => {
+                for (relay, listener) in &mut self.relays {
+                    if *listener == Some(listener_id) {
+                        tracing::warn!(%relay, "no longer reachable through the relay ({reason:?}); retrying within a minute");
+                        *listener = None;
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                renewal: false,
+                ..
+            })) => tracing::info!(relay = %relay_peer_id, "reachable through a relay"),
+            SwarmEvent::Behaviour(BehaviourEvent::RelayServer(e)) => tracing::debug!("relay: {e:?}"),
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(e)) => tracing::debug!("hole punching: {e:?}"),
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, "dial failed: {error}");
             }
