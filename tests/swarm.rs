@@ -381,6 +381,7 @@ async fn a_gpu_worker_returns_the_same_bytes_as_a_cpu_worker() {
     let nodes = spawn_nodes(3, |i, c| {
         if i == 1 {
             c.compute = node::config::Compute::Wgpu;
+            c.bench = true;
         }
     })
     .await;
@@ -392,6 +393,15 @@ async fn a_gpu_worker_returns_the_same_bytes_as_a_cpu_worker() {
     let advert = |k| client.peers().into_iter().find(|(p, _)| *p == k).unwrap().1.advert;
     assert!(advert(gpu.public_key()).gpus.iter().any(|g| g.runs_tasks));
     assert!(!advert(cpu.public_key()).gpus.iter().any(|g| g.runs_tasks));
+    // Its benchmark ran on the GPU, and the client, recomputing the hash on
+    // its CPU, finds it right.
+    assert_eventually(WAIT, "the GPU worker's verified score", || {
+        client
+            .peers()
+            .iter()
+            .any(|(k, e)| *k == gpu.public_key() && e.advert.score.is_some() && e.score_verified)
+    })
+    .await;
 
     let dir = tempdir("gpu-task");
     let model_path = tiny_model(&dir);

@@ -350,7 +350,7 @@ async fn bench_loop(shared: Arc<Shared>) {
         let epoch = protocol::bench_epoch(now_ms());
         let s = shared.clone();
         let r = tokio::task::spawn_blocking(move || {
-            hw::run_bench(&s.key.public(), epoch, &s.cpu, Duration::from_millis(300))
+            hw::run_bench(&s.key.public(), epoch, &s.backend, Duration::from_millis(300))
         })
         .await;
         match r {
