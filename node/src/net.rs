@@ -645,6 +645,11 @@ impl EventLoop {
                     self.forward(Inbound::Connected { peer: peer_id }).await;
                 }
             }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                if self.relay_server {
+                    self.swarm.remove_external_address(&address);
+                }
+            }
             SwarmEvent::ConnectionClosed { connection_id, .. } => {
                 self.connections.remove(&connection_id);
             }
