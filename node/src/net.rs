@@ -645,10 +645,8 @@ impl EventLoop {
                     self.forward(Inbound::Connected { peer: peer_id }).await;
                 }
             }
-            SwarmEvent::ExpiredListenAddr { address, .. } => {
-                if self.relay_server {
-                    self.swarm.remove_external_address(&address);
-                }
+            SwarmEvent::ExpiredListenAddr { address, .. } if self.relay_server => {
+                self.swarm.remove_external_address(&address);
             }
             SwarmEvent::ConnectionClosed { connection_id, .. } => {
                 self.connections.remove(&connection_id);
