@@ -196,10 +196,19 @@ async fn a_provider_that_stops_answering_does_not_hold_the_fetch_back() {
 /// slot on a relay and advertises its circuit address: a client that knows
 /// it only from gossip reaches it through the relay and gets its task done
 /// (the worker fetches the model by dialling out, as a NATed node can).
+/// When the relay restarts, the worker reserves its slot again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_behind_a_relay_is_reached_through_it() {
-    let relay = spawn_nodes(1, |_, c| c.relay_server = true).await;
-    let relay_addr = relay[0].dial_addrs()[0].to_string();
+    let relay_dir = tempdir("relay");
+    let relay_config = |listen: &str| {
+        let mut c = node::config::Config::for_test(&relay_dir);
+        c.relay_server = true;
+        c.listen = vec![listen.to_string()];
+        c
+    };
+    let relay = node::daemon::start(relay_config("/ip4/127.0.0.1/udp/0/quic-v1")).await.unwrap();
+    let relay_listen = relay.shared.listen_addrs.lock()[0].clone();
+    let relay_addr = relay.dial_addrs()[0].to_string();
     let workers = spawn_nodes(1, |_, c| {
         c.listen = Vec::new();
         c.relays = vec![relay_addr.clone()];
@@ -244,7 +253,36 @@ async fn a_worker_behind_a_relay_is_reached_through_it() {
         "no relayed connection to the worker: {:?}",
         info.connections
     );
-    for n in [relay, workers, clients].into_iter().flatten() {
+
+    // The relay goes away and comes back (same key, same address).
+    let circuits = || async {
+        let info = worker.shared.net.info().await.unwrap();
+        info.listen_addrs.iter().filter(|a| a.contains("/p2p-circuit")).count()
+    };
+    relay.shutdown().await;
+    let t0 = std::time::Instant::now();
+    while circuits().await > 0 {
+        assert!(t0.elapsed() < WAIT, "the worker still lists a circuit through a stopped relay");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // quinn lets go of the old socket once its endpoint driver ends.
+    let t0 = std::time::Instant::now();
+    let relay = loop {
+        match node::daemon::start(relay_config(&relay_listen)).await {
+            Ok(r) => break r,
+            Err(e) if t0.elapsed() < WAIT => {
+                eprintln!("restarting the relay: {e:#}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("the relay does not restart: {e:#}"),
+        }
+    };
+    let t0 = std::time::Instant::now();
+    while circuits().await == 0 {
+        assert!(t0.elapsed() < WAIT, "the worker did not reserve a slot on the restarted relay");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for n in [vec![relay], workers, clients].into_iter().flatten() {
         n.shutdown().await;
     }
 }

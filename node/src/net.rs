@@ -425,7 +425,7 @@ pub fn start(config: &Config, key: libp2p::identity::Keypair) -> Result<(Net, mp
         providers: HashMap::new(),
         connections: HashMap::new(),
         relay_server,
-        relays: relays.into_iter().map(|r| (r, None)).collect(),
+        relays: relays.into_iter().map(RelaySlot::new).collect(),
     };
     event_loop.reserve_relays();
     Ok((Net { tx, local }, in_rx, event_loop))
@@ -476,8 +476,33 @@ pub struct EventLoop {
     connections: HashMap<libp2p::swarm::ConnectionId, (PeerId, Multiaddr)>,
     /// A relay server takes its listen addresses as external ones.
     relay_server: bool,
-    /// The configured relays, each with its circuit listener while one is open.
-    relays: Vec<(Multiaddr, Option<libp2p::core::transport::ListenerId>)>,
+    /// The configured relays and the state of each one's reservation.
+    relays: Vec<RelaySlot>,
+}
+
+/// A configured relay: its circuit listener while one is open, else when
+/// to ask again (1 s after a failure, doubling to a minute while it keeps
+/// failing; a reservation accepted starts the wait over).
+#[derive(Debug)]
+struct RelaySlot {
+    addr: Multiaddr,
+    listener: Option<libp2p::core::transport::ListenerId>,
+    retry_at: tokio::time::Instant,
+    backoff: Duration,
+}
+
+impl RelaySlot {
+    const FIRST_RETRY: Duration = Duration::from_secs(1);
+    const MAX_RETRY: Duration = Duration::from_secs(60);
+
+    fn new(addr: Multiaddr) -> Self {
+        Self {
+            addr,
+            listener: None,
+            retry_at: tokio::time::Instant::now(),
+            backoff: Self::FIRST_RETRY,
+        }
+    }
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -492,6 +517,7 @@ impl EventLoop {
     /// Runs until every [`Net`] handle is dropped.
     pub async fn run(mut self) {
         let mut bootstrap = tokio::time::interval(Duration::from_secs(60));
+        let mut relay_tick = tokio::time::interval(RelaySlot::FIRST_RETRY);
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_event(event).await,
@@ -501,26 +527,30 @@ impl EventLoop {
                 },
                 _ = bootstrap.tick() => {
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
-                    self.reserve_relays();
                 }
+                _ = relay_tick.tick(), if !self.relays.is_empty() => self.reserve_relays(),
             }
         }
     }
 
-    /// Listens through each relay that has no circuit listener open (at
-    /// start, and again each minute after a relay refused, failed or went
-    /// away): the relay client dials it and asks for a reservation.
+    /// Listens through each relay that has no circuit listener open and
+    /// whose retry time has come (all of them at start): the relay client
+    /// dials the relay and asks it for a reservation.
     fn reserve_relays(&mut self) {
-        for (relay, listener) in &mut self.relays {
-            if listener.is_some() {
+        let now = tokio::time::Instant::now();
+        for slot in &mut self.relays {
+            if slot.listener.is_some() || slot.retry_at > now {
                 continue;
             }
             match self
                 .swarm
-                .listen_on(relay.clone().with(libp2p::multiaddr::Protocol::P2pCircuit))
+                .listen_on(slot.addr.clone().with(libp2p::multiaddr::Protocol::P2pCircuit))
             {
-                Ok(id) => *listener = Some(id),
-                Err(e) => tracing::warn!(%relay, "listening through the relay: {e}"),
+                Ok(id) => slot.listener = Some(id),
+                Err(e) => {
+                    tracing::warn!(relay = %slot.addr, "listening through the relay: {e}");
+                    slot.retry_at = now + RelaySlot::MAX_RETRY;
+                }
             }
         }
     }
@@ -654,18 +684,33 @@ impl EventLoop {
             SwarmEvent::ListenerClosed {
                 listener_id, reason, ..
             } => {
-                for (relay, listener) in &mut self.relays {
-                    if *listener == Some(listener_id) {
-                        tracing::warn!(%relay, "no longer reachable through the relay ({reason:?}); retrying within a minute");
-                        *listener = None;
-                    }
+                if let Some(slot) = self.relays.iter_mut().find(|s| s.listener == Some(listener_id)) {
+                    tracing::warn!(
+                        relay = %slot.addr,
+                        "not reachable through the relay ({reason:?}); asking again in {:?}",
+                        slot.backoff
+                    );
+                    slot.listener = None;
+                    slot.retry_at = tokio::time::Instant::now() + slot.backoff;
+                    slot.backoff = (slot.backoff * 2).min(RelaySlot::MAX_RETRY);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Relay(relay::client::Event::ReservationReqAccepted {
                 relay_peer_id,
-                renewal: false,
+                renewal,
                 ..
-            })) => tracing::info!(relay = %relay_peer_id, "reachable through a relay"),
+            })) => {
+                for slot in self
+                    .relays
+                    .iter_mut()
+                    .filter(|s| peer_of(&s.addr) == Some(relay_peer_id))
+                {
+                    slot.backoff = RelaySlot::FIRST_RETRY;
+                }
+                if !renewal {
+                    tracing::info!(relay = %relay_peer_id, "reachable through a relay");
+                }
+            }
             SwarmEvent::Behaviour(BehaviourEvent::RelayServer(e)) => tracing::debug!("relay: {e:?}"),
             SwarmEvent::Behaviour(BehaviourEvent::Dcutr(e)) => tracing::debug!("hole punching: {e:?}"),
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
