@@ -206,7 +206,9 @@ async fn a_worker_behind_a_relay_is_reached_through_it() {
         c.listen = vec![listen.to_string()];
         c
     };
-    let relay = node::daemon::start(relay_config("/ip4/127.0.0.1/udp/0/quic-v1")).await.unwrap();
+    let relay = node::daemon::start(relay_config("/ip4/127.0.0.1/udp/0/quic-v1"))
+        .await
+        .unwrap();
     let relay_listen = relay.shared.listen_addrs.lock()[0].clone();
     let relay_addr = relay.dial_addrs()[0].to_string();
     let workers = spawn_nodes(1, |_, c| {
@@ -262,7 +264,10 @@ async fn a_worker_behind_a_relay_is_reached_through_it() {
     relay.shutdown().await;
     let t0 = std::time::Instant::now();
     while circuits().await > 0 {
-        assert!(t0.elapsed() < WAIT, "the worker still lists a circuit through a stopped relay");
+        assert!(
+            t0.elapsed() < WAIT,
+            "the worker still lists a circuit through a stopped relay"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // quinn lets go of the old socket once its endpoint driver ends.
@@ -279,7 +284,10 @@ async fn a_worker_behind_a_relay_is_reached_through_it() {
     };
     let t0 = std::time::Instant::now();
     while circuits().await == 0 {
-        assert!(t0.elapsed() < WAIT, "the worker did not reserve a slot on the restarted relay");
+        assert!(
+            t0.elapsed() < WAIT,
+            "the worker did not reserve a slot on the restarted relay"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for n in [vec![relay], workers, clients].into_iter().flatten() {
