@@ -67,8 +67,18 @@ pub async fn spawn_nodes(n: usize, tweak: impl Fn(usize, &mut Config)) -> Vec<No
 
 /// Polls `cond` until it holds or `timeout` passes; panics with `what` then.
 pub async fn assert_eventually(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    assert_eventually_async(timeout, what, || std::future::ready(cond())).await
+}
+
+/// [`assert_eventually`] for a condition that must await (the network's
+/// state, say).
+pub async fn assert_eventually_async<F: std::future::Future<Output = bool>>(
+    timeout: Duration,
+    what: &str,
+    mut cond: impl FnMut() -> F,
+) {
     let t0 = tokio::time::Instant::now();
-    while !cond() {
+    while !cond().await {
         assert!(t0.elapsed() < timeout, "not within {timeout:?}: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

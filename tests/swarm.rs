@@ -12,7 +12,7 @@ use protocol::{
     Advert, ContentId, InferOutput, InferParams, LoraShardParams, Payload, Sampling, Task, TaskParams, TaskStatus,
     Validity, open, seal, wire,
 };
-use tern_tests::{assert_eventually, small_hyper, spawn_nodes, tempdir, tiny_model};
+use tern_tests::{assert_eventually, assert_eventually_async, small_hyper, spawn_nodes, tempdir, tiny_model};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -168,11 +168,10 @@ async fn a_provider_that_stops_answering_does_not_hold_the_fetch_back() {
         }
     });
     let staller_id = staller.unwrap();
-    let t0 = std::time::Instant::now();
-    while !fetcher.shared.net.info().await.unwrap().connected.contains(&staller_id) {
-        assert!(t0.elapsed() < WAIT, "the fetcher did not connect to the staller");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert_eventually_async(WAIT, "the fetcher connects to the staller", || async {
+        fetcher.shared.net.info().await.unwrap().connected.contains(&staller_id)
+    })
+    .await;
     let staller = staller_id.parse().unwrap();
 
     // The staller is asked first, so it holds a full window of groups.
@@ -262,14 +261,12 @@ async fn a_worker_behind_a_relay_is_reached_through_it() {
         info.listen_addrs.iter().filter(|a| a.contains("/p2p-circuit")).count()
     };
     relay.shutdown().await;
-    let t0 = std::time::Instant::now();
-    while circuits().await > 0 {
-        assert!(
-            t0.elapsed() < WAIT,
-            "the worker still lists a circuit through a stopped relay"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert_eventually_async(
+        WAIT,
+        "the worker drops its circuit through the stopped relay",
+        || async { circuits().await == 0 },
+    )
+    .await;
     // quinn lets go of the old socket once its endpoint driver ends.
     let t0 = std::time::Instant::now();
     let relay = loop {
@@ -282,14 +279,10 @@ async fn a_worker_behind_a_relay_is_reached_through_it() {
             Err(e) => panic!("the relay does not restart: {e:#}"),
         }
     };
-    let t0 = std::time::Instant::now();
-    while circuits().await == 0 {
-        assert!(
-            t0.elapsed() < WAIT,
-            "the worker did not reserve a slot on the restarted relay"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert_eventually_async(WAIT, "the worker reserves a slot on the restarted relay", || async {
+        circuits().await > 0
+    })
+    .await;
     for n in [vec![relay], workers, clients].into_iter().flatten() {
         n.shutdown().await;
     }

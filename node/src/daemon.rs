@@ -126,12 +126,11 @@ impl Shared {
         *cache = None;
         let loaded =
             kernels::model::load(&self.store.path(id)).context("the model blob is not a model tern can load")?;
-        let cpu = || kernels::Backend::Cpu(self.cpu.clone());
         let m = match kernels::model::Model::new(&loaded.weights, self.backend.clone()) {
             Ok(m) => m,
             Err(e) if matches!(self.backend, kernels::Backend::Wgpu(_)) => {
                 tracing::warn!(model = %id, "the GPU cannot hold the model ({e}); it runs on the CPU");
-                kernels::model::Model::new(&loaded.weights, cpu())?
+                kernels::model::Model::new(&loaded.weights, kernels::Backend::Cpu(self.cpu.clone()))?
             }
             Err(e) => return Err(e.into()),
         };
