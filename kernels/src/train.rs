@@ -22,4 +22,4 @@ pub(crate) use engine::lora_forward;
 pub use engine::{ActQuant, Engine, SeqLoss, Sequence};
 pub use lora::{Adapter, LoraConfig, Slot};
 pub use optim::{AdamW, AdamWConfig, Moments, Schedule, StateDtype, clip_grad_norm, grad_norm};
-pub use trainer::{StepStats, TrainConfig, Trainer, checkpoint_dir, eval_loss, run_digest};
+pub use trainer::{StepStats, TrainConfig, Trainer, batch_indices, checkpoint_dir, eval_loss, run_digest};

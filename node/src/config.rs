@@ -72,6 +72,19 @@ pub enum Fault {
     JunkShard,
     /// Replaces the last generated token of every inference answer.
     TamperInfer,
+    /// Claims 1000 times the counted tokens of every LoRA shard (to own
+    /// the token-weighted mean).
+    InflateTokens,
+    /// Sets the first coordinate of every LoRA-shard delta to `f32::MAX`
+    /// (finite, so it decodes; enough to overflow the aggregate).
+    HugeDelta,
+    /// Perturbs a LoRA-shard delta only where a worker that knows the job's
+    /// public seed would predict no spot check at `percent`%: it recovers
+    /// the round and shard from the task's seed and applies the draw that
+    /// spot checks used before the client kept a secret audit key.
+    CheatWhereUnchecked { job_seed: u64, percent: u32 },
+    /// Accepts tasks and never answers them (until cancelled).
+    Stall,
 }
 
 /// Where a node runs its tasks (see [`Config::compute`]).
@@ -119,6 +132,13 @@ pub struct Limits {
     pub task_timeout_secs: u64,
     /// Seconds in-flight tasks get to finish at shutdown before they are handed back.
     pub shutdown_grace_secs: u64,
+    /// Adverts a second that one connected peer may forward to this node
+    /// (after a burst of `advert_burst`); past that they are dropped unread.
+    pub adverts_per_sec: u32,
+    pub advert_burst: u32,
+    /// Task requests a second one peer may send (after a burst of `task_burst`).
+    pub tasks_per_sec: u32,
+    pub task_burst: u32,
 }
 
 impl Default for Config {
@@ -161,6 +181,10 @@ impl Default for Limits {
             only_when_charging: false,
             task_timeout_secs: 600,
             shutdown_grace_secs: 10,
+            adverts_per_sec: 50,
+            advert_burst: 500,
+            tasks_per_sec: 20,
+            task_burst: 64,
         }
     }
 }
@@ -199,9 +223,13 @@ impl Config {
         anyhow::ensure!(self.advert_interval_secs > 0, "advert_interval_secs must be at least 1");
         anyhow::ensure!(
             self.advert_ttl_secs > self.advert_interval_secs
-                && self.advert_ttl_secs * 1000 <= protocol::limits::MAX_ENVELOPE_TTL_MS,
+                && self.advert_ttl_secs * 1000 <= protocol::limits::MAX_ADVERT_TTL_MS,
             "advert_ttl_secs must be above advert_interval_secs and at most {} s",
-            protocol::limits::MAX_ENVELOPE_TTL_MS / 1000
+            protocol::limits::MAX_ADVERT_TTL_MS / 1000
+        );
+        anyhow::ensure!(
+            self.limits.adverts_per_sec > 0 && self.limits.tasks_per_sec > 0,
+            "limits.adverts_per_sec and limits.tasks_per_sec must be at least 1"
         );
         for r in &self.relays {
             let a: libp2p::Multiaddr = r.parse().with_context(|| format!("relays entry {r:?}"))?;

@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::net::{self, Inbound, Net};
+use crate::rate::Buckets;
 use crate::store::BlobStore;
 use crate::{control, executor, fetch, hw, identity};
 
@@ -31,6 +32,10 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// Live task envelopes one signer may have in the replay guard: a client
+/// sends a worker a handful of tasks at once, each valid for minutes.
+pub const TASKS_PER_SIGNER: usize = 1024;
 
 /// A random u64 from the OS generator (envelope nonces).
 pub fn random_u64() -> u64 {
@@ -47,9 +52,16 @@ pub struct Shared {
     pub store: BlobStore,
     pub net: Net,
     pub peers: Mutex<PeerTable>,
+    /// Task envelopes seen (adverts need none: the peer table keeps the
+    /// newest per signer and refuses older or equal ones).
     pub replay: Mutex<ReplayGuard>,
-    /// Benchmark checks done: (signer, epoch) -> whether the hash matched.
-    pub score_checks: Mutex<std::collections::HashMap<(PublicKey, u64), bool>>,
+    /// Adverts each connected peer may forward, and tasks each may send.
+    pub advert_rate: Mutex<Buckets<PeerId>>,
+    pub task_rate: Mutex<Buckets<PeerId>>,
+    /// Benchmark checks done and waiting, bounded.
+    pub score_checks: Mutex<ScoreChecks>,
+    /// One benchmark re-check runs at a time.
+    pub score_check_slot: tokio::sync::Semaphore,
     pub score: Mutex<Option<BenchScore>>,
     pub cpu: kernels::cpu::Cpu,
     /// Where tasks run: the CPU above, or the GPU `compute` chose.
@@ -66,11 +78,63 @@ pub struct Shared {
     pub model_cache: Mutex<Option<(ContentId, Arc<kernels::model::Model>)>>,
 }
 
+/// Benchmark re-checks: done (signer, epoch) -> whether the hash matched,
+/// and the ones waiting. Each costs a benchmark product on this node's CPU,
+/// so they run one at a time, at most [`ScoreChecks::MAX_PENDING`] wait
+/// (more are skipped, and asked again at the signer's next advert), and
+/// the results of past epochs are forgotten first when the map is full.
+#[derive(Debug, Default)]
+pub struct ScoreChecks {
+    done: std::collections::HashMap<(PublicKey, u64), bool>,
+    pending: std::collections::HashSet<(PublicKey, u64)>,
+}
+
+impl ScoreChecks {
+    pub const MAX_DONE: usize = 16_384;
+    pub const MAX_PENDING: usize = 64;
+
+    /// The result of a check done.
+    pub fn get(&self, key: &(PublicKey, u64)) -> Option<bool> {
+        self.done.get(key).copied()
+    }
+
+    /// Whether a check is to be started now (not done, not waiting, room).
+    fn start(&mut self, key: (PublicKey, u64)) -> bool {
+        if self.done.contains_key(&key) || self.pending.contains(&key) || self.pending.len() >= Self::MAX_PENDING {
+            return false;
+        }
+        self.pending.insert(key);
+        true
+    }
+
+    fn finish(&mut self, key: (PublicKey, u64), ok: bool, current_epoch: u64) {
+        self.pending.remove(&key);
+        if self.done.len() >= Self::MAX_DONE {
+            self.done.retain(|(_, e), _| *e + 1 >= current_epoch);
+            if self.done.len() >= Self::MAX_DONE {
+                self.done.clear();
+            }
+        }
+        self.done.insert(key, ok);
+    }
+
+    /// Checks waiting or running.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+}
+
 /// Counters shown by `tern status`.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Stats {
     pub adverts_accepted: u64,
     pub adverts_refused: u64,
+    /// Adverts not newer than the one held from their signer (replays).
+    pub adverts_stale: u64,
+    /// Adverts dropped unread because their forwarder passed its rate.
+    pub adverts_dropped: u64,
+    /// Task requests dropped unread because their sender passed its rate.
+    pub tasks_dropped: u64,
     pub tasks_done: u64,
     pub tasks_refused: u64,
     pub tasks_failed: u64,
@@ -254,8 +318,23 @@ pub async fn start(config: Config) -> Result<NodeHandle> {
         store,
         net,
         peers: Mutex::new(PeerTable::new(4096)),
-        replay: Mutex::new(ReplayGuard::new(100_000)),
+        replay: Mutex::new(ReplayGuard::new(
+            100_000,
+            TASKS_PER_SIGNER,
+            protocol::limits::MAX_TASK_TTL_MS,
+        )),
+        advert_rate: Mutex::new(Buckets::new(
+            f64::from(config.limits.adverts_per_sec),
+            config.limits.advert_burst,
+            4096,
+        )),
+        task_rate: Mutex::new(Buckets::new(
+            f64::from(config.limits.tasks_per_sec),
+            config.limits.task_burst,
+            4096,
+        )),
         score_checks: Mutex::new(Default::default()),
+        score_check_slot: tokio::sync::Semaphore::new(1),
         score: Mutex::new(None),
         cpu,
         backend,
@@ -365,25 +444,37 @@ async fn bench_loop(shared: Arc<Shared>) {
     }
 }
 
-fn record_advert(shared: &Arc<Shared>, o: &Opened, advert: Advert) {
+/// Records an advert in the peer table; false when an equal or newer one
+/// from its signer is known (a replay, or gossip out of order).
+fn record_advert(shared: &Arc<Shared>, o: &Opened, advert: Advert) -> bool {
     let verified = advert
         .score
         .as_ref()
-        .and_then(|s| shared.score_checks.lock().get(&(o.signer, s.epoch)).copied());
+        .and_then(|s| shared.score_checks.lock().get(&(o.signer, s.epoch)));
     let entry = PeerEntry {
         advert,
         issued_at_ms: o.validity.issued_at_ms,
         expires_at_ms: o.validity.expires_at_ms,
         score_verified: verified == Some(true),
     };
-    shared.peers.lock().insert(o.signer, entry, now_ms());
+    shared.peers.lock().insert(o.signer, entry, now_ms())
 }
 
-/// Validates a gossiped advert: size, strict signature, freshness, replay,
-/// field limits. Returns the opened envelope and the advert.
-pub fn validate_advert(shared: &Shared, data: &[u8]) -> Result<(Opened, Advert)> {
+/// Validates a gossiped advert: size, strict signature, freshness, the
+/// receiver's validity cap, field limits. Replays are refused by the peer
+/// table, which keeps the newest advert per signer. Returns the opened
+/// envelope and the advert.
+pub fn validate_advert(data: &[u8]) -> Result<(Opened, Advert)> {
     let opened = protocol::open(data)?;
-    shared.replay.lock().admit(&opened, now_ms())?;
+    opened.check_fresh(now_ms())?;
+    let v = opened.validity;
+    let ttl = v.expires_at_ms.saturating_sub(v.issued_at_ms);
+    if ttl > protocol::limits::MAX_ADVERT_TTL_MS {
+        return Err(anyhow!(
+            "an advert valid for {ttl} ms, more than the {} ms accepted",
+            protocol::limits::MAX_ADVERT_TTL_MS
+        ));
+    }
     match &opened.payload {
         Payload::Advert(a) => {
             let a = a.clone();
@@ -402,31 +493,47 @@ fn payload_name(p: &Payload) -> &'static str {
 }
 
 async fn on_advert(shared: &Arc<Shared>, source: PeerId, id: gossipsub::MessageId, data: Vec<u8>) {
-    match validate_advert(shared, &data) {
+    use gossipsub::MessageAcceptance::{Accept, Ignore, Reject};
+    // A forwarder past its rate is cut off before any signature is checked.
+    if !shared.advert_rate.lock().allow(&source, now_ms()) {
+        shared.net.validation(source, id, Ignore).await;
+        shared.stats.lock().adverts_dropped += 1;
+        return;
+    }
+    match validate_advert(&data) {
         Ok((opened, advert)) => {
-            shared
-                .net
-                .validation(source, id, gossipsub::MessageAcceptance::Accept)
-                .await;
+            let check = advert.score.as_ref().map(|s| (s.epoch, s.output_hash));
+            let addrs = advert.listen_addrs.clone();
+            if !record_advert(shared, &opened, advert) {
+                // Not newer than what the table holds: not forwarded, and no
+                // fault of the forwarder (gossip may reorder).
+                shared.net.validation(source, id, Ignore).await;
+                shared.stats.lock().adverts_stale += 1;
+                return;
+            }
+            shared.net.validation(source, id, Accept).await;
             shared.stats.lock().adverts_accepted += 1;
             if let Ok(peer) = identity::peer_id(&opened.signer) {
-                for a in &advert.listen_addrs {
+                for a in &addrs {
                     if let Ok(addr) = a.parse::<Multiaddr>() {
                         shared.net.add_address(peer, addr).await;
                     }
                 }
             }
-            let check = advert.score.as_ref().map(|s| (s.epoch, s.output_hash));
-            record_advert(shared, &opened, advert);
             if let Some((epoch, hash)) = check {
                 spawn_score_check(shared.clone(), opened.signer, epoch, hash);
             }
         }
         Err(e) => {
-            // Penalizes the forwarder in gossipsub's scoring.
+            // An advert that expired on the way is late, not forged: ignored.
+            // Anything else costs the forwarder gossipsub score.
+            let late = matches!(
+                e.downcast_ref::<protocol::Error>(),
+                Some(protocol::Error::Expired { .. })
+            );
             shared
                 .net
-                .validation(source, id, gossipsub::MessageAcceptance::Reject)
+                .validation(source, id, if late { Ignore } else { Reject })
                 .await;
             shared.stats.lock().adverts_refused += 1;
             tracing::warn!(from = %source, "refused an advert: {e:#}");
@@ -437,30 +544,35 @@ async fn on_advert(shared: &Arc<Shared>, source: PeerId, id: gossipsub::MessageI
 /// Recomputes a peer's benchmark hash once per (peer, epoch) and marks its
 /// table entry.
 fn spawn_score_check(shared: Arc<Shared>, signer: PublicKey, epoch: u64, hash: ContentId) {
-    if shared.score_checks.lock().contains_key(&(signer, epoch)) {
-        return;
-    }
     let current = protocol::bench_epoch(now_ms());
     if epoch + 1 < current || epoch > current + 1 {
-        shared.score_checks.lock().insert((signer, epoch), false);
+        if shared.score_checks.lock().start((signer, epoch)) {
+            shared.score_checks.lock().finish((signer, epoch), false, current);
+        }
+        return;
+    }
+    if !shared.score_checks.lock().start((signer, epoch)) {
         return;
     }
     tokio::spawn(async move {
-        let s = shared.clone();
-        let ok = tokio::task::spawn_blocking(move || hw::expected_bench_hash(&signer, epoch, &s.cpu))
-            .await
-            .ok()
-            .and_then(|r| r.ok())
-            .is_some_and(|expected| expected == hash);
+        let ok = match shared.score_check_slot.acquire().await {
+            Ok(_permit) => {
+                let s = shared.clone();
+                tokio::task::spawn_blocking(move || hw::expected_bench_hash(&signer, epoch, &s.cpu))
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+                    .is_some_and(|expected| expected == hash)
+            }
+            Err(_) => false,
+        };
         if !ok {
             tracing::warn!(peer = %signer, "advertised benchmark hash does not match its seed");
         }
-        let mut checks = shared.score_checks.lock();
-        if checks.len() > 16_384 {
-            checks.clear();
-        }
-        checks.insert((signer, epoch), ok);
-        drop(checks);
+        shared
+            .score_checks
+            .lock()
+            .finish((signer, epoch), ok, protocol::bench_epoch(now_ms()));
         shared.peers.lock().mark_score(&signer, epoch, ok);
     });
 }
@@ -489,6 +601,11 @@ async fn inbound_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>)
                 });
             }
             Inbound::Task { peer, request, channel } => {
+                if !shared.task_rate.lock().allow(&peer, now_ms()) {
+                    shared.stats.lock().tasks_dropped += 1;
+                    tracing::debug!(%peer, "task request dropped: over its rate");
+                    continue;
+                }
                 tokio::spawn(executor::handle(shared.clone(), peer, request, channel));
             }
             Inbound::Connected { .. } => {

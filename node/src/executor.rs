@@ -5,7 +5,7 @@
 //! kernels, on inputs named by content id and verified on arrival.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -26,7 +26,21 @@ const TASK_TTL: Duration = Duration::from_secs(300);
 
 /// Answers one inbound task request.
 pub async fn handle(shared: Arc<Shared>, peer: PeerId, request: Vec<u8>, channel: Responder) {
-    let result = process(&shared, peer, &request).await;
+    // A submitter that goes away (its connection closed, its request
+    // timed out) stops the task: dropping `process` cancels its work.
+    let gone = async {
+        while channel.is_open() {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    let result = tokio::select! {
+        r = process(&shared, peer, &request) => r,
+        _ = gone => {
+            shared.stats.lock().tasks_failed += 1;
+            tracing::warn!(%peer, "the submitter went away; its task was stopped");
+            return;
+        }
+    };
     {
         let mut st = shared.stats.lock();
         match result.status {
@@ -44,12 +58,35 @@ pub async fn handle(shared: Arc<Shared>, peer: PeerId, request: Vec<u8>, channel
     shared.net.respond(TASK_PROTOCOL, channel, bytes).await;
 }
 
-/// Decrements the active-task count when dropped.
-struct Slot<'a>(&'a Shared);
+/// A task slot: decrements the active-task count when the last holder
+/// drops it. The blocking work holds a clone, so a task that timed out or
+/// was cancelled keeps its slot until its computation has really stopped.
+struct Slot(Arc<Shared>);
 
-impl Drop for Slot<'_> {
+impl Drop for Slot {
     fn drop(&mut self) {
         self.0.active_tasks.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// One task's cancellation flag, set when the task's future ends for any
+/// reason (done, timed out, shutdown, submitter gone): the kernels check
+/// it between training steps and between generated tokens.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Sets the flag when dropped.
+struct CancelOnDrop(Cancel);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.0.store(true, Ordering::Relaxed);
     }
 }
 
@@ -87,10 +124,12 @@ async fn process(shared: &Arc<Shared>, peer: PeerId, request: &[u8]) -> TaskResu
         shared.active_tasks.fetch_sub(1, Ordering::SeqCst);
         return refuse(id, inputs, format!("busy: {max} tasks already running"));
     }
-    let _slot = Slot(shared);
+    let slot = Arc::new(Slot(shared.clone()));
     let timeout = Duration::from_secs(shared.config.limits.task_timeout_secs);
     let mut cancel = shared.cancel.clone();
-    let run = run(shared, peer, task);
+    let stop = Cancel::default();
+    let _stop_on_exit = CancelOnDrop(stop.clone());
+    let run = run(shared, peer, task, slot, stop);
     tokio::select! {
         r = tokio::time::timeout(timeout, run) => match r {
             Ok(Ok((output, work))) => TaskResult {
@@ -143,8 +182,18 @@ fn admissible(shared: &Shared, opened: &Opened, task: &Task, peer: PeerId) -> Re
 }
 
 /// Fetches the inputs and runs the task. Returns the output blob and work.
-async fn run(shared: &Arc<Shared>, peer: PeerId, task: &Task) -> Result<(ContentId, u64)> {
+async fn run(
+    shared: &Arc<Shared>,
+    peer: PeerId,
+    task: &Task,
+    slot: Arc<Slot>,
+    stop: Cancel,
+) -> Result<(ContentId, u64)> {
     let memory_limit = shared.config.limits.max_memory_mib.saturating_mul(1 << 20);
+    if shared.config.fault == Some(Fault::Stall) {
+        // A dishonest worker that holds the task (and its slot) forever.
+        std::future::pending::<()>().await;
+    }
     for input in &task.inputs {
         fetch::fetch(shared, input, &[peer])
             .await
@@ -157,8 +206,12 @@ async fn run(shared: &Arc<Shared>, peer: PeerId, task: &Task) -> Result<(Content
                 bail!("the model is {size} bytes, more than this node's memory limit of {memory_limit}");
             }
             let prompt_len = p.prompt.len();
-            let (s, p) = (shared.clone(), p.clone());
-            let mut tokens = tokio::task::spawn_blocking(move || infer(&s, &p)).await??;
+            let (s, p, stop) = (shared.clone(), p.clone(), stop.clone());
+            let mut tokens = tokio::task::spawn_blocking(move || {
+                let _slot = slot;
+                infer(&s, &p, &stop)
+            })
+            .await??;
             if shared.config.fault == Some(Fault::TamperInfer)
                 && let Some(t) = tokens.last_mut()
             {
@@ -177,8 +230,10 @@ async fn run(shared: &Arc<Shared>, peer: PeerId, task: &Task) -> Result<(Content
                 bail!("the model is {size} bytes, more than this node's memory limit of {memory_limit}");
             }
             let max_work = task.max_work.min(shared.config.limits.max_work);
+            let task_seed = p.seed;
             let (s, p) = (shared.clone(), p.clone());
             let (output, work) = tokio::task::spawn_blocking(move || {
+                let _slot = slot;
                 let start =
                     protocol::train::AdapterParams::decode(&s.store.read(&p.adapter)?).context("the adapter blob")?;
                 let data = protocol::train::Sequences::decode(&s.store.read(&p.data)?).context("the data shard")?;
@@ -190,14 +245,32 @@ async fn run(shared: &Arc<Shared>, peer: PeerId, task: &Task) -> Result<(Content
                 };
                 let model = s.model(&p.model)?;
                 let cancel = s.cancel.clone();
-                shard::run(&model, &p, &start, opt.as_ref(), &data, max_work, &|| *cancel.borrow())
+                shard::run(&model, &p, &start, opt.as_ref(), &data, max_work, &|| {
+                    stop.is_set() || *cancel.borrow()
+                })
             })
             .await??;
             let mut output = output;
-            if shared.config.fault == Some(Fault::PerturbShard)
-                && let Some(d) = output.delta.first_mut()
-            {
-                *d += 1e-3;
+            match shared.config.fault {
+                Some(Fault::PerturbShard) => {
+                    if let Some(d) = output.delta.first_mut() {
+                        *d += 1e-3;
+                    }
+                }
+                Some(Fault::InflateTokens) => output.tokens = output.tokens.saturating_mul(1000),
+                Some(Fault::HugeDelta) => {
+                    if let Some(d) = output.delta.first_mut() {
+                        *d = f32::MAX;
+                    }
+                }
+                Some(Fault::CheatWhereUnchecked { job_seed, percent }) => {
+                    if !believed_checked(job_seed, f64::from(percent) / 100.0, task_seed)
+                        && let Some(d) = output.delta.first_mut()
+                    {
+                        *d += 1e-3;
+                    }
+                }
+                _ => {}
             }
             let out = if shared.config.fault == Some(Fault::JunkShard) {
                 b"this is not a shard result".to_vec()
@@ -212,15 +285,34 @@ async fn run(shared: &Arc<Shared>, peer: PeerId, task: &Task) -> Result<(Content
     }
 }
 
+/// What a cheating worker computes to decide whether its shard will be
+/// spot-checked: it finds the (round, shard) whose public seed is the
+/// task's, and applies the spot-check draw tern used before the client's
+/// audit key (a hash of the public job seed). Checked if not found.
+fn believed_checked(job_seed: u64, fraction: f64, task_seed: u64) -> bool {
+    for round in 0..64 {
+        for shard in 0..64 {
+            if protocol::job::shard_seed(job_seed, round, shard) == task_seed {
+                let s = protocol::job::shard_seed(job_seed ^ 0x5b07_c4ec, round, shard);
+                return ((s >> 11) as f64) < fraction * (1u64 << 53) as f64;
+            }
+        }
+    }
+    true
+}
+
 /// Runs generation on the node's task backend. The model blob is a GGUF file.
-fn infer(shared: &Shared, p: &InferParams) -> Result<Vec<u32>> {
+fn infer(shared: &Shared, p: &InferParams, stop: &Cancel) -> Result<Vec<u32>> {
     let model = shared.model(&p.model)?;
     let vocab = model.config().vocab_size;
     if let Some(bad) = p.prompt.iter().find(|&&t| t as usize >= vocab) {
         bail!("prompt token {bad} is outside the model's vocabulary of {vocab}");
     }
     let mut sampler = crate::infer::sampler(&p.sampling)?;
-    let (tokens, _) = model.generate(&p.prompt, p.max_tokens as usize, &mut sampler, &[], |_| true)?;
+    let (tokens, _) = model.generate(&p.prompt, p.max_tokens as usize, &mut sampler, &[], |_| !stop.is_set())?;
+    if stop.is_set() {
+        bail!("stopped before the last token");
+    }
     Ok(tokens)
 }
 

@@ -10,6 +10,7 @@
 //! the ternary kernels as one batch instead of one token at a time.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use kernels::model::{Logits, Model, Sampler, SamplingParams};
@@ -180,10 +181,17 @@ pub async fn infer(
             max_work: params.work(),
             params: TaskParams::Infer(params.clone()),
         };
-        let sub = match executor::submit(shared, task).await {
-            Ok(s) => s,
-            Err(e) => {
+        // A peer that takes the task and never answers is replaced after
+        // this node's own task timeout.
+        let wait = Duration::from_secs(shared.config.limits.task_timeout_secs);
+        let sub = match tokio::time::timeout(wait, executor::submit(shared, task)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
                 errors.push(format!("{worker}: {e:#}"));
+                continue;
+            }
+            Err(_) => {
+                errors.push(format!("{worker}: no answer within {} s", wait.as_secs()));
                 continue;
             }
         };

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use futures::stream::{FuturesUnordered, StreamExt};
 use kernels::model::Model;
-use protocol::job::{self as rules, Verdict};
+use protocol::job::{self as rules, AuditKey, Verdict};
 use protocol::train::{
     self, AdapterParams, Contribution, LoraHyper, LoraShardOutput, OptimizerState, Outer, Rule, Sequences,
 };
@@ -31,6 +31,7 @@ use protocol::{ContentId, LoraShardParams, PeerEntry, PublicKey, Task, TaskParam
 use serde::{Deserialize, Serialize};
 
 use crate::daemon::{Shared, now_ms};
+use crate::reputation::{Conviction, Reputation};
 use crate::{executor, fetch, shard};
 
 /// How long a round waits for a capable peer before it gives up (by default).
@@ -44,13 +45,24 @@ pub enum Verify {
     None,
     /// Each shard goes to `k` distinct workers; equal ids accept.
     Redundancy { k: u32 },
-    /// A seeded `fraction` of shard results is re-run by the client.
+    /// A `fraction` of shard results, drawn from the client's secret, is
+    /// re-run by the client.
     Spot { fraction: f64 },
+    /// Both: `k` copies that must agree, and a `fraction` of the agreed
+    /// results re-run by the client all the same (colluding copies are
+    /// caught at that rate).
+    RedundancySpot { k: u32, fraction: f64 },
 }
 
 impl Verify {
-    /// `none`, `redundancy:K` or `spot:FRACTION`.
+    /// `none`, `redundancy:K`, `spot:FRACTION` or `redundancy:K+spot:FRACTION`.
     pub fn parse(s: &str) -> Result<Self> {
+        if let Some((r, f)) = s.split_once('+') {
+            let (Verify::Redundancy { k }, Verify::Spot { fraction }) = (Self::parse(r)?, Self::parse(f)?) else {
+                bail!("verification {s:?}: expected redundancy:K+spot:FRACTION");
+            };
+            return Ok(Verify::RedundancySpot { k, fraction });
+        }
         let v = match s.split_once(':') {
             None if s == "none" => Verify::None,
             Some(("redundancy", k)) => Verify::Redundancy {
@@ -59,7 +71,7 @@ impl Verify {
             Some(("spot", f)) => Verify::Spot {
                 fraction: f.parse().with_context(|| format!("spot fraction {f:?}"))?,
             },
-            _ => bail!("verification {s:?}: expected none, redundancy:K or spot:FRACTION"),
+            _ => bail!("verification {s:?}: expected none, redundancy:K, spot:FRACTION or redundancy:K+spot:FRACTION"),
         };
         v.validate()?;
         Ok(v)
@@ -73,6 +85,10 @@ impl Verify {
                 (0.0..=1.0).contains(&fraction),
                 "spot-check fraction {fraction} is outside 0..=1"
             ),
+            Verify::RedundancySpot { k, fraction } => {
+                Verify::Redundancy { k }.validate()?;
+                Verify::Spot { fraction }.validate()?;
+            }
         }
         Ok(())
     }
@@ -80,8 +96,16 @@ impl Verify {
     /// Workers each shard is sent to.
     pub fn copies(&self) -> usize {
         match *self {
-            Verify::Redundancy { k } => k as usize,
+            Verify::Redundancy { k } | Verify::RedundancySpot { k, .. } => k as usize,
             _ => 1,
+        }
+    }
+
+    /// The fraction of (agreed) results the client re-runs.
+    pub fn spot_fraction(&self) -> f64 {
+        match *self {
+            Verify::Spot { fraction } | Verify::RedundancySpot { fraction, .. } => fraction,
+            _ => 0.0,
         }
     }
 }
@@ -92,6 +116,7 @@ impl std::fmt::Display for Verify {
             Verify::None => write!(f, "none"),
             Verify::Redundancy { k } => write!(f, "redundancy:{k}"),
             Verify::Spot { fraction } => write!(f, "spot:{fraction}"),
+            Verify::RedundancySpot { k, fraction } => write!(f, "redundancy:{k}+spot:{fraction}"),
         }
     }
 }
@@ -287,6 +312,15 @@ pub struct JobState {
     /// Task attempts that failed or timed out (given to another worker).
     pub reassigned: u64,
     pub finished: bool,
+    /// The commitment to the client's audit key ([`AuditKey::commitment`]),
+    /// fixed before any task is sent.
+    #[serde(default)]
+    pub audit_commitment: Option<ContentId>,
+    /// The audit key itself: the secret that draws spot checks and picks
+    /// workers. Only in the client's private state file; `tern job status`
+    /// reveals it once the job has finished, so the draws can be audited.
+    #[serde(default)]
+    pub audit_key: Option<ContentId>,
 }
 
 impl JobState {
@@ -333,6 +367,11 @@ impl JobState {
         self.adapter
     }
 
+    /// The job's audit key, once it is revealed (the job has finished).
+    pub fn revealed_audit_key(&self) -> Option<ContentId> {
+        self.audit_key.filter(|_| self.finished)
+    }
+
     fn worker(&mut self, k: PublicKey) -> &mut WorkerRecord {
         self.workers.entry(k).or_default()
     }
@@ -349,6 +388,8 @@ pub enum Event {
         id: ContentId,
         round: u32,
         accepted: usize,
+        /// The commitment to the client's secret audit key.
+        audit_commitment: ContentId,
     },
     RoundStarted {
         round: u32,
@@ -447,6 +488,21 @@ pub struct Job {
     layout: [u8; 32],
     params: usize,
     peer_wait: Duration,
+    /// The secret that draws spot checks and picks workers.
+    audit: AuditKey,
+    /// Workers this client has convicted in any job.
+    reputation: Reputation,
+    /// What each result of the current round is checked against: the
+    /// round's adapter, optimizer state and the data shards (by shard).
+    round_inputs: Option<RoundInputs>,
+}
+
+/// The current round's start, decoded once for checking answers.
+struct RoundInputs {
+    round: u32,
+    adapter: AdapterParams,
+    optimizer: Option<OptimizerState>,
+    data: BTreeMap<u32, Sequences>,
 }
 
 impl std::fmt::Debug for Job {
@@ -510,10 +566,33 @@ impl Job {
                 verdicts: Vec::new(),
                 reassigned: 0,
                 finished: false,
+                audit_commitment: None,
+                audit_key: None,
             };
             s.save(dir)?;
             s
         };
+        let mut state = state;
+        let audit = match state.audit_key {
+            Some(k) => AuditKey::from_bytes(*k.as_bytes()),
+            None => {
+                // A job saved before audit keys (or a new one) draws a
+                // fresh secret; nothing was drawn from the old public seed
+                // that later draws must agree with.
+                let mut secret = [0u8; 32];
+                getrandom::fill(&mut secret).map_err(|e| anyhow!("the OS random generator failed: {e}"))?;
+                let k = AuditKey::from_bytes(secret);
+                state.audit_key = Some(ContentId::from_bytes(secret));
+                state.audit_commitment = Some(k.commitment());
+                state.save(dir)?;
+                k
+            }
+        };
+        ensure!(
+            state.audit_commitment.is_some_and(|c| audit.verify(&c)),
+            "job {id}'s saved audit key does not match its commitment"
+        );
+        let reputation = Reputation::load(dir)?;
         for b in [Some(state.adapter), state.momentum, state.optimizer]
             .into_iter()
             .flatten()
@@ -535,6 +614,9 @@ impl Job {
             layout,
             params,
             peer_wait: PEER_WAIT,
+            audit,
+            reputation,
+            round_inputs: None,
         })
     }
 
@@ -554,6 +636,7 @@ impl Job {
             id: self.state.id,
             round: self.state.round,
             accepted: self.state.accepted.len(),
+            audit_commitment: self.audit.commitment(),
         });
         while self.state.round < self.state.spec.rounds {
             self.round(on).await?;
@@ -573,6 +656,7 @@ impl Job {
         let n = spec.shards.len() as u32;
         let copies = spec.verify.copies();
         on(&Event::RoundStarted { round });
+        self.load_round_inputs()?;
         let mut results: BTreeMap<u32, Vec<Got>> = BTreeMap::new();
         // Workers asked for each shard this round (answered, running or failed).
         let mut asked: BTreeMap<u32, BTreeSet<PublicKey>> = BTreeMap::new();
@@ -590,7 +674,8 @@ impl Job {
             if open.is_empty() {
                 break;
             }
-            let excluded = self.state.excluded();
+            let mut excluded = self.state.excluded();
+            excluded.extend(self.reputation.convicted.keys().copied());
             let peers = capable_peers(&self.shared, &spec.model, self.model_bytes, &excluded);
             for &s in &open {
                 let have = results.get(&s).map_or(0, Vec::len) + running_shard.get(&s).copied().unwrap_or(0);
@@ -601,11 +686,19 @@ impl Job {
                     // A worker not yet asked for this shard; else one that
                     // failed it (not one holding a result: copies must be distinct).
                     let has_result = |k: &PublicKey| results.get(&s).is_some_and(|g| g.iter().any(|g| g.worker == *k));
-                    let pick = peers
+                    // Under verification the copies go to workers drawn at
+                    // random (from the client's secret) among the capable
+                    // ones, so advertising more speed wins a sybil nothing.
+                    let mut order: Vec<&(PublicKey, PeerEntry)> = peers.iter().collect();
+                    if spec.verify != Verify::None {
+                        let attempt = attempts.get(&s).copied().unwrap_or(0);
+                        self.audit.shuffle(round, s, attempt, &mut order);
+                    }
+                    let pick = order
                         .iter()
                         .find(|(k, e)| !taken.contains(k) && free(e, k))
                         .or_else(|| {
-                            peers.iter().find(|(k, e)| {
+                            order.iter().find(|(k, e)| {
                                 failed.get(&s).is_some_and(|f| f.contains(k))
                                     && !has_result(k)
                                     && busy(k) == 0
@@ -705,10 +798,7 @@ impl Job {
             }
             let pairs: Vec<(PublicKey, ContentId)> = got.iter().map(|g| (g.worker, g.output)).collect();
             let verdict = rules::judge(&pairs).ok_or_else(|| anyhow!("no result to judge"))?;
-            let spot = match spec.verify {
-                Verify::Spot { fraction } => rules::spot_checked(spec.seed, round, s, fraction),
-                _ => false,
-            };
+            let spot = self.audit.spot_checked(round, s, spec.verify.spot_fraction());
             let accepted = match verdict {
                 Verdict::Agree(id) if !spot => {
                     let check = if copies > 1 { Check::Redundant } else { Check::Unchecked };
@@ -855,6 +945,29 @@ impl Job {
             (None, true) => return Err(wrong("no optimizer state, though the task gave one".into())),
             (Some(_), false) => return Err(wrong("an optimizer state nobody asked for".into())),
         }
+        // The weight and the size of the change are checked against what
+        // the client itself sent: a worker's own figure decides nothing.
+        let inputs = self
+            .round_inputs
+            .as_ref()
+            .filter(|r| r.round == round)
+            .ok_or_else(|| Fault::Failed("the round's inputs are not loaded".into()))?;
+        let data = inputs
+            .data
+            .get(&shard)
+            .ok_or_else(|| Fault::Failed(format!("shard {shard}'s data is not loaded")))?;
+        let params = spec.params(round, shard, self.state.adapter, self.state.optimizer);
+        let start_step = inputs.optimizer.as_ref().map_or(0, |o| o.step);
+        let expected = shard::counted_tokens(&params, start_step, data).map_err(|e| Fault::Failed(format!("{e:#}")))?;
+        if out.tokens != expected {
+            return Err(wrong(format!(
+                "claims {} counted tokens; its data and seed give {expected}",
+                out.tokens
+            )));
+        }
+        if let Err(e) = shard::check_delta(&params, &inputs.adapter, inputs.optimizer.as_ref(), &out.delta) {
+            return Err(wrong(format!("no honest run gives this delta: {e}")));
+        }
         let _ = store.pin(&output);
         Ok(Got {
             worker,
@@ -863,6 +976,29 @@ impl Job {
             tokens: out.tokens,
             loss: out.loss,
         })
+    }
+
+    /// Decodes the current round's adapter, optimizer state and data
+    /// shards once, for checking every answer of the round.
+    fn load_round_inputs(&mut self) -> Result<()> {
+        if self.round_inputs.as_ref().is_some_and(|r| r.round == self.state.round) {
+            return Ok(());
+        }
+        let mut data = BTreeMap::new();
+        for (i, id) in self.state.spec.shards.iter().enumerate() {
+            let bytes = self.shared.store.read(id)?;
+            data.insert(
+                i as u32,
+                Sequences::decode(&bytes).with_context(|| format!("data shard {id}"))?,
+            );
+        }
+        self.round_inputs = Some(RoundInputs {
+            round: self.state.round,
+            adapter: self.adapter_params()?,
+            optimizer: self.optimizer_state()?,
+            data,
+        });
+        Ok(())
     }
 
     /// The current adapter's parameters.
@@ -903,6 +1039,17 @@ impl Job {
                 why: why.to_string(),
             });
             tracing::warn!(worker = %w, "excluded from the job: returned {out} for {why}");
+            let conviction = Conviction {
+                at_ms: now_ms(),
+                job: self.state.id,
+                round,
+                shard,
+                why: format!("returned {out} for {why}"),
+                evidence: evidence.clone(),
+            };
+            if let Err(e) = self.reputation.record(&self.shared.config.data_dir, *w, conviction) {
+                tracing::warn!(worker = %w, "the conviction was not saved to the reputation record: {e:#}");
+            }
         }
         self.state.verdicts.push(VerdictRecord {
             round,

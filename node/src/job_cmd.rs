@@ -351,7 +351,9 @@ fn progress(spec: &JobSpec, json: bool) -> (ProgressBar, Box<job::Progress>) {
             return;
         }
         match e {
-            Event::Started { id, round, accepted } => {
+            Event::Started {
+                id, round, accepted, ..
+            } => {
                 b.set_position(u64::from(*round) * shards + *accepted as u64);
                 b.println(format!("job {id}"));
                 if *round > 0 || *accepted > 0 {

@@ -22,6 +22,8 @@ pub mod model_cmd;
 pub mod net;
 pub mod node_cmd;
 pub mod plot;
+pub mod rate;
+pub mod reputation;
 pub mod shard;
 pub mod store;
 pub mod swarm_bench;

@@ -294,6 +294,36 @@ impl Net {
     }
 }
 
+/// Gossipsub peer scoring: a peer that forwards adverts the daemon
+/// rejects (bad signature, malformed, over the limits) loses score with the
+/// square of the count, decaying over a minute or so, and is graylisted (its
+/// messages dropped unread) after about nine. Mesh-delivery penalties are
+/// off: adverts are sparse, so an honest quiet peer would pay them. Up to
+/// 64 peers may share one IP address before the colocation penalty starts
+/// (loopback swarms and home NATs put many honest nodes behind one).
+fn gossip_score_params() -> gossipsub::PeerScoreParams {
+    let topic = gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.01,
+        time_in_mesh_quantum: Duration::from_secs(1),
+        time_in_mesh_cap: 100.0,
+        first_message_deliveries_weight: 0.1,
+        first_message_deliveries_decay: 0.9,
+        first_message_deliveries_cap: 50.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: -1.0,
+        invalid_message_deliveries_decay: 0.97,
+        ..Default::default()
+    };
+    let mut p = gossipsub::PeerScoreParams {
+        ip_colocation_factor_threshold: 64.0,
+        ..Default::default()
+    };
+    p.topics.insert(gossipsub::IdentTopic::new(ADVERT_TOPIC).hash(), topic);
+    p
+}
+
 /// Builds the swarm, starts listening, and returns the handle, the inbound
 /// events and the event loop to spawn.
 pub fn start(config: &Config, key: libp2p::identity::Keypair) -> Result<(Net, mpsc::Receiver<Inbound>, EventLoop)> {
@@ -381,6 +411,11 @@ pub fn start(config: &Config, key: libp2p::identity::Keypair) -> Result<(Net, mp
         })?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
         .build();
+    swarm
+        .behaviour_mut()
+        .gossip
+        .with_peer_score(gossip_score_params(), gossipsub::PeerScoreThresholds::default())
+        .map_err(|e| anyhow!("gossip peer scoring: {e}"))?;
     swarm
         .behaviour_mut()
         .gossip

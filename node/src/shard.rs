@@ -190,3 +190,44 @@ pub fn run(
         seen,
     ))
 }
+
+/// The tokens a shard task's local steps count, from the data the client
+/// sent: the data order is a function of the task's seed and the
+/// optimizer's step, so the client knows the aggregation weight of every
+/// result without trusting the worker's figure.
+pub fn counted_tokens(p: &LoraShardParams, start_step: u64, data: &Sequences) -> Result<u64> {
+    let config = train_config(p)?;
+    let n = data.0.len();
+    ensure!(n > 0, "the data shard has no sequence");
+    let counted = |s: &TrainSequence| s.targets.iter().skip(1).filter(|&&t| t).count() as u64;
+    let mut tokens = 0u64;
+    for step in start_step..start_step + u64::from(p.local_steps) {
+        for i in kernels::train::batch_indices(&config, step, n) {
+            tokens += counted(&data.0[i]);
+        }
+    }
+    Ok(tokens)
+}
+
+/// Checks that a shard's delta is one that AdamW, with the task's
+/// hyper-parameters, could have made from `start` (and the carried state):
+/// see [`protocol::job::check_delta_bound`].
+pub fn check_delta(
+    p: &LoraShardParams,
+    start: &AdapterParams,
+    opt: Option<&OptimizerState>,
+    delta: &[f32],
+) -> std::result::Result<(), protocol::job::OutOfBound> {
+    let c = AdamWConfig {
+        weight_decay: p.hyper.weight_decay,
+        ..Default::default()
+    };
+    let adamw = protocol::job::AdamW {
+        lr: p.hyper.lr,
+        beta1: c.beta1,
+        beta2: c.beta2,
+        weight_decay: c.weight_decay,
+    };
+    let moments = opt.map(|o| (o.step, o.m.as_slice(), o.v.as_slice()));
+    protocol::job::check_delta_bound(&start.values, delta, moments, p.local_steps, adamw)
+}

@@ -299,41 +299,84 @@ impl Opened {
 }
 
 /// Remembers (signer, nonce) of fresh envelopes until they expire, and
-/// refuses a second one. Bounded: when full of unexpired entries it refuses
-/// new envelopes rather than forget one that could then be replayed.
+/// refuses a second one.
+///
+/// Bounded three ways, so that no one signer can fill it for everyone
+/// else: at most `capacity` live entries in all, at most `per_signer` for
+/// one key, and no envelope valid for longer than `max_ttl_ms` (the
+/// receiver's cap, which bounds how long an entry is held). When full it
+/// refuses new envelopes rather than forget one that could then be
+/// replayed. A node keeps one guard per kind of message (tasks and
+/// adverts never share a budget).
 #[derive(Debug)]
 pub struct ReplayGuard {
     seen: HashMap<(PublicKey, u64), u64>,
+    per_signer_live: HashMap<PublicKey, usize>,
     capacity: usize,
+    per_signer: usize,
+    max_ttl_ms: u64,
     next_prune_ms: u64,
 }
 
 impl ReplayGuard {
-    /// A guard holding at most `capacity` live envelopes.
-    pub fn new(capacity: usize) -> Self {
+    /// A guard holding at most `capacity` live envelopes, at most
+    /// `per_signer` of them from one key, each valid for at most
+    /// `max_ttl_ms`.
+    pub fn new(capacity: usize, per_signer: usize, max_ttl_ms: u64) -> Self {
         Self {
             seen: HashMap::new(),
-            capacity,
+            per_signer_live: HashMap::new(),
+            capacity: capacity.max(1),
+            per_signer: per_signer.clamp(1, capacity.max(1)),
+            max_ttl_ms: max_ttl_ms.min(MAX_ENVELOPE_TTL_MS),
             next_prune_ms: 0,
         }
     }
 
-    /// Checks freshness and that this envelope was not seen before, then
-    /// remembers it.
+    fn prune(&mut self, now_ms: u64) {
+        let per_signer = &mut self.per_signer_live;
+        self.seen.retain(|(signer, _), expires| {
+            let live = *expires > now_ms;
+            if !live && let Some(n) = per_signer.get_mut(signer) {
+                *n = n.saturating_sub(1);
+            }
+            live
+        });
+        per_signer.retain(|_, n| *n > 0);
+        self.next_prune_ms = now_ms + 1000;
+    }
+
+    /// Checks freshness, the receiver's validity cap and that this
+    /// envelope was not seen before, then remembers it.
     pub fn admit(&mut self, opened: &Opened, now_ms: u64) -> Result<()> {
         opened.check_fresh(now_ms)?;
-        if now_ms >= self.next_prune_ms || self.seen.len() >= self.capacity {
-            self.seen.retain(|_, expires| *expires > now_ms);
-            self.next_prune_ms = now_ms + 1000;
+        let v = opened.validity;
+        let ttl = v.expires_at_ms.saturating_sub(v.issued_at_ms);
+        if ttl > self.max_ttl_ms {
+            return Err(Error::invalid(
+                "envelope",
+                format!(
+                    "valid for {ttl} ms, more than the {} ms this node accepts",
+                    self.max_ttl_ms
+                ),
+            ));
         }
-        let key = (opened.signer, opened.validity.nonce);
+        let key = (opened.signer, v.nonce);
+        let signer_full = |g: &Self| g.per_signer_live.get(&opened.signer).copied().unwrap_or(0) >= g.per_signer;
+        if now_ms >= self.next_prune_ms || self.seen.len() >= self.capacity || signer_full(self) {
+            self.prune(now_ms);
+        }
         if self.seen.contains_key(&key) {
             return Err(Error::Replayed);
+        }
+        if signer_full(self) {
+            return Err(Error::Busy("this signer's replay quota is full"));
         }
         if self.seen.len() >= self.capacity {
             return Err(Error::Busy("replay cache full"));
         }
-        self.seen.insert(key, opened.validity.expires_at_ms);
+        self.seen.insert(key, v.expires_at_ms);
+        *self.per_signer_live.entry(opened.signer).or_default() += 1;
         Ok(())
     }
 
@@ -432,18 +475,51 @@ mod tests {
     fn replays_are_refused_until_expiry_and_the_guard_is_bounded() {
         let k = key(1);
         let p = task(key(2).public());
-        let mut guard = ReplayGuard::new(2);
+        let mut guard = ReplayGuard::new(2, 2, MAX_ENVELOPE_TTL_MS);
         let a = open(&seal(&k, &p, Validity::new(1, 0, 1000))).unwrap();
         guard.admit(&a, 0).unwrap();
         assert_eq!(guard.admit(&a, 10), Err(Error::Replayed));
         let b = open(&seal(&k, &p, Validity::new(2, 0, 5000))).unwrap();
         guard.admit(&b, 10).unwrap();
-        let c = open(&seal(&k, &p, Validity::new(3, 0, 5000))).unwrap();
+        let c = open(&seal(&key(3), &p, Validity::new(3, 0, 5000))).unwrap();
         assert_eq!(guard.admit(&c, 20), Err(Error::Busy("replay cache full")));
         // Once `a` expires its slot is free, and `a` itself is refused as expired.
         guard.admit(&c, 1000).unwrap();
         assert!(matches!(guard.admit(&a, 1000), Err(Error::Expired { .. })));
         assert_eq!(guard.len(), 2);
+    }
+
+    #[test]
+    fn one_signer_cannot_fill_the_guard_for_others() {
+        let (flooder, honest) = (key(1), key(4));
+        let p = task(key(2).public());
+        let mut guard = ReplayGuard::new(100, 10, 60_000);
+        let mut refused = 0;
+        for nonce in 0..1000 {
+            let o = open(&seal(&flooder, &p, Validity::new(nonce, 0, 60_000))).unwrap();
+            if guard.admit(&o, 5).is_err() {
+                refused += 1;
+            }
+        }
+        assert_eq!(refused, 990, "the flooder keeps exactly its quota");
+        assert_eq!(guard.len(), 10);
+        for nonce in 0..10 {
+            let o = open(&seal(&honest, &p, Validity::new(nonce, 0, 60_000))).unwrap();
+            guard.admit(&o, 5).unwrap();
+        }
+        // The flooder's quota frees as its envelopes expire.
+        let later = open(&seal(&flooder, &p, Validity::new(5000, 60_000, 60_000))).unwrap();
+        guard.admit(&later, 60_001).unwrap();
+    }
+
+    #[test]
+    fn the_receiver_caps_validity() {
+        let p = task(key(2).public());
+        let mut guard = ReplayGuard::new(100, 10, 60_000);
+        let long = open(&seal(&key(1), &p, Validity::new(1, 0, 60_001))).unwrap();
+        let err = guard.admit(&long, 1).unwrap_err();
+        assert!(err.to_string().contains("more than the 60000 ms"), "{err}");
+        assert!(guard.is_empty());
     }
 
     #[test]

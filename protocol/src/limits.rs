@@ -7,6 +7,12 @@ pub const MAX_ENVELOPE_BYTES: usize = 64 * 1024;
 pub const MAX_ADVERT_BYTES: usize = 16 * 1024;
 /// Longest an envelope may be valid for, from issue to expiry.
 pub const MAX_ENVELOPE_TTL_MS: u64 = 15 * 60 * 1000;
+/// Longest an advert may be valid for: receivers refuse longer ones, so a
+/// flood of adverts cannot pin entries in a peer table for long.
+pub const MAX_ADVERT_TTL_MS: u64 = 10 * 60 * 1000;
+/// Longest a task envelope may be valid for: bounds how long a worker's
+/// replay guard holds each task.
+pub const MAX_TASK_TTL_MS: u64 = 10 * 60 * 1000;
 /// How far in the future an envelope's issue time may be (clock skew).
 pub const MAX_CLOCK_SKEW_MS: u64 = 60 * 1000;
 /// Most listen addresses, GPUs, models and blobs in one advert.

@@ -83,6 +83,26 @@ pub struct StepStats {
     pub eval_loss: Option<f64>,
 }
 
+/// The training sequences (by index into `n`) that step `step` (0-based)
+/// of a run with `config` reads: the data order is a function of the seed
+/// and the step alone, so anyone holding the data knows what each step
+/// trains on (and how many tokens it counts) without running it.
+pub fn batch_indices(config: &TrainConfig, step: u64, n: usize) -> Vec<usize> {
+    let per = config.sequences_per_step() as u64;
+    let n = n.max(1);
+    let mut order: Option<(u64, Vec<usize>)> = None;
+    (0..per)
+        .map(|k| {
+            let g = step * per + k;
+            let epoch = g / n as u64;
+            if order.as_ref().is_none_or(|o| o.0 != epoch) {
+                order = Some((epoch, epoch_order(n, config.seed, epoch)));
+            }
+            order.as_ref().map_or(0, |o| o.1[(g % n as u64) as usize])
+        })
+        .collect()
+}
+
 /// A training run in progress.
 #[derive(Debug)]
 pub struct Trainer {
@@ -199,18 +219,7 @@ impl Trainer {
 
     /// The training sequences of step `step` (0-based), by index.
     pub fn batch_indices(&self, step: u64, n: usize) -> Vec<usize> {
-        let per = self.config.sequences_per_step() as u64;
-        let mut order: Option<(u64, Vec<usize>)> = None;
-        (0..per)
-            .map(|k| {
-                let g = step * per + k;
-                let epoch = g / n as u64;
-                if order.as_ref().is_none_or(|o| o.0 != epoch) {
-                    order = Some((epoch, epoch_order(n, self.config.seed, epoch)));
-                }
-                order.as_ref().map_or(0, |o| o.1[(g % n as u64) as usize])
-            })
-            .collect()
+        batch_indices(&self.config, step, n)
     }
 
     /// One optimizer step on the next sequences of `train`.
