@@ -6,64 +6,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use node::config::Fault;
-use node::daemon::{self, NodeHandle};
-use node::job::{self, Event, Job, JobSpec, JobState, Verify};
-use protocol::train::{AdapterParams, Outer, Rule};
+use node::daemon;
+use node::job::{self, Event, Job, JobState, Verify};
 use protocol::{ContentId, PublicKey, Sampling};
-use tern_tests::{assert_eventually, small_hyper, spawn_nodes, tempdir, tiny_model};
+use tern_tests::{adapter_of, assert_eventually, reference, setup, spawn_nodes, tempdir, tiny_model, wait_for_swarm};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// The model, its path, and a job spec whose inputs are in `client`'s store.
-struct Setup {
-    model_path: std::path::PathBuf,
-    spec: JobSpec,
-}
-
-fn setup(client: &NodeHandle, verify: Verify) -> Setup {
-    let dir = tempdir("job-model");
-    let model_path = tiny_model(&dir);
-    let loaded = kernels::model::load(&model_path).unwrap();
-    let vocab = loaded.weights.config.vocab_size;
-    let (seqs, _) = kernels::train::data::synthetic_mapping(vocab, 1, 8, 12, 3);
-    let (train, eval) = seqs.split_at(8);
-    let (model, shards, eval, longest) = job::put_inputs(&client.shared.store, &model_path, train, eval, 2).unwrap();
-    let spec = JobSpec {
-        model,
-        shards,
-        eval,
-        hyper: protocol::train::LoraHyper {
-            lr: 1e-2,
-            ..small_hyper()
-        },
-        rounds: 2,
-        local_steps: 2,
-        seed: 11,
-        rule: Rule::Mean,
-        outer: Outer::default(),
-        verify,
-        max_tasks_per_peer: 1,
-        task_timeout_secs: 120,
-        max_sequence_tokens: longest,
-        carry_moments: true,
-    };
-    Setup { model_path, spec }
-}
-
-/// The job's rounds computed alone, as an auditor would.
-fn reference(s: &Setup, client: &NodeHandle) -> Vec<AdapterParams> {
-    let loaded = kernels::model::load(&s.model_path).unwrap();
-    let m = kernels::model::Model::new(&loaded.weights, kernels::Backend::cpu().unwrap()).unwrap();
-    job::run_locally(&m, &s.spec, |id| client.shared.store.read(id)).unwrap()
-}
-
-async fn wait_for_swarm(client: &NodeHandle, n: usize) {
-    assert_eventually(WAIT, "the client knows every worker", || client.peers().len() >= n).await;
-}
-
-fn adapter_of(client: &NodeHandle, state: &JobState) -> AdapterParams {
-    AdapterParams::decode(&client.shared.store.read(&state.result()).unwrap()).unwrap()
-}
 
 fn quiet(e: &Event) {
     if let Event::Failed { why, .. } | Event::Caught { why, .. } = e {

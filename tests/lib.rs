@@ -121,3 +121,71 @@ pub fn have_gpu(test: &str) -> bool {
         }
     }
 }
+
+/// How long the job tests wait for a swarm to form.
+pub const SWARM_WAIT: Duration = Duration::from_secs(60);
+
+/// A job's model file and a spec whose inputs are in a client's store.
+#[derive(Debug)]
+pub struct Setup {
+    pub model_path: PathBuf,
+    pub spec: node::job::JobSpec,
+}
+
+/// Two data shards of the synthetic task on the tiny model, two rounds of
+/// two local steps, carried moments, verified by `verify`.
+pub fn setup(client: &NodeHandle, verify: node::job::Verify) -> Setup {
+    let dir = tempdir("job-model");
+    let model_path = tiny_model(&dir);
+    let loaded = kernels::model::load(&model_path).expect("the tiny model loads");
+    let vocab = loaded.weights.config.vocab_size;
+    let (seqs, _) = kernels::train::data::synthetic_mapping(vocab, 1, 8, 12, 3);
+    let (train, eval) = seqs.split_at(8);
+    let (model, shards, eval, longest) =
+        node::job::put_inputs(&client.shared.store, &model_path, train, eval, 2).expect("inputs stored");
+    let spec = node::job::JobSpec {
+        model,
+        shards,
+        eval,
+        hyper: protocol::train::LoraHyper {
+            lr: 1e-2,
+            ..small_hyper()
+        },
+        rounds: 2,
+        local_steps: 2,
+        seed: 11,
+        rule: protocol::train::Rule::Mean,
+        outer: protocol::train::Outer::default(),
+        verify,
+        max_tasks_per_peer: 1,
+        task_timeout_secs: 120,
+        max_sequence_tokens: longest,
+        carry_moments: true,
+    };
+    Setup { model_path, spec }
+}
+
+/// The job's rounds computed alone, as an auditor would.
+pub fn reference(s: &Setup, client: &NodeHandle) -> Vec<protocol::train::AdapterParams> {
+    let loaded = kernels::model::load(&s.model_path).expect("the model loads");
+    let m = kernels::model::Model::new(&loaded.weights, kernels::Backend::cpu().expect("cpu")).expect("model");
+    node::job::run_locally(&m, &s.spec, |id| client.shared.store.read(id)).expect("the local replay runs")
+}
+
+/// Waits until `client` knows `n` peers (itself included).
+pub async fn wait_for_swarm(client: &NodeHandle, n: usize) {
+    assert_eventually(SWARM_WAIT, "the client knows every worker", || {
+        client.peers().len() >= n
+    })
+    .await;
+}
+
+/// The adapter a job ended with.
+pub fn adapter_of(client: &NodeHandle, state: &node::job::JobState) -> protocol::train::AdapterParams {
+    let bytes = client
+        .shared
+        .store
+        .read(&state.result())
+        .expect("the adapter is stored");
+    protocol::train::AdapterParams::decode(&bytes).expect("the adapter decodes")
+}

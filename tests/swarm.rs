@@ -241,7 +241,7 @@ async fn a_worker_behind_a_relay_is_reached_through_it() {
 
     let dir = tempdir("relayed-task");
     let (model, _) = client.shared.store.import_file(&tiny_model(&dir)).unwrap();
-    let sub = executor::submit(&client.shared, infer_task(worker.public_key(), model))
+    let sub = executor::submit(&client.shared, infer_task(worker.public_key(), model), 1 << 30)
         .await
         .unwrap();
     assert_eq!(sub.result.status, TaskStatus::Done, "{}", sub.result.error);
@@ -314,7 +314,7 @@ async fn a_task_sent_from_one_node_runs_on_another_and_its_signed_result_verifie
     let model_path = tiny_model(&dir);
     let (model, _) = nodes[0].shared.store.import_file(&model_path).unwrap();
     let task = infer_task(nodes[1].public_key(), model);
-    let sub = executor::submit(&nodes[0].shared, task.clone()).await.unwrap();
+    let sub = executor::submit(&nodes[0].shared, task.clone(), 1 << 30).await.unwrap();
     assert_eq!(sub.result.status, TaskStatus::Done, "{}", sub.result.error);
     // The evidence stands alone: signed by the worker, naming the task.
     let evidence = open(&sub.envelope).unwrap();
@@ -389,7 +389,7 @@ async fn a_lora_shard_runs_on_another_node_and_returns_the_delta_a_local_run_com
             ..params.clone()
         }),
     };
-    let sub = executor::submit(client, task(adapter)).await.unwrap();
+    let sub = executor::submit(client, task(adapter), 1 << 30).await.unwrap();
     assert_eq!(sub.result.status, TaskStatus::Done, "{}", sub.result.error);
     let remote = LoraShardOutput::decode(&client.store.read(&sub.result.output.unwrap()).unwrap()).unwrap();
     let m = kernels::model::Model::new(&loaded.weights, kernels::Backend::cpu().unwrap()).unwrap();
@@ -401,7 +401,7 @@ async fn a_lora_shard_runs_on_another_node_and_returns_the_delta_a_local_run_com
 
     // An adapter blob that is not one fails with a reason, not a panic.
     let junk = client.store.put(b"not an adapter").unwrap();
-    let sub = executor::submit(client, task(junk)).await.unwrap();
+    let sub = executor::submit(client, task(junk), 1 << 30).await.unwrap();
     assert_eq!(sub.result.status, TaskStatus::Failed);
     assert!(sub.result.error.contains("adapter blob"), "{}", sub.result.error);
     for n in nodes {
@@ -450,7 +450,7 @@ async fn a_gpu_worker_returns_the_same_bytes_as_a_cpu_worker() {
         async move {
             let mut ids = Vec::new();
             for task in [a, b] {
-                let sub = executor::submit(&client.shared, task).await.unwrap();
+                let sub = executor::submit(&client.shared, task, 1 << 30).await.unwrap();
                 assert_eq!(sub.result.status, TaskStatus::Done, "{}", sub.result.error);
                 ids.push(sub.result.output.unwrap());
             }
@@ -531,7 +531,7 @@ async fn forged_replayed_expired_oversized_and_malformed_messages_are_refused() 
     // signer's newer (or same) advert; the other four fail validation.
     assert_eventually(WAIT, "four bad adverts refused and the replay found stale", || {
         let st = client.shared.stats.lock();
-        st.adverts_refused >= refused_before + 4 && st.adverts_stale >= stale_before + 1
+        st.adverts_refused >= refused_before + 4 && st.adverts_stale > stale_before
     })
     .await;
 

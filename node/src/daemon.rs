@@ -68,6 +68,10 @@ pub struct Shared {
     pub backend: kernels::Backend,
     pub hardware: (protocol::Cpu, Vec<protocol::Gpu>, u64),
     pub active_tasks: AtomicU32,
+    /// Task computations (generation, training) running on blocking
+    /// threads. A task that times out or is cancelled stops its
+    /// computation at the next step or token, and keeps its slot until then.
+    pub computing: AtomicU32,
     pub accepting: AtomicBool,
     /// Turns true when in-flight tasks must hand themselves back.
     pub cancel: watch::Receiver<bool>,
@@ -339,6 +343,7 @@ pub async fn start(config: Config) -> Result<NodeHandle> {
         cpu,
         backend,
         active_tasks: AtomicU32::new(0),
+        computing: AtomicU32::new(0),
         accepting: AtomicBool::new(true),
         cancel: cancel_rx,
         listen_addrs: Mutex::new(Vec::new()),

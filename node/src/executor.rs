@@ -19,6 +19,10 @@ use crate::daemon::{Shared, now_ms};
 use crate::net::{Responder, TASK_PROTOCOL};
 use crate::{fetch, hw, identity, shard};
 
+/// The largest non-model input a task can have: an optimizer state (two
+/// moments per parameter) of the largest adapter, or a data shard.
+const MAX_SMALL_INPUT: u64 = 3 * 5 * protocol::limits::MAX_ADAPTER_PARAMS as u64 + (1 << 20);
+
 /// How long a result envelope stays valid.
 const RESULT_TTL: Duration = Duration::from_secs(600);
 /// How long a task envelope stays valid.
@@ -66,6 +70,22 @@ struct Slot(Arc<Shared>);
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.active_tasks.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Counts a running computation in [`Shared::computing`] while alive.
+struct Computing(Arc<Shared>);
+
+impl Computing {
+    fn start(shared: &Arc<Shared>) -> Self {
+        shared.computing.fetch_add(1, Ordering::SeqCst);
+        Self(shared.clone())
+    }
+}
+
+impl Drop for Computing {
+    fn drop(&mut self) {
+        self.0.computing.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -172,6 +192,17 @@ fn admissible(shared: &Shared, opened: &Opened, task: &Task, peer: PeerId) -> Re
     if limits.only_when_charging && hw::power() == protocol::Power::Battery {
         return Err("this node takes tasks only on mains power and is on battery".into());
     }
+    let mut named: Vec<ContentId> = match &task.params {
+        TaskParams::Infer(p) => vec![p.model],
+        TaskParams::LoraShard(p) => [p.model, p.adapter, p.data].into_iter().chain(p.optimizer).collect(),
+    };
+    named.sort();
+    let mut given = task.inputs.clone();
+    given.sort();
+    given.dedup();
+    if given != named {
+        return Err("the task's inputs are not exactly the blobs its parameters name".into());
+    }
     if task.max_work > limits.max_work {
         return Err(format!(
             "max_work {} is above this node's limit of {}",
@@ -194,8 +225,16 @@ async fn run(
         // A dishonest worker that holds the task (and its slot) forever.
         std::future::pending::<()>().await;
     }
+    // Each input is refused before its transfer when it is larger than
+    // its part of the task can be: the model by this node's memory limit,
+    // the rest by the protocol's limits on adapters and data shards.
+    let model = match &task.params {
+        TaskParams::Infer(p) => p.model,
+        TaskParams::LoraShard(p) => p.model,
+    };
     for input in &task.inputs {
-        fetch::fetch(shared, input, &[peer])
+        let max = if *input == model { memory_limit } else { MAX_SMALL_INPUT };
+        fetch::fetch_at_most(shared, input, &[peer], max)
             .await
             .with_context(|| format!("fetching input {input}"))?;
     }
@@ -208,7 +247,7 @@ async fn run(
             let prompt_len = p.prompt.len();
             let (s, p, stop) = (shared.clone(), p.clone(), stop.clone());
             let mut tokens = tokio::task::spawn_blocking(move || {
-                let _slot = slot;
+                let (_slot, _computing) = (slot, Computing::start(&s));
                 infer(&s, &p, &stop)
             })
             .await??;
@@ -233,7 +272,7 @@ async fn run(
             let task_seed = p.seed;
             let (s, p) = (shared.clone(), p.clone());
             let (output, work) = tokio::task::spawn_blocking(move || {
-                let _slot = slot;
+                let (_slot, _computing) = (slot, Computing::start(&s));
                 let start =
                     protocol::train::AdapterParams::decode(&s.store.read(&p.adapter)?).context("the adapter blob")?;
                 let data = protocol::train::Sequences::decode(&s.store.read(&p.data)?).context("the data shard")?;
@@ -327,10 +366,22 @@ pub struct Submitted {
     pub result: TaskResult,
 }
 
+/// The most bytes an infer task's output can honestly take.
+pub fn max_infer_output(max_tokens: u32) -> u64 {
+    u64::from(max_tokens) * 5 + 64
+}
+
+/// The most bytes a LoRA-shard output of `params` parameters can take (a
+/// delta and, when carried, two moments, as packed floats).
+pub fn max_shard_output(params: usize, carries_moments: bool) -> u64 {
+    let arrays = if carries_moments { 3 } else { 1 };
+    arrays * (params as u64 * 4 + 16) + 4096
+}
+
 /// Sends `task` to its worker and checks the answer: a valid signature by
 /// that worker, naming this task and its inputs. When done, the output blob
 /// is fetched (and verified) into the local store.
-pub async fn submit(shared: &Arc<Shared>, task: Task) -> Result<Submitted> {
+pub async fn submit(shared: &Arc<Shared>, task: Task, max_output: u64) -> Result<Submitted> {
     let worker = task.worker;
     let peer = identity::peer_id(&worker)?;
     let bytes = shared.seal(&Payload::Task(task.clone()), TASK_TTL);
@@ -350,7 +401,7 @@ pub async fn submit(shared: &Arc<Shared>, task: Task) -> Result<Submitted> {
         bail!("the worker's result names other inputs than the task");
     }
     if let Some(out) = result.output {
-        fetch::fetch(shared, &out, &[peer])
+        fetch::fetch_at_most(shared, &out, &[peer], max_output)
             .await
             .context("fetching the task's output")?;
     }

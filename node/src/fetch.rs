@@ -175,16 +175,23 @@ pub async fn providers(shared: &Shared, id: &ContentId, hint: &[PeerId]) -> Vec<
 
 /// Fetches blob `id` into the store unless it is already there.
 pub async fn fetch(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]) -> Result<()> {
+    fetch_at_most(shared, id, hint, u64::MAX).await
+}
+
+/// Fetches blob `id` unless it is held, refusing (before any group is
+/// asked for) a blob larger than `max_bytes`: what a task's inputs or
+/// outputs can honestly weigh.
+pub async fn fetch_at_most(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId], max_bytes: u64) -> Result<()> {
     if shared.store.has(id) {
         return Ok(());
     }
-    let fetched = transfer(shared, id, hint).await;
+    let fetched = transfer(shared, id, hint, max_bytes).await;
     // The group buffers the heap kept for reuse during the transfer.
     let _ = tokio::task::spawn_blocking(crate::memory::release_free).await;
     fetched
 }
 
-async fn transfer(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]) -> Result<()> {
+async fn transfer(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId], max_bytes: u64) -> Result<()> {
     let peers = providers(shared, id, hint).await;
     if peers.is_empty() {
         bail!("no peer is known to hold blob {id}");
@@ -216,10 +223,18 @@ async fn transfer(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]) -> Resu
         }
     }
     let outline = outline.ok_or_else(|| anyhow!("no provider gave a valid outline of {id}: {}", why.join("; ")))?;
-    let limit = shared.config.limits.max_disk_mib.saturating_mul(1 << 20);
-    if outline.size() > limit {
+    if outline.size() > max_bytes {
         bail!(
-            "blob {id} is {} bytes, more than this node's disk limit of {limit}",
+            "blob {id} is {} bytes, more than the {max_bytes} it can be for its use here",
+            outline.size()
+        );
+    }
+    // The disk limit is for the whole store, not per blob.
+    let limit = shared.config.limits.max_disk_mib.saturating_mul(1 << 20);
+    let used: u64 = shared.store.list().iter().map(|(_, n)| n).sum();
+    if used.saturating_add(outline.size()) > limit {
+        bail!(
+            "blob {id} is {} bytes; the store holds {used} of this node's disk limit of {limit}",
             outline.size()
         );
     }

@@ -184,7 +184,12 @@ pub async fn infer(
         // A peer that takes the task and never answers is replaced after
         // this node's own task timeout.
         let wait = Duration::from_secs(shared.config.limits.task_timeout_secs);
-        let sub = match tokio::time::timeout(wait, executor::submit(shared, task)).await {
+        let sub = match tokio::time::timeout(
+            wait,
+            executor::submit(shared, task, executor::max_infer_output(max_tokens)),
+        )
+        .await
+        {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 errors.push(format!("{worker}: {e:#}"));

@@ -877,9 +877,10 @@ impl Job {
             max_work: params.work(u64::from(spec.max_sequence_tokens)),
             params: TaskParams::LoraShard(params),
         };
+        let max_output = executor::max_shard_output(self.params, spec.carry_moments);
         async move {
             let t = Instant::now();
-            let r = match tokio::time::timeout(timeout, executor::submit(&shared, task)).await {
+            let r = match tokio::time::timeout(timeout, executor::submit(&shared, task, max_output)).await {
                 Ok(r) => r,
                 Err(_) => Err(anyhow!("no answer within {} s", timeout.as_secs())),
             };

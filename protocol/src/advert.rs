@@ -292,8 +292,17 @@ impl PeerTable {
                 return false;
             }
         } else if self.peers.len() >= self.capacity {
-            let soonest = self.peers.iter().min_by_key(|(_, e)| e.expires_at_ms).map(|(k, _)| *k);
-            if let Some(k) = soonest {
+            // Full: a peer whose benchmark was never verified goes first,
+            // then the one heard from longest ago. A flood of fresh keys
+            // (free to make) then displaces only other unverified, stale
+            // entries, never a peer that proved work this epoch, and an
+            // advert's long validity buys it nothing.
+            let victim = self
+                .peers
+                .iter()
+                .min_by_key(|(_, e)| (e.score_verified, e.issued_at_ms, e.expires_at_ms))
+                .map(|(k, _)| *k);
+            if let Some(k) = victim {
                 self.peers.remove(&k);
             }
         }
@@ -441,5 +450,32 @@ mod tests {
         t.expire(300);
         assert_eq!(t.entries().len(), 1);
         assert_eq!(t.entries()[0].0, c);
+    }
+
+    #[test]
+    fn a_flood_of_fresh_keys_does_not_evict_verified_peers() {
+        let key = |n: u32| {
+            let mut s = [0u8; 32];
+            s[..4].copy_from_slice(&n.to_le_bytes());
+            Keypair::from_secret(s).public()
+        };
+        let entry = |issued, verified| PeerEntry {
+            advert: sample(),
+            issued_at_ms: issued,
+            expires_at_ms: issued + 600_000,
+            score_verified: verified,
+        };
+        let mut t = PeerTable::new(8);
+        for n in 0..4 {
+            assert!(t.insert(key(n), entry(10, true), 10));
+        }
+        // Sybils with the longest validity, heard after the honest peers.
+        for n in 100..10_000 {
+            t.insert(key(n), entry(20 + u64::from(n), false), 20 + u64::from(n));
+        }
+        assert_eq!(t.len(), 8);
+        for n in 0..4 {
+            assert!(t.get(&key(n)).is_some(), "verified peer {n} was evicted");
+        }
     }
 }

@@ -221,7 +221,9 @@ pub fn check_delta_bound(
             moved += lr * wd * (p0 + moved) + lr * f * (c_grad + r0);
         }
         let bound = moved * 1.5 + 1e-30;
-        if !(f64::from(d).abs() <= bound) {
+        // A NaN is out of bound too.
+        let within = f64::from(d).abs() <= bound;
+        if !within {
             return Err(OutOfBound {
                 index: i,
                 delta: d,
@@ -340,6 +342,56 @@ mod tests {
             first[v[0]] += 1;
         }
         assert!(first.iter().all(|&n| (850..1150).contains(&n)), "{first:?}");
+    }
+
+    #[test]
+    fn a_worker_that_predicts_checks_from_public_seeds_is_caught_at_the_spot_rate() {
+        // What a worker can compute from the job's public seed: the draw
+        // spot checks used before the client kept an audit key.
+        let public_rule = |seed: u64, round: u32, shard: u32, f: f64| {
+            let s = shard_seed(seed ^ 0x5b07_c4ec, round, shard);
+            ((s >> 11) as f64) < f * (1u64 << 53) as f64
+        };
+        let (seed, f) = (11u64, 0.25);
+        let key = AuditKey::from_bytes([9; 32]);
+        let (mut cheats, mut caught, mut caught_by_public_rule) = (0u32, 0u32, 0u32);
+        for round in 0..200 {
+            for shard in 0..50 {
+                // It cheats exactly where it believes no check will come.
+                if !public_rule(seed, round, shard, f) {
+                    cheats += 1;
+                    caught += u32::from(key.spot_checked(round, shard, f));
+                    caught_by_public_rule += u32::from(public_rule(seed, round, shard, f));
+                }
+            }
+        }
+        assert_eq!(caught_by_public_rule, 0, "the public draw never caught it");
+        let rate = f64::from(caught) / f64::from(cheats);
+        assert!(
+            (rate - f).abs() < 0.03,
+            "caught {caught} of {cheats} cheats ({rate:.3}) at f = {f}"
+        );
+    }
+
+    #[test]
+    fn sybils_win_both_copies_of_a_shard_only_by_chance() {
+        // Six capable workers; 0 and 1 are sybils that advertise the most
+        // speed, so a ranking by speed gave them both copies of every shard.
+        let key = AuditKey::from_bytes([6; 32]);
+        let n = 6000;
+        let both = (0..n)
+            .filter(|&shard| {
+                let mut order = [0usize, 1, 2, 3, 4, 5];
+                key.shuffle(0, shard, 0, &mut order);
+                order[..2].iter().all(|w| *w < 2)
+            })
+            .count();
+        // Two given copies out of six: 1 / C(6, 2) = 1/15.
+        let p = both as f64 / f64::from(n);
+        assert!(
+            (p - 1.0 / 15.0).abs() < 0.015,
+            "both copies to the sybils in {p:.4} of shards"
+        );
     }
 
     #[test]
