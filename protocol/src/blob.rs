@@ -105,6 +105,15 @@ impl Outline {
         Ok(outline)
     }
 
+    /// Decodes an encoded [`wire::Outline`] and checks it against `id`,
+    /// refusing more chaining values than the largest blob has (or more
+    /// heap than the [`budget`](crate::budget)) before allocating.
+    pub fn decode(bytes: &[u8], id: &ContentId) -> Result<Self> {
+        crate::budget::check(bytes, &crate::budget::OUTLINE)?;
+        let w = wire::Outline::decode(bytes).map_err(|e| Error::decode("outline", e))?;
+        Self::from_wire(w, id)
+    }
+
     /// The wire form.
     pub fn to_wire(&self) -> wire::Outline {
         wire::Outline {
@@ -252,8 +261,11 @@ impl DirManifest {
         .encode_to_vec()
     }
 
-    /// Decodes and validates blob bytes.
+    /// Decodes and validates blob bytes, refusing more entries than
+    /// [`MAX_DIR_ENTRIES`] (or more heap than the
+    /// [`budget`](crate::budget)) before allocating for them.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
+        crate::budget::check(bytes, &crate::budget::DIR_MANIFEST)?;
         let w = wire::DirManifest::decode(bytes).map_err(|e| Error::decode("manifest", e))?;
         let entries = w
             .entries

@@ -35,6 +35,7 @@
 
 mod advert;
 pub mod blob;
+pub mod budget;
 mod content_id;
 pub mod envelope;
 mod error;

@@ -385,8 +385,10 @@ impl InferOutput {
         .encode_to_vec()
     }
 
-    /// Decodes blob bytes.
+    /// Decodes blob bytes, refusing more tokens than the limit before
+    /// allocating for them.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
+        crate::budget::check(bytes, &crate::budget::INFER_OUTPUT)?;
         let w = wire::InferOutput::decode(bytes).map_err(|e| Error::decode("infer output", e))?;
         if w.tokens.len() > MAX_GENERATED_TOKENS as usize {
             return Err(Error::TooLarge {

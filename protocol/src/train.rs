@@ -10,7 +10,7 @@
 use prost::Message as _;
 
 use crate::limits::{MAX_ADAPTER_PARAMS, MAX_LORA_RANK, MAX_SEQUENCE_TOKENS, MAX_SEQUENCES, MAX_SHARD_TOKENS};
-use crate::{ContentId, Error, Result, wire};
+use crate::{ContentId, Error, Result, budget, wire};
 
 /// Projections a LoRA adapter may target, in the order of [`LoraHyper::targets`]' bits.
 pub const PROJECTIONS: [&str; 7] = ["q", "k", "v", "o", "gate", "up", "down"];
@@ -157,6 +157,7 @@ impl AdapterParams {
 
     /// Decodes and checks a blob: a 32-byte layout, finite values within limits.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
+        budget::check(bytes, &budget::ADAPTER_PARAMS)?;
         let w = wire::AdapterParams::decode(bytes).map_err(|e| Error::decode("adapter parameters", e))?;
         finite("adapter parameters", &w.values)?;
         Ok(Self {
@@ -217,6 +218,7 @@ impl OptimizerState {
 
     /// Decodes and checks a blob.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
+        budget::check(bytes, &budget::OPTIMIZER_STATE)?;
         let w = wire::OptimizerState::decode(bytes).map_err(|e| Error::decode("optimizer state", e))?;
         Self::try_from(w)
     }
@@ -297,20 +299,29 @@ impl Sequences {
     /// [`MAX_SEQUENCE_TOKENS`] tokens with a target bitmap of matching
     /// length, at least one counted token in all, within the size limits.
     /// Tokens are checked against the model's vocabulary by the worker.
+    ///
+    /// The blob is read by hand rather than by prost, whose `Vec` per
+    /// sequence (doubling from four tokens) and 48-byte struct per
+    /// sequence cost up to 15 times the bytes of a shard of short
+    /// sequences. A first pass walks the bytes without allocating,
+    /// checking them as prost would and counting sequences and tokens
+    /// against the limits and the [`budget`]; the second
+    /// allocates each vector once, at its final length.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let w = wire::Sequences::decode(bytes).map_err(|e| Error::decode("data shard", e))?;
-        let bad = |why: String| Err(Error::invalid("data shard", why));
-        if w.sequences.is_empty() {
+        const WHAT: &str = "data shard";
+        let bad = |why: String| Err(Error::invalid(WHAT, why));
+        let malformed = |reason: &str| budget::malformed(WHAT, reason);
+        let (n, total) = sequences_shape(bytes)?;
+        if n == 0 {
             return bad("no sequence".into());
         }
-        if w.sequences.len() > MAX_SEQUENCES {
+        if n > MAX_SEQUENCES {
             return Err(Error::TooLarge {
                 what: "data shard sequences",
-                len: w.sequences.len(),
+                len: n,
                 max: MAX_SEQUENCES,
             });
         }
-        let total: usize = w.sequences.iter().map(|s| s.tokens.len()).sum();
         if total > MAX_SHARD_TOKENS {
             return Err(Error::TooLarge {
                 what: "data shard tokens",
@@ -318,32 +329,51 @@ impl Sequences {
                 max: MAX_SHARD_TOKENS,
             });
         }
-        let mut out = Vec::with_capacity(w.sequences.len());
+        // What the second pass allocates: the sequences, then each one's
+        // tokens (4 bytes) and targets (1 byte) at their final lengths.
+        let heap = n
+            .saturating_mul(std::mem::size_of::<TrainSequence>())
+            .saturating_add(total.saturating_mul(5));
+        if heap > budget::limit(bytes.len()) {
+            return Err(Error::TooLarge {
+                what: "data shard decoded",
+                len: heap,
+                max: budget::limit(bytes.len()),
+            });
+        }
+        let mut out = Vec::with_capacity(n);
         let mut counted = 0usize;
-        for (n, s) in w.sequences.into_iter().enumerate() {
-            let len = s.tokens.len();
-            if !(2..=MAX_SEQUENCE_TOKENS).contains(&len) {
-                return bad(format!("sequence {n} has {len} tokens, not 2..={MAX_SEQUENCE_TOKENS}"));
+        let mut w = budget::Wire::new(bytes);
+        while !w.is_empty() {
+            let (tag, wire_type) = w.key().map_err(malformed)?;
+            if tag != 1 {
+                w.skip(tag, wire_type, 100).map_err(malformed)?;
+                continue;
             }
-            if s.targets.len() != len.div_ceil(8) {
+            let seq = w.len_delimited().map_err(malformed)?;
+            let nth = out.len();
+            let (len, bits) = sequence_shape(seq).map_err(malformed)?;
+            if !(2..=MAX_SEQUENCE_TOKENS).contains(&len) {
                 return bad(format!(
-                    "sequence {n}: a target bitmap of {} bytes for {len} tokens",
-                    s.targets.len()
+                    "sequence {nth} has {len} tokens, not 2..={MAX_SEQUENCE_TOKENS}"
                 ));
             }
-            let targets: Vec<bool> = (0..len).map(|i| s.targets[i / 8] >> (i % 8) & 1 == 1).collect();
-            if targets[0] {
-                return bad(format!("sequence {n}: the first token is marked as predicted"));
+            if bits.len() != len.div_ceil(8) {
+                return bad(format!(
+                    "sequence {nth}: a target bitmap of {} bytes for {len} tokens",
+                    bits.len()
+                ));
             }
-            if s.targets[len / 8..].iter().enumerate().any(|(k, b)| {
-                let first_pad = if k == 0 { len % 8 } else { 0 };
-                first_pad > 0 && b >> first_pad != 0
-            }) {
-                return bad(format!("sequence {n}: bits set past its last token"));
+            if bits[0] & 1 == 1 {
+                return bad(format!("sequence {nth}: the first token is marked as predicted"));
             }
+            if len % 8 != 0 && bits[len / 8] >> (len % 8) != 0 {
+                return bad(format!("sequence {nth}: bits set past its last token"));
+            }
+            let targets: Vec<bool> = (0..len).map(|i| bits[i / 8] >> (i % 8) & 1 == 1).collect();
             counted += targets.iter().filter(|t| **t).count();
             out.push(TrainSequence {
-                tokens: s.tokens,
+                tokens: sequence_tokens(seq, len).map_err(malformed)?,
                 targets,
             });
         }
@@ -352,6 +382,64 @@ impl Sequences {
         }
         Ok(Self(out))
     }
+}
+
+/// The sequences and the tokens in all of a data shard's bytes, read
+/// without allocating; an error for bytes prost would refuse.
+fn sequences_shape(bytes: &[u8]) -> Result<(usize, usize)> {
+    let malformed = |reason: &str| budget::malformed("data shard", reason);
+    let (mut n, mut total) = (0usize, 0usize);
+    let mut w = budget::Wire::new(bytes);
+    while !w.is_empty() {
+        let (tag, wire_type) = w.key().map_err(malformed)?;
+        if tag != 1 {
+            w.skip(tag, wire_type, 100).map_err(malformed)?;
+            continue;
+        }
+        budget::check_wire_type(budget::LEN, wire_type).map_err(malformed)?;
+        let (len, _) = sequence_shape(w.len_delimited().map_err(malformed)?).map_err(malformed)?;
+        n += 1;
+        total = total.saturating_add(len);
+    }
+    Ok((n, total))
+}
+
+/// One encoded `TrainSequence`'s token count and target bitmap (the last
+/// one given, as prost keeps), read without allocating.
+fn sequence_shape(seq: &[u8]) -> Result<(usize, &[u8]), &'static str> {
+    let (mut len, mut bits) = (0usize, &[][..]);
+    let mut w = budget::Wire::new(seq);
+    while !w.is_empty() {
+        match w.key()? {
+            (1, wire_type) => len += w.scalars(budget::VARINT, wire_type)?,
+            (2, wire_type) => {
+                budget::check_wire_type(budget::LEN, wire_type)?;
+                bits = w.len_delimited()?;
+            }
+            (tag, wire_type) => w.skip(tag, wire_type, 99)?,
+        }
+    }
+    Ok((len, bits))
+}
+
+/// One encoded `TrainSequence`'s `len` tokens (counted by
+/// [`sequence_shape`]), each truncated to 32 bits as prost reads `uint32`.
+fn sequence_tokens(seq: &[u8], len: usize) -> Result<Vec<u32>, &'static str> {
+    let mut tokens = Vec::with_capacity(len);
+    let mut w = budget::Wire::new(seq);
+    while !w.is_empty() {
+        match w.key()? {
+            (1, budget::LEN) => {
+                let mut run = budget::Wire::new(w.len_delimited()?);
+                while !run.is_empty() {
+                    tokens.push(run.varint()? as u32);
+                }
+            }
+            (1, _) => tokens.push(w.varint()? as u32),
+            (tag, wire_type) => w.skip(tag, wire_type, 99)?,
+        }
+    }
+    Ok(tokens)
 }
 
 /// What a `lora_shard` task returns: the change its local steps made.
@@ -388,6 +476,7 @@ impl LoraShardOutput {
     /// loss, at least one counted token, and an optimizer state (if any) of
     /// the same layout with one moment per delta value.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
+        budget::check(bytes, &budget::LORA_SHARD_OUTPUT)?;
         let w = wire::LoraShardOutput::decode(bytes).map_err(|e| Error::decode("shard output", e))?;
         finite("shard delta", &w.delta)?;
         if !w.loss.is_finite() || w.loss < 0.0 {

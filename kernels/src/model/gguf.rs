@@ -5,8 +5,15 @@
 //! (u64), the metadata key-value pairs, the tensor infos (name, dims with the
 //! fastest-varying first, type, offset), padding to `general.alignment`
 //! (32 by default), then the tensor data.
+//!
+//! Parsing is bounded by the file: every count is checked against the
+//! bytes left before anything is allocated for it, arrays are held as
+//! vectors of their item type (a U8 array costs a byte an item), and what
+//! each allocation will take is charged first against a budget of
+//! `BUDGET_PER_BYTE` (4) bytes per byte of the file plus `BUDGET_SLACK`
+//! (64 KiB); a file whose metadata and tensor table would take more is
+//! refused.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
@@ -61,10 +68,31 @@ pub enum Value {
     F32(f32),
     Bool(bool),
     Str(String),
-    Array(Vec<Value>),
+    Array(Array),
     U64(u64),
     I64(i64),
     F64(f64),
+}
+
+/// A metadata array. A GGUF array has one item type, so it is held as a
+/// vector of that type: a U8 array of `n` items takes `n` bytes, not `n`
+/// [`Value`]s.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Array {
+    U8(Vec<u8>),
+    I8(Vec<i8>),
+    U16(Vec<u16>),
+    I16(Vec<i16>),
+    U32(Vec<u32>),
+    I32(Vec<i32>),
+    F32(Vec<f32>),
+    Bool(Vec<bool>),
+    Str(Vec<String>),
+    /// Arrays of arrays (nested once at most).
+    Array(Vec<Array>),
+    U64(Vec<u64>),
+    I64(Vec<i64>),
+    F64(Vec<f64>),
 }
 
 impl Value {
@@ -124,12 +152,93 @@ impl Value {
         }
     }
 
-    pub fn as_array(&self) -> Option<&[Value]> {
+    pub fn as_array(&self) -> Option<&Array> {
         match self {
             Value::Array(a) => Some(a),
             _ => None,
         }
     }
+}
+
+impl Array {
+    /// The GGUF type id of the items.
+    fn item_type(&self) -> u32 {
+        match self {
+            Array::U8(_) => 0,
+            Array::I8(_) => 1,
+            Array::U16(_) => 2,
+            Array::I16(_) => 3,
+            Array::U32(_) => 4,
+            Array::I32(_) => 5,
+            Array::F32(_) => 6,
+            Array::Bool(_) => 7,
+            Array::Str(_) => 8,
+            Array::Array(_) => 9,
+            Array::U64(_) => 10,
+            Array::I64(_) => 11,
+            Array::F64(_) => 12,
+        }
+    }
+
+    /// Items.
+    pub fn len(&self) -> usize {
+        match self {
+            Array::U8(v) => v.len(),
+            Array::I8(v) => v.len(),
+            Array::U16(v) => v.len(),
+            Array::I16(v) => v.len(),
+            Array::U32(v) => v.len(),
+            Array::I32(v) => v.len(),
+            Array::F32(v) => v.len(),
+            Array::Bool(v) => v.len(),
+            Array::Str(v) => v.len(),
+            Array::Array(v) => v.len(),
+            Array::U64(v) => v.len(),
+            Array::I64(v) => v.len(),
+            Array::F64(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The items of a string array.
+    pub fn as_strs(&self) -> Option<&[String]> {
+        match self {
+            Array::Str(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Item `i` as an unsigned integer, whatever the integer type.
+    pub fn u64_at(&self, i: usize) -> Option<u64> {
+        match self {
+            Array::U8(v) => v.get(i).map(|&x| x.into()),
+            Array::U16(v) => v.get(i).map(|&x| x.into()),
+            Array::U32(v) => v.get(i).map(|&x| x.into()),
+            Array::U64(v) => v.get(i).copied(),
+            Array::I8(v) => v.get(i).and_then(|&x| u64::try_from(x).ok()),
+            Array::I16(v) => v.get(i).and_then(|&x| u64::try_from(x).ok()),
+            Array::I32(v) => v.get(i).and_then(|&x| u64::try_from(x).ok()),
+            Array::I64(v) => v.get(i).and_then(|&x| u64::try_from(x).ok()),
+            _ => None,
+        }
+    }
+}
+
+/// Bytes an item of metadata type `t` takes in the file at least, and in
+/// memory as an [`Array`] item; `None` for an unknown type.
+fn item_sizes(t: u32) -> Option<(usize, usize)> {
+    Some(match t {
+        0 | 1 | 7 => (1, 1),
+        2 | 3 => (2, 2),
+        4..=6 => (4, 4),
+        8 => (8, std::mem::size_of::<String>()),
+        9 => (12, std::mem::size_of::<Array>()),
+        10..=12 => (8, 8),
+        _ => return None,
+    })
 }
 
 /// One tensor's description.
@@ -189,7 +298,8 @@ pub struct GgufFile {
     pub metadata: Vec<(String, Value)>,
     pub tensors: Vec<TensorInfo>,
     bytes: Arc<dyn AsRef<[u8]> + Send + Sync>,
-    index: HashMap<String, usize>,
+    /// Indices of `tensors`, sorted by name.
+    index: Vec<usize>,
     /// `bytes` is a read-only map of a file.
     mapped: Option<Arc<MappedFile>>,
 }
@@ -204,10 +314,23 @@ impl std::fmt::Debug for GgufFile {
     }
 }
 
+/// Heap a parse may take: [`BUDGET_PER_BYTE`] per byte of the file plus
+/// [`BUDGET_SLACK`]. Every count is first checked against the bytes left
+/// in the file (an item takes at least its smallest encoding), and then
+/// what it will allocate is charged here before it is allocated.
+const BUDGET_PER_BYTE: usize = 4;
+const BUDGET_SLACK: usize = 64 << 10;
+/// Smallest metadata entry (empty key, type, one byte) and tensor info
+/// (empty name, one dimension, type, offset) in the file.
+const MIN_KV_BYTES: u64 = 8 + 4 + 1;
+const MIN_TENSOR_BYTES: u64 = 8 + 4 + 8 + 4 + 8;
+
 struct Reader<'a> {
     b: &'a [u8],
     pos: usize,
     what: &'a str,
+    /// Heap bytes the parse may still allocate.
+    budget: usize,
 }
 
 impl Reader<'_> {
@@ -221,6 +344,27 @@ impl Reader<'_> {
         let s = &self.b[self.pos..end];
         self.pos = end;
         Ok(s)
+    }
+
+    fn left(&self) -> u64 {
+        (self.b.len() - self.pos) as u64
+    }
+
+    /// Charges `n` items of `size` bytes against the budget, before they
+    /// are allocated.
+    fn charge(&mut self, n: usize, size: usize) -> Result<()> {
+        match n.checked_mul(size).filter(|&bytes| bytes <= self.budget) {
+            Some(bytes) => {
+                self.budget -= bytes;
+                Ok(())
+            }
+            None => Err(Error::format(
+                self.what,
+                format!(
+                    "its metadata and tensor table would take more than {BUDGET_PER_BYTE} bytes of memory per byte of the file"
+                ),
+            )),
+        }
     }
 
     fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
@@ -237,10 +381,11 @@ impl Reader<'_> {
         Ok(u64::from_le_bytes(self.array()?))
     }
 
+    /// A count of items that take at least `per_item` bytes each, checked
+    /// against the bytes left.
     fn len(&mut self, per_item: usize) -> Result<usize> {
         let n = self.u64()?;
-        let left = (self.b.len() - self.pos) as u64;
-        if n.saturating_mul(per_item as u64) > left {
+        if n.saturating_mul(per_item as u64) > self.left() {
             return Err(Error::format(
                 self.what,
                 format!(
@@ -254,11 +399,18 @@ impl Reader<'_> {
 
     fn string(&mut self) -> Result<String> {
         let n = self.len(1)?;
+        self.charge(n, 1)?;
         let s = self.take(n)?;
         String::from_utf8(s.to_vec()).map_err(|_| Error::format(self.what, "a string is not UTF-8"))
     }
 
-    fn value(&mut self, type_id: u32, depth: u32) -> Result<Value> {
+    /// A string, skipped.
+    fn skip_string(&mut self) -> Result<()> {
+        let n = self.len(1)?;
+        self.take(n).map(drop)
+    }
+
+    fn value(&mut self, type_id: u32) -> Result<Value> {
         Ok(match type_id {
             0 => Value::U8(self.array::<1>()?[0]),
             1 => Value::I8(self.array::<1>()?[0] as i8),
@@ -267,28 +419,73 @@ impl Reader<'_> {
             4 => Value::U32(self.u32()?),
             5 => Value::I32(i32::from_le_bytes(self.array()?)),
             6 => Value::F32(f32::from_le_bytes(self.array()?)),
-            7 => match self.array::<1>()?[0] {
-                0 => Value::Bool(false),
-                1 => Value::Bool(true),
-                b => return Err(Error::format(self.what, format!("bool value {b}"))),
-            },
-            8 => Value::Str(self.string()?),
-            9 => {
-                if depth > 1 {
-                    return Err(Error::format(self.what, "arrays nested too deeply"));
-                }
-                let item = self.u32()?;
-                let n = self.len(1)?;
-                let mut v = Vec::with_capacity(n.min(1 << 20));
-                for _ in 0..n {
-                    v.push(self.value(item, depth + 1)?);
-                }
-                Value::Array(v)
+            7 => {
+                let [b] = self.array::<1>()?;
+                Value::Bool(self.bool(b)?)
             }
+            8 => Value::Str(self.string()?),
+            9 => Value::Array(self.items(false)?),
             10 => Value::U64(self.u64()?),
             11 => Value::I64(i64::from_le_bytes(self.array()?)),
             12 => Value::F64(f64::from_le_bytes(self.array()?)),
             t => return Err(Error::format(self.what, format!("unknown metadata type {t}"))),
+        })
+    }
+
+    fn bool(&self, b: u8) -> Result<bool> {
+        match b {
+            0 => Ok(false),
+            1 => Ok(true),
+            b => Err(Error::format(self.what, format!("bool value {b}"))),
+        }
+    }
+
+    /// An array's item type, count and items; `nested`: it is an item of
+    /// another array, so it may not hold arrays itself.
+    fn items(&mut self, nested: bool) -> Result<Array> {
+        let item = self.u32()?;
+        let (min, size) =
+            item_sizes(item).ok_or_else(|| Error::format(self.what, format!("unknown metadata type {item}")))?;
+        let n = self.len(min)?;
+        self.charge(n, size)?;
+        fn fixed<const N: usize, T>(b: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
+            b.chunks_exact(N).map(|c| f(c.try_into().unwrap_or([0; N]))).collect()
+        }
+        Ok(match item {
+            0 => Array::U8(self.take(n)?.to_vec()),
+            1 => Array::I8(self.take(n)?.iter().map(|&b| b as i8).collect()),
+            2 => Array::U16(fixed(self.take(2 * n)?, u16::from_le_bytes)),
+            3 => Array::I16(fixed(self.take(2 * n)?, i16::from_le_bytes)),
+            4 => Array::U32(fixed(self.take(4 * n)?, u32::from_le_bytes)),
+            5 => Array::I32(fixed(self.take(4 * n)?, i32::from_le_bytes)),
+            6 => Array::F32(fixed(self.take(4 * n)?, f32::from_le_bytes)),
+            7 => {
+                let b = self.take(n)?;
+                if let Some(&bad) = b.iter().find(|&&x| x > 1) {
+                    return Err(Error::format(self.what, format!("bool value {bad}")));
+                }
+                Array::Bool(b.iter().map(|&x| x == 1).collect())
+            }
+            8 => {
+                let mut v = Vec::with_capacity(n);
+                for _ in 0..n {
+                    v.push(self.string()?);
+                }
+                Array::Str(v)
+            }
+            9 => {
+                let mut v = Vec::with_capacity(n);
+                for _ in 0..n {
+                    if nested {
+                        return Err(Error::format(self.what, "arrays nested too deeply"));
+                    }
+                    v.push(self.items(true)?);
+                }
+                Array::Array(v)
+            }
+            10 => Array::U64(fixed(self.take(8 * n)?, u64::from_le_bytes)),
+            11 => Array::I64(fixed(self.take(8 * n)?, i64::from_le_bytes)),
+            _ => Array::F64(fixed(self.take(8 * n)?, f64::from_le_bytes)),
         })
     }
 }
@@ -314,7 +511,12 @@ impl GgufFile {
     /// Parses bytes that hold a whole GGUF file.
     pub fn parse(bytes: Arc<dyn AsRef<[u8]> + Send + Sync>, what: &str) -> Result<Self> {
         let b: &[u8] = (*bytes).as_ref();
-        let mut r = Reader { b, pos: 0, what };
+        let mut r = Reader {
+            b,
+            pos: 0,
+            what,
+            budget: b.len().saturating_mul(BUDGET_PER_BYTE).saturating_add(BUDGET_SLACK),
+        };
         if r.take(4)
             .map_err(|_| Error::format(what, "too short for a GGUF header"))?
             != MAGIC
@@ -336,11 +538,21 @@ impl GgufFile {
                 format!("{n_tensors} tensors and {n_kv} metadata entries"),
             ));
         }
+        if n_kv * MIN_KV_BYTES + n_tensors * MIN_TENSOR_BYTES > r.left() {
+            return Err(Error::format(
+                what,
+                format!(
+                    "{n_tensors} tensors and {n_kv} metadata entries do not fit in the file's {} bytes: truncated?",
+                    b.len()
+                ),
+            ));
+        }
+        r.charge(n_kv as usize, std::mem::size_of::<(String, Value)>())?;
         let mut metadata = Vec::with_capacity(n_kv as usize);
         for _ in 0..n_kv {
             let key = r.string()?;
             let t = r.u32()?;
-            let v = r.value(t, 0)?;
+            let v = r.value(t)?;
             metadata.push((key, v));
         }
         let alignment = metadata
@@ -351,22 +563,31 @@ impl GgufFile {
         if alignment == 0 || !alignment.is_power_of_two() || alignment > 1 << 16 {
             return Err(Error::format(what, format!("general.alignment {alignment}")));
         }
-        let mut infos = Vec::with_capacity(n_tensors as usize);
+        // The tensor infos are read twice: first to find where they end
+        // (the data starts after them), then into their final vectors.
+        let infos_at = r.pos;
         for _ in 0..n_tensors {
-            let name = r.string()?;
+            r.skip_string()?;
             let n_dims = r.u32()?;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(Error::format(&name, format!("{n_dims} dimensions")));
+                return Err(Error::format(what, format!("a tensor of {n_dims} dimensions")));
             }
+            r.take(8 * n_dims as usize + 4 + 8)?;
+        }
+        let data_start = (r.pos as u64).div_ceil(alignment) * alignment;
+        r.pos = infos_at;
+        r.charge(
+            n_tensors as usize,
+            std::mem::size_of::<TensorInfo>() + std::mem::size_of::<usize>(),
+        )?;
+        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        for _ in 0..n_tensors {
+            let name = r.string()?;
+            let n_dims = r.u32()? as usize;
+            r.charge(n_dims, 8)?;
             let dims = (0..n_dims).map(|_| r.u64()).collect::<Result<Vec<_>>>()?;
             let ggml_type = r.u32()?;
             let offset = r.u64()?;
-            infos.push((name, dims, ggml_type, offset));
-        }
-        let data_start = (r.pos as u64).div_ceil(alignment) * alignment;
-        let mut tensors = Vec::with_capacity(infos.len());
-        let mut index = HashMap::with_capacity(infos.len());
-        for (name, dims, ggml_type, offset) in infos {
             let elements = dims
                 .iter()
                 .try_fold(1u64, |a, &d| a.checked_mul(d).filter(|_| d > 0))
@@ -390,9 +611,6 @@ impl GgufFile {
             let end = start.and_then(|s| s.checked_add(len));
             match (start, end) {
                 (Some(s), Some(e)) if e <= b.len() as u64 => {
-                    if index.insert(name.clone(), tensors.len()).is_some() {
-                        return Err(Error::format(&name, "tensor name appears twice"));
-                    }
                     tensors.push(TensorInfo {
                         name,
                         dims,
@@ -412,6 +630,11 @@ impl GgufFile {
                 }
             }
         }
+        let mut index: Vec<usize> = (0..tensors.len()).collect();
+        index.sort_unstable_by(|&x, &y| tensors[x].name.cmp(&tensors[y].name));
+        if let Some(w) = index.windows(2).find(|w| tensors[w[0]].name == tensors[w[1]].name) {
+            return Err(Error::format(&tensors[w[1]].name, "tensor name appears twice"));
+        }
         Ok(Self {
             version,
             metadata,
@@ -429,7 +652,11 @@ impl GgufFile {
 
     /// A tensor's description.
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
-        self.index.get(name).map(|&i| &self.tensors[i])
+        let i = self
+            .index
+            .binary_search_by(|&i| self.tensors[i].name.as_str().cmp(name))
+            .ok()?;
+        Some(&self.tensors[self.index[i]])
     }
 
     /// A tensor's bytes, without a copy.
@@ -526,17 +753,30 @@ fn put_value(out: &mut Vec<u8>, v: &Value) {
         Value::F32(x) => out.extend(x.to_le_bytes()),
         Value::Bool(x) => out.push(u8::from(*x)),
         Value::Str(s) => put_str(out, s),
-        Value::Array(a) => {
-            let item = a.first().map_or(4, Value::type_id);
-            out.extend(item.to_le_bytes());
-            out.extend((a.len() as u64).to_le_bytes());
-            for x in a {
-                put_value(out, x);
-            }
-        }
+        Value::Array(a) => put_array(out, a),
         Value::U64(x) => out.extend(x.to_le_bytes()),
         Value::I64(x) => out.extend(x.to_le_bytes()),
         Value::F64(x) => out.extend(x.to_le_bytes()),
+    }
+}
+
+fn put_array(out: &mut Vec<u8>, a: &Array) {
+    out.extend(a.item_type().to_le_bytes());
+    out.extend((a.len() as u64).to_le_bytes());
+    match a {
+        Array::U8(v) => out.extend_from_slice(v),
+        Array::I8(v) => out.extend(v.iter().map(|&x| x as u8)),
+        Array::U16(v) => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
+        Array::I16(v) => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
+        Array::U32(v) => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
+        Array::I32(v) => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
+        Array::F32(v) => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
+        Array::Bool(v) => out.extend(v.iter().map(|&x| u8::from(x))),
+        Array::Str(v) => v.iter().for_each(|s| put_str(out, s)),
+        Array::Array(v) => v.iter().for_each(|a| put_array(out, a)),
+        Array::U64(v) => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
+        Array::I64(v) => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
+        Array::F64(v) => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
     }
 }
 
@@ -550,7 +790,18 @@ mod tests {
             ("bitnet.block_count".to_string(), Value::U32(2)),
             (
                 "tokenizer.ggml.tokens".to_string(),
-                Value::Array(vec![Value::Str("a".into()), Value::Str("b".into())]),
+                Value::Array(Array::Str(vec!["a".into(), "b".into()])),
+            ),
+            ("x.types".to_string(), Value::Array(Array::I32(vec![1, -3, 5]))),
+            ("x.bytes".to_string(), Value::Array(Array::U8(vec![0, 255]))),
+            ("x.flags".to_string(), Value::Array(Array::Bool(vec![true, false]))),
+            (
+                "x.nested".to_string(),
+                Value::Array(Array::Array(vec![
+                    Array::U64(vec![1, 2]),
+                    Array::Str(vec![]),
+                    Array::F64(vec![0.5]),
+                ])),
             ),
             ("x.f".to_string(), Value::F32(0.5)),
             ("x.b".to_string(), Value::Bool(true)),

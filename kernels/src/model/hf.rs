@@ -22,11 +22,101 @@ struct Found {
     data: SharedBytes,
 }
 
+/// Largest safetensors header read (the format's own limit is 100 MB; a
+/// model of thousands of tensors needs well under 1 MiB).
+const MAX_HEADER_BYTES: u64 = 16 << 20;
+/// Largest `config.json` and `model.safetensors.index.json` read.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+const MAX_INDEX_BYTES: u64 = 16 << 20;
+/// Heap bytes parsing JSON may take per structural token (`,` `:` `[`
+/// `{` outside strings: one per array item, object entry or container)
+/// and per byte. The most measured is about 60 per token (an object of
+/// tiny entries, a `HashMap` that grows) and 2 per byte (strings copied
+/// twice).
+const JSON_PER_TOKEN: u64 = 128;
+const JSON_PER_BYTE: u64 = 4;
+/// What parsing a JSON text (a safetensors header or a config file) may
+/// take: [`JSON_FILE_FACTOR`] per byte of the file it is in, plus
+/// [`JSON_SLACK`].
+const JSON_FILE_FACTOR: u64 = 4;
+const JSON_SLACK: u64 = 1 << 20;
+
+/// Checks, before parsing it, that a JSON text in a file of `file_len`
+/// bytes cannot make the parser allocate more than
+/// `JSON_FILE_FACTOR * file_len + JSON_SLACK`: its structural tokens are
+/// counted without allocating, and each is charged [`JSON_PER_TOKEN`].
+pub(crate) fn check_json(text: &[u8], file_len: u64, what: &str) -> Result<()> {
+    let (mut tokens, mut in_string, mut escaped) = (0u64, false, false);
+    for &b in text {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+        } else {
+            match b {
+                b'"' => in_string = true,
+                b',' | b':' | b'[' | b'{' => tokens += 1,
+                _ => {}
+            }
+        }
+    }
+    let cost = tokens
+        .saturating_mul(JSON_PER_TOKEN)
+        .saturating_add((text.len() as u64).saturating_mul(JSON_PER_BYTE));
+    let budget = file_len.saturating_mul(JSON_FILE_FACTOR).saturating_add(JSON_SLACK);
+    if cost > budget {
+        return Err(Error::format(
+            what,
+            format!(
+                "{} bytes of JSON with {tokens} items would take up to {cost} bytes of memory to parse, more than {budget} for a file of {file_len} bytes",
+                text.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads a small JSON file (a config or an index) of at most `max` bytes,
+/// checked by [`check_json`] against its own size.
+pub(crate) fn read_json(path: &Path, max: u64) -> Result<String> {
+    let what = path.display().to_string();
+    let len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+    if len > max {
+        return Err(Error::format(&what, format!("{len} bytes is more than the {max} read")));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    check_json(text.as_bytes(), text.len() as u64, &what)?;
+    Ok(text)
+}
+
+/// Checks a whole safetensors file's header before the `safetensors` crate
+/// parses it: a length that fits in the file and under
+/// [`MAX_HEADER_BYTES`], and JSON that [`check_json`] passes for the
+/// file's size. The crate then checks that every tensor's shape and dtype
+/// give exactly its byte range and that the ranges tile the data.
+pub(crate) fn check_safetensors(bytes: &[u8], what: &str) -> Result<()> {
+    let len = bytes.len() as u64;
+    let n = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0xff; 8])))
+        .ok_or_else(|| Error::format(what, "too short for a safetensors header"))?;
+    if n > len - 8 || n > MAX_HEADER_BYTES {
+        return Err(Error::format(
+            what,
+            format!("a header of {n} bytes in a file of {len} (at most {MAX_HEADER_BYTES} are read)"),
+        ));
+    }
+    check_json(&bytes[8..8 + n as usize], len, what)
+}
+
 /// Every tensor of a directory's safetensors files, by name.
 fn read_tensors(dir: &Path) -> Result<HashMap<String, Found>> {
     let index = dir.join("model.safetensors.index.json");
     let files: Vec<String> = if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let text = read_json(&index, MAX_INDEX_BYTES)?;
         let v: Value =
             serde_json::from_str(&text).map_err(|e| Error::format(index.display().to_string(), e.to_string()))?;
         let map = v
@@ -59,6 +149,7 @@ fn read_tensors(dir: &Path) -> Result<HashMap<String, Found>> {
             file,
             path: path.clone(),
         });
+        check_safetensors(&map[..], &what)?;
         let st = SafeTensors::deserialize(&map[..]).map_err(|e| Error::format(&what, e.to_string()))?;
         let base = map.as_ptr() as usize;
         for (tname, view) in st.tensors() {
@@ -79,7 +170,7 @@ fn read_tensors(dir: &Path) -> Result<HashMap<String, Found>> {
 
 pub(super) fn load(dir: &Path) -> Result<LoadedModel> {
     let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let text = read_json(&cfg_path, MAX_CONFIG_BYTES)?;
     let config = Config::from_hf_json(&text)?;
     let raw: Value = serde_json::from_str(&text).map_err(|e| Error::format("config.json", e.to_string()))?;
     let quant = raw.get("quantization_config").filter(|q| !q.is_null()).ok_or_else(|| {

@@ -13,7 +13,7 @@ use serde_json::{Value as Json, json};
 
 use super::chat;
 use super::config::Config;
-use super::gguf::{GgufFile, Value};
+use super::gguf::{Array, GgufFile, Value};
 use super::write_atomic;
 use crate::{Error, Result};
 
@@ -107,31 +107,31 @@ impl Tokenizer {
                 "tokenizer.ggml.model `{model}` is not supported (only gpt2-style byte-level BPE is)"
             )));
         }
-        let strings = |k: &str| -> Result<Vec<String>> {
-            f.get(k)
+        let strings = |k: &str| -> Result<&[String]> {
+            let a = f
+                .get(k)
                 .and_then(Value::as_array)
-                .ok_or_else(|| Error::Tokenizer(format!("{k} is missing")))?
-                .iter()
-                .map(|v| {
-                    v.as_str()
-                        .map(str::to_string)
-                        .ok_or_else(|| Error::Tokenizer(format!("{k} holds a non-string")))
-                })
-                .collect()
+                .ok_or_else(|| Error::Tokenizer(format!("{k} is missing")))?;
+            // An empty array of another item type holds no non-string.
+            match a.as_strs() {
+                Some(s) => Ok(s),
+                None if a.is_empty() => Ok(&[]),
+                None => Err(Error::Tokenizer(format!("{k} holds a non-string"))),
+            }
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
         let merges = strings("tokenizer.ggml.merges")?;
         let types: Vec<u64> = f
             .get("tokenizer.ggml.token_type")
             .and_then(Value::as_array)
-            .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
+            .map(|a| (0..a.len()).map(|i| a.u64_at(i).unwrap_or(1)).collect())
             .unwrap_or_default();
         let pre = f.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
         let add_bos = f
             .get("tokenizer.ggml.add_bos_token")
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        let json = bpe_json(&tokens, &types, &merges, pre, if add_bos { bos } else { None })?;
+        let json = bpe_json(tokens, &types, merges, pre, if add_bos { bos } else { None })?;
         Self::from_json(&json, bos, eos, template)
     }
 
@@ -237,14 +237,14 @@ impl Tokenizer {
         for (i, t) in tokens.iter_mut().enumerate() {
             if !filled[i] {
                 *t = format!("[PAD{i}]");
-                types.push(Value::I32(5));
+                types.push(5);
             } else if special.contains(&(i as u32)) {
-                types.push(Value::I32(3));
+                types.push(3);
             } else {
-                types.push(Value::I32(1));
+                types.push(1);
             }
         }
-        let merges: Vec<Value> = doc
+        let merges: Vec<String> = doc
             .pointer("/model/merges")
             .and_then(Json::as_array)
             .map(|a| {
@@ -254,7 +254,6 @@ impl Tokenizer {
                         Json::Array(p) => Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?)),
                         _ => None,
                     })
-                    .map(Value::Str)
                     .collect()
             })
             .unwrap_or_default();
@@ -267,12 +266,9 @@ impl Tokenizer {
         let mut meta = vec![
             ("tokenizer.ggml.model".to_string(), Value::Str("gpt2".into())),
             ("tokenizer.ggml.pre".to_string(), Value::Str(pre_name(&doc).into())),
-            (
-                "tokenizer.ggml.tokens".to_string(),
-                Value::Array(tokens.into_iter().map(Value::Str).collect()),
-            ),
-            ("tokenizer.ggml.token_type".to_string(), Value::Array(types)),
-            ("tokenizer.ggml.merges".to_string(), Value::Array(merges)),
+            ("tokenizer.ggml.tokens".to_string(), Value::Array(Array::Str(tokens))),
+            ("tokenizer.ggml.token_type".to_string(), Value::Array(Array::I32(types))),
+            ("tokenizer.ggml.merges".to_string(), Value::Array(Array::Str(merges))),
             ("tokenizer.ggml.add_bos_token".to_string(), Value::Bool(adds_bos)),
         ];
         if let Some(b) = self.bos {

@@ -11,7 +11,7 @@ use serde_json::{Value as Json, json};
 use super::lora::{Adapter, LoraConfig};
 use crate::SharedBytes;
 use crate::model::gguf::{self, GgufFile, TensorOut, Value, ggml_type};
-use crate::model::hf::Out;
+use crate::model::hf::{Out, check_safetensors, read_json};
 use crate::model::{Config, Proj, write_atomic};
 use crate::{Error, Result};
 
@@ -23,6 +23,8 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 const BASE_KEY: &str = "tern.base_model";
 /// The largest adapter file read (2 GiB).
 const MAX_BYTES: u64 = 2 << 30;
+/// The largest `adapter_config.json` read (PEFT writes about 1 KiB).
+const MAX_CONFIG_BYTES: u64 = 64 << 10;
 
 /// An adapter read from disk, with the base model it names (if any).
 #[derive(Clone, Debug, PartialEq)]
@@ -108,9 +110,9 @@ pub fn save_peft(adapter: &Adapter, dir: &Path, base_model: Option<&str>, base_n
 /// updates; anything tern cannot apply exactly is refused, naming the field.
 pub fn load_peft(dir: &Path, model: &Config) -> Result<LoadedAdapter> {
     let cfg_path = dir.join(CONFIG_FILE);
-    let text = read_bounded(&cfg_path)?;
+    let text = read_json(&cfg_path, MAX_CONFIG_BYTES)?;
     let cfg: Json =
-        serde_json::from_slice(&text).map_err(|e| Error::format(cfg_path.display().to_string(), e.to_string()))?;
+        serde_json::from_str(&text).map_err(|e| Error::format(cfg_path.display().to_string(), e.to_string()))?;
     let field = |name: &str| cfg.get(name).filter(|v| !v.is_null());
     match field("peft_type").and_then(Json::as_str) {
         Some("LORA") | None => {}
@@ -166,27 +168,32 @@ pub fn load_peft(dir: &Path, model: &Config) -> Result<LoadedAdapter> {
     let weights_path = dir.join(WEIGHTS_FILE);
     let bytes = read_bounded(&weights_path)?;
     let what = weights_path.display().to_string();
-    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| Error::format(&what, e.to_string()))?;
+    check_safetensors(&bytes, &what)?;
+    let (header, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| Error::format(&what, e.to_string()))?;
     let base_model = meta.metadata().as_ref().and_then(|m| m.get(BASE_KEY).cloned());
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::format(&what, e.to_string()))?;
+    // `read_metadata` checked that the tensors' ranges tile the data.
+    let data = bytes.get(8 + header..).unwrap_or_default();
     let mut found: HashMap<(usize, Proj, char), Vec<f32>> = HashMap::new();
-    for (name, view) in st.tensors() {
+    for name in meta.offset_keys() {
+        let Some(info) = meta.info(&name) else { continue };
         let (layer, proj, which) = parse_peft_name(&name).ok_or_else(|| {
             Error::AdapterMismatch(format!("tensor `{name}` is not a LoRA A or B of a block projection"))
         })?;
-        let values = floats(view.dtype(), view.data()).ok_or_else(|| {
-            Error::format(
+        if !matches!(info.dtype, StDtype::F32 | StDtype::F16 | StDtype::BF16) {
+            return Err(Error::format(
                 &what,
-                format!("`{name}` has dtype {:?}; expected F32, F16 or BF16", view.dtype()),
-            )
-        })?;
+                format!("`{name}` has dtype {:?}; expected F32, F16 or BF16", info.dtype),
+            ));
+        }
+        // Shapes are checked before any value is read, so no tensor is
+        // widened to f32 unless it has the size this model needs.
         let r = rank as usize;
         let (rows, cols) = proj.shape(model);
         let want = if which == 'A' { [r, cols] } else { [rows, r] };
-        if view.shape() != want {
+        if info.shape != want {
             return Err(Error::AdapterMismatch(format!(
                 "`{name}` has shape {:?}; rank {r} on this model needs {want:?}",
-                view.shape()
+                info.shape
             )));
         }
         if layer >= model.num_layers {
@@ -195,6 +202,16 @@ pub fn load_peft(dir: &Path, model: &Config) -> Result<LoadedAdapter> {
                 model.num_layers
             )));
         }
+        if found.contains_key(&(layer, proj, which)) {
+            return Err(Error::AdapterMismatch(format!(
+                "`{name}` names a LoRA tensor given twice"
+            )));
+        }
+        let (start, end) = info.data_offsets;
+        let values = data
+            .get(start..end)
+            .and_then(|d| floats(info.dtype, d))
+            .ok_or_else(|| Error::format(&what, format!("`{name}`: bytes {start}..{end} are not in the file")))?;
         found.insert((layer, proj, which), values);
     }
     let adapter = assemble(found, rank as usize, alpha as f32, dropout as f32, rslora, model, &what)?;
@@ -326,6 +343,12 @@ pub fn load_gguf(path: &Path, model: &Config) -> Result<Adapter> {
             return Err(Error::AdapterMismatch(format!(
                 "`{}` has dims {:?}, which do not fit this model",
                 t.name, t.dims
+            )));
+        }
+        if found.contains_key(&(layer, proj, which)) {
+            return Err(Error::AdapterMismatch(format!(
+                "`{}` names a LoRA tensor given twice",
+                t.name
             )));
         }
         let data = file.data(t)?;
