@@ -72,6 +72,26 @@ async fn a_liar_is_convicted_by_what_the_client_sent(fault: Fault, reason: &str)
     let evidence = protocol::open(&nodes[0].shared.store.read(&verdict.evidence[0]).unwrap()).unwrap();
     assert_eq!(evidence.signer, liar, "the liar's own signed result is the evidence");
 
+    // No node advertises a shard output or a signed result naming one, so a
+    // lazy worker cannot learn an output id without computing it.
+    let secret: Vec<ContentId> = state
+        .rounds
+        .iter()
+        .flat_map(|r| r.results.iter().copied())
+        .chain(state.verdicts.iter().flat_map(|v| v.evidence.iter().copied()))
+        .collect();
+    assert!(!secret.is_empty());
+    for n in &nodes {
+        let a = n.shared.advert();
+        for id in &secret {
+            assert!(
+                !a.blobs.contains(id) && !a.models.contains(id),
+                "{} advertises task output or evidence {id}",
+                n.public_key()
+            );
+        }
+    }
+
     // The conviction outlives the job: the client's next job passes the liar over.
     let dir = &nodes[0].shared.config.data_dir;
     assert!(Reputation::load(dir).unwrap().convicted(&liar));
@@ -219,7 +239,7 @@ async fn an_advert_and_task_flood_from_one_peer_does_not_stop_honest_work() {
 async fn a_stalling_peer_is_replaced_within_the_task_timeout() {
     let mut nodes = spawn_nodes(2, |i, c| {
         if i == 0 {
-            c.limits.task_timeout_secs = 4;
+            c.limits.task_timeout_secs = 8;
         } else {
             c.fault = Some(Fault::Stall);
             c.limits.shutdown_grace_secs = 0;
@@ -247,7 +267,7 @@ async fn a_stalling_peer_is_replaced_within_the_task_timeout() {
     let answer = asked.await.unwrap().unwrap();
     assert_eq!(answer.worker, nodes[2].public_key(), "the honest worker answered");
     assert_ne!(answer.worker, staller);
-    assert!(t0.elapsed() < Duration::from_secs(30), "took {:?}", t0.elapsed());
+    assert!(t0.elapsed() < Duration::from_secs(40), "took {:?}", t0.elapsed());
     for n in nodes {
         n.shutdown().await;
     }
@@ -261,7 +281,7 @@ async fn a_stalling_peer_is_replaced_within_the_task_timeout() {
 async fn a_timed_out_task_stops_computing_and_extra_inputs_are_refused() {
     let nodes = spawn_nodes(2, |i, c| {
         if i == 1 {
-            c.limits.task_timeout_secs = 1;
+            c.limits.task_timeout_secs = 3;
             c.limits.max_tasks = 1;
         }
     })

@@ -85,6 +85,30 @@ async fn a_blob_added_on_one_node_is_fetched_and_verified_on_another() {
     }
 }
 
+/// Fetches of one id on one node are single-flight: they would otherwise
+/// share one partial file, and all but the first failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_fetches_of_one_blob_all_succeed() {
+    let nodes = spawn_nodes(2, |_, _| {}).await;
+    let data = bytes(9 * (1 << 20) + 7, 5);
+    let id = nodes[0].shared.store.put(&data).unwrap();
+    let hint = [nodes[0].peer_id()];
+    let s = &nodes[1].shared;
+    let (a, b, c) = tokio::join!(
+        fetch::fetch(s, &id, &hint),
+        fetch::fetch(s, &id, &hint),
+        fetch::fetch(s, &id, &hint)
+    );
+    for r in [a, b, c] {
+        r.unwrap();
+    }
+    assert_eq!(s.store.read(&id).unwrap(), data);
+    assert!(s.fetching.lock().values().all(|l| std::sync::Arc::strong_count(l) == 1));
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_provider_is_dropped_and_a_peer_that_leaves_mid_transfer_is_replaced() {
     let nodes = spawn_nodes(3, |_, _| {}).await;

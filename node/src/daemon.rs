@@ -80,6 +80,8 @@ pub struct Shared {
     /// The model the last task ran on, kept loaded: the next task on the
     /// same model (the next round of a job) skips parsing and preparing it.
     pub model_cache: Mutex<Option<(ContentId, Arc<kernels::model::Model>)>>,
+    /// Fetches in progress, one per id (see `fetch::fetch_at_most`).
+    pub fetching: Mutex<std::collections::HashMap<ContentId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Benchmark re-checks: done (signer, epoch) -> whether the hash matched,
@@ -151,10 +153,12 @@ impl Shared {
         let (cpu, gpus, ram) = self.hardware.clone();
         // Pinned blobs over 1 MiB are advertised as models, the rest as blobs.
         let pins = self.store.pins();
+        let unlisted = self.store.unlisted();
         let (models, blobs): (Vec<_>, Vec<_>) = self
             .store
             .list()
             .into_iter()
+            .filter(|(id, _)| !unlisted.contains(id))
             .partition(|(id, size)| pins.contains(id) && *size > 1 << 20);
         let ids = |v: Vec<(ContentId, u64)>, max| v.into_iter().map(|(id, _)| id).take(max).collect();
         Advert {
@@ -349,6 +353,7 @@ pub async fn start(config: Config) -> Result<NodeHandle> {
         listen_addrs: Mutex::new(Vec::new()),
         stats: Mutex::new(Stats::default()),
         model_cache: Mutex::new(None),
+        fetching: Mutex::new(Default::default()),
         config,
     });
     let mut tasks = vec![tokio::spawn(event_loop.run())];
@@ -365,8 +370,11 @@ pub async fn start(config: Config) -> Result<NodeHandle> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Provider records for what the store holds.
+    let unlisted = shared.store.unlisted();
     for (id, _) in shared.store.list() {
-        shared.net.provide(id.as_bytes().to_vec()).await;
+        if !unlisted.contains(&id) {
+            shared.net.provide(id.as_bytes().to_vec()).await;
+        }
     }
     let (control_addr, control_task) = control::serve(shared.clone(), stop_rx.clone()).await?;
     tasks.push(control_task);

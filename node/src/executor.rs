@@ -259,8 +259,7 @@ async fn run(
             let work = (prompt_len + tokens.len()) as u64;
             let out = InferOutput { tokens }.encode();
             let store = shared.store.clone();
-            let id = tokio::task::spawn_blocking(move || store.put(&out)).await??;
-            shared.net.provide(id.as_bytes().to_vec()).await;
+            let id = tokio::task::spawn_blocking(move || put_output(&store, &out)).await??;
             Ok((id, work))
         }
         TaskParams::LoraShard(p) => {
@@ -317,11 +316,20 @@ async fn run(
                 output.encode()
             };
             let store = shared.store.clone();
-            let id = tokio::task::spawn_blocking(move || store.put(&out)).await??;
-            shared.net.provide(id.as_bytes().to_vec()).await;
+            let id = tokio::task::spawn_blocking(move || put_output(&store, &out)).await??;
             Ok((id, work))
         }
     }
+}
+
+/// Stores a task's output unlisted: neither advertised nor provided, so
+/// the only way to learn its id is to compute it (the submitter fetches it
+/// from this worker, named in the signed result).
+fn put_output(store: &crate::store::BlobStore, bytes: &[u8]) -> Result<ContentId> {
+    let id = ContentId::of(bytes);
+    store.unlist(&id)?;
+    store.put(bytes)?;
+    Ok(id)
 }
 
 /// What a cheating worker computes to decide whether its shard will be
@@ -388,6 +396,8 @@ pub async fn submit(shared: &Arc<Shared>, task: Task, max_output: u64) -> Result
     let task_id = protocol::open(&bytes)?.body_id;
     let answer = shared.net.request(peer, TASK_PROTOCOL, bytes).await?;
     let opened = protocol::open(&answer).context("the worker's answer")?;
+    // The signed answer names the output: kept as evidence, never listed.
+    shared.store.unlist(&ContentId::of(&answer))?;
     if opened.signer != worker {
         bail!("the answer is signed by {}, not by the worker {worker}", opened.signer);
     }
@@ -401,6 +411,8 @@ pub async fn submit(shared: &Arc<Shared>, task: Task, max_output: u64) -> Result
         bail!("the worker's result names other inputs than the task");
     }
     if let Some(out) = result.output {
+        // Unlisted before it is held, so no advert ever names it.
+        shared.store.unlist(&out)?;
         fetch::fetch_at_most(shared, &out, &[peer], max_output)
             .await
             .context("fetching the task's output")?;

@@ -185,6 +185,17 @@ pub async fn fetch_at_most(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]
     if shared.store.has(id) {
         return Ok(());
     }
+    // Single flight: a second fetch of the same id waits for the first
+    // (they would share one partial file) and then finds the blob held.
+    let lock = {
+        let mut inflight = shared.fetching.lock();
+        inflight.retain(|_, l| std::sync::Arc::strong_count(l) > 1);
+        inflight.entry(*id).or_default().clone()
+    };
+    let _one = lock.lock().await;
+    if shared.store.has(id) {
+        return Ok(());
+    }
     let fetched = transfer(shared, id, hint, max_bytes).await;
     // The group buffers the heap kept for reuse during the transfer.
     let _ = tokio::task::spawn_blocking(crate::memory::release_free).await;
@@ -231,7 +242,7 @@ async fn transfer(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId], max_byt
     }
     // The disk limit is for the whole store, not per blob.
     let limit = shared.config.limits.max_disk_mib.saturating_mul(1 << 20);
-    let used: u64 = shared.store.list().iter().map(|(_, n)| n).sum();
+    let used = shared.store.used_bytes();
     if used.saturating_add(outline.size()) > limit {
         bail!(
             "blob {id} is {} bytes; the store holds {used} of this node's disk limit of {limit}",

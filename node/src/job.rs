@@ -792,6 +792,11 @@ impl Job {
                     continue;
                 }
             }
+            // Results from a worker convicted since they arrived rest on
+            // its word alone: they neither count as a copy nor get judged.
+            if let Some(g) = results.get_mut(&s) {
+                g.retain(|g| self.state.workers.get(&g.worker).is_none_or(|w| w.excluded.is_none()));
+            }
             let got = results.get(&s).cloned().unwrap_or_default();
             if got.len() < copies {
                 continue;

@@ -54,12 +54,13 @@ pub struct GcReport {
 impl BlobStore {
     /// Opens (creating) a store, and clears files a crash left in `tmp/`.
     pub fn open(root: &Path) -> Result<Self> {
-        for d in ["blobs", "partial", "pins", "tmp"] {
+        for d in ["blobs", "partial", "pins", "tmp", "unlisted"] {
             fs::create_dir_all(root.join(d)).with_context(|| format!("creating {}", root.join(d).display()))?;
         }
         for e in fs::read_dir(root.join("tmp"))?.flatten() {
             let _ = fs::remove_file(e.path());
         }
+        expire_partials(&root.join("partial"), PARTIAL_TTL);
         Ok(Self {
             root: root.to_path_buf(),
         })
@@ -104,6 +105,9 @@ impl BlobStore {
         }
         self.write_outline(id, outline)?;
         fs::rename(tmp, &dest).with_context(|| format!("storing {}", dest.display()))?;
+        if let Some(parent) = dest.parent() {
+            sync_dir(parent)?;
+        }
         Ok(())
     }
 
@@ -225,8 +229,7 @@ impl BlobStore {
     /// The outline of a held blob.
     pub fn outline(&self, id: &ContentId) -> Result<Outline> {
         if let Ok(bytes) = fs::read(self.outline_path(id))
-            && let Ok(w) = <protocol::wire::Outline as prost::Message>::decode(bytes.as_slice())
-            && let Ok(o) = Outline::from_wire(w, id)
+            && let Ok(o) = Outline::decode(&bytes, id)
         {
             return Ok(o);
         }
@@ -279,6 +282,39 @@ impl BlobStore {
         out
     }
 
+    /// Bytes on disk: every held blob and every partial download.
+    pub fn used_bytes(&self) -> u64 {
+        let blobs: u64 = self.list().iter().map(|(_, n)| n).sum();
+        let partial: u64 = fs::read_dir(self.root.join("partial"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum();
+        blobs + partial
+    }
+
+    /// Keeps `id` out of this node's adverts and provider records: task
+    /// outputs and the signed results that name them. Honest workers'
+    /// outputs of one task are the same bytes, so an output id that leaked
+    /// before a lazy worker answered would let it answer without computing;
+    /// the submitter fetches an output straight from its worker instead.
+    pub fn unlist(&self, id: &ContentId) -> Result<()> {
+        fs::write(self.root.join("unlisted").join(id.to_string()), b"")?;
+        Ok(())
+    }
+
+    /// The ids kept out of adverts and provider records.
+    pub fn unlisted(&self) -> std::collections::HashSet<ContentId> {
+        fs::read_dir(self.root.join("unlisted"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+            .collect()
+    }
+
     /// Keeps `id` through garbage collection.
     pub fn pin(&self, id: &ContentId) -> Result<()> {
         fs::write(self.root.join("pins").join(id.to_string()), b"")?;
@@ -324,6 +360,7 @@ impl BlobStore {
             }
             fs::remove_file(self.path(&id))?;
             let _ = fs::remove_file(self.outline_path(&id));
+            let _ = fs::remove_file(self.root.join("unlisted").join(id.to_string()));
             report.removed += 1;
             report.bytes += size;
         }
@@ -361,6 +398,43 @@ impl BlobStore {
         Partial::open(self, id, outline, true)
     }
 }
+
+/// Removes partial downloads (and their bitmaps) untouched for `ttl`.
+fn expire_partials(dir: &Path, ttl: std::time::Duration) {
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > ttl);
+        if old {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Makes a rename in `dir` durable (the directory entry itself is flushed;
+/// a no-op where directories cannot be opened, as on Windows).
+fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// The bitmap file's header: which outline its bits are for. A partial
+/// blob left by a fetch against another outline (another size) starts over
+/// instead of trusting groups that belong to a different layout.
+fn outline_digest(outline: &Outline) -> [u8; 32] {
+    *blake3::hash(&prost::Message::encode_to_vec(&outline.to_wire())).as_bytes()
+}
+
+/// How long an unfinished fetch's partial file is kept for resuming.
+pub const PARTIAL_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 fn read_full(r: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
@@ -438,11 +512,13 @@ impl Partial {
         file.set_len(outline.size())?;
         let groups = outline.groups() as usize;
         let mut have = vec![false; groups];
-        if let Ok(bits) = fs::read(&have_path)
-            && bits.len() == groups
+        let digest = outline_digest(outline);
+        if let Ok(saved) = fs::read(&have_path)
+            && saved.len() == 32 + groups
+            && saved[..32] == digest
         {
-            for (h, b) in have.iter_mut().zip(bits) {
-                *h = b == 1;
+            for (h, b) in have.iter_mut().zip(&saved[32..]) {
+                *h = *b == 1;
             }
         }
         let direct = if direct { direct::open(&data) } else { None };
@@ -509,7 +585,8 @@ impl Partial {
     fn sync(&mut self) -> Result<()> {
         // One inode: this also flushes what went through the direct handle.
         self.writer.file.sync_data()?;
-        let bits: Vec<u8> = self.have.iter().map(|&h| u8::from(h)).collect();
+        let mut bits = outline_digest(&self.outline).to_vec();
+        bits.extend(self.have.iter().map(|&h| u8::from(h)));
         let tmp = self.have_path.with_extension("have.tmp");
         fs::write(&tmp, bits)?;
         fs::rename(&tmp, &self.have_path)?;
@@ -517,12 +594,35 @@ impl Partial {
         Ok(())
     }
 
-    /// Moves the complete blob into the store.
+    /// Moves the complete blob into the store, once the whole file has been
+    /// checked again: its length is the outline's and its blake3 root is the
+    /// id. Groups were verified as they arrived; this catches what no group
+    /// check can (a file of another length left by a crash or an earlier
+    /// fetch, a write the disk lost). A file that fails is removed, so the
+    /// next fetch starts clean.
     pub fn finish(self) -> Result<()> {
         if !self.missing().is_empty() {
             bail!("blob {} is missing {} groups", self.id, self.missing().len());
         }
         self.writer.file.sync_all()?;
+        let len = self.writer.file.metadata()?.len();
+        let root = if len == self.outline.size() {
+            let mut h = blake3::Hasher::new();
+            h.update_mmap_rayon(&self.data)?;
+            Some(ContentId::from_bytes(*h.finalize().as_bytes()))
+        } else {
+            None
+        };
+        if root != Some(self.id) {
+            let _ = fs::remove_file(&self.data);
+            let _ = fs::remove_file(&self.have_path);
+            bail!(
+                "the fetched file of blob {} is {len} bytes with root {}; expected {} bytes with that root: discarded",
+                self.id,
+                root.map_or_else(|| "unchecked".to_string(), |r| r.to_string()),
+                self.outline.size()
+            );
+        }
         self.store.commit(&self.data, &self.id, &self.outline)?;
         let _ = fs::remove_file(&self.have_path);
         Ok(())
