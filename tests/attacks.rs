@@ -17,11 +17,11 @@ use node::job::{self, Event, JobState, Verify};
 use node::net::TASK_PROTOCOL;
 use node::reputation::Reputation;
 use protocol::{
-    ContentId, InferParams, Keypair, LoraShardParams, Payload, PublicKey, Sampling, Task, TaskParams, TaskStatus,
-    Validity,
+    ContentId, Keypair, LoraShardParams, Payload, PublicKey, Sampling, Task, TaskParams, TaskStatus, Validity,
 };
 use tern_tests::{
-    adapter_of, assert_eventually, reference, setup, small_hyper, spawn_nodes, tempdir, tiny_model, wait_for_swarm,
+    adapter_of, assert_eventually, infer_task, reference, setup, small_hyper, spawn_nodes, tempdir, tiny_model,
+    wait_for_swarm,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -354,19 +354,5 @@ async fn a_timed_out_task_stops_computing_and_extra_inputs_are_refused() {
     assert_eq!(sub.result.status, TaskStatus::Done, "{}", sub.result.error);
     for n in nodes {
         n.shutdown().await;
-    }
-}
-
-fn infer_task(worker: PublicKey, model: ContentId) -> Task {
-    Task {
-        worker,
-        inputs: vec![model],
-        max_work: 64,
-        params: TaskParams::Infer(InferParams {
-            model,
-            prompt: vec![1, 17, 42, 99],
-            max_tokens: 12,
-            sampling: Sampling::greedy(),
-        }),
     }
 }

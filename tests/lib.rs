@@ -189,3 +189,23 @@ pub fn adapter_of(client: &NodeHandle, state: &node::job::JobState) -> protocol:
         .expect("the adapter is stored");
     protocol::train::AdapterParams::decode(&bytes).expect("the adapter decodes")
 }
+
+/// A small seeded inference task on `model` for `worker`.
+pub fn infer_task(worker: protocol::PublicKey, model: protocol::ContentId) -> protocol::Task {
+    protocol::Task {
+        worker,
+        inputs: vec![model],
+        max_work: 64,
+        params: protocol::TaskParams::Infer(protocol::InferParams {
+            model,
+            prompt: vec![1, 17, 42, 99],
+            max_tokens: 12,
+            sampling: protocol::Sampling {
+                temperature: 0.8,
+                top_k: 20,
+                top_p: 0.95,
+                seed: 5,
+            },
+        }),
+    }
+}

@@ -9,10 +9,11 @@ use node::{executor, fetch};
 use protocol::envelope::seal_bytes;
 use protocol::train::LoraShardOutput;
 use protocol::{
-    Advert, ContentId, InferOutput, InferParams, LoraShardParams, Payload, Sampling, Task, TaskParams, TaskStatus,
-    Validity, open, seal, wire,
+    Advert, ContentId, InferOutput, LoraShardParams, Payload, Task, TaskParams, TaskStatus, Validity, open, seal, wire,
 };
-use tern_tests::{assert_eventually, assert_eventually_async, small_hyper, spawn_nodes, tempdir, tiny_model};
+use tern_tests::{
+    assert_eventually, assert_eventually_async, infer_task, small_hyper, spawn_nodes, tempdir, tiny_model,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -309,25 +310,6 @@ async fn a_worker_behind_a_relay_is_reached_through_it() {
     .await;
     for n in [vec![relay], workers, clients].into_iter().flatten() {
         n.shutdown().await;
-    }
-}
-
-fn infer_task(worker: protocol::PublicKey, model: ContentId) -> Task {
-    Task {
-        worker,
-        inputs: vec![model],
-        max_work: 64,
-        params: TaskParams::Infer(InferParams {
-            model,
-            prompt: vec![1, 17, 42, 99],
-            max_tokens: 12,
-            sampling: Sampling {
-                temperature: 0.8,
-                top_k: 20,
-                top_p: 0.95,
-                seed: 5,
-            },
-        }),
     }
 }
 

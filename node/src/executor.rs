@@ -282,6 +282,18 @@ async fn run(
                     None => None,
                 };
                 let model = s.model(&p.model)?;
+                let longest = data.0.iter().map(|q| q.tokens.len()).max().unwrap_or(0);
+                let need = shard::training_memory(model.config(), start.values.len(), longest);
+                let limit = s.config.limits.max_memory_mib.saturating_mul(1 << 20);
+                let model_bytes = s.store.size(&p.model).unwrap_or(0);
+                if need.saturating_add(model_bytes) > limit {
+                    bail!(
+                        "training on sequences of {longest} tokens needs about {} MiB besides the model's {} MiB, more than this node's memory limit of {} MiB",
+                        need >> 20,
+                        model_bytes >> 20,
+                        limit >> 20
+                    );
+                }
                 let cancel = s.cancel.clone();
                 shard::run(&model, &p, &start, opt.as_ref(), &data, max_work, &|| {
                     stop.is_set() || *cancel.borrow()

@@ -574,12 +574,22 @@ pub fn status_text(s: &JobState) -> String {
         s.verdicts.len()
     );
     let _ = writeln!(o, "adapter {}", s.result());
+    if let Some(c) = s.audit_commitment {
+        let _ = writeln!(o, "audit commitment {c}");
+    }
+    // The secret that drew spot checks and workers, once nothing is left
+    // to draw: with it anyone recomputes every draw of the job.
+    if let Some(k) = s.revealed_audit_key() {
+        let _ = writeln!(o, "audit key {k}");
+    }
     o
 }
 
 /// `tern job status`.
 pub fn status(a: &JobArgs, json: bool) -> Result<()> {
-    let s = JobState::load(&a.data_dir, &parse_id(&a.id)?)?;
+    let mut s = JobState::load(&a.data_dir, &parse_id(&a.id)?)?;
+    // The audit key stays secret until the job has finished.
+    s.audit_key = s.revealed_audit_key();
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {

@@ -39,7 +39,8 @@ pub struct Codec {
     max_response: usize,
 }
 
-async fn read_frame<T: futures::AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::Result<Vec<u8>> {
+/// Reads a frame's 4-byte length and refuses one over `max`.
+async fn read_len<T: futures::AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::Result<usize> {
     let mut len = [0u8; 4];
     io.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
@@ -49,9 +50,40 @@ async fn read_frame<T: futures::AsyncRead + Unpin + Send>(io: &mut T, max: usize
             format!("message of {len} bytes is over the limit of {max}"),
         ));
     }
+    Ok(len)
+}
+
+/// Reads the answer to a request of ours: its buffer is allocated at the
+/// declared length at once (bounded by `max`, and by our own requests in
+/// flight), so a 1 MiB blob group lands without a copy.
+async fn read_frame<T: futures::AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::Result<Vec<u8>> {
+    let len = read_len(io, max).await?;
     let mut buf = vec![0u8; len];
     io.read_exact(&mut buf).await?;
     Ok(buf)
+}
+
+/// How long a peer has to send a whole request once its stream is open,
+/// separate from the (long) wait for a task's answer: a peer that opens
+/// streams and trickles bytes holds nothing for long.
+const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Reads an unsolicited request: the buffer grows as bytes arrive (at most
+/// 64 KiB ahead of them) instead of being allocated at the declared length,
+/// and the whole frame must arrive within [`REQUEST_READ_TIMEOUT`].
+async fn read_request_frame<T: futures::AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::Result<Vec<u8>> {
+    let read = async {
+        let len = read_len(io, max).await?;
+        let mut buf = Vec::with_capacity(len.min(64 * 1024));
+        (&mut *io).take(len as u64).read_to_end(&mut buf).await?;
+        if buf.len() != len {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the request ended early"));
+        }
+        Ok(buf)
+    };
+    tokio::time::timeout(REQUEST_READ_TIMEOUT, read)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the request did not arrive in time"))?
 }
 
 async fn write_frame<T: futures::AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8], max: usize) -> io::Result<()> {
@@ -73,7 +105,7 @@ impl request_response::Codec for Codec {
         _: &StreamProtocol,
         io: &mut T,
     ) -> io::Result<Vec<u8>> {
-        read_frame(io, self.max_request).await
+        read_request_frame(io, self.max_request).await
     }
 
     async fn read_response<T: futures::AsyncRead + Unpin + Send>(

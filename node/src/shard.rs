@@ -231,3 +231,44 @@ pub fn check_delta(
     let moments = opt.map(|o| (o.step, o.m.as_slice(), o.v.as_slice()));
     protocol::job::check_delta_bound(&start.values, delta, moments, p.local_steps, adamw)
 }
+
+/// An upper estimate of the memory a shard's training takes beyond the
+/// model's weights, in bytes: the adapter and its optimizer arrays, one
+/// block's activations and gradients for the longest sequence, the
+/// per-block checkpoints, and attention's `heads x t x t` softmax weights
+/// (kept for the backward pass, with their gradient), which dominate for
+/// long sequences. Checked against `max_memory_mib` before any step runs.
+pub fn training_memory(c: &ModelConfig, adapter_params: usize, longest: usize) -> u64 {
+    let (t, f) = (longest as u64, 4u64);
+    let (hidden, inter) = (c.hidden_size as u64, c.intermediate_size as u64);
+    let q = (c.num_heads * c.head_dim) as u64;
+    let kv = (c.num_kv_heads * c.head_dim) as u64;
+    // Parameters, the start copy, the gradient, two moments and the delta.
+    let adapter = adapter_params as u64 * f * 6;
+    let attention = c.num_heads as u64 * t * t * f * 2;
+    // One block: norms, q/k/v, attention output, gate/up/down, and the
+    // gradient of each, with room for the int8 copies.
+    let block = t * (6 * hidden + 2 * (q + 2 * kv) + 4 * inter) * f * 2;
+    let checkpoints = c.num_layers as u64 * t * hidden * f;
+    // The LM head's backward pass works on chunks of 256 vocabulary rows.
+    let head = t * 256 * f + 256 * hidden * f;
+    adapter + attention + block + checkpoints + head
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn training_memory_grows_with_the_square_of_the_sequence() {
+        let c = kernels::model::Config::preset(kernels::model::Preset::parse("tiny").unwrap());
+        let short = training_memory(&c, 10_000, 128);
+        let long = training_memory(&c, 10_000, 4096);
+        assert!(long > 100 * short / 4, "{short} -> {long}");
+        // 2B4T's shapes at the longest sequence a shard may hold: far
+        // beyond any phone, which must refuse before starting.
+        let big = kernels::model::Config::preset(kernels::model::Preset::parse("2b4t").unwrap());
+        let need = training_memory(&big, 20_000_000, protocol::limits::MAX_SEQUENCE_TOKENS);
+        assert!(need > 64 << 30, "{need}");
+    }
+}
