@@ -356,3 +356,58 @@ async fn a_timed_out_task_stops_computing_and_extra_inputs_are_refused() {
         n.shutdown().await;
     }
 }
+
+/// A shard whose sequences would make attention's `heads x t x t` weights
+/// pass the worker's memory limit is refused before any step runs, with
+/// the estimate in the reason; the same task with short sequences runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_that_needs_more_memory_than_the_worker_allows_is_refused() {
+    let nodes = spawn_nodes(2, |i, c| {
+        if i == 1 {
+            c.limits.max_memory_mib = 6;
+        }
+    })
+    .await;
+    assert_eventually(WAIT, "the swarm forms", || nodes[0].peers().len() == 2).await;
+    let client = &nodes[0].shared;
+    let dir = tempdir("memory-model");
+    let model_path = tiny_model(&dir);
+    let (model, size) = client.store.import_file(&model_path).unwrap();
+    assert!(size < 3 << 20, "the tiny model fits the limit: {size}");
+    let config = kernels::model::load(&model_path).unwrap().weights.config;
+    let hyper = small_hyper();
+    let start = node::shard::initial_adapter(&config, &hyper, 1).unwrap();
+    let adapter = client.store.put(&start.encode()).unwrap();
+    // Sequences of `pairs` key-value pairs (two tokens each, after BOS).
+    let run = |pairs: usize| {
+        let (seqs, _) = kernels::train::data::synthetic_mapping(config.vocab_size, 1, pairs, 4, 3);
+        let data = client.store.put(&node::shard::shard_of(&seqs).encode()).unwrap();
+        let task = Task {
+            worker: nodes[1].public_key(),
+            inputs: vec![model, adapter, data],
+            max_work: 1 << 20,
+            params: TaskParams::LoraShard(LoraShardParams {
+                model,
+                adapter,
+                data,
+                local_steps: 1,
+                seed: 3,
+                hyper,
+                optimizer: None,
+            }),
+        };
+        async move { executor::submit(client, task, 1 << 30).await.unwrap() }
+    };
+    let long = run(config.max_position_embeddings / 2 - 8).await;
+    assert_eq!(long.result.status, TaskStatus::Failed);
+    assert!(
+        long.result.error.contains("more than this node's memory limit"),
+        "{}",
+        long.result.error
+    );
+    let short = run(4).await;
+    assert_eq!(short.result.status, TaskStatus::Done, "{}", short.result.error);
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
