@@ -411,3 +411,50 @@ async fn a_shard_that_needs_more_memory_than_the_worker_allows_is_refused() {
         n.shutdown().await;
     }
 }
+
+/// A worker whose store is full collects what nothing needs (unpinned,
+/// unused, not fresh) to take a task, keeps its pins, and refuses an input
+/// that cannot fit before fetching any of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_collects_what_nothing_needs_and_refuses_what_cannot_fit() {
+    let nodes = spawn_nodes(2, |i, c| {
+        if i == 1 {
+            c.limits.max_disk_mib = 4;
+        }
+    })
+    .await;
+    assert_eventually(WAIT, "the swarm forms", || nodes[0].peers().len() == 2).await;
+    let (client, worker) = (&nodes[0].shared, &nodes[1].shared);
+    let dir = tempdir("disk-model");
+    let (model, size) = client.store.import_file(&tiny_model(&dir)).unwrap();
+    assert!(size < 2 << 20, "{size}");
+    // The worker holds an old unpinned blob that fills most of its limit,
+    // and a pinned one.
+    let junk = worker.store.put(&vec![7u8; (4 << 20) - size as usize / 2]).unwrap();
+    let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(worker.store.path(&junk))
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let kept = worker.store.put_pinned(b"a blob its owner pinned").unwrap();
+    let sub = executor::submit(client, infer_task(nodes[1].public_key(), model), 1 << 20)
+        .await
+        .unwrap();
+    assert_eq!(sub.result.status, TaskStatus::Done, "{}", sub.result.error);
+    assert!(!worker.store.has(&junk), "the unused blob was collected");
+    assert!(worker.store.has(&kept) && worker.store.has(&model));
+
+    // A "model" larger than the whole store is refused from its outline.
+    let huge = client.store.put(&vec![3u8; 5 << 20]).unwrap();
+    let sub = executor::submit(client, infer_task(nodes[1].public_key(), huge), 1 << 20)
+        .await
+        .unwrap();
+    assert_eq!(sub.result.status, TaskStatus::Failed);
+    assert!(sub.result.error.contains("disk limit"), "{}", sub.result.error);
+    assert!(!worker.store.has(&huge) && worker.store.has(&kept) && worker.store.has(&model));
+    for n in nodes {
+        n.shutdown().await;
+    }
+}

@@ -80,6 +80,9 @@ pub struct Shared {
     /// The model the last task ran on, kept loaded: the next task on the
     /// same model (the next round of a job) skips parsing and preparing it.
     pub model_cache: Mutex<Option<(ContentId, Arc<kernels::model::Model>)>>,
+    /// Blobs running tasks use (with how many use each): garbage collection
+    /// under disk pressure keeps them.
+    pub in_use: Mutex<std::collections::HashMap<ContentId, usize>>,
     /// Fetches in progress, one per id (see `fetch::fetch_at_most`).
     pub fetching: Mutex<std::collections::HashMap<ContentId, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -209,6 +212,11 @@ impl Shared {
         let m = Arc::new(m);
         *cache = Some((*id, m.clone()));
         Ok(m)
+    }
+
+    /// The blobs running tasks use.
+    pub fn in_use_ids(&self) -> std::collections::HashSet<ContentId> {
+        self.in_use.lock().keys().copied().collect()
     }
 
     /// The unexpired entries of the peer table.
@@ -354,6 +362,7 @@ pub async fn start(config: Config) -> Result<NodeHandle> {
         stats: Mutex::new(Stats::default()),
         model_cache: Mutex::new(None),
         fetching: Mutex::new(Default::default()),
+        in_use: Mutex::new(Default::default()),
         config,
     });
     let mut tasks = vec![tokio::spawn(event_loop.run())];

@@ -23,8 +23,9 @@ use crate::{fetch, hw, identity, shard};
 /// moments per parameter) of the largest adapter, or a data shard.
 const MAX_SMALL_INPUT: u64 = 3 * 5 * protocol::limits::MAX_ADAPTER_PARAMS as u64 + (1 << 20);
 
-/// How long a result envelope stays valid.
-const RESULT_TTL: Duration = Duration::from_secs(600);
+/// How long a result envelope stays valid (and how long garbage collection
+/// under pressure keeps a fresh output for its submitter to fetch).
+pub const RESULT_TTL: Duration = Duration::from_secs(600);
 /// How long a task envelope stays valid.
 const TASK_TTL: Duration = Duration::from_secs(300);
 
@@ -86,6 +87,40 @@ impl Computing {
 impl Drop for Computing {
     fn drop(&mut self) {
         self.0.computing.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Marks a running task's blobs in use, so that garbage collection under
+/// disk pressure keeps them; unmarked when dropped.
+struct InUse {
+    shared: Arc<Shared>,
+    ids: Vec<ContentId>,
+}
+
+impl InUse {
+    fn new(shared: &Arc<Shared>, ids: &[ContentId]) -> Self {
+        let mut m = shared.in_use.lock();
+        for id in ids {
+            *m.entry(*id).or_default() += 1;
+        }
+        Self {
+            shared: shared.clone(),
+            ids: ids.to_vec(),
+        }
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        let mut m = self.shared.in_use.lock();
+        for id in &self.ids {
+            if let Some(n) = m.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(id);
+                }
+            }
+        }
     }
 }
 
@@ -232,6 +267,7 @@ async fn run(
         TaskParams::Infer(p) => p.model,
         TaskParams::LoraShard(p) => p.model,
     };
+    let _in_use = InUse::new(shared, &task.inputs);
     for input in &task.inputs {
         let max = if *input == model { memory_limit } else { MAX_SMALL_INPUT };
         fetch::fetch_at_most(shared, input, &[peer], max)

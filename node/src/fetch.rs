@@ -242,7 +242,22 @@ async fn transfer(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId], max_byt
     }
     // The disk limit is for the whole store, not per blob.
     let limit = shared.config.limits.max_disk_mib.saturating_mul(1 << 20);
-    let used = shared.store.used_bytes();
+    let mut used = shared.store.used_bytes();
+    if used.saturating_add(outline.size()) > limit {
+        // Under pressure: collect what nothing needs (not pinned, not used
+        // by a running task, not an output written in the last minutes).
+        let (store, keep) = (shared.store.clone(), shared.in_use_ids());
+        let report =
+            tokio::task::spawn_blocking(move || store.gc_keeping(&keep, crate::executor::RESULT_TTL)).await??;
+        if report.removed > 0 {
+            tracing::info!(
+                removed = report.removed,
+                bytes = report.bytes,
+                "store over its limit: collected garbage"
+            );
+        }
+        used = shared.store.used_bytes();
+    }
     if used.saturating_add(outline.size()) > limit {
         bail!(
             "blob {id} is {} bytes; the store holds {used} of this node's disk limit of {limit}",

@@ -344,7 +344,19 @@ impl BlobStore {
     /// Removes every blob that is neither pinned nor named by a pinned
     /// directory manifest.
     pub fn gc(&self) -> Result<GcReport> {
-        let mut keep: std::collections::HashSet<ContentId> = self.pins().into_iter().collect();
+        self.gc_keeping(&Default::default(), std::time::Duration::ZERO)
+    }
+
+    /// [`BlobStore::gc`], also keeping `keep` (what running tasks use) and
+    /// every blob written within `fresh` (outputs whose submitters have yet
+    /// to fetch them): what the store runs when a fetch would pass its disk
+    /// limit.
+    pub fn gc_keeping(
+        &self,
+        keep: &std::collections::HashSet<ContentId>,
+        fresh: std::time::Duration,
+    ) -> Result<GcReport> {
+        let mut keep: std::collections::HashSet<ContentId> = keep.iter().copied().chain(self.pins()).collect();
         for pin in self.pins() {
             if let Ok(bytes) = self.read(&pin)
                 && let Ok(m) = DirManifest::decode(&bytes)
@@ -354,7 +366,13 @@ impl BlobStore {
         }
         let mut report = GcReport::default();
         for (id, size) in self.list() {
-            if keep.contains(&id) {
+            let young = !fresh.is_zero()
+                && fs::metadata(self.path(&id))
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_none_or(|age| age < fresh);
+            if keep.contains(&id) || young {
                 report.kept += 1;
                 continue;
             }
