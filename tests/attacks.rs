@@ -289,32 +289,13 @@ async fn a_timed_out_task_stops_computing_and_extra_inputs_are_refused() {
     assert_eventually(WAIT, "the swarm forms", || nodes[0].peers().len() == 2).await;
     let (client, worker) = (&nodes[0].shared, &nodes[1]);
     let dir = tempdir("timeout-model");
-    let model_path = tiny_model(&dir);
-    let (model, _) = client.store.import_file(&model_path).unwrap();
-    let config = kernels::model::load(&model_path).unwrap().weights.config;
-    let hyper = small_hyper();
-    let start = node::shard::initial_adapter(&config, &hyper, 1).unwrap();
-    let adapter = client.store.put(&start.encode()).unwrap();
-    let (seqs, _) = kernels::train::data::synthetic_mapping(config.vocab_size, 1, 16, 8, 3);
-    let data = client.store.put(&node::shard::shard_of(&seqs).encode()).unwrap();
     // As many steps as the worker's work limit allows: far more than a second's.
-    let longest = seqs.iter().map(|s| s.tokens.len()).max().unwrap() as u64;
-    let local_steps = ((1u64 << 20) / (u64::from(hyper.batch) * longest)) as u32;
-    let params = LoraShardParams {
-        model,
-        adapter,
-        data,
-        local_steps,
-        seed: 9,
-        hyper,
-        optimizer: None,
+    let full = shard_task(client, worker.public_key(), &tiny_model(&dir), 8, None);
+    let (model, adapter, data) = match &full.params {
+        TaskParams::LoraShard(p) => (p.model, p.adapter, p.data),
+        TaskParams::Infer(_) => unreachable!(),
     };
-    let task = |inputs: Vec<ContentId>| Task {
-        worker: worker.public_key(),
-        inputs,
-        max_work: 1 << 20,
-        params: TaskParams::LoraShard(params.clone()),
-    };
+    let task = |inputs: Vec<ContentId>| Task { inputs, ..full.clone() };
     let extra = client.store.put(b"a blob the task does not use").unwrap();
     let sub = executor::submit(client, task(vec![model, adapter, data, extra]), 1 << 30)
         .await
@@ -372,33 +353,19 @@ async fn a_shard_that_needs_more_memory_than_the_worker_allows_is_refused() {
     let client = &nodes[0].shared;
     let dir = tempdir("memory-model");
     let model_path = tiny_model(&dir);
-    let (model, size) = client.store.import_file(&model_path).unwrap();
+    let size = std::fs::metadata(&model_path).unwrap().len();
     assert!(size < 3 << 20, "the tiny model fits the limit: {size}");
-    let config = kernels::model::load(&model_path).unwrap().weights.config;
-    let hyper = small_hyper();
-    let start = node::shard::initial_adapter(&config, &hyper, 1).unwrap();
-    let adapter = client.store.put(&start.encode()).unwrap();
+    let context = kernels::model::load(&model_path)
+        .unwrap()
+        .weights
+        .config
+        .max_position_embeddings;
     // Sequences of `pairs` key-value pairs (two tokens each, after BOS).
     let run = |pairs: usize| {
-        let (seqs, _) = kernels::train::data::synthetic_mapping(config.vocab_size, 1, pairs, 4, 3);
-        let data = client.store.put(&node::shard::shard_of(&seqs).encode()).unwrap();
-        let task = Task {
-            worker: nodes[1].public_key(),
-            inputs: vec![model, adapter, data],
-            max_work: 1 << 20,
-            params: TaskParams::LoraShard(LoraShardParams {
-                model,
-                adapter,
-                data,
-                local_steps: 1,
-                seed: 3,
-                hyper,
-                optimizer: None,
-            }),
-        };
+        let task = shard_task(client, nodes[1].public_key(), &model_path, pairs, Some(1));
         async move { executor::submit(client, task, 1 << 30).await.unwrap() }
     };
-    let long = run(config.max_position_embeddings / 2 - 8).await;
+    let long = run(context / 2 - 8).await;
     assert_eq!(long.result.status, TaskStatus::Failed);
     assert!(
         long.result.error.contains("more than this node's memory limit"),
@@ -456,5 +423,41 @@ async fn a_full_store_collects_what_nothing_needs_and_refuses_what_cannot_fit() 
     assert!(!worker.store.has(&huge) && worker.store.has(&kept) && worker.store.has(&model));
     for n in nodes {
         n.shutdown().await;
+    }
+}
+
+/// A LoRA-shard task for `worker` with its inputs in `client`'s store: the
+/// model at `model_path`, a fresh adapter, and four synthetic sequences of
+/// `pairs` key-value pairs; `steps` local steps, or as many as the default
+/// work limit (2^20 tokens) allows.
+fn shard_task(
+    client: &node::daemon::Shared,
+    worker: PublicKey,
+    model_path: &std::path::Path,
+    pairs: usize,
+    steps: Option<u32>,
+) -> Task {
+    let (model, _) = client.store.import_file(model_path).unwrap();
+    let config = kernels::model::load(model_path).unwrap().weights.config;
+    let hyper = small_hyper();
+    let start = node::shard::initial_adapter(&config, &hyper, 1).unwrap();
+    let adapter = client.store.put(&start.encode()).unwrap();
+    let (seqs, _) = kernels::train::data::synthetic_mapping(config.vocab_size, 1, pairs, 4, 3);
+    let data = client.store.put(&node::shard::shard_of(&seqs).encode()).unwrap();
+    let longest = seqs.iter().map(|s| s.tokens.len()).max().unwrap() as u64;
+    let local_steps = steps.unwrap_or(((1u64 << 20) / (u64::from(hyper.batch) * longest)) as u32);
+    Task {
+        worker,
+        inputs: vec![model, adapter, data],
+        max_work: 1 << 20,
+        params: TaskParams::LoraShard(LoraShardParams {
+            model,
+            adapter,
+            data,
+            local_steps,
+            seed: 9,
+            hyper,
+            optimizer: None,
+        }),
     }
 }

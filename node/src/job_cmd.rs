@@ -140,7 +140,7 @@ pub struct SubmitFinetuneArgs {
     pub eval_fraction: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// none, redundancy:K or spot:FRACTION.
+    /// none, redundancy:K, spot:FRACTION or redundancy:K+spot:FRACTION.
     #[arg(long, default_value = "spot:0.25")]
     pub verify: String,
     /// mean, trimmed:N or median.
@@ -203,7 +203,7 @@ pub struct DemoArgs {
     pub workers: usize,
     #[arg(long, default_value_t = 6)]
     pub rounds: u32,
-    /// none, redundancy:K or spot:FRACTION.
+    /// none, redundancy:K, spot:FRACTION or redundancy:K+spot:FRACTION.
     #[arg(long, default_value = "spot:0.25")]
     pub verify: String,
     /// Seeds the model, the data and the job.
