@@ -86,6 +86,42 @@ async fn a_blob_added_on_one_node_is_fetched_and_verified_on_another() {
     }
 }
 
+/// An outline whose size lies within its last group merges to the id all
+/// the same, so it was accepted and then every honest group looked wrong.
+/// The last group's bytes prove the size: the lie is corrected and the blob
+/// arrives, even from the liar alone (its bytes are right).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outline_that_lies_about_the_size_is_corrected_by_the_bytes() {
+    let nodes = spawn_nodes(3, |_, _| {}).await;
+    for len in [3 * (1 << 20) + 12_345, 1000] {
+        let data = bytes(len, 9);
+        let id = nodes[0].shared.store.put(&data).unwrap();
+        assert_eq!(nodes[1].shared.store.put(&data).unwrap(), id);
+        let lie = protocol::wire::Outline {
+            size: len as u64 - 100,
+            ..nodes[0].shared.store.outline(&id).unwrap().to_wire()
+        };
+        let outline_file = nodes[0].shared.store.path(&id).with_extension("outline");
+        std::fs::write(&outline_file, prost::Message::encode_to_vec(&lie)).unwrap();
+        assert_eq!(
+            nodes[0].shared.store.outline(&id).unwrap().size(),
+            len as u64 - 100,
+            "the liar serves the lie"
+        );
+        let err = fetch::fetch(&nodes[2].shared, &id, &[nodes[0].peer_id()])
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("last group proves"), "{err:#}");
+        let both = [nodes[0].peer_id(), nodes[1].peer_id()];
+        fetch::fetch(&nodes[2].shared, &id, &both).await.unwrap();
+        assert_eq!(nodes[2].shared.store.read(&id).unwrap(), data);
+        assert_eq!(nodes[2].shared.store.outline(&id).unwrap().size(), len as u64);
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
 /// Fetches of one id on one node are single-flight: they would otherwise
 /// share one partial file, and all but the first failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -126,6 +126,41 @@ fn group_response(store: &crate::store::BlobStore, id: &ContentId, g: u64) -> Re
     Ok(out)
 }
 
+/// The blob's true size, from the last group of the first of up to four
+/// providers (asked at once, the outline's source among them) to send
+/// bytes that prove one, with those bytes; `None` when none does within
+/// [`PROVE_WAIT`] (the group loop then finds the faulty providers, and a
+/// provider that stalls costs no more than that).
+async fn prove_size(
+    shared: &Shared,
+    id: &ContentId,
+    outline: &Outline,
+    peers: &[PeerId],
+    source: Option<PeerId>,
+) -> Option<(u64, prost::bytes::Bytes)> {
+    let last = outline.groups() - 1;
+    let mut asks: FuturesUnordered<_> = source
+        .iter()
+        .chain(peers.iter().filter(|p| Some(**p) != source))
+        .take(4)
+        .map(|&p| ask(shared, p, id, wire::blob_request::What::Group(last)))
+        .collect();
+    let first_proof = async {
+        while let Some(answer) = asks.next().await {
+            if let Ok(wire::blob_response::Result::Group(bytes)) = answer
+                && let Ok(size) = outline.proven_size(id, &bytes)
+            {
+                return Some((size, bytes));
+            }
+        }
+        None
+    };
+    tokio::time::timeout(PROVE_WAIT, first_proof).await.ok().flatten()
+}
+
+/// How long the size proof waits for the last group.
+const PROVE_WAIT: Duration = Duration::from_secs(5);
+
 async fn ask(
     shared: &Shared,
     peer: PeerId,
@@ -209,6 +244,7 @@ async fn transfer(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId], max_byt
     }
     // The outline, from the first provider that gives a valid one.
     let mut outline = None;
+    let mut source = None;
     let mut why = Vec::new();
     for &p in &peers {
         match ask(
@@ -222,6 +258,7 @@ async fn transfer(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId], max_byt
             Ok(wire::blob_response::Result::Outline(w)) => match Outline::from_wire(w, id) {
                 Ok(o) => {
                     outline = Some(o);
+                    source = Some(p);
                     break;
                 }
                 Err(e) => {
@@ -234,6 +271,28 @@ async fn transfer(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId], max_byt
         }
     }
     let outline = outline.ok_or_else(|| anyhow!("no provider gave a valid outline of {id}: {}", why.join("; ")))?;
+    // The outline's size is bound only to within its last group: the last
+    // group's own bytes prove it. An outline that lied is corrected, and its
+    // provider dropped, before a single honest group can look wrong.
+    let mut peers = peers;
+    let (outline, last_group) = match prove_size(shared, id, &outline, &peers, source).await {
+        Some((size, bytes)) if size != outline.size() => {
+            let fixed = outline
+                .with_size(size)
+                .ok_or_else(|| anyhow!("blob {id}: the last group proves an impossible size {size}"))?;
+            tracing::warn!(peer = ?source, blob = %id, claimed = outline.size(), size, "an outline lied about the size");
+            peers.retain(|p| Some(*p) != source);
+            if peers.is_empty() {
+                bail!(
+                    "blob {id}: its only provider's outline claims {} bytes where its last group proves {size}",
+                    outline.size()
+                );
+            }
+            (fixed, Some(bytes))
+        }
+        Some((_, bytes)) => (outline, Some(bytes)),
+        None => (outline, None),
+    };
     if outline.size() > max_bytes {
         bail!(
             "blob {id} is {} bytes, more than the {max_bytes} it can be for its use here",
@@ -268,6 +327,13 @@ async fn transfer(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId], max_byt
     let oid = *id;
     let o2 = outline.clone();
     let partial = tokio::task::spawn_blocking(move || store.partial(&oid, &o2)).await??;
+    let mut partial = partial;
+    if let Some(bytes) = last_group {
+        let last = outline.groups() - 1;
+        if partial.missing().contains(&last) {
+            partial.write_group(last, &bytes)?;
+        }
+    }
     let partial = Arc::new(std::sync::Mutex::new(partial));
     let (mut queue, writer): (VecDeque<u64>, _) = {
         let p = partial.lock().map_err(|_| anyhow!("poisoned"))?;

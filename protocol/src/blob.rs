@@ -144,6 +144,40 @@ impl Outline {
         Ok(())
     }
 
+    /// The blob's size as the bytes of its last group prove it.
+    ///
+    /// The chaining values bind every group's bytes but not the length of
+    /// the last group within its 1 MiB: an outline whose size lies inside
+    /// the last group (or any size up to 1 MiB for a one-group blob) still
+    /// merges to the id, and honest providers' groups would then look
+    /// wrong. Bytes that hash, at their own length, to the last group's
+    /// chaining value (to the id for a one-group blob) fix the size: no one
+    /// can make other bytes that do.
+    pub fn proven_size(&self, id: &ContentId, bytes: &[u8]) -> Result<u64> {
+        let last = self.groups() - 1;
+        let ok = bytes.len() as u64 <= GROUP_LEN
+            && if self.groups() == 1 {
+                blake3::hash(bytes).as_bytes() == id.as_bytes()
+            } else {
+                !bytes.is_empty() && group_chaining_value(last, bytes) == self.cvs[last as usize]
+            };
+        if !ok {
+            return Err(Error::BlobMismatch {
+                what: format!("last group ({} bytes)", bytes.len()),
+            });
+        }
+        Ok(last * GROUP_LEN + bytes.len() as u64)
+    }
+
+    /// The same chaining values for a blob of `size` bytes, when that is
+    /// one of the sizes they allow (see [`Outline::proven_size`]).
+    pub fn with_size(&self, size: u64) -> Option<Self> {
+        (group_count(size) == self.groups() && size <= MAX_BLOB_BYTES).then(|| Self {
+            size,
+            cvs: self.cvs.clone(),
+        })
+    }
+
     /// Checks the bytes of group `index` of blob `id`.
     pub fn check_group(&self, id: &ContentId, index: u64, bytes: &[u8]) -> Result<()> {
         let range = group_range(self.size, index);
@@ -307,6 +341,24 @@ mod tests {
                 let r = group_range(n as u64, i);
                 o.check_group(&id, i, &data[r.start as usize..r.end as usize]).unwrap();
             }
+        }
+    }
+
+    #[test]
+    fn the_last_group_proves_a_size_the_outline_cannot() {
+        for len in [1000usize, 3 * GROUP_LEN as usize + 12_345] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let id = ContentId::of(&data);
+            let honest = Outline::of(&data);
+            // A size that lies within the last group still merges to the id.
+            let lie = honest.with_size(len as u64 - 100).unwrap();
+            assert!(lie.verify(&id).is_ok(), "the lie is not caught by the chaining values");
+            let last = (honest.groups() - 1) as usize * GROUP_LEN as usize;
+            let tail = &data[last..];
+            assert_eq!(lie.proven_size(&id, tail).unwrap(), len as u64);
+            assert_eq!(honest.proven_size(&id, tail).unwrap(), len as u64);
+            assert!(lie.proven_size(&id, &tail[..tail.len() - 100]).is_err());
+            assert!(lie.proven_size(&id, &[0u8; 5]).is_err());
         }
     }
 
