@@ -40,6 +40,10 @@ pub struct Config {
     /// Most simultaneous connections, and per peer.
     pub max_connections: u32,
     pub max_connections_per_peer: u32,
+    /// Most inbound connections from one IP address (loopback exempt): a
+    /// flood of fresh keys from one host cannot take every slot from the
+    /// peers already connected.
+    pub max_incoming_per_ip: u32,
     /// Seconds between adverts, and how long each stays valid.
     pub advert_interval_secs: u64,
     pub advert_ttl_secs: u64,
@@ -155,6 +159,7 @@ impl Default for Config {
             control: SocketAddr::from(([127, 0, 0, 1], 7447)),
             max_connections: 128,
             max_connections_per_peer: 2,
+            max_incoming_per_ip: 16,
             advert_interval_secs: 30,
             advert_ttl_secs: 120,
             bench: true,

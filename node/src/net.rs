@@ -326,6 +326,22 @@ impl Net {
     }
 }
 
+/// The IP address a multiaddress starts with, if any.
+fn ip_of(addr: &Multiaddr) -> Option<std::net::IpAddr> {
+    match addr.iter().next()? {
+        libp2p::multiaddr::Protocol::Ip4(ip) => Some(ip.into()),
+        libp2p::multiaddr::Protocol::Ip6(ip) => Some(ip.into()),
+        _ => None,
+    }
+}
+
+/// Whether one more inbound connection from `ip`, which holds `held`, is
+/// over the cap. Loopback is exempt: it is this machine (and every test
+/// swarm).
+fn over_ip_cap(ip: std::net::IpAddr, held: usize, cap: usize) -> bool {
+    !ip.is_loopback() && held >= cap
+}
+
 /// Gossipsub peer scoring: a peer that forwards adverts the daemon
 /// rejects (bad signature, malformed, over the limits) loses score with the
 /// square of the count, decaying over a minute or so, and is graylisted (its
@@ -491,6 +507,8 @@ pub fn start(config: &Config, key: libp2p::identity::Keypair) -> Result<(Net, mp
         pending: HashMap::new(),
         providers: HashMap::new(),
         connections: HashMap::new(),
+        incoming_by_ip: HashMap::new(),
+        max_incoming_per_ip: config.max_incoming_per_ip as usize,
         relay_server,
         relays: relays.into_iter().map(RelaySlot::new).collect(),
     };
@@ -541,6 +559,9 @@ pub struct EventLoop {
     providers: HashMap<kad::QueryId, (HashSet<PeerId>, oneshot::Sender<HashSet<PeerId>>)>,
     /// Open connections: peer and remote address.
     connections: HashMap<libp2p::swarm::ConnectionId, (PeerId, Multiaddr)>,
+    /// Inbound direct connections by remote IP, and the most one IP may hold.
+    incoming_by_ip: HashMap<std::net::IpAddr, HashSet<libp2p::swarm::ConnectionId>>,
+    max_incoming_per_ip: usize,
     /// A relay server takes its listen addresses as external ones.
     relay_server: bool,
     /// The configured relays and the state of each one's reservation.
@@ -736,6 +757,18 @@ impl EventLoop {
                 ..
             } => {
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                if endpoint.is_listener()
+                    && !endpoint.is_relayed()
+                    && let Some(ip) = ip_of(endpoint.get_remote_address())
+                {
+                    let from_ip = self.incoming_by_ip.entry(ip).or_default();
+                    if over_ip_cap(ip, from_ip.len(), self.max_incoming_per_ip) {
+                        tracing::debug!(peer = %peer_id, %ip, "refused: too many connections from one address");
+                        self.swarm.close_connection(connection_id);
+                        return;
+                    }
+                    from_ip.insert(connection_id);
+                }
                 self.connections
                     .insert(connection_id, (peer_id, endpoint.get_remote_address().clone()));
                 if num_established.get() == 1 {
@@ -747,6 +780,10 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed { connection_id, .. } => {
                 self.connections.remove(&connection_id);
+                self.incoming_by_ip.retain(|_, c| {
+                    c.remove(&connection_id);
+                    !c.is_empty()
+                });
             }
             SwarmEvent::ListenerClosed {
                 listener_id, reason, ..
@@ -861,5 +898,25 @@ impl EventLoop {
             }
             request_response::Event::ResponseSent { .. } => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_address_holds_at_most_its_share_of_inbound_connections() {
+        let remote: std::net::IpAddr = "203.0.113.7".parse().unwrap();
+        assert!(!over_ip_cap(remote, 15, 16));
+        assert!(over_ip_cap(remote, 16, 16));
+        assert!(
+            !over_ip_cap("127.0.0.1".parse().unwrap(), 1000, 16),
+            "loopback is exempt"
+        );
+        let a: Multiaddr = "/ip4/203.0.113.7/udp/4001/quic-v1".parse().unwrap();
+        assert_eq!(ip_of(&a), Some(remote));
+        let named: Multiaddr = "/dns4/example.com/tcp/1".parse().unwrap();
+        assert_eq!(ip_of(&named), None);
     }
 }
