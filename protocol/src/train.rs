@@ -309,11 +309,11 @@ impl Sequences {
     /// allocates each vector once, at its final length.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
         const WHAT: &str = "data shard";
-        let bad = |why: String| Err(Error::invalid(WHAT, why));
+        let bad = |why: String| Error::invalid(WHAT, why);
         let malformed = |reason: &str| budget::malformed(WHAT, reason);
         let (n, total) = sequences_shape(bytes)?;
         if n == 0 {
-            return bad("no sequence".into());
+            return Err(bad("no sequence".into()));
         }
         if n > MAX_SEQUENCES {
             return Err(Error::TooLarge {
@@ -343,32 +343,25 @@ impl Sequences {
         }
         let mut out = Vec::with_capacity(n);
         let mut counted = 0usize;
-        let mut w = budget::Wire::new(bytes);
-        while !w.is_empty() {
-            let (tag, wire_type) = w.key().map_err(malformed)?;
-            if tag != 1 {
-                w.skip(tag, wire_type, 100).map_err(malformed)?;
-                continue;
-            }
-            let seq = w.len_delimited().map_err(malformed)?;
+        each_sequence(bytes, |seq| {
             let nth = out.len();
             let (len, bits) = sequence_shape(seq).map_err(malformed)?;
             if !(2..=MAX_SEQUENCE_TOKENS).contains(&len) {
-                return bad(format!(
+                return Err(bad(format!(
                     "sequence {nth} has {len} tokens, not 2..={MAX_SEQUENCE_TOKENS}"
-                ));
+                )));
             }
             if bits.len() != len.div_ceil(8) {
-                return bad(format!(
+                return Err(bad(format!(
                     "sequence {nth}: a target bitmap of {} bytes for {len} tokens",
                     bits.len()
-                ));
+                )));
             }
             if bits[0] & 1 == 1 {
-                return bad(format!("sequence {nth}: the first token is marked as predicted"));
+                return Err(bad(format!("sequence {nth}: the first token is marked as predicted")));
             }
             if len % 8 != 0 && bits[len / 8] >> (len % 8) != 0 {
-                return bad(format!("sequence {nth}: bits set past its last token"));
+                return Err(bad(format!("sequence {nth}: bits set past its last token")));
             }
             let targets: Vec<bool> = (0..len).map(|i| bits[i / 8] >> (i % 8) & 1 == 1).collect();
             counted += targets.iter().filter(|t| **t).count();
@@ -376,19 +369,20 @@ impl Sequences {
                 tokens: sequence_tokens(seq, len).map_err(malformed)?,
                 targets,
             });
-        }
+            Ok(())
+        })?;
         if counted == 0 {
-            return bad("no token is marked as predicted".into());
+            return Err(bad("no token is marked as predicted".into()));
         }
         Ok(Self(out))
     }
 }
 
-/// The sequences and the tokens in all of a data shard's bytes, read
-/// without allocating; an error for bytes prost would refuse.
-fn sequences_shape(bytes: &[u8]) -> Result<(usize, usize)> {
+/// Calls `f` with the bytes of every sequence (field 1) of a data shard,
+/// in order, skipping other fields as prost does; an error for bytes prost
+/// would refuse.
+fn each_sequence<'a>(bytes: &'a [u8], mut f: impl FnMut(&'a [u8]) -> Result<()>) -> Result<()> {
     let malformed = |reason: &str| budget::malformed("data shard", reason);
-    let (mut n, mut total) = (0usize, 0usize);
     let mut w = budget::Wire::new(bytes);
     while !w.is_empty() {
         let (tag, wire_type) = w.key().map_err(malformed)?;
@@ -397,10 +391,22 @@ fn sequences_shape(bytes: &[u8]) -> Result<(usize, usize)> {
             continue;
         }
         budget::check_wire_type(budget::LEN, wire_type).map_err(malformed)?;
-        let (len, _) = sequence_shape(w.len_delimited().map_err(malformed)?).map_err(malformed)?;
+        f(w.len_delimited().map_err(malformed)?)?;
+    }
+    Ok(())
+}
+
+/// The sequences and the tokens in all of a data shard's bytes, read
+/// without allocating; an error for bytes prost would refuse.
+fn sequences_shape(bytes: &[u8]) -> Result<(usize, usize)> {
+    let malformed = |reason: &str| budget::malformed("data shard", reason);
+    let (mut n, mut total) = (0usize, 0usize);
+    each_sequence(bytes, |seq| {
+        let (len, _) = sequence_shape(seq).map_err(malformed)?;
         n += 1;
         total = total.saturating_add(len);
-    }
+        Ok(())
+    })?;
     Ok((n, total))
 }
 
