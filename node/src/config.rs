@@ -137,10 +137,14 @@ pub struct Limits {
     /// Seconds in-flight tasks get to finish at shutdown before they are handed back.
     pub shutdown_grace_secs: u64,
     /// Adverts a second that one connected peer may forward to this node
-    /// (after a burst of `advert_burst`); past that they are dropped unread.
+    /// (after a burst of `advert_burst`); past that they are dropped unread,
+    /// and a peer past twice the rate for a burst's worth is banned for 10
+    /// minutes. The node accepts (and forwards) at most 4/5 of this rate in
+    /// all, so the nodes of a swarm should agree on it.
     pub adverts_per_sec: u32,
     pub advert_burst: u32,
-    /// Task requests a second one peer may send (after a burst of `task_burst`).
+    /// Task requests a second one peer may send (after a burst of
+    /// `task_burst`); past twice that for a burst's worth, it is banned.
     pub tasks_per_sec: u32,
     pub task_burst: u32,
 }

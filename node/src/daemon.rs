@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::net::{self, Inbound, Net};
-use crate::rate::Buckets;
+use crate::rate::{Buckets, Verdict};
 use crate::store::BlobStore;
 use crate::{control, executor, fetch, hw, identity};
 
@@ -58,6 +58,12 @@ pub struct Shared {
     /// Adverts each connected peer may forward, and tasks each may send.
     pub advert_rate: Mutex<Buckets<PeerId>>,
     pub task_rate: Mutex<Buckets<PeerId>>,
+    /// Adverts this node accepts (and so forwards) in all, except a peer's
+    /// own advert straight from it: 4/5 of the per-forwarder rate, so that
+    /// what an honest node forwards never crosses its neighbours' limit.
+    pub accept_rate: Mutex<Buckets<()>>,
+    /// When each signer's own advert last came straight from it.
+    pub direct_adverts: Mutex<Buckets<PublicKey>>,
     /// Benchmark checks done and waiting, bounded.
     pub score_checks: Mutex<ScoreChecks>,
     /// One benchmark re-check runs at a time.
@@ -142,6 +148,10 @@ pub struct Stats {
     pub adverts_stale: u64,
     /// Adverts dropped unread because their forwarder passed its rate.
     pub adverts_dropped: u64,
+    /// Valid adverts not taken because the node's own accept rate was spent.
+    pub adverts_over_accept_rate: u64,
+    /// Peers cut off for sending past twice their rate.
+    pub peers_banned: u64,
     /// Task requests dropped unread because their sender passed its rate.
     pub tasks_dropped: u64,
     pub tasks_done: u64,
@@ -349,6 +359,12 @@ pub async fn start(config: Config) -> Result<NodeHandle> {
             config.limits.task_burst,
             4096,
         )),
+        accept_rate: Mutex::new(Buckets::new(
+            f64::from(config.limits.adverts_per_sec) * ACCEPT_SHARE,
+            (f64::from(config.limits.advert_burst) * ACCEPT_SHARE).max(1.0) as u32,
+            1,
+        )),
+        direct_adverts: Mutex::new(Buckets::new(1.0 / DIRECT_ADVERT_GAP_SECS, 1, 4096)),
         score_checks: Mutex::new(Default::default()),
         score_check_slot: tokio::sync::Semaphore::new(1),
         score: Mutex::new(None),
@@ -514,16 +530,50 @@ fn payload_name(p: &Payload) -> &'static str {
     }
 }
 
+/// The share of the per-forwarder advert rate a node accepts in all.
+const ACCEPT_SHARE: f64 = 0.8;
+
+/// A peer's own advert, straight from it, skips the node's accept rate at
+/// most once in this many seconds (honest nodes advertise every 30 s and
+/// on a new connection).
+const DIRECT_ADVERT_GAP_SECS: f64 = 5.0;
+
+/// Drops a message from a peer past its rate, and bans it when it is past
+/// twice that; returns whether the message may be read.
+async fn rate_checked(shared: &Arc<Shared>, verdict: Verdict, peer: PeerId) -> bool {
+    match verdict {
+        Verdict::Allow => true,
+        Verdict::Drop => false,
+        Verdict::Ban => {
+            shared.stats.lock().peers_banned += 1;
+            shared.net.ban(peer).await;
+            false
+        }
+    }
+}
+
 async fn on_advert(shared: &Arc<Shared>, source: PeerId, id: gossipsub::MessageId, data: Vec<u8>) {
     use gossipsub::MessageAcceptance::{Accept, Ignore, Reject};
     // A forwarder past its rate is cut off before any signature is checked.
-    if !shared.advert_rate.lock().allow(&source, now_ms()) {
+    let verdict = shared.advert_rate.lock().check(&source, now_ms());
+    if !rate_checked(shared, verdict, source).await {
         shared.net.validation(source, id, Ignore).await;
         shared.stats.lock().adverts_dropped += 1;
         return;
     }
     match validate_advert(&data) {
         Ok((opened, advert)) => {
+            // What the node accepts it forwards, so all it accepts is capped
+            // below any one neighbour's limit, with a place kept for each
+            // peer's own advert straight from it (which a flood of fresh
+            // keys through other forwarders cannot take).
+            let direct = identity::peer_id(&opened.signer).is_ok_and(|p| p == source)
+                && shared.direct_adverts.lock().allow(&opened.signer, now_ms());
+            if !direct && !shared.accept_rate.lock().allow(&(), now_ms()) {
+                shared.net.validation(source, id, Ignore).await;
+                shared.stats.lock().adverts_over_accept_rate += 1;
+                return;
+            }
             let check = advert.score.as_ref().map(|s| (s.epoch, s.output_hash));
             let addrs = advert.listen_addrs.clone();
             if !record_advert(shared, &opened, advert) {
@@ -623,7 +673,8 @@ async fn inbound_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>)
                 });
             }
             Inbound::Task { peer, request, channel } => {
-                if !shared.task_rate.lock().allow(&peer, now_ms()) {
+                let verdict = shared.task_rate.lock().check(&peer, now_ms());
+                if !rate_checked(&shared, verdict, peer).await {
                     shared.stats.lock().tasks_dropped += 1;
                     tracing::debug!(%peer, "task request dropped: over its rate");
                     continue;

@@ -18,7 +18,7 @@ use anyhow::{Context, Result, anyhow};
 use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle};
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, autonat, connection_limits, dcutr, gossipsub, identify, kad, mdns, noise,
+    Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, autonat, connection_limits, dcutr, gossipsub, identify, kad, mdns, noise,
     ping, relay, request_response, tcp, yamux,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -140,6 +140,7 @@ impl request_response::Codec for Codec {
 #[allow(missing_debug_implementations)] // the derived event type cannot be Debug-derived for every field
 pub struct Behaviour {
     limits: connection_limits::Behaviour,
+    banned: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     kad: kad::Behaviour<kad::store::MemoryStore>,
@@ -222,6 +223,9 @@ pub enum Command {
     Info {
         reply: oneshot::Sender<NetInfo>,
     },
+    Ban {
+        peer: PeerId,
+    },
 }
 
 /// A snapshot of the swarm.
@@ -234,6 +238,8 @@ pub struct NetInfo {
     pub connected: Vec<String>,
     /// Every open connection, by peer and remote address.
     pub connections: Vec<ConnectionInfo>,
+    /// Peers cut off now for flooding.
+    pub banned: usize,
 }
 
 /// One open connection.
@@ -324,6 +330,33 @@ impl Net {
     pub async fn info(&self) -> Result<NetInfo> {
         self.call(|reply| Command::Info { reply }).await
     }
+
+    /// Cuts a peer off for [`BAN`]: its connections are closed and none
+    /// to or from it is let in until the ban ends. The remote addresses of
+    /// its inbound connections each take a strike: an address (not
+    /// loopback) that gathers [`IP_STRIKES`] within a ban's time has every
+    /// inbound connection refused until then, so fresh keys from one host
+    /// do not each get a fresh allowance.
+    pub async fn ban(&self, peer: PeerId) {
+        let _ = self.tx.send(Command::Ban { peer }).await;
+    }
+}
+
+/// How long a peer that flooded past its limits is cut off.
+pub const BAN: Duration = Duration::from_secs(600);
+
+/// Bans from one remote IP address, within [`BAN`], after which that
+/// address is refused.
+pub const IP_STRIKES: u32 = 4;
+
+/// Peers banned at once, and addresses with strikes, at most: when full,
+/// the ban that ends first is lifted early.
+const MAX_BANS: usize = 4096;
+
+/// The gossip message id: the hash of the message's bytes. Adverts are
+/// signed envelopes with a nonce, so two distinct adverts never share one.
+fn message_id(m: &gossipsub::Message) -> gossipsub::MessageId {
+    gossipsub::MessageId::from(&blake3::hash(&m.data).as_bytes()[..20])
 }
 
 /// The IP address a multiaddress starts with, if any.
@@ -392,8 +425,14 @@ pub fn start(config: &Config, key: libp2p::identity::Keypair) -> Result<(Net, mp
         .with_relay_client(noise::Config::new, yamux::Config::default)?
         .with_behaviour(|key, relay| {
             let peer = key.public().to_peer_id();
+            // Anonymous: every advert is an envelope the daemon verifies
+            // (ed25519, by its signer) after the forwarder's rate check, so
+            // a libp2p author signature would only add a second signature
+            // check of every copy that arrives, before any rate limit:
+            // under a flood that check was most of the cost.
             let gossip_config = gossipsub::ConfigBuilder::default()
-                .validation_mode(gossipsub::ValidationMode::Strict)
+                .validation_mode(gossipsub::ValidationMode::Anonymous)
+                .message_id_fn(message_id)
                 .validate_messages()
                 .max_transmit_size(protocol::limits::MAX_ENVELOPE_BYTES + 1024)
                 .heartbeat_interval(Duration::from_millis(500))
@@ -424,7 +463,8 @@ pub fn start(config: &Config, key: libp2p::identity::Keypair) -> Result<(Net, mp
                 identify: identify::Behaviour::new(identify::Config::new("/tern/1".into(), key.public())),
                 ping: ping::Behaviour::default(),
                 kad,
-                gossip: gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_config)?,
+                banned: allow_block_list::Behaviour::default(),
+                gossip: gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_config)?,
                 mdns: Toggle::from(if mdns_on {
                     Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer)?)
                 } else {
@@ -511,6 +551,8 @@ pub fn start(config: &Config, key: libp2p::identity::Keypair) -> Result<(Net, mp
         max_incoming_per_ip: config.max_incoming_per_ip as usize,
         relay_server,
         relays: relays.into_iter().map(RelaySlot::new).collect(),
+        bans: HashMap::new(),
+        strikes: HashMap::new(),
     };
     event_loop.reserve_relays();
     Ok((Net { tx, local }, in_rx, event_loop))
@@ -566,6 +608,10 @@ pub struct EventLoop {
     relay_server: bool,
     /// The configured relays and the state of each one's reservation.
     relays: Vec<RelaySlot>,
+    /// Banned peers and when each ban ends.
+    bans: HashMap<PeerId, tokio::time::Instant>,
+    /// Remote addresses of banned peers: strikes, and when they lapse.
+    strikes: HashMap<std::net::IpAddr, (u32, tokio::time::Instant)>,
 }
 
 /// A configured relay: its circuit listener while one is open, else when
@@ -606,6 +652,7 @@ impl EventLoop {
     pub async fn run(mut self) {
         let mut bootstrap = tokio::time::interval(Duration::from_secs(60));
         let mut relay_tick = tokio::time::interval(RelaySlot::FIRST_RETRY);
+        let mut ban_tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_event(event).await,
@@ -617,6 +664,9 @@ impl EventLoop {
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
                 }
                 _ = relay_tick.tick(), if !self.relays.is_empty() => self.reserve_relays(),
+                _ = ban_tick.tick(), if !self.bans.is_empty() || !self.strikes.is_empty() => {
+                    self.lift_bans(tokio::time::Instant::now());
+                }
             }
         }
     }
@@ -643,7 +693,59 @@ impl EventLoop {
         }
     }
 
+    /// Lifts the bans that have ended and forgets lapsed strikes.
+    fn lift_bans(&mut self, now: tokio::time::Instant) {
+        let b = self.swarm.behaviour_mut();
+        self.bans.retain(|peer, until| {
+            let keep = *until > now;
+            if !keep {
+                b.banned.unblock_peer(*peer);
+            }
+            keep
+        });
+        self.strikes.retain(|_, (_, until)| *until > now);
+    }
+
+    fn ban(&mut self, peer: PeerId) {
+        let now = tokio::time::Instant::now();
+        if self.bans.len() >= MAX_BANS
+            && !self.bans.contains_key(&peer)
+            && let Some(first) = self.bans.iter().min_by_key(|(_, t)| **t).map(|(p, _)| *p)
+        {
+            self.bans.remove(&first);
+            self.swarm.behaviour_mut().banned.unblock_peer(first);
+        }
+        self.bans.insert(peer, now + BAN);
+        let ips: HashSet<std::net::IpAddr> = self
+            .connections
+            .iter()
+            .filter(|(id, (p, _))| *p == peer && self.incoming_by_ip.values().any(|c| c.contains(id)))
+            .filter_map(|(_, (_, addr))| ip_of(addr))
+            .filter(|ip| !ip.is_loopback())
+            .collect();
+        for ip in ips {
+            if self.strikes.len() >= MAX_BANS && !self.strikes.contains_key(&ip) {
+                continue;
+            }
+            let s = self.strikes.entry(ip).or_insert((0, now));
+            s.0 += 1;
+            s.1 = now + BAN;
+        }
+        tracing::info!(%peer, "banned for {BAN:?}: it sent past twice its rate limit");
+        // Closes its connections and refuses new ones.
+        self.swarm.behaviour_mut().banned.block_peer(peer);
+    }
+
+    /// Whether inbound connections from `ip` are refused for its strikes.
+    fn struck_out(&self, ip: std::net::IpAddr) -> bool {
+        self.strikes.get(&ip).is_some_and(|(n, _)| *n >= IP_STRIKES)
+    }
+
     fn on_command(&mut self, command: Command) {
+        if let Command::Ban { peer } = command {
+            self.ban(peer);
+            return;
+        }
         let b = self.swarm.behaviour_mut();
         match command {
             Command::Publish { data, reply } => {
@@ -726,8 +828,10 @@ impl EventLoop {
                     listen_addrs,
                     connected: self.swarm.connected_peers().map(|p| p.to_string()).collect(),
                     connections,
+                    banned: self.bans.len(),
                 });
             }
+            Command::Ban { .. } => unreachable!("handled above"),
         }
     }
 
@@ -761,6 +865,11 @@ impl EventLoop {
                     && !endpoint.is_relayed()
                     && let Some(ip) = ip_of(endpoint.get_remote_address())
                 {
+                    if self.struck_out(ip) {
+                        tracing::debug!(peer = %peer_id, %ip, "refused: its address had peers banned");
+                        self.swarm.close_connection(connection_id);
+                        return;
+                    }
                     let from_ip = self.incoming_by_ip.entry(ip).or_default();
                     if over_ip_cap(ip, from_ip.len(), self.max_incoming_per_ip) {
                         tracing::debug!(peer = %peer_id, %ip, "refused: too many connections from one address");

@@ -23,6 +23,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -78,6 +80,12 @@ pub struct SwarmBenchArgs {
     /// (to see which costs the honest work what).
     #[arg(long, default_value = "both", value_parser = ["both", "adverts", "tasks"])]
     pub flood_kind: String,
+    /// How fast the attacker sends to each honest node, as a multiple of
+    /// the per-peer limits: up to 2 a peer is only dropped past its rate,
+    /// more gets it banned (1.9, the default, is the most a peer may
+    /// send and stay connected); 0 sends as fast as it can.
+    #[arg(long, default_value_t = 1.9)]
+    pub flood_pace: f64,
     /// Small sizes and counts: checks that everything works, measures
     /// nothing useful. Skips the flood run unless `--flood` is given.
     #[arg(long)]
@@ -508,6 +516,8 @@ struct FloodOptions {
     in_flight: usize,
     adverts: bool,
     tasks_flood: bool,
+    /// The attacker's rate over the per-peer limits (0: unpaced).
+    pace: f64,
     /// How long the flood runs before anything is timed: the forwarders'
     /// bursts are spent and the attacker is at its steady rate.
     settle: Duration,
@@ -523,6 +533,7 @@ impl FloodOptions {
                 in_flight: args.flood_in_flight,
                 adverts: args.flood_kind != "tasks",
                 tasks_flood: args.flood_kind != "adverts",
+                pace: args.flood_pace,
                 settle: Duration::from_secs(1),
             }
         } else {
@@ -533,6 +544,7 @@ impl FloodOptions {
                 in_flight: args.flood_in_flight,
                 adverts: args.flood_kind != "tasks",
                 tasks_flood: args.flood_kind != "adverts",
+                pace: args.flood_pace,
                 settle: Duration::from_secs(5),
             }
         };
@@ -543,6 +555,10 @@ impl FloodOptions {
         ensure!(o.tasks >= 1, "--flood-tasks must be at least 1");
         ensure!(o.joins >= 1, "--flood-joins must be at least 1");
         ensure!(o.in_flight >= 1, "--flood-in-flight must be at least 1");
+        ensure!(
+            o.pace.is_finite() && o.pace >= 0.0,
+            "--flood-pace must be 0 (unpaced) or a positive multiple of the limits"
+        );
         Ok(o)
     }
 }
@@ -562,6 +578,9 @@ pub struct FloodReport {
     pub advert_burst: u32,
     pub tasks_per_sec: u32,
     pub task_burst: u32,
+    /// The attacker's rate to each honest node over those limits (0: as
+    /// fast as it could).
+    pub pace: f64,
     pub quiet: Phase,
     pub flood: Phase,
     /// Flood over quiet.
@@ -584,6 +603,10 @@ pub struct FloodReport {
     /// and how many of the honest nodes (client and workers) are among them.
     pub client_table_entries: usize,
     pub honest_known_by_client: usize,
+    /// Honest nodes that banned the attacker, and seconds from the flood's
+    /// start until the first did (none when it kept within twice the limits).
+    pub banned_by: usize,
+    pub first_ban_seconds: Option<f64>,
 }
 
 /// What the attacker sent.
@@ -611,6 +634,8 @@ pub struct AdvertCounts {
     /// Not newer than the one held from their signer.
     pub stale: u64,
     pub refused: u64,
+    /// Valid, but past the node's own accept rate.
+    pub over_accept_rate: u64,
 }
 
 impl AdvertCounts {
@@ -620,6 +645,9 @@ impl AdvertCounts {
             dropped: after.adverts_dropped.saturating_sub(before.adverts_dropped),
             stale: after.adverts_stale.saturating_sub(before.adverts_stale),
             refused: after.adverts_refused.saturating_sub(before.adverts_refused),
+            over_accept_rate: after
+                .adverts_over_accept_rate
+                .saturating_sub(before.adverts_over_accept_rate),
         }
     }
 
@@ -628,6 +656,7 @@ impl AdvertCounts {
         self.dropped += o.dropped;
         self.stale += o.stale;
         self.refused += o.refused;
+        self.over_accept_rate += o.over_accept_rate;
     }
 }
 
@@ -727,29 +756,56 @@ async fn flood_phases(root: &Path, o: &FloodOptions, nodes: &[NodeHandle], model
     let counters = Arc::new(Counters::default());
     let advert = attacker.shared.advert();
     let base = daemon::random_u64();
-    let lanes = if o.adverts { ADVERT_LANES } else { 0 };
+    let limits = client.shared.config.limits.clone();
+    let lanes = match (o.adverts, o.pace > 0.0) {
+        (false, _) => 0,
+        (true, true) => 1,
+        (true, false) => ADVERT_LANES,
+    };
+    let advert_period = (o.pace > 0.0).then(|| Duration::from_secs_f64(1.0 / (o.pace * f64::from(limits.adverts_per_sec))));
     let mut flooders: Vec<tokio::task::JoinHandle<()>> = (0..lanes)
         .map(|lane| {
             tokio::spawn(flood_adverts(
                 attacker.shared.net.clone(),
                 advert.clone(),
-                base,
-                lane,
+                (base, lane, lanes),
+                advert_period,
                 counters.clone(),
             ))
         })
         .collect();
     let targets: Vec<(libp2p::PeerId, PublicKey)> = workers.iter().map(|w| (w.peer_id(), w.public_key())).collect();
+    let task_period = (o.pace > 0.0)
+        .then(|| Duration::from_secs_f64(1.0 / (o.pace * f64::from(limits.tasks_per_sec) * targets.len() as f64)));
     if o.tasks_flood {
         flooders.push(tokio::spawn(flood_tasks(
             attacker.shared.clone(),
             targets,
             model,
-            o.in_flight,
+            (o.in_flight, task_period),
             counters.clone(),
         )));
     }
     let flood_start = Instant::now();
+    let first_ban = Arc::new(Mutex::new(None::<f64>));
+    let watcher = {
+        let (first_ban, shared): (_, Vec<Arc<Shared>>) =
+            (first_ban.clone(), honest.iter().map(|n| n.shared.clone()).collect());
+        let banned_before: Vec<u64> = before.iter().map(|s| s.peers_banned).collect();
+        tokio::spawn(async move {
+            loop {
+                if shared
+                    .iter()
+                    .zip(&banned_before)
+                    .any(|(s, b)| s.stats.lock().peers_banned > *b)
+                {
+                    *first_ban.lock() = Some(flood_start.elapsed().as_secs_f64());
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
     tokio::time::sleep(o.settle).await;
     let flooded = phase(root, "flood", o, honest, model, join_limit).await;
     let flood_seconds = flood_start.elapsed().as_secs_f64();
@@ -764,6 +820,8 @@ async fn flood_phases(root: &Path, o: &FloodOptions, nodes: &[NodeHandle], model
         f.abort();
         let _ = f.await;
     }
+    watcher.abort();
+    let first_ban_seconds = *first_ban.lock();
     let flooded = flooded?;
 
     let mut honest_adverts = AdvertCounts::default();
@@ -786,7 +844,11 @@ async fn flood_phases(root: &Path, o: &FloodOptions, nodes: &[NodeHandle], model
         task_requests_per_second: c(&counters.tasks) as f64 / flood_seconds,
     };
     let ratio = |f: Option<f64>, q: Option<f64>| Some(f? / q?);
-    let limits = &client.shared.config.limits;
+    let banned_by = before
+        .iter()
+        .zip(&after)
+        .filter(|(b, a)| a.peers_banned > b.peers_banned)
+        .count();
     Ok(FloodReport {
         nodes: o.nodes,
         workers: workers.len(),
@@ -802,6 +864,7 @@ async fn flood_phases(root: &Path, o: &FloodOptions, nodes: &[NodeHandle], model
         advert_burst: limits.advert_burst,
         tasks_per_sec: limits.tasks_per_sec,
         task_burst: limits.task_burst,
+        pace: o.pace,
         task_median_ratio: ratio(flooded.task_median_seconds, quiet.task_median_seconds),
         task_p90_ratio: ratio(flooded.task_p90_seconds, quiet.task_p90_seconds),
         convergence_median_ratio: ratio(flooded.convergence_median_seconds, quiet.convergence_median_seconds),
@@ -815,6 +878,8 @@ async fn flood_phases(root: &Path, o: &FloodOptions, nodes: &[NodeHandle], model
         worker_tasks_refused: refused,
         client_table_entries,
         honest_known_by_client,
+        banned_by,
+        first_ban_seconds,
     })
 }
 
@@ -960,11 +1025,16 @@ struct Counters {
 }
 
 /// Seals `advert` with fresh keys (each valid for the longest time a
-/// receiver accepts) and publishes them, one after another, until aborted.
-async fn flood_adverts(net: Net, advert: Advert, base: u64, lane: u64, c: Arc<Counters>) {
+/// receiver accepts) and publishes them, one every `period` or one after
+/// another, until aborted. Lane `lane` of `lanes` takes every `lanes`-th key.
+async fn flood_adverts(net: Net, advert: Advert, (base, lane, lanes): (u64, u64, u64), period: Option<Duration>, c: Arc<Counters>) {
     let payload = Payload::Advert(advert);
     let mut n = lane;
+    let mut tick = period.map(tokio::time::interval);
     loop {
+        if let Some(t) = &mut tick {
+            t.tick().await;
+        }
         let mut secret = [0u8; 32];
         secret[..8].copy_from_slice(&base.to_le_bytes());
         secret[8..16].copy_from_slice(&n.to_le_bytes());
@@ -976,22 +1046,25 @@ async fn flood_adverts(net: Net, advert: Advert, base: u64, lane: u64, c: Arc<Co
         match net.publish(bytes).await {
             Ok(()) => c.adverts.fetch_add(1, Ordering::Relaxed),
             Err(_) => {
-                tokio::task::yield_now().await;
+                // No one takes them (every peer has cut it off): an attacker
+                // on its own machine would spin here, not on the victims' cores.
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 c.advert_errors.fetch_add(1, Ordering::Relaxed)
             }
         };
-        n += ADVERT_LANES;
+        n += lanes;
     }
 }
 
 /// Keeps `in_flight` task requests open to the workers in turn, until
 /// aborted. Each is a valid signed task that the worker refuses (it names
-/// an input its parameters do not use), so none takes a task slot.
+/// an input its parameters do not use), so none takes a task slot. A lane
+/// whose request failed waits a second before its next.
 async fn flood_tasks(
     shared: Arc<Shared>,
     workers: Vec<(libp2p::PeerId, PublicKey)>,
     model: ContentId,
-    in_flight: usize,
+    (in_flight, period): (usize, Option<Duration>),
     c: Arc<Counters>,
 ) {
     let mut open = tokio::task::JoinSet::new();
@@ -999,7 +1072,11 @@ async fn flood_tasks(
         Ok(Ok(_)) => c.tasks_answered.fetch_add(1, Ordering::Relaxed),
         _ => c.tasks_unanswered.fetch_add(1, Ordering::Relaxed),
     };
+    let mut tick = period.map(tokio::time::interval);
     for k in 0.. {
+        if let Some(t) = &mut tick {
+            t.tick().await;
+        }
         while open.len() >= in_flight {
             if let Some(r) = open.join_next().await {
                 count(r);
@@ -1011,7 +1088,16 @@ async fn flood_tasks(
         let bytes = shared.seal(&Payload::Task(t), Duration::from_secs(60));
         let net = shared.net.clone();
         c.tasks.fetch_add(1, Ordering::Relaxed);
-        open.spawn(async move { net.request(peer, TASK_PROTOCOL, bytes).await });
+        open.spawn(async move {
+            let r = net.request(peer, TASK_PROTOCOL, bytes).await;
+            if r.is_err() {
+                // Dropped unread, or the worker has cut it off (the dial is
+                // refused at once): an attacker on its own machine would
+                // retry there, not on the victims' cores, so the lane waits.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            r
+        });
     }
 }
 
@@ -1110,17 +1196,17 @@ impl FloodReport {
         );
         let _ = writeln!(
             s,
-            "\n| adverts received | accepted | dropped unread | stale | refused |"
+            "\n| adverts received | accepted | dropped unread | past the accept rate | stale | refused |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---|");
+        let _ = writeln!(s, "|---|---|---|---|---|---|");
         for (who, c) in [
             ("client", &self.client_adverts),
             ("all honest nodes", &self.honest_adverts),
         ] {
             let _ = writeln!(
                 s,
-                "| {who} | {} | {} | {} | {} |",
-                c.accepted, c.dropped, c.stale, c.refused
+                "| {who} | {} | {} | {} | {} | {} |",
+                c.accepted, c.dropped, c.over_accept_rate, c.stale, c.refused
             );
         }
         let _ = writeln!(
@@ -1132,6 +1218,19 @@ impl FloodReport {
             self.client_table_entries,
             self.honest_known_by_client,
             self.workers + 1
+        );
+        let pace = if self.pace > 0.0 {
+            format!("{:.2}x the limits to each honest node", self.pace)
+        } else {
+            "as fast as it could".into()
+        };
+        let _ = writeln!(
+            s,
+            "The attacker sent at {pace}; {} of the {} honest nodes banned it{}.",
+            self.banned_by,
+            self.workers + 1,
+            self.first_ban_seconds
+                .map_or(String::new(), |t| format!(", the first {t:.1} s into the flood"))
         );
         s
     }
