@@ -230,7 +230,12 @@ async fn an_advert_and_task_flood_from_one_peer_is_cut_off_and_honest_work_runs(
     t.inputs.push(ContentId::of(b"unused"));
     let bytes = attacker.shared.seal(&Payload::Task(t), Duration::from_secs(60));
     assert!(
-        attacker.shared.net.request(worker.peer_id(), TASK_PROTOCOL, bytes).await.is_err(),
+        attacker
+            .shared
+            .net
+            .request(worker.peer_id(), TASK_PROTOCOL, bytes)
+            .await
+            .is_err(),
         "a banned peer's request is not answered"
     );
     assert!(
@@ -281,7 +286,10 @@ async fn a_peer_within_twice_its_rate_is_throttled_not_banned() {
     for n in [client, relay] {
         let st = n.shared.stats.lock().clone();
         assert_eq!(st.peers_banned, 0, "{st:?}");
-        assert!(st.adverts_dropped + st.adverts_over_accept_rate > 0, "throttled: {st:?}");
+        assert!(
+            st.adverts_dropped + st.adverts_over_accept_rate > 0,
+            "throttled: {st:?}"
+        );
     }
     // The relay accepted (and so forwarded) at most its share: 16/s after a
     // burst of 48, under the client's limit for it.

@@ -18,8 +18,8 @@ use anyhow::{Context, Result, anyhow};
 use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle};
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, autonat, connection_limits, dcutr, gossipsub, identify, kad, mdns, noise,
-    ping, relay, request_response, tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, autonat, connection_limits, dcutr, gossipsub, identify,
+    kad, mdns, noise, ping, relay, request_response, tcp, yamux,
 };
 use tokio::sync::{mpsc, oneshot};
 

@@ -762,7 +762,8 @@ async fn flood_phases(root: &Path, o: &FloodOptions, nodes: &[NodeHandle], model
         (true, true) => 1,
         (true, false) => ADVERT_LANES,
     };
-    let advert_period = (o.pace > 0.0).then(|| Duration::from_secs_f64(1.0 / (o.pace * f64::from(limits.adverts_per_sec))));
+    let advert_period =
+        (o.pace > 0.0).then(|| Duration::from_secs_f64(1.0 / (o.pace * f64::from(limits.adverts_per_sec))));
     let mut flooders: Vec<tokio::task::JoinHandle<()>> = (0..lanes)
         .map(|lane| {
             tokio::spawn(flood_adverts(
@@ -1027,7 +1028,13 @@ struct Counters {
 /// Seals `advert` with fresh keys (each valid for the longest time a
 /// receiver accepts) and publishes them, one every `period` or one after
 /// another, until aborted. Lane `lane` of `lanes` takes every `lanes`-th key.
-async fn flood_adverts(net: Net, advert: Advert, (base, lane, lanes): (u64, u64, u64), period: Option<Duration>, c: Arc<Counters>) {
+async fn flood_adverts(
+    net: Net,
+    advert: Advert,
+    (base, lane, lanes): (u64, u64, u64),
+    period: Option<Duration>,
+    c: Arc<Counters>,
+) {
     let payload = Payload::Advert(advert);
     let mut n = lane;
     let mut tick = period.map(tokio::time::interval);
