@@ -568,7 +568,10 @@ async fn forged_replayed_expired_oversized_and_malformed_messages_are_refused() 
     third.shared.net.publish(replay.clone()).await.unwrap();
     // The same bytes again are one gossip message (its id is their hash):
     // gossipsub itself drops them while it remembers the id.
-    assert!(third.shared.net.publish(replay).await.is_err(), "a duplicate is not sent");
+    assert!(
+        third.shared.net.publish(replay).await.is_err(),
+        "a duplicate is not sent"
+    );
     // An older advert of the same signer, sealed anew (other bytes), is a
     // replay the peer table refuses: it holds a newer one.
     let older = seal(
@@ -675,3 +678,53 @@ async fn forged_replayed_expired_oversized_and_malformed_messages_are_refused() 
     }
 }
 
+/// One process per data directory: a second node on a directory in use is
+/// refused with the holder's pid, and starts once the first has stopped.
+/// Two daemons with their own directories both start on the default
+/// control port: the second takes a free one (the CLI reads it from
+/// `control.addr`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_runs_one_node_and_a_taken_control_port_is_not_fatal() {
+    use node::config::Config;
+    use node::daemon;
+    let dir = tempdir("locked");
+    let first = daemon::start(Config::for_test(&dir)).await.unwrap();
+    let err = format!("{:#}", daemon::start(Config::for_test(&dir)).await.unwrap_err());
+    assert!(err.contains("in use by another tern process"), "{err}");
+    assert!(err.contains(&format!("pid {}", std::process::id())), "{err}");
+    first.shutdown().await;
+    let again = daemon::start(Config::for_test(&dir))
+        .await
+        .expect("free after shutdown");
+    again.shutdown().await;
+
+    let default_control = Config::default().control;
+    let mut daemons = Vec::new();
+    for name in ["control-a", "control-b"] {
+        let mut c = Config::for_test(&tempdir(name));
+        c.control = default_control;
+        daemons.push(
+            daemon::start(c)
+                .await
+                .expect("starts on the default control port or a free one"),
+        );
+    }
+    assert_ne!(daemons[0].control_addr, daemons[1].control_addr);
+    for d in &daemons {
+        let written = std::fs::read_to_string(d.shared.config.data_dir.join("control.addr")).unwrap();
+        assert_eq!(written.trim(), d.control_addr.to_string());
+        let dir = d.shared.config.data_dir.clone();
+        let status = tokio::task::spawn_blocking(move || {
+            node::control::ControlClient::new(&dir)
+                .unwrap()
+                .get("/v1/status")
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert_eq!(status["peer_id"], d.peer_id().to_string());
+    }
+    for d in daemons {
+        d.shutdown().await;
+    }
+}

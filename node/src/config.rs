@@ -35,7 +35,9 @@ pub struct Config {
     /// Addresses peers reach this node at that its listeners do not show
     /// (a port forward): advertised, and handed to a relay's clients.
     pub external_addrs: Vec<String>,
-    /// The local control API (HTTP, JSON) address; loopback only.
+    /// The local control API (HTTP, JSON) address; loopback only. When it
+    /// is the default (127.0.0.1:7447) and taken, a free port is used; the
+    /// CLI reads the one in use from `<data_dir>/control.addr`.
     pub control: SocketAddr,
     /// Most simultaneous connections, and per peer.
     pub max_connections: u32,

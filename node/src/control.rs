@@ -101,9 +101,20 @@ fn parse_id(s: &str) -> std::result::Result<ContentId, ApiError> {
 
 /// Starts the API; returns its address and task.
 pub async fn serve(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> Result<(SocketAddr, JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind(shared.config.control)
-        .await
-        .with_context(|| format!("binding the control API on {}", shared.config.control))?;
+    let want = shared.config.control;
+    let listener = match tokio::net::TcpListener::bind(want).await {
+        Ok(l) => l,
+        // The default port is taken (another daemon, with its own data
+        // directory): take a free one. The CLI finds it in `control.addr`.
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && want == crate::config::Config::default().control => {
+            let any = SocketAddr::new(want.ip(), 0);
+            tracing::info!("the control port {want} is taken; using a free one");
+            tokio::net::TcpListener::bind(any)
+                .await
+                .with_context(|| format!("binding the control API on {any}"))?
+        }
+        Err(e) => return Err(e).with_context(|| format!("binding the control API on {want}")),
+    };
     let addr = listener.local_addr()?;
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| anyhow!("the OS random generator: {e}"))?;

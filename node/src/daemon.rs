@@ -255,6 +255,8 @@ pub struct NodeHandle {
     stop: watch::Sender<bool>,
     cancel: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// Held until the node has stopped.
+    _lock: crate::lock::DirLock,
 }
 
 impl NodeHandle {
@@ -321,6 +323,7 @@ impl NodeHandle {
 /// Starts a node and returns once it listens.
 pub async fn start(config: Config) -> Result<NodeHandle> {
     config.validate()?;
+    let lock = crate::lock::DirLock::acquire(&config.data_dir)?;
     let key = identity::load_or_create(&config.data_dir)?;
     let store = BlobStore::open(&config.data_dir.join("store"))?;
     let (net, inbound, event_loop) = net::start(&config, identity::libp2p_keypair(&key)?)?;
@@ -414,6 +417,7 @@ pub async fn start(config: Config) -> Result<NodeHandle> {
         stop: stop_tx,
         cancel: cancel_tx,
         tasks,
+        _lock: lock,
     })
 }
 

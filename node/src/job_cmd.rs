@@ -308,7 +308,19 @@ async fn start_client(
     model: &ContentId,
     quiet: bool,
 ) -> Result<NodeHandle> {
-    let node = daemon::start(config).await?;
+    let dir = config.data_dir.clone();
+    let node = daemon::start(config).await.map_err(|e| {
+        if format!("{e:#}").contains("in use by another tern process") {
+            e.context(format!(
+                "`tern submit` runs a client node of its own, which needs a data directory of its own \
+                 while `tern node` runs on {}: give it --data-dir (another directory) and --bootstrap \
+                 with the daemon's address from `tern status`",
+                dir.display()
+            ))
+        } else {
+            e
+        }
+    })?;
     let t0 = Instant::now();
     loop {
         let n = job::capable_peers(&node.shared, model, 0, &[]).len();

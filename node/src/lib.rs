@@ -16,6 +16,7 @@ pub mod infer;
 pub mod job;
 pub mod job_bench;
 pub mod job_cmd;
+pub mod lock;
 pub mod memory;
 pub mod model_bench;
 pub mod model_cmd;
