@@ -264,18 +264,30 @@ pub struct PeerEntry {
 }
 
 /// The adverts heard, newest per signer, expiring on their own times.
-/// Bounded: when full, the entry that expires soonest makes room.
+/// Bounded: when full, an entry makes room in this order: not verified
+/// before verified, not established before established (a signer is
+/// established once its table entry spans adverts issued at least
+/// [`ESTABLISHED_MS`] apart), then the one issued longest ago.
 #[derive(Debug)]
 pub struct PeerTable {
     peers: HashMap<PublicKey, PeerEntry>,
+    /// When each signer's first advert still in the table was issued.
+    first_issued: HashMap<PublicKey, u64>,
     capacity: usize,
 }
+
+/// How far apart two adverts of one signer must be issued for it to count
+/// as established: a flood of fresh keys, each heard once, then displaces
+/// only its own kind, never a node that keeps advertising, however fast
+/// the table turns over.
+pub const ESTABLISHED_MS: u64 = 10_000;
 
 impl PeerTable {
     /// A table of at most `capacity` peers.
     pub fn new(capacity: usize) -> Self {
         Self {
             peers: HashMap::new(),
+            first_issued: HashMap::new(),
             capacity: capacity.max(1),
         }
     }
@@ -297,15 +309,23 @@ impl PeerTable {
             // (free to make) then displaces only other unverified, stale
             // entries, never a peer that proved work this epoch, and an
             // advert's long validity buys it nothing.
+            let first = &self.first_issued;
             let victim = self
                 .peers
                 .iter()
-                .min_by_key(|(_, e)| (e.score_verified, e.issued_at_ms, e.expires_at_ms))
+                .min_by_key(|(k, e)| {
+                    let established = first
+                        .get(*k)
+                        .is_some_and(|f| e.issued_at_ms.saturating_sub(*f) >= ESTABLISHED_MS);
+                    (e.score_verified, established, e.issued_at_ms, e.expires_at_ms)
+                })
                 .map(|(k, _)| *k);
             if let Some(k) = victim {
                 self.peers.remove(&k);
+                self.first_issued.remove(&k);
             }
         }
+        self.first_issued.entry(signer).or_insert(entry.issued_at_ms);
         self.peers.insert(signer, entry);
         true
     }
@@ -323,6 +343,10 @@ impl PeerTable {
     /// Drops expired entries.
     pub fn expire(&mut self, now_ms: u64) {
         self.peers.retain(|_, e| e.expires_at_ms > now_ms);
+        if self.first_issued.len() > self.peers.len() {
+            let peers = &self.peers;
+            self.first_issued.retain(|k, _| peers.contains_key(k));
+        }
     }
 
     /// The entry of a peer.
@@ -477,5 +501,53 @@ mod tests {
         for n in 0..4 {
             assert!(t.get(&key(n)).is_some(), "verified peer {n} was evicted");
         }
+    }
+
+    /// Unverified honest peers (nodes that run no benchmark) that refresh
+    /// their advert every 30 s survive ten minutes of fresh keys at the
+    /// most a node accepts (40 a second) in a full table that turns over
+    /// faster than they refresh: after their second advert they are
+    /// established, and each fresh key, heard once, is not, whatever
+    /// validity it claims. (A node that joins during such a flood is
+    /// exposed until its second advert.)
+    #[test]
+    fn refreshing_unverified_peers_survive_a_long_flood_of_fresh_keys() {
+        let key = |n: u32| {
+            let mut s = [0u8; 32];
+            s[..4].copy_from_slice(&n.to_le_bytes());
+            Keypair::from_secret(s).public()
+        };
+        let entry = |issued: u64, ttl: u64| PeerEntry {
+            advert: sample(),
+            issued_at_ms: issued,
+            expires_at_ms: issued + ttl,
+            score_verified: false,
+        };
+        let mut t = PeerTable::new(512);
+        let honest_keys: Vec<PublicKey> = (0..5).map(key).collect();
+        // Turnover (512 entries at 40/s: 13 s) is faster than the honest
+        // refresh (30 s): only being established keeps them.
+        let mut sybil = 1_000u32;
+        // Every 25 ms for 10 minutes: one sybil (40/s), some claiming the
+        // longest validity, some issued as long ago as still valid.
+        for tick in 0..(640_000 / 25) {
+            let now = 1_000_000 + tick * 25;
+            if tick % (30_000 / 25) == 0 {
+                for k in &honest_keys {
+                    assert!(t.insert(*k, entry(now, 120_000), now));
+                }
+            }
+            if now < 1_000_000 + 40_000 {
+                // The swarm before the flood: two adverts each.
+                continue;
+            }
+            let issued = if sybil.is_multiple_of(2) { now } else { now - 590_000 };
+            t.insert(key(sybil), entry(issued, 600_000), now);
+            sybil += 1;
+            for (n, k) in honest_keys.iter().enumerate() {
+                assert!(t.get(k).is_some(), "honest peer {n} evicted at {now}");
+            }
+        }
+        assert_eq!(t.len(), 512, "the table stayed full");
     }
 }
