@@ -20,8 +20,8 @@ use protocol::{
     ContentId, Keypair, LoraShardParams, Payload, PublicKey, Sampling, Task, TaskParams, TaskStatus, Validity,
 };
 use tern_tests::{
-    adapter_of, assert_eventually, infer_task, reference, setup, small_hyper, spawn_nodes, tempdir, tiny_model,
-    wait_for_swarm,
+    adapter_of, assert_eventually, assert_eventually_async, infer_task, reference, setup, small_hyper, spawn_nodes,
+    tempdir, tiny_model, wait_for_swarm,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -301,6 +301,53 @@ async fn a_peer_within_twice_its_rate_is_throttled_not_banned() {
         "the throttled peer is still connected"
     );
     for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+/// Fresh keys cannot take every connection slot: inbound connections from
+/// peers the node does not know hold at most 3/4 of `max_connections`, and
+/// a known peer (here one the daemon trusts, as it does a peer whose
+/// benchmark it verified) still gets in when they are full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_keys_cannot_take_the_connection_slots_kept_for_known_peers() {
+    let hub = spawn_nodes(1, |_, c| c.max_connections = 8).await.remove(0);
+    let addrs: Vec<String> = hub.dial_addrs().iter().map(|a| a.to_string()).collect();
+    let mut fresh = Vec::new();
+    for i in 0..8 {
+        let mut c = node::config::Config::for_test(&tempdir(&format!("fresh{i}")));
+        c.bootstrap = addrs.clone();
+        fresh.push(node::daemon::start(c).await.unwrap());
+    }
+    let info = || async { hub.shared.net.info().await.unwrap() };
+    assert_eventually_async(WAIT, "six fresh peers in", || async {
+        info().await.unknown_inbound == 6
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let i = info().await;
+    assert_eq!(
+        (i.unknown_inbound, i.max_unknown_inbound),
+        (6, 6),
+        "no more than 3/4 of the 8 slots for unknown peers: {i:?}"
+    );
+
+    let known = node::daemon::start(node::config::Config::for_test(&tempdir("known")))
+        .await
+        .unwrap();
+    hub.shared.net.trust(known.peer_id()).await;
+    known.shared.net.dial(hub.dial_addrs()[0].clone()).await.unwrap();
+    let known_id = known.peer_id().to_string();
+    assert_eventually_async(WAIT, "the known peer gets a kept slot", || async {
+        hub.shared.net.info().await.unwrap().connected.contains(&known_id)
+    })
+    .await;
+    assert_eq!(
+        info().await.unknown_inbound,
+        6,
+        "the known peer does not count as unknown"
+    );
+    for n in fresh.into_iter().chain([known, hub]) {
         n.shutdown().await;
     }
 }

@@ -39,7 +39,9 @@ pub struct Config {
     /// is the default (127.0.0.1:7447) and taken, a free port is used; the
     /// CLI reads the one in use from `<data_dir>/control.addr`.
     pub control: SocketAddr,
-    /// Most simultaneous connections, and per peer.
+    /// Most simultaneous connections, and per peer. Inbound connections
+    /// from peers the node does not know hold at most 3/4 of
+    /// `max_connections`; the rest is kept for known peers.
     pub max_connections: u32,
     pub max_connections_per_peer: u32,
     /// Most inbound connections from one IP address (loopback exempt): a

@@ -650,6 +650,11 @@ fn spawn_score_check(shared: Arc<Shared>, signer: PublicKey, epoch: u64, hash: C
             .lock()
             .finish((signer, epoch), ok, protocol::bench_epoch(now_ms()));
         shared.peers.lock().mark_score(&signer, epoch, ok);
+        if ok && let Ok(peer) = identity::peer_id(&signer) {
+            // It proved work this epoch: its connections use the slots kept
+            // for known peers.
+            shared.net.trust(peer).await;
+        }
     });
 }
 

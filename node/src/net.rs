@@ -226,6 +226,9 @@ pub enum Command {
     Ban {
         peer: PeerId,
     },
+    Trust {
+        peer: PeerId,
+    },
 }
 
 /// A snapshot of the swarm.
@@ -240,6 +243,10 @@ pub struct NetInfo {
     pub connections: Vec<ConnectionInfo>,
     /// Peers cut off now for flooding.
     pub banned: usize,
+    /// Inbound connections from peers not known, and the most allowed
+    /// (the rest of `max_connections` is kept for known peers).
+    pub unknown_inbound: usize,
+    pub max_unknown_inbound: usize,
 }
 
 /// One open connection.
@@ -340,7 +347,26 @@ impl Net {
     pub async fn ban(&self, peer: PeerId) {
         let _ = self.tx.send(Command::Ban { peer }).await;
     }
+
+    /// Counts a peer as known (it proved work, for one): its inbound
+    /// connections use the slots kept for known peers, which a flood of
+    /// fresh keys cannot take.
+    pub async fn trust(&self, peer: PeerId) {
+        let _ = self.tx.send(Command::Trust { peer }).await;
+    }
 }
+
+/// Inbound connections from peers not known (not dialed by this node, not
+/// a bootstrap peer or relay, not trusted by the daemon, not connected for
+/// [`TENURE`] before) may hold at most this share of `max_connections`;
+/// the rest is kept for known peers.
+const UNKNOWN_SHARE: (usize, usize) = (3, 4);
+
+/// A connection held this long makes its peer known.
+pub const TENURE: Duration = Duration::from_secs(300);
+
+/// Known peers remembered at most; the one seen longest ago goes first.
+const MAX_KNOWN: usize = 4096;
 
 /// How long a peer that flooded past its limits is cut off.
 pub const BAN: Duration = Duration::from_secs(600);
@@ -523,9 +549,11 @@ pub fn start(config: &Config, key: libp2p::identity::Keypair) -> Result<(Net, mp
         .map(|r| r.parse().with_context(|| format!("relay address {r:?}")))
         .collect::<Result<Vec<Multiaddr>>>()?;
     let relay_peers: HashSet<PeerId> = relays.iter().filter_map(peer_of).collect();
+    let mut bootstrap_peers = Vec::new();
     for addr in &config.bootstrap {
         let a: Multiaddr = addr.parse().with_context(|| format!("bootstrap address {addr:?}"))?;
         if let Some(peer) = peer_of(&a) {
+            bootstrap_peers.push(peer);
             swarm.behaviour_mut().kad.add_address(&peer, a.clone());
             if relay_peers.contains(&peer) {
                 // The reservation below dials it; a second dial racing
@@ -553,7 +581,13 @@ pub fn start(config: &Config, key: libp2p::identity::Keypair) -> Result<(Net, mp
         relays: relays.into_iter().map(RelaySlot::new).collect(),
         bans: HashMap::new(),
         strikes: HashMap::new(),
+        known: HashMap::new(),
+        unknown_inbound: HashMap::new(),
+        max_unknown_inbound: (max_conn as usize * UNKNOWN_SHARE.0 / UNKNOWN_SHARE.1).max(1),
     };
+    for peer in bootstrap_peers.into_iter().chain(relay_peers) {
+        event_loop.know(peer);
+    }
     event_loop.reserve_relays();
     Ok((Net { tx, local }, in_rx, event_loop))
 }
@@ -612,6 +646,11 @@ pub struct EventLoop {
     bans: HashMap<PeerId, tokio::time::Instant>,
     /// Remote addresses of banned peers: strikes, and when they lapse.
     strikes: HashMap<std::net::IpAddr, (u32, tokio::time::Instant)>,
+    /// Known peers, and when each was last seen so.
+    known: HashMap<PeerId, tokio::time::Instant>,
+    /// Inbound connections from peers not known, and when each opened.
+    unknown_inbound: HashMap<libp2p::swarm::ConnectionId, (PeerId, tokio::time::Instant)>,
+    max_unknown_inbound: usize,
 }
 
 /// A configured relay: its circuit listener while one is open, else when
@@ -652,7 +691,7 @@ impl EventLoop {
     pub async fn run(mut self) {
         let mut bootstrap = tokio::time::interval(Duration::from_secs(60));
         let mut relay_tick = tokio::time::interval(RelaySlot::FIRST_RETRY);
-        let mut ban_tick = tokio::time::interval(Duration::from_secs(5));
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_event(event).await,
@@ -664,8 +703,10 @@ impl EventLoop {
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
                 }
                 _ = relay_tick.tick(), if !self.relays.is_empty() => self.reserve_relays(),
-                _ = ban_tick.tick(), if !self.bans.is_empty() || !self.strikes.is_empty() => {
-                    self.lift_bans(tokio::time::Instant::now());
+                _ = tick.tick() => {
+                    let now = tokio::time::Instant::now();
+                    self.lift_bans(now);
+                    self.grant_tenure(now);
                 }
             }
         }
@@ -716,6 +757,7 @@ impl EventLoop {
             self.swarm.behaviour_mut().banned.unblock_peer(first);
         }
         self.bans.insert(peer, now + BAN);
+        self.known.remove(&peer);
         let ips: HashSet<std::net::IpAddr> = self
             .connections
             .iter()
@@ -736,15 +778,43 @@ impl EventLoop {
         self.swarm.behaviour_mut().banned.block_peer(peer);
     }
 
+    /// Counts `peer` as known; its inbound connections stop counting
+    /// against the share for peers not known.
+    fn know(&mut self, peer: PeerId) {
+        let now = tokio::time::Instant::now();
+        if self.known.len() >= MAX_KNOWN
+            && !self.known.contains_key(&peer)
+            && let Some(oldest) = self.known.iter().min_by_key(|(_, t)| **t).map(|(p, _)| *p)
+        {
+            self.known.remove(&oldest);
+        }
+        self.known.insert(peer, now);
+        self.unknown_inbound.retain(|_, (p, _)| *p != peer);
+    }
+
+    /// Peers whose inbound connection has been open for [`TENURE`] become known.
+    fn grant_tenure(&mut self, now: tokio::time::Instant) {
+        let tenured: Vec<PeerId> = self
+            .unknown_inbound
+            .values()
+            .filter(|(_, since)| now.duration_since(*since) >= TENURE)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in tenured {
+            self.know(p);
+        }
+    }
+
     /// Whether inbound connections from `ip` are refused for its strikes.
     fn struck_out(&self, ip: std::net::IpAddr) -> bool {
         self.strikes.get(&ip).is_some_and(|(n, _)| *n >= IP_STRIKES)
     }
 
     fn on_command(&mut self, command: Command) {
-        if let Command::Ban { peer } = command {
-            self.ban(peer);
-            return;
+        match command {
+            Command::Ban { peer } => return self.ban(peer),
+            Command::Trust { peer } => return self.know(peer),
+            _ => {}
         }
         let b = self.swarm.behaviour_mut();
         match command {
@@ -829,9 +899,11 @@ impl EventLoop {
                     connected: self.swarm.connected_peers().map(|p| p.to_string()).collect(),
                     connections,
                     banned: self.bans.len(),
+                    unknown_inbound: self.unknown_inbound.len(),
+                    max_unknown_inbound: self.max_unknown_inbound,
                 });
             }
-            Command::Ban { .. } => unreachable!("handled above"),
+            Command::Ban { .. } | Command::Trust { .. } => unreachable!("handled above"),
         }
     }
 
@@ -878,6 +950,18 @@ impl EventLoop {
                     }
                     from_ip.insert(connection_id);
                 }
+                if endpoint.is_dialer() {
+                    // This node chose to reach it.
+                    self.know(peer_id);
+                } else if !self.known.contains_key(&peer_id) {
+                    if self.unknown_inbound.len() >= self.max_unknown_inbound {
+                        tracing::debug!(peer = %peer_id, "refused: the connection slots for new peers are full");
+                        self.swarm.close_connection(connection_id);
+                        return;
+                    }
+                    self.unknown_inbound
+                        .insert(connection_id, (peer_id, tokio::time::Instant::now()));
+                }
                 self.connections
                     .insert(connection_id, (peer_id, endpoint.get_remote_address().clone()));
                 if num_established.get() == 1 {
@@ -889,6 +973,11 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed { connection_id, .. } => {
                 self.connections.remove(&connection_id);
+                if let Some((peer, since)) = self.unknown_inbound.remove(&connection_id)
+                    && since.elapsed() >= TENURE
+                {
+                    self.know(peer);
+                }
                 self.incoming_by_ip.retain(|_, c| {
                     c.remove(&connection_id);
                     !c.is_empty()
