@@ -385,6 +385,18 @@ fn message_id(m: &gossipsub::Message) -> gossipsub::MessageId {
     gossipsub::MessageId::from(&blake3::hash(&m.data).as_bytes()[..20])
 }
 
+/// When `map` holds `cap` entries and not `key`, removes the entry with
+/// the smallest time (the ban that ends first, the peer seen longest ago)
+/// and returns its key.
+fn make_room(map: &mut HashMap<PeerId, tokio::time::Instant>, key: &PeerId, cap: usize) -> Option<PeerId> {
+    if map.len() < cap || map.contains_key(key) {
+        return None;
+    }
+    let first = map.iter().min_by_key(|(_, t)| **t).map(|(p, _)| *p)?;
+    map.remove(&first);
+    Some(first)
+}
+
 /// The IP address a multiaddress starts with, if any.
 fn ip_of(addr: &Multiaddr) -> Option<std::net::IpAddr> {
     match addr.iter().next()? {
@@ -749,11 +761,7 @@ impl EventLoop {
 
     fn ban(&mut self, peer: PeerId) {
         let now = tokio::time::Instant::now();
-        if self.bans.len() >= MAX_BANS
-            && !self.bans.contains_key(&peer)
-            && let Some(first) = self.bans.iter().min_by_key(|(_, t)| **t).map(|(p, _)| *p)
-        {
-            self.bans.remove(&first);
+        if let Some(first) = make_room(&mut self.bans, &peer, MAX_BANS) {
             self.swarm.behaviour_mut().banned.unblock_peer(first);
         }
         self.bans.insert(peer, now + BAN);
@@ -782,12 +790,7 @@ impl EventLoop {
     /// against the share for peers not known.
     fn know(&mut self, peer: PeerId) {
         let now = tokio::time::Instant::now();
-        if self.known.len() >= MAX_KNOWN
-            && !self.known.contains_key(&peer)
-            && let Some(oldest) = self.known.iter().min_by_key(|(_, t)| **t).map(|(p, _)| *p)
-        {
-            self.known.remove(&oldest);
-        }
+        make_room(&mut self.known, &peer, MAX_KNOWN);
         self.known.insert(peer, now);
         self.unknown_inbound.retain(|_, (p, _)| *p != peer);
     }
@@ -1102,6 +1105,17 @@ impl EventLoop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_map_gives_up_its_earliest_entry_only_for_a_new_key() {
+        let t0 = tokio::time::Instant::now();
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let mut m = HashMap::from([(a, t0 + Duration::from_secs(5)), (b, t0 + Duration::from_secs(1))]);
+        assert_eq!(make_room(&mut m, &c, 3), None, "room left");
+        assert_eq!(make_room(&mut m, &a, 2), None, "a key it holds needs no room");
+        assert_eq!(make_room(&mut m, &c, 2), Some(b), "the earliest goes");
+        assert_eq!(m.len(), 1);
+    }
 
     #[test]
     fn one_address_holds_at_most_its_share_of_inbound_connections() {
