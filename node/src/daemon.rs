@@ -571,9 +571,15 @@ async fn on_advert(shared: &Arc<Shared>, source: PeerId, id: gossipsub::MessageI
             // below any one neighbour's limit, with a place kept for each
             // peer's own advert straight from it (which a flood of fresh
             // keys through other forwarders cannot take).
+            // A replay (not newer than what the table holds) is found stale
+            // below without spending the budget.
+            let news = shared
+                .peers
+                .lock()
+                .is_news(&opened.signer, opened.validity.issued_at_ms);
             let direct = identity::peer_id(&opened.signer).is_ok_and(|p| p == source)
                 && shared.direct_adverts.lock().allow(&opened.signer, now_ms());
-            if !direct && !shared.accept_rate.lock().allow(&(), now_ms()) {
+            if news && !direct && !shared.accept_rate.lock().allow(&(), now_ms()) {
                 shared.net.validation(source, id, Ignore).await;
                 shared.stats.lock().adverts_over_accept_rate += 1;
                 return;

@@ -292,6 +292,12 @@ impl PeerTable {
         }
     }
 
+    /// Whether an advert of `signer` issued at `issued_at_ms` is newer than
+    /// the one held (or none is held): what [`PeerTable::insert`] records.
+    pub fn is_news(&self, signer: &PublicKey, issued_at_ms: u64) -> bool {
+        self.peers.get(signer).is_none_or(|old| old.issued_at_ms < issued_at_ms)
+    }
+
     /// Records an advert unless an equal or newer one from the signer is
     /// known. Returns whether it was recorded.
     pub fn insert(&mut self, signer: PublicKey, entry: PeerEntry, now_ms: u64) -> bool {
@@ -299,11 +305,10 @@ impl PeerTable {
         if entry.expires_at_ms <= now_ms {
             return false;
         }
-        if let Some(old) = self.peers.get(&signer) {
-            if old.issued_at_ms >= entry.issued_at_ms {
-                return false;
-            }
-        } else if self.peers.len() >= self.capacity {
+        if !self.is_news(&signer, entry.issued_at_ms) {
+            return false;
+        }
+        if !self.peers.contains_key(&signer) && self.peers.len() >= self.capacity {
             // Full: a peer whose benchmark was never verified goes first,
             // then the one heard from longest ago. A flood of fresh keys
             // (free to make) then displaces only other unverified, stale
