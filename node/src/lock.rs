@@ -39,8 +39,9 @@ impl DirLock {
                 Ok(Self { _file: file, path })
             }
             Err(TryLockError::WouldBlock) => {
+                // A pid is a few digits; read no more than that.
                 let mut pid = String::new();
-                let _ = file.read_to_string(&mut pid);
+                let _ = (&file).take(32).read_to_string(&mut pid);
                 let pid = pid.trim();
                 bail!(
                     "the data directory {} is in use by another tern process{}; stop it, or give this one another --data-dir",
