@@ -1,21 +1,19 @@
 //! Peak allocation of the model and adapter file readers on hostile input.
 //!
-//! A counting global allocator (this binary's own) measures the bytes held
-//! at the peak of one parse, and each test asserts `peak <= C * len + K`
+//! A counting global allocator (`protocol/tests/support/counting.rs`,
+//! installed in this binary) measures the bytes held at the peak of one
+//! parse, and each test asserts `peak <= C * len + K`
 //! for the file's length: [`GGUF_C`] and [`GGUF_K`] for GGUF (the budget
 //! `GgufFile::parse` charges before it allocates), [`ST_C`] and [`ST_K`]
-//! for safetensors model directories and PEFT adapters. `realloc` counts as
-//! the difference of the two sizes (the allocator may grow in place), so a
-//! `Vec` that doubles is charged its capacity.
+//! for safetensors model directories and PEFT adapters.
 //!
-//! The counters are per thread, so a decode is charged only what its own
-//! thread allocates (the decoders do not spawn threads), and measured
-//! tests also hold one lock so they do not run side by side.
+//! The committed corpus (`tests/corpus/`, see its README) holds seed files
+//! for each reader; every file is read under the bound, and proptest
+//! mutates them as a fuzzer would (flips, cuts, repeated slices, inserted
+//! bytes).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use kernels::model::gguf::GgufFile;
 use kernels::model::{Config, Preset};
@@ -28,87 +26,12 @@ const GGUF_K: usize = 128 * 1024;
 const ST_C: usize = 8;
 const ST_K: usize = 2 << 20;
 
-struct Counting;
-
-static MEASURE: Mutex<()> = Mutex::new(());
-
-thread_local! {
-    /// Bytes this thread holds (allocated here less freed here, so it may
-    /// go below zero) and the most it held since the last reset.
-    static CURRENT: Cell<i64> = const { Cell::new(0) };
-    static PEAK: Cell<i64> = const { Cell::new(0) };
-}
-
-fn grew(n: usize) {
-    // `try_with`: the counters may be gone while a thread exits.
-    let _ = CURRENT.try_with(|c| {
-        let now = c.get() + n as i64;
-        c.set(now);
-        let _ = PEAK.try_with(|p| p.set(p.get().max(now)));
-    });
-}
-
-fn shrank(n: usize) {
-    let _ = CURRENT.try_with(|c| c.set(c.get() - n as i64));
-}
-
-// SAFETY: every call is forwarded to `System` unchanged; only counters
-// are updated besides.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's contract is passed on to `System`.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            grew(layout.size());
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as for `alloc`.
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            grew(layout.size());
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: as for `alloc`.
-        unsafe { System.dealloc(ptr, layout) };
-        shrank(layout.size());
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: as for `alloc`.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            if new_size >= layout.size() {
-                grew(new_size - layout.size());
-            } else {
-                shrank(layout.size() - new_size);
-            }
-        }
-        p
-    }
-}
+#[path = "../../protocol/tests/support/counting.rs"]
+mod counting;
+use counting::{lock, mutate, mutations, peak};
 
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
-
-/// The lock that keeps measured sections apart; hold it for a whole test.
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    MEASURE.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Runs `f` and returns its result and the most bytes it held at once
-/// beyond what was held when it started.
-fn peak<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    let base = CURRENT.with(Cell::get);
-    PEAK.with(|p| p.set(base));
-    let out = f();
-    (out, (PEAK.with(Cell::get) - base) as usize)
-}
+static ALLOCATOR: counting::Counting = counting::Counting;
 
 fn report<T, E: std::fmt::Display>(name: &str, len: usize, p: usize, r: &Result<T, E>) {
     eprintln!(
@@ -495,4 +418,180 @@ fn a_tensor_whose_shape_does_not_fit_is_refused_before_its_values_are_read() {
     // Reading the file is one copy; widening the tensor to f32 would be two more.
     assert!(p <= bytes.len() + (1 << 20), "peak {p}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn corpus_dir() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/corpus"))
+}
+
+/// The readers the corpus feeds, by folder name.
+const KINDS: [&str; 3] = ["gguf", "safetensors", "peft_config"];
+
+/// The PEFT adapter the corpus pairs with its configs and weights.
+fn honest_peft() -> (Vec<u8>, Vec<u8>) {
+    let dir = corpus_dir();
+    (
+        std::fs::read(dir.join("peft_config/honest.json")).unwrap(),
+        std::fs::read(dir.join("safetensors/peft_honest.safetensors")).unwrap(),
+    )
+}
+
+/// Reads `bytes` as a file of `kind` under the bound, and returns whether
+/// it was accepted: a GGUF file; a safetensors file, both as a model's
+/// `model.safetensors` and as the weights of a PEFT adapter with the
+/// corpus's honest config; a PEFT config, with the honest weights.
+fn read_kind(kind: &str, name: &str, bytes: &[u8], scratch: &Path) -> bool {
+    let model = Config::preset(Preset::Tiny);
+    let (config, weights) = honest_peft();
+    let peft = |config: &[u8], weights: &[u8], what: &str| {
+        std::fs::write(scratch.join("adapter_config.json"), config).unwrap();
+        std::fs::write(scratch.join("adapter_model.safetensors"), weights).unwrap();
+        let len = config.len() + weights.len();
+        let (r, p) = peak(|| kernels::train::peft::load_peft(scratch, &model).map(drop));
+        report(what, len, p, &r);
+        assert!(p <= ST_C * len + ST_K, "{what}: peak {p}");
+        r.is_ok()
+    };
+    match kind {
+        "gguf" => gguf(name, bytes.to_vec()),
+        "safetensors" => {
+            std::fs::write(scratch.join("model.safetensors"), bytes).unwrap();
+            let (r, p) = peak(|| kernels::model::tensor_table(scratch).map(drop));
+            report(&format!("{name} as a model"), bytes.len(), p, &r);
+            assert!(p <= ST_C * bytes.len() + ST_K, "{name}: peak {p}");
+            std::fs::remove_file(scratch.join("model.safetensors")).unwrap();
+            let table = r.is_ok();
+            peft(&config, bytes, &format!("{name} as PEFT weights")) || table
+        }
+        "peft_config" => peft(bytes, &weights, name),
+        _ => panic!("no reader for corpus folder {kind}"),
+    }
+}
+
+#[test]
+fn every_corpus_file_is_read_within_the_bound() {
+    let _g = lock();
+    let scratch = tempdir("corpus");
+    for kind in KINDS {
+        let seeds = counting::corpus(corpus_dir(), kind);
+        let ok = seeds
+            .iter()
+            .filter(|s| read_kind(kind, &s.name, &s.bytes, &scratch))
+            .count();
+        // Each folder holds honest seeds (which are read) besides hostile ones.
+        assert!(ok > 0, "no file in corpus/{kind} is read");
+    }
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    #[test]
+    fn mutated_corpus_files_are_bounded(pick in any::<prop::sample::Index>(), m in mutations()) {
+        let _g = lock();
+        let seeds: Vec<_> = KINDS
+            .iter()
+            .flat_map(|k| counting::corpus(corpus_dir(), k).into_iter().map(move |s| (*k, s)))
+            .collect();
+        let (kind, seed) = &seeds[pick.index(seeds.len())];
+        let scratch = tempdir("mutated");
+        read_kind(kind, &format!("{} mutated", seed.name), &mutate(seed.bytes.clone(), &m), &scratch);
+        std::fs::remove_dir_all(&scratch).unwrap();
+    }
+}
+
+/// Writes the seed files of the corpus (small forms of the hostile files
+/// above, and honest files the readers accept). Run it after a format
+/// change: `cargo test -p tern-kernels --test alloc -- --ignored write_corpus`.
+/// Inputs a failure turned up are added beside them by hand.
+#[test]
+#[ignore = "writes tests/corpus; run by hand"]
+fn write_corpus() {
+    use kernels::train::{Adapter, LoraConfig};
+    let model = Config::preset(Preset::Tiny);
+    let lora = LoraConfig::new(2, 4.0, 0.0, &[kernels::model::Proj::Q, kernels::model::Proj::Down]).unwrap();
+    let adapter = Adapter::init(lora, &model, 5).unwrap();
+    let scratch = tempdir("write");
+    kernels::train::peft::save_peft(&adapter, &scratch, Some("ab12"), Some("tiny")).unwrap();
+    kernels::train::peft::save_gguf(&adapter, &scratch.join("adapter.gguf"), "bitnet").unwrap();
+    let read = |f: &str| std::fs::read(scratch.join(f)).unwrap();
+    let n = 4096u64;
+    let mut nested = Gguf::new(0, 1).array("nested", 9, 64);
+    for _ in 0..64 {
+        nested = nested.u32(0).u64(2).raw(&[1, 2]);
+    }
+    let mut tiny_keys = Gguf::new(0, 512);
+    for i in 0..512 {
+        tiny_keys = tiny_keys.str(&format!("{:x}", i % 16)).u32(0).raw(&[1]);
+    }
+    let mut tensors = Gguf::new(64, 1).str("general.architecture").u32(8).str("bitnet");
+    for i in 0..64 {
+        tensors = tensors.str(&format!("t{i:x}")).u32(1).u64(1).u32(0).u64(0);
+    }
+    let pad = (32 - tensors.0.len() % 32) % 32;
+    tensors = tensors.raw(&vec![0; pad + 32]);
+    let mut files: Vec<(&str, String, Vec<u8>)> = vec![
+        ("gguf", "adapter.gguf".into(), read("adapter.gguf")),
+        ("gguf", "tensors_64.gguf".into(), tensors.0),
+        (
+            "gguf",
+            "u8_array.gguf".into(),
+            Gguf::new(0, 1).array("big", 0, n).raw(&vec![7u8; n as usize]).0,
+        ),
+        (
+            "gguf",
+            "strings.gguf".into(),
+            Gguf::new(0, 1).array("s", 8, 512).raw(&[0u8; 8 * 512]).0,
+        ),
+        ("gguf", "nested_arrays.gguf".into(), nested.0),
+        ("gguf", "tiny_keys.gguf".into(), tiny_keys.0),
+        ("gguf", "entries_claim.gguf".into(), Gguf::new(0, 1 << 20).0),
+        (
+            "gguf",
+            "key_claims_4gib.gguf".into(),
+            Gguf::new(0, 1).u64(4 << 30).raw(b"key").0,
+        ),
+        (
+            "gguf",
+            "array_claims_4gib.gguf".into(),
+            Gguf::new(0, 1).array("a", 0, 4 << 30).raw(&[0; 64]).0,
+        ),
+        (
+            "safetensors",
+            "peft_honest.safetensors".into(),
+            read("adapter_model.safetensors"),
+        ),
+        ("safetensors", "header_claims_4gib.safetensors".into(), {
+            let mut b = (4u64 << 30).to_le_bytes().to_vec();
+            b.extend(b"{}");
+            b
+        }),
+        ("safetensors", "empty.safetensors".into(), safetensors("{}", &[])),
+        ("peft_config", "honest.json".into(), read("adapter_config.json")),
+        ("peft_config", "minimal.json".into(), PEFT_CONFIG.as_bytes().to_vec()),
+        (
+            "peft_config",
+            "deep.json".into(),
+            format!("{}{}", "[".repeat(100), "]".repeat(100)).into_bytes(),
+        ),
+        (
+            "peft_config",
+            "wide.json".into(),
+            format!("[{}0]", "0,".repeat(2048)).into_bytes(),
+        ),
+    ];
+    for (name, header) in hostile_headers(16 << 10) {
+        files.push((
+            "safetensors",
+            format!("{}.safetensors", name.replace(' ', "_")),
+            safetensors(&header, &[]),
+        ));
+    }
+    for (kind, name, bytes) in files {
+        let dir = corpus_dir().join(kind);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+    std::fs::remove_dir_all(&scratch).unwrap();
 }

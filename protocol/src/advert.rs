@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use crate::limits::{MAX_ADDRS, MAX_ADVERT_BLOBS, MAX_GPUS, MAX_MODELS, MAX_STRING};
+use crate::limits::{MAX_ADDRS, MAX_ADVERT_BLOBS, MAX_CPU_FEATURES, MAX_GPUS, MAX_MODELS, MAX_STRING};
 use crate::{ContentId, Error, PublicKey, Result, wire};
 
 /// What a node offers: sent on gossip inside a signed envelope.
@@ -190,7 +190,7 @@ impl TryFrom<wire::Advert> for Advert {
             cpu: Cpu {
                 threads: cpu.threads,
                 arch: string("cpu arch", cpu.arch)?,
-                features: strings("cpu feature", cpu.features, 32)?,
+                features: strings("cpu feature", cpu.features, MAX_CPU_FEATURES)?,
             },
             gpus,
             ram_bytes: w.ram_bytes,

@@ -16,7 +16,10 @@
 //! nothing. Keep each schema in step with `proto/` (the tests in
 //! `tests/alloc.rs` measure every decoder against the budget).
 
-use crate::limits::{MAX_ADAPTER_PARAMS, MAX_DIR_ENTRIES, MAX_GENERATED_TOKENS};
+use crate::limits::{
+    MAX_ADAPTER_PARAMS, MAX_ADDRS, MAX_ADVERT_BLOBS, MAX_CPU_FEATURES, MAX_DIR_ENTRIES, MAX_GENERATED_TOKENS, MAX_GPUS,
+    MAX_MODELS, MAX_PROMPT_TOKENS, MAX_TASK_INPUTS,
+};
 use crate::{Error, Result, wire};
 
 /// Heap bytes a decoder may take per byte of its input.
@@ -214,6 +217,9 @@ pub(crate) enum Kind {
     Message(&'static Schema),
     /// A repeated message: a `Vec` of `size`-byte elements.
     Messages { schema: &'static Schema, size: usize },
+    /// `repeated bytes` or `repeated string`: a `Vec` of vectors, each
+    /// holding its element's length.
+    BytesList,
 }
 
 /// Most fields in a schema.
@@ -233,6 +239,12 @@ pub(crate) fn check(bytes: &[u8], schema: &Schema) -> Result<usize> {
         });
     }
     Ok(estimate)
+}
+
+/// `bytes`, once [`check`] passed them: for a decode call.
+pub(crate) fn checked<'a>(bytes: &'a [u8], schema: &Schema) -> Result<&'a [u8]> {
+    check(bytes, schema)?;
+    Ok(bytes)
 }
 
 /// The heap prost takes for one message of `schema` in `w`. `exact`: the
@@ -304,6 +316,22 @@ fn scan(mut w: Wire<'_>, schema: &Schema, exact: bool, depth: u32) -> Result<usi
                 }
                 heap = heap.saturating_add(scan(Wire::new(body), inner, true, depth - 1)?);
             }
+            Kind::BytesList => {
+                check_wire_type(LEN, wire_type).map_err(bad)?;
+                let len = w.len_delimited().map_err(bad)?.len();
+                state[i] += 1;
+                if state[i] > f.max {
+                    return Err(Error::TooLarge {
+                        what: f.name,
+                        len: state[i],
+                        max: f.max,
+                    });
+                }
+                // Each element is a fresh vector that reserves its length.
+                if len > 0 {
+                    heap = heap.saturating_add(len.max(8));
+                }
+            }
         }
     }
     for (f, &n) in schema.fields.iter().zip(&state) {
@@ -313,6 +341,7 @@ fn scan(mut w: Wire<'_>, schema: &Schema, exact: bool, depth: u32) -> Result<usi
                 continue;
             }
             Kind::Repeated { size, .. } | Kind::Messages { size, .. } => size,
+            Kind::BytesList => size::<Vec<u8>>(),
             _ => continue,
         };
         if n > f.max {
@@ -501,6 +530,151 @@ pub(crate) static OUTLINE: Schema = Schema {
             kind: Kind::Bytes,
             max: (crate::limits::MAX_BLOB_BYTES / crate::blob::GROUP_LEN * 32) as usize,
         },
+    ],
+};
+
+const fn bytes(tag: u32, name: &'static str, max: usize) -> Field {
+    Field {
+        tag,
+        name,
+        kind: Kind::Bytes,
+        max,
+    }
+}
+
+const fn bytes_list(tag: u32, name: &'static str, max: usize) -> Field {
+    Field {
+        tag,
+        name,
+        kind: Kind::BytesList,
+        max,
+    }
+}
+
+/// The envelope payloads list only the fields that allocate; prost holds
+/// scalars inline. Element counts are refused here at the limits (and
+/// with the names) the domain conversions use after decoding; the lengths
+/// of ids and strings are left to those conversions, the budget bounding
+/// what they take.
+static CPU: Schema = Schema {
+    what: "advert",
+    decoded: "advert decoded",
+    fields: &[
+        bytes(2, "cpu arch", usize::MAX),
+        bytes_list(3, "cpu feature", MAX_CPU_FEATURES),
+    ],
+};
+
+static GPU: Schema = Schema {
+    what: "advert",
+    decoded: "advert decoded",
+    fields: &[
+        bytes(1, "gpu name", usize::MAX),
+        bytes(2, "gpu vendor", usize::MAX),
+        bytes(3, "gpu device type", usize::MAX),
+        bytes(4, "gpu api", usize::MAX),
+    ],
+};
+
+static BENCH_SCORE: Schema = Schema {
+    what: "advert",
+    decoded: "advert decoded",
+    fields: &[bytes(2, "benchmark output hash", usize::MAX)],
+};
+
+/// [`wire::Advert`].
+pub(crate) static ADVERT: Schema = Schema {
+    what: "advert",
+    decoded: "advert decoded",
+    fields: &[
+        bytes(1, "advert version", usize::MAX),
+        bytes_list(2, "listen address", MAX_ADDRS),
+        Field {
+            tag: 3,
+            name: "advert cpu",
+            kind: Kind::Message(&CPU),
+            max: 0,
+        },
+        Field {
+            tag: 4,
+            name: "advert gpus",
+            kind: Kind::Messages {
+                schema: &GPU,
+                size: size::<wire::Gpu>(),
+            },
+            max: MAX_GPUS,
+        },
+        bytes_list(7, "advert models", MAX_MODELS),
+        bytes_list(8, "advert blobs", MAX_ADVERT_BLOBS),
+        Field {
+            tag: 12,
+            name: "advert score",
+            kind: Kind::Message(&BENCH_SCORE),
+            max: 0,
+        },
+    ],
+};
+
+static INFER_PARAMS: Schema = Schema {
+    what: "task",
+    decoded: "task decoded",
+    fields: &[
+        bytes(1, "infer model", usize::MAX),
+        Field {
+            tag: 2,
+            name: "infer prompt",
+            kind: Kind::Repeated {
+                scalar: VARINT,
+                size: 4,
+            },
+            max: MAX_PROMPT_TOKENS,
+        },
+    ],
+};
+
+static LORA_SHARD_PARAMS: Schema = Schema {
+    what: "task",
+    decoded: "task decoded",
+    fields: &[
+        bytes(1, "shard model", usize::MAX),
+        bytes(2, "shard adapter", usize::MAX),
+        bytes(3, "shard data", usize::MAX),
+        bytes(7, "shard optimizer", usize::MAX),
+    ],
+};
+
+/// [`wire::Task`]. Both arms of the `params` oneof are charged when both
+/// appear (prost keeps the last).
+pub(crate) static TASK: Schema = Schema {
+    what: "task",
+    decoded: "task decoded",
+    fields: &[
+        bytes(2, "task worker", usize::MAX),
+        bytes_list(3, "task inputs", MAX_TASK_INPUTS),
+        Field {
+            tag: 10,
+            name: "infer parameters",
+            kind: Kind::Message(&INFER_PARAMS),
+            max: 0,
+        },
+        Field {
+            tag: 11,
+            name: "shard parameters",
+            kind: Kind::Message(&LORA_SHARD_PARAMS),
+            max: 0,
+        },
+    ],
+};
+
+/// [`wire::TaskResult`].
+pub(crate) static TASK_RESULT: Schema = Schema {
+    what: "task result",
+    decoded: "task result decoded",
+    fields: &[
+        bytes(1, "result task", usize::MAX),
+        bytes_list(2, "result inputs", MAX_TASK_INPUTS),
+        bytes(4, "result output", usize::MAX),
+        bytes(6, "result error", usize::MAX),
     ],
 };
 

@@ -15,7 +15,7 @@ use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 use prost::Message as _;
 
 use crate::limits::{MAX_CLOCK_SKEW_MS, MAX_ENVELOPE_BYTES, MAX_ENVELOPE_TTL_MS};
-use crate::{Advert, ContentId, Error, Result, Task, TaskResult, wire};
+use crate::{Advert, ContentId, Error, Result, Task, TaskResult, budget, wire};
 
 /// Prefixed to the body bytes before signing, so a tern signature can never
 /// be replayed as a signature over some other protocol's message.
@@ -232,7 +232,10 @@ pub fn open(bytes: &[u8]) -> Result<Opened> {
     let env = wire::Envelope::decode(bytes).map_err(|e| Error::decode("envelope", e))?;
     let signer = PublicKey::from_bytes(&env.signer).map_err(|_| Error::BadSignature)?;
     signer.verify(&env.body, &env.signature)?;
+    let body_id = ContentId::of(&env.body);
     let body = wire::EnvelopeBody::decode(env.body.as_slice()).map_err(|e| Error::decode("envelope body", e))?;
+    // The payload is decoded next; the signed copy of it is no longer needed.
+    drop(env);
     let validity = Validity {
         nonce: body.nonce,
         issued_at_ms: body.issued_at_ms,
@@ -240,17 +243,17 @@ pub fn open(bytes: &[u8]) -> Result<Opened> {
     };
     let payload = match wire::PayloadKind::try_from(body.kind) {
         Ok(wire::PayloadKind::Advert) => Payload::Advert(
-            wire::Advert::decode(body.payload.as_slice())
+            wire::Advert::decode(budget::checked(&body.payload, &budget::ADVERT)?)
                 .map_err(|e| Error::decode("advert", e))?
                 .try_into()?,
         ),
         Ok(wire::PayloadKind::Task) => Payload::Task(
-            wire::Task::decode(body.payload.as_slice())
+            wire::Task::decode(budget::checked(&body.payload, &budget::TASK)?)
                 .map_err(|e| Error::decode("task", e))?
                 .try_into()?,
         ),
         Ok(wire::PayloadKind::TaskResult) => Payload::TaskResult(
-            wire::TaskResult::decode(body.payload.as_slice())
+            wire::TaskResult::decode(budget::checked(&body.payload, &budget::TASK_RESULT)?)
                 .map_err(|e| Error::decode("task result", e))?
                 .try_into()?,
         ),
@@ -264,7 +267,7 @@ pub fn open(bytes: &[u8]) -> Result<Opened> {
     Ok(Opened {
         signer,
         validity,
-        body_id: ContentId::of(&env.body),
+        body_id,
         payload,
     })
 }

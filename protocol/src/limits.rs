@@ -20,6 +20,8 @@ pub const MAX_ADDRS: usize = 16;
 pub const MAX_GPUS: usize = 8;
 pub const MAX_MODELS: usize = 256;
 pub const MAX_ADVERT_BLOBS: usize = 512;
+/// Most SIMD features an advert's CPU lists.
+pub const MAX_CPU_FEATURES: usize = 32;
 /// Longest string field (names, versions, addresses, features).
 pub const MAX_STRING: usize = 256;
 /// Most inputs of one task.

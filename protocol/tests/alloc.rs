@@ -1,20 +1,18 @@
 //! Peak allocation of every blob decoder on hostile input.
 //!
-//! A counting global allocator (this binary's own) measures the bytes held
-//! at the peak of one decode, and each test asserts
+//! A counting global allocator (`support/counting.rs`, installed in this
+//! binary) measures the bytes held at the peak of one decode, and each
+//! test asserts
 //! `peak <= C * input_len + K` with [`C`] and [`K`] below: the budget the
 //! decoders charge before they allocate ([`protocol::budget`], 8x the input
-//! plus 4 KiB), plus slack for error messages. `realloc` counts as the
-//! difference of the two sizes (the allocator may grow in place), so a
-//! `Vec` that doubles is charged its capacity.
+//! plus 4 KiB), plus slack for error messages.
 //!
-//! The counters are per thread, so a decode is charged only what its own
-//! thread allocates (the decoders do not spawn threads), and measured
-//! tests also hold one lock so they do not run side by side.
+//! The committed corpus (`tests/corpus/<decoder>/`, see its README) holds
+//! seed inputs for each decoder; every file is decoded under the bound, and
+//! proptest mutates them as a fuzzer would (flips, cuts, repeated slices,
+//! inserted bytes).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-use std::sync::Mutex;
+use std::path::Path;
 
 use proptest::prelude::*;
 use prost::Message as _;
@@ -27,93 +25,28 @@ const C: usize = 8;
 /// room for an error message.
 const K: usize = 16 * 1024;
 
-struct Counting;
-
-static MEASURE: Mutex<()> = Mutex::new(());
-
-thread_local! {
-    /// Bytes this thread holds (allocated here less freed here, so it may
-    /// go below zero) and the most it held since the last reset.
-    static CURRENT: Cell<i64> = const { Cell::new(0) };
-    static PEAK: Cell<i64> = const { Cell::new(0) };
-}
-
-fn grew(n: usize) {
-    // `try_with`: the counters may be gone while a thread exits.
-    let _ = CURRENT.try_with(|c| {
-        let now = c.get() + n as i64;
-        c.set(now);
-        let _ = PEAK.try_with(|p| p.set(p.get().max(now)));
-    });
-}
-
-fn shrank(n: usize) {
-    let _ = CURRENT.try_with(|c| c.set(c.get() - n as i64));
-}
-
-// SAFETY: every call is forwarded to `System` unchanged; only counters
-// are updated besides.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's contract is passed on to `System`.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            grew(layout.size());
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as for `alloc`.
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            grew(layout.size());
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: as for `alloc`.
-        unsafe { System.dealloc(ptr, layout) };
-        shrank(layout.size());
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: as for `alloc`.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            if new_size >= layout.size() {
-                grew(new_size - layout.size());
-            } else {
-                shrank(layout.size() - new_size);
-            }
-        }
-        p
-    }
-}
+#[path = "support/counting.rs"]
+mod counting;
+use counting::{lock, mutate, mutations, peak};
 
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
-
-/// The lock that keeps measured sections apart; hold it for a whole test.
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    MEASURE.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Runs `f` and returns its result and the most bytes it held at once
-/// beyond what was held when it started.
-fn peak<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    let base = CURRENT.with(Cell::get);
-    PEAK.with(|p| p.set(base));
-    let out = f();
-    (out, (PEAK.with(Cell::get) - base) as usize)
-}
+static ALLOCATOR: counting::Counting = counting::Counting;
 
 /// Decodes `bytes` with `decode`, asserts the peak bound, and returns
 /// whether it decoded and the peak.
 fn bounded<T>(name: &str, bytes: &[u8], decode: impl FnOnce(&[u8]) -> protocol::Result<T>) -> (bool, usize) {
+    bounded_by(name, bytes, C, decode)
+}
+
+/// [`bounded`] with `c` bytes per input byte.
+fn bounded_by<T>(
+    name: &str,
+    bytes: &[u8],
+    c: usize,
+    decode: impl FnOnce(&[u8]) -> protocol::Result<T>,
+) -> (bool, usize) {
     let (r, p) = peak(|| decode(bytes).map(drop));
-    let limit = C * bytes.len() + K;
+    let limit = c * bytes.len() + K;
     eprintln!(
         "{name}: {} input bytes, peak {p} bytes ({:.2}x), {}",
         bytes.len(),
@@ -123,7 +56,7 @@ fn bounded<T>(name: &str, bytes: &[u8], decode: impl FnOnce(&[u8]) -> protocol::
             Err(e) => format!("refused: {e}"),
         }
     );
-    assert!(p <= limit, "{name}: peak {p} > {C} * {} + {K}", bytes.len());
+    assert!(p <= limit, "{name}: peak {p} > {c} * {} + {K}", bytes.len());
     (r.is_ok(), p)
 }
 
@@ -489,5 +422,280 @@ proptest! {
         ] {
             prop_assert!(p <= limit, "{}: peak {} for {} bytes", name, p, bytes.len());
         }
+    }
+}
+
+/// The decoders the corpus feeds, by folder name.
+const KINDS: [&str; 10] = [
+    "adapter",
+    "optimizer",
+    "shard_output",
+    "sequences",
+    "manifest",
+    "infer_output",
+    "outline",
+    "advert",
+    "task",
+    "task_result",
+];
+
+fn corpus_dir() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/corpus"))
+}
+
+/// The signing key of the envelope corpora.
+fn corpus_key() -> protocol::Keypair {
+    protocol::Keypair::from_secret([7; 32])
+}
+
+/// What `kind`'s decoder makes of `bytes`, with its peak charged against
+/// the bound. Outline files hold the blob's 32-byte id, then the outline;
+/// envelope payload files (advert, task, task_result) are the payload,
+/// sealed here so that the payload decoder is reached past the signature.
+/// The bound then applies to the whole envelope, with one more byte per
+/// byte: the envelope body is held while its payload decodes.
+fn decode_kind(kind: &str, name: &str, bytes: &[u8]) -> (bool, usize) {
+    match kind {
+        "adapter" => bounded(name, bytes, AdapterParams::decode),
+        "optimizer" => bounded(name, bytes, OptimizerState::decode),
+        "shard_output" => bounded(name, bytes, LoraShardOutput::decode),
+        "sequences" => bounded(name, bytes, Sequences::decode),
+        "manifest" => bounded(name, bytes, DirManifest::decode),
+        "infer_output" => bounded(name, bytes, InferOutput::decode),
+        "outline" => {
+            let (id, rest) = bytes.split_at(bytes.len().min(32));
+            let mut raw = [0u8; 32];
+            raw[..id.len()].copy_from_slice(id);
+            let id = ContentId::from_bytes(raw);
+            bounded(name, rest, |b| Outline::decode(b, &id))
+        }
+        "advert" | "task" | "task_result" => {
+            let kind = match kind {
+                "advert" => wire::PayloadKind::Advert,
+                "task" => wire::PayloadKind::Task,
+                _ => wire::PayloadKind::TaskResult,
+            };
+            let sealed = protocol::envelope::seal_bytes(
+                &corpus_key(),
+                kind as i32,
+                bytes.to_vec(),
+                protocol::Validity::new(1, 0, 1000),
+            );
+            bounded_by(name, &sealed, C + 1, protocol::open)
+        }
+        _ => panic!("no decoder for corpus folder {kind}"),
+    }
+}
+
+#[test]
+fn every_corpus_file_decodes_within_the_bound() {
+    let _g = lock();
+    let mut decoded = 0;
+    for kind in KINDS {
+        let seeds = counting::corpus(corpus_dir(), kind);
+        let mut ok = 0;
+        for s in &seeds {
+            ok += usize::from(decode_kind(kind, &s.name, &s.bytes).0);
+        }
+        // Each folder holds honest seeds (which decode) besides hostile ones.
+        assert!(ok > 0, "no file in corpus/{kind} decodes");
+        decoded += ok;
+    }
+    eprintln!("{decoded} corpus files decoded");
+}
+
+fn all_seeds() -> Vec<(&'static str, counting::Seed)> {
+    KINDS
+        .iter()
+        .flat_map(|k| counting::corpus(corpus_dir(), k).into_iter().map(move |s| (*k, s)))
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn mutated_corpus_files_are_bounded(pick in any::<prop::sample::Index>(), m in mutations()) {
+        let _g = lock();
+        let seeds = all_seeds();
+        let (kind, seed) = &seeds[pick.index(seeds.len())];
+        let bytes = mutate(seed.bytes.clone(), &m);
+        decode_kind(kind, &format!("{} mutated", seed.name), &bytes);
+    }
+}
+
+/// Writes the seed files of the corpus (the hostile and the honest inputs
+/// the tests above build, small). Run it after a format change:
+/// `cargo test -p tern-protocol --test alloc -- --ignored write_corpus`.
+/// Inputs a failure turned up are added beside them by hand.
+#[test]
+#[ignore = "writes tests/corpus; run by hand"]
+fn write_corpus() {
+    let mut huge = Vec::new();
+    varint(4 << 30, &mut huge);
+    let claim = |tag: u32| {
+        let mut b = vec![key(tag, 2)];
+        b.extend(&huge);
+        b.extend([0u8; 16]);
+        b
+    };
+    let state = OptimizerState {
+        layout: [1; 32],
+        step: 3,
+        m: vec![0.5; 64],
+        v: vec![0.25; 64],
+    };
+    let output = LoraShardOutput {
+        layout: [1; 32],
+        delta: (0..64).map(|i| i as f32 * 0.01).collect(),
+        tokens: 100,
+        loss: 2.5,
+        steps: 2,
+        optimizer: Some(state.clone()),
+    };
+    let mut merged = LoraShardOutput {
+        optimizer: None,
+        ..output.clone()
+    }
+    .encode();
+    merged.extend(repeated(6, &state.encode(), 64));
+    let seqs = shard(&[
+        (vec![1, 2, 3, 4], vec![false, true, true, true]),
+        (vec![5, 6], vec![false, true]),
+        ((0..300).collect(), (0..300).map(|i| i % 3 == 1).collect()),
+    ]);
+    let entries = |n: usize| {
+        DirManifest::new(
+            (0..n)
+                .map(|i| DirEntry {
+                    path: format!("dir/file{i}.bin"),
+                    id: ContentId::of(&i.to_le_bytes()),
+                    size: i as u64 * 1000,
+                })
+                .collect(),
+        )
+        .unwrap()
+        .encode()
+    };
+    let blob: Vec<u8> = (1u8..=255).cycle().take(3 << 20).collect();
+    let outline = |b: &[u8]| {
+        [
+            ContentId::of(b).as_bytes().as_slice(),
+            &Outline::of(b).to_wire().encode_to_vec(),
+        ]
+        .concat()
+    };
+    let advert = wire::Advert {
+        version: "0.1.0".into(),
+        listen_addrs: vec![
+            "/ip4/192.0.2.1/udp/4001/quic-v1".into(),
+            "/ip4/192.0.2.1/tcp/4001".into(),
+        ],
+        cpu: Some(wire::Cpu {
+            threads: 8,
+            arch: "x86_64".into(),
+            features: vec!["avx2".into(), "avx512vnni".into()],
+        }),
+        models: vec![vec![3; 32]],
+        power: 1,
+        ..Default::default()
+    };
+    let task = |params| wire::Task {
+        kind: match &params {
+            wire::task::Params::Infer(_) => wire::TaskKind::Infer,
+            wire::task::Params::LoraShard(_) => wire::TaskKind::LoraShard,
+        } as i32,
+        worker: corpus_key().public().as_bytes().to_vec(),
+        inputs: vec![vec![3; 32], vec![4; 32], vec![5; 32], vec![6; 32]],
+        max_work: 100_000,
+        params: Some(params),
+    };
+    let infer = task(wire::task::Params::Infer(wire::InferParams {
+        model: vec![3; 32],
+        prompt: vec![1, 72, 101, 108, 108, 111],
+        max_tokens: 32,
+        sampling: Some(wire::Sampling {
+            temperature: 0.7,
+            top_k: 40,
+            top_p: 0.9,
+            seed: 1,
+        }),
+    }));
+    let shard_task = task(wire::task::Params::LoraShard(wire::LoraShardParams {
+        model: vec![3; 32],
+        adapter: vec![4; 32],
+        data: vec![5; 32],
+        local_steps: 2,
+        seed: 9,
+        hyper: Some(wire::LoraHyper {
+            rank: 4,
+            alpha: 8.0,
+            targets: 0b11,
+            lr: 1e-3,
+            batch: 2,
+            max_grad_norm: 1.0,
+            weight_decay: 0.0,
+            dropout: 0.0,
+        }),
+        optimizer: vec![6; 32],
+    }));
+    let result = wire::TaskResult {
+        task: vec![6; 32],
+        inputs: vec![vec![3; 32], vec![4; 32]],
+        status: wire::TaskStatus::Done as i32,
+        output: vec![7; 32],
+        work: 1234,
+        error: String::new(),
+    };
+    let files: Vec<(&str, &str, Vec<u8>)> = vec![
+        (
+            "adapter",
+            "honest_1k.bin",
+            AdapterParams {
+                layout: [3; 32],
+                values: (0..1000).map(|i| i as f32 * 1e-3).collect(),
+            }
+            .encode(),
+        ),
+        ("adapter", "claims_4gib.bin", claim(2)),
+        ("optimizer", "honest.bin", state.encode()),
+        ("optimizer", "fresh.bin", OptimizerState::fresh([4; 32]).encode()),
+        ("optimizer", "claims_4gib.bin", claim(3)),
+        ("shard_output", "honest.bin", output.encode()),
+        ("shard_output", "merged_optimizers.bin", merged),
+        ("shard_output", "claims_4gib.bin", claim(2)),
+        ("sequences", "honest.bin", seqs.encode()),
+        ("sequences", "tiny_4k.bin", repeated(1, &TINY_SEQUENCE, 4096)),
+        ("sequences", "empty_4k.bin", repeated(1, &[], 4096)),
+        ("sequences", "claims_4gib.bin", claim(1)),
+        ("manifest", "honest_8.bin", entries(8)),
+        ("manifest", "empty_4097.bin", repeated(1, &[], 4097)),
+        ("manifest", "claims_4gib.bin", claim(1)),
+        (
+            "infer_output",
+            "honest.bin",
+            InferOutput {
+                tokens: (0..200).collect(),
+            }
+            .encode(),
+        ),
+        ("infer_output", "unpacked_9000.bin", [8u8, 1].repeat(9000)),
+        ("infer_output", "claims_4gib.bin", claim(1)),
+        ("outline", "honest_3_groups.bin", outline(&blob)),
+        ("outline", "honest_small.bin", outline(b"a small blob")),
+        ("outline", "claims_4gib.bin", [[0u8; 32].as_slice(), &claim(2)].concat()),
+        ("advert", "honest.bin", advert.encode_to_vec()),
+        ("advert", "many_addrs.bin", repeated(2, b"/ip4/1.2.3.4/tcp/1", 400)),
+        ("advert", "empty_gpus_4k.bin", repeated(4, &[], 4096)),
+        ("task", "infer.bin", infer.encode_to_vec()),
+        ("task", "lora_shard.bin", shard_task.encode_to_vec()),
+        ("task", "empty_inputs_4k.bin", repeated(3, &[], 4096)),
+        ("task_result", "done.bin", result.encode_to_vec()),
+        ("task_result", "empty_inputs_4k.bin", repeated(2, &[], 4096)),
+    ];
+    for (kind, name, bytes) in files {
+        let dir = corpus_dir().join(kind);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(name), bytes).unwrap();
     }
 }
