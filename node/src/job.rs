@@ -15,7 +15,7 @@
 //! atomically after every accepted result, exclusion and round, so a
 //! client that stops resumes with nothing verified lost or redone.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,12 +23,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use futures::stream::{FuturesUnordered, StreamExt};
 use kernels::model::Model;
-use protocol::job::{self as rules, AuditKey, Verdict};
+use protocol::job::{self as rules, AuditKey};
 use protocol::train::{
     self, AdapterParams, Contribution, LoraHyper, LoraShardOutput, OptimizerState, Outer, Rule, Sequences,
 };
 use protocol::{ContentId, LoraShardParams, PeerEntry, PublicKey, Task, TaskParams, TaskStatus};
 use serde::{Deserialize, Serialize};
+
+use protocol::schedule::{Action, Candidate, Failure, Got, Input, Ledger, Outcome, Plan, Round};
 
 use crate::daemon::{Shared, now_ms};
 use crate::reputation::{Conviction, Reputation};
@@ -205,57 +207,7 @@ impl JobSpec {
     }
 }
 
-/// How an accepted result was checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Check {
-    /// Taken on the worker's word (verification `none`, or not drawn for a spot check).
-    Unchecked,
-    /// Equal results from distinct workers.
-    Redundant,
-    /// Drawn for a spot check and equal to the client's re-run.
-    Spot,
-    /// Disputed or wrong: the client's re-run is the result.
-    Referee,
-}
-
-/// A shard result accepted in the current round.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Accepted {
-    pub output: ContentId,
-    pub tokens: u64,
-    pub loss: f64,
-    /// Workers that returned exactly this output.
-    pub workers: Vec<PublicKey>,
-    pub check: Check,
-    /// Blobs of the workers' signed result envelopes.
-    pub evidence: Vec<ContentId>,
-}
-
-/// What the job knows of one worker.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct WorkerRecord {
-    pub assigned: u64,
-    pub accepted: u64,
-    pub failed: u64,
-    pub wrong: u64,
-    /// Why it no longer gets this job's tasks.
-    pub excluded: Option<String>,
-}
-
-/// A verdict against one or more workers, with the signed evidence.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VerdictRecord {
-    pub round: u32,
-    pub shard: u32,
-    /// The output the client accepted (its own re-run when `wrong` is not empty).
-    pub accepted: Option<ContentId>,
-    /// Each caught worker with the output it returned.
-    pub wrong: Vec<(PublicKey, ContentId)>,
-    /// Blobs of the signed result envelopes of every result compared.
-    pub evidence: Vec<ContentId>,
-    pub why: String,
-}
+pub use protocol::schedule::{Accepted, Check, VerdictRecord, WorkerRecord};
 
 /// One finished round.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -371,10 +323,6 @@ impl JobState {
     pub fn revealed_audit_key(&self) -> Option<ContentId> {
         self.audit_key.filter(|_| self.finished)
     }
-
-    fn worker(&mut self, k: PublicKey) -> &mut WorkerRecord {
-        self.workers.entry(k).or_default()
-    }
 }
 
 /// What a running job reports, for progress displays and logs (and, as
@@ -465,18 +413,18 @@ pub fn capable_peers(
     peers
 }
 
-/// One result returned for a shard.
-#[derive(Debug, Clone)]
-struct Got {
-    worker: PublicKey,
-    output: ContentId,
-    evidence: ContentId,
-    tokens: u64,
-    loss: f64,
-}
+/// A task's answer: its number and shard, and what came back.
+type Answer = (u64, u32, Result<executor::Submitted>);
 
-/// A task's answer, as the scheduler sees it.
-type Answer = (u32, PublicKey, f64, Result<executor::Submitted>);
+/// The tasks of a round in flight, and what cancels each.
+#[derive(Default)]
+struct Running {
+    futs: FuturesUnordered<
+        futures::future::Abortable<std::pin::Pin<Box<dyn std::future::Future<Output = Answer> + Send>>>,
+    >,
+    cancels: HashMap<u64, futures::future::AbortHandle>,
+    referee_secs: f64,
+}
 
 /// A job being run by a client node.
 pub struct Job {
@@ -648,212 +596,96 @@ impl Job {
         Ok(self.state)
     }
 
-    /// Runs the current round to its aggregate.
+    /// The round's ledger, as the scheduler continues it.
+    fn ledger(&self) -> Ledger {
+        Ledger {
+            accepted: self.state.accepted.clone(),
+            workers: self.state.workers.clone(),
+            verdicts: self.state.verdicts.clone(),
+            reassigned: self.state.reassigned,
+        }
+    }
+
+    /// Copies what the scheduler decided into the job's state.
+    fn sync(&mut self, l: &Ledger) {
+        self.state.accepted.clone_from(&l.accepted);
+        self.state.workers.clone_from(&l.workers);
+        self.state.verdicts.clone_from(&l.verdicts);
+        self.state.reassigned = l.reassigned;
+    }
+
+    /// Runs the current round to its aggregate: feeds what happens (the
+    /// capable peers, answers, re-runs) to the round's scheduler
+    /// ([`protocol::schedule::Round`]) and performs what it decides.
     async fn round(&mut self, on: &Progress) -> Result<()> {
         let t0 = Instant::now();
         let round = self.state.round;
         let spec = self.state.spec.clone();
-        let n = spec.shards.len() as u32;
-        let copies = spec.verify.copies();
         on(&Event::RoundStarted { round });
         self.load_round_inputs()?;
-        let mut results: BTreeMap<u32, Vec<Got>> = BTreeMap::new();
-        // Workers asked for each shard this round (answered, running or failed).
-        let mut asked: BTreeMap<u32, BTreeSet<PublicKey>> = BTreeMap::new();
-        let mut failed: BTreeMap<u32, BTreeSet<PublicKey>> = BTreeMap::new();
-        let mut running: HashMap<PublicKey, u32> = HashMap::new();
-        let mut running_shard: BTreeMap<u32, usize> = BTreeMap::new();
-        let mut attempts: BTreeMap<u32, u32> = BTreeMap::new();
-        let mut last_error: BTreeMap<u32, String> = BTreeMap::new();
-        let mut futs = FuturesUnordered::new();
-        let mut waiting = None::<Instant>;
-        let mut referee_secs = 0f64;
-        let mut slowest = 0f64;
+        let plan = Plan {
+            round,
+            shards: spec.shards.len() as u32,
+            copies: spec.verify.copies(),
+            spot_fraction: spec.verify.spot_fraction(),
+            shuffle: spec.verify != Verify::None,
+            max_tasks_per_peer: spec.max_tasks_per_peer,
+            task_timeout_ms: spec.task_timeout_secs.saturating_mul(1000),
+            peer_wait_ms: self.peer_wait.as_millis() as u64,
+        };
+        let convicted = self.reputation.convicted.keys().copied().collect();
+        let mut sched = Round::new(plan, self.audit.clone(), self.ledger(), convicted);
+        let clock = Instant::now();
+        let now = || clock.elapsed().as_millis() as u64;
+        let mut run = Running::default();
         loop {
-            let open: Vec<u32> = (0..n).filter(|s| !self.state.accepted.contains_key(s)).collect();
-            if open.is_empty() {
+            let peers = capable_peers(&self.shared, &spec.model, self.model_bytes, &[])
+                .into_iter()
+                .map(|(key, e)| Candidate {
+                    key,
+                    max_tasks: e.advert.max_tasks,
+                })
+                .collect();
+            let actions = sched.handle(Input::Peers { now_ms: now(), peers });
+            if self.perform(&mut sched, actions, &mut run, on, &now).await? {
                 break;
             }
-            let mut excluded = self.state.excluded();
-            excluded.extend(self.reputation.convicted.keys().copied());
-            let peers = capable_peers(&self.shared, &spec.model, self.model_bytes, &excluded);
-            for &s in &open {
-                let have = results.get(&s).map_or(0, Vec::len) + running_shard.get(&s).copied().unwrap_or(0);
-                for _ in have..copies {
-                    let taken = asked.entry(s).or_default();
-                    let busy = |k: &PublicKey| running.get(k).copied().unwrap_or(0);
-                    let free = |e: &PeerEntry, k: &PublicKey| busy(k) < spec.max_tasks_per_peer.min(e.advert.max_tasks);
-                    // A worker not yet asked for this shard; else one that
-                    // failed it (not one holding a result: copies must be distinct).
-                    let has_result = |k: &PublicKey| results.get(&s).is_some_and(|g| g.iter().any(|g| g.worker == *k));
-                    // Under verification the copies go to workers drawn at
-                    // random (from the client's secret) among the capable
-                    // ones, so advertising more speed wins a sybil nothing.
-                    let mut order: Vec<&(PublicKey, PeerEntry)> = peers.iter().collect();
-                    if spec.verify != Verify::None {
-                        let attempt = attempts.get(&s).copied().unwrap_or(0);
-                        self.audit.shuffle(round, s, attempt, &mut order);
-                    }
-                    let pick = order
-                        .iter()
-                        .find(|(k, e)| !taken.contains(k) && free(e, k))
-                        .or_else(|| {
-                            order.iter().find(|(k, e)| {
-                                failed.get(&s).is_some_and(|f| f.contains(k))
-                                    && !has_result(k)
-                                    && busy(k) == 0
-                                    && free(e, k)
-                            })
-                        })
-                        .map(|(k, _)| *k);
-                    let Some(worker) = pick else { break };
-                    let tries = attempts.entry(s).or_default();
-                    *tries += 1;
-                    if *tries > 3 + 3 * copies as u32 + peers.len() as u32 {
-                        bail!(
-                            "round {round} shard {s}: no worker completed it after {} attempts; last error: {}",
-                            *tries - 1,
-                            last_error.get(&s).map_or("none", String::as_str)
-                        );
-                    }
-                    taken.insert(worker);
-                    *running.entry(worker).or_default() += 1;
-                    *running_shard.entry(s).or_default() += 1;
-                    self.state.worker(worker).assigned += 1;
-                    on(&Event::Assigned {
-                        round,
-                        shard: s,
-                        worker,
-                    });
-                    futs.push(self.send(
-                        spec.params(round, s, self.state.adapter, self.state.optimizer),
-                        s,
-                        worker,
-                    ));
-                }
+            // Wake at least every second to schedule on newly seen peers
+            // (every 200 ms while nothing runs), and at the next deadline.
+            let mut wait = Duration::from_millis(if run.futs.is_empty() { 200 } else { 1000 });
+            if let Some(d) = sched.next_deadline_ms() {
+                wait = wait.min(Duration::from_millis(d.saturating_sub(now()) + 1));
             }
-            if futs.is_empty() {
-                let since = *waiting.get_or_insert_with(Instant::now);
-                if since.elapsed() > self.peer_wait {
-                    let why = open
-                        .iter()
-                        .filter_map(|s| last_error.get(s).map(|e| format!("; shard {s}: {e}")))
-                        .collect::<String>();
-                    bail!(
-                        "round {round}: no capable peer for {} shard(s) within {} s (peers known: {}, excluded: {}){why}",
-                        open.len(),
-                        self.peer_wait.as_secs(),
-                        self.shared.peer_entries().len().saturating_sub(1),
-                        excluded.len()
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            if run.futs.is_empty() {
+                tokio::time::sleep(wait).await;
                 continue;
             }
-            waiting = None;
-            // Wake at least every second to schedule on newly seen peers.
-            let Ok(Some((s, worker, took, answer))) = tokio::time::timeout(Duration::from_secs(1), futs.next()).await
-            else {
+            let Ok(Some(Ok((task, shard, answer)))) = tokio::time::timeout(wait, run.futs.next()).await else {
                 continue;
             };
-            if let Some(r) = running.get_mut(&worker) {
-                *r -= 1;
-            }
-            if let Some(r) = running_shard.get_mut(&s) {
-                *r -= 1;
-            }
-            if self.state.accepted.contains_key(&s)
-                || self.state.workers.get(&worker).is_some_and(|w| w.excluded.is_some())
-            {
-                continue;
-            }
-            match self.check_answer(round, s, worker, answer) {
-                Ok(got) => {
-                    slowest = slowest.max(took);
-                    results.entry(s).or_default().push(got)
-                }
-                Err(Fault::Failed(why)) => {
-                    self.state.reassigned += 1;
-                    self.state.worker(worker).failed += 1;
-                    failed.entry(s).or_default().insert(worker);
-                    on(&Event::Failed {
-                        round,
-                        shard: s,
-                        worker,
-                        why: why.clone(),
-                    });
-                    last_error.insert(s, why);
-                    self.save()?;
-                    continue;
-                }
-                Err(Fault::Wrong { why, output, evidence }) => {
-                    self.convict(round, s, &[(worker, output)], vec![evidence], None, &why, on);
-                    self.save()?;
-                    continue;
-                }
-            }
-            // Results from a worker convicted since they arrived rest on
-            // its word alone: they neither count as a copy nor get judged.
-            if let Some(g) = results.get_mut(&s) {
-                g.retain(|g| self.state.workers.get(&g.worker).is_none_or(|w| w.excluded.is_none()));
-            }
-            let got = results.get(&s).cloned().unwrap_or_default();
-            if got.len() < copies {
-                continue;
-            }
-            let pairs: Vec<(PublicKey, ContentId)> = got.iter().map(|g| (g.worker, g.output)).collect();
-            let verdict = rules::judge(&pairs).ok_or_else(|| anyhow!("no result to judge"))?;
-            let spot = self.audit.spot_checked(round, s, spec.verify.spot_fraction());
-            let accepted = match verdict {
-                Verdict::Agree(id) if !spot => {
-                    let check = if copies > 1 { Check::Redundant } else { Check::Unchecked };
-                    accept(&got, id, check)
-                }
-                _ => {
-                    let t = Instant::now();
-                    let (reference, tokens, loss) = self.referee(round, s).await?;
-                    referee_secs += t.elapsed().as_secs_f64();
-                    let (_, wrong) = rules::settle(&pairs, reference);
-                    if !wrong.is_empty() {
-                        let bad: Vec<_> = got
-                            .iter()
-                            .filter(|g| wrong.contains(&g.worker))
-                            .map(|g| (g.worker, g.output))
-                            .collect();
-                        let why = format!("round {round} shard {s}: the client's re-run gives {reference}");
-                        self.convict(
-                            round,
-                            s,
-                            &bad,
-                            got.iter().map(|g| g.evidence).collect(),
-                            Some(reference),
-                            &why,
-                            on,
-                        );
-                    }
-                    let right: Vec<Got> = got.iter().filter(|g| g.output == reference).cloned().collect();
-                    let check = if wrong.is_empty() { Check::Spot } else { Check::Referee };
-                    let mut a = accept(&right, reference, check);
-                    a.tokens = tokens;
-                    a.loss = loss;
-                    a
-                }
+            run.cancels.remove(&task);
+            let outcome = if sched.wants(task) {
+                self.check_answer(round, shard, answer)
+            } else {
+                Outcome::Unwanted
             };
-            for w in &accepted.workers {
-                self.state.worker(*w).accepted += 1;
-            }
-            let (output, check) = (accepted.output, accepted.check);
-            self.state.accepted.insert(s, accepted);
-            self.save()?;
-            on(&Event::Accepted {
-                round,
-                shard: s,
-                output,
-                check,
+            let actions = sched.handle(Input::Answer {
+                now_ms: now(),
+                task,
+                outcome,
             });
+            if self.perform(&mut sched, actions, &mut run, on, &now).await? {
+                break;
+            }
         }
+        // Tasks still running are copies nobody needs any more.
+        for (_, c) in run.cancels.drain() {
+            c.abort();
+        }
+        let slowest = sched.slowest_ms() as f64 / 1000.0;
+        self.sync(&sched.into_ledger());
         let t = Instant::now();
-        let mut record = self.aggregate(round, referee_secs).await?;
+        let mut record = self.aggregate(round, run.referee_secs).await?;
         record.aggregate_secs = t.elapsed().as_secs_f64();
         record.slowest_task_secs = slowest;
         record.secs = t0.elapsed().as_secs_f64();
@@ -863,17 +695,122 @@ impl Job {
         Ok(())
     }
 
-    /// Sends one shard task; the future resolves to the worker's checked answer.
+    /// Performs the scheduler's actions (and those that the client's own
+    /// re-runs lead to). Returns whether the round is done.
+    async fn perform(
+        &mut self,
+        sched: &mut Round,
+        actions: Vec<Action>,
+        run: &mut Running,
+        on: &Progress,
+        now: &(dyn Fn() -> u64 + Sync),
+    ) -> Result<bool> {
+        let round = self.state.round;
+        let mut queue: VecDeque<Action> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::Send { task, shard, worker } => {
+                    on(&Event::Assigned { round, shard, worker });
+                    let params = self
+                        .state
+                        .spec
+                        .params(round, shard, self.state.adapter, self.state.optimizer);
+                    let (fut, cancel) =
+                        futures::future::abortable(Box::pin(self.send(params, task, shard, worker)) as _);
+                    run.cancels.insert(task, cancel);
+                    run.futs.push(fut);
+                }
+                Action::Cancel { task } => {
+                    if let Some(c) = run.cancels.remove(&task) {
+                        c.abort();
+                    }
+                }
+                Action::Failed { shard, worker, why } => on(&Event::Failed {
+                    round,
+                    shard,
+                    worker,
+                    why,
+                }),
+                Action::Referee { shard } => {
+                    let t = Instant::now();
+                    let (output, tokens, loss) = self.referee(round, shard).await?;
+                    run.referee_secs += t.elapsed().as_secs_f64();
+                    queue.extend(sched.handle(Input::Refereed {
+                        now_ms: now(),
+                        shard,
+                        output,
+                        tokens,
+                        loss,
+                    }));
+                }
+                Action::Convicted {
+                    shard,
+                    worker,
+                    output,
+                    evidence,
+                    why,
+                } => {
+                    on(&Event::Caught {
+                        round,
+                        shard,
+                        worker,
+                        why: why.clone(),
+                    });
+                    tracing::warn!(worker = %worker, "excluded from the job: returned {output} for {why}");
+                    let conviction = Conviction {
+                        at_ms: now_ms(),
+                        job: self.state.id,
+                        round,
+                        shard,
+                        why: format!("returned {output} for {why}"),
+                        evidence,
+                    };
+                    if let Err(e) = self.reputation.record(&self.shared.config.data_dir, worker, conviction) {
+                        tracing::warn!(worker = %worker, "the conviction was not saved to the reputation record: {e:#}");
+                    }
+                }
+                Action::Accepted { shard, output, check } => on(&Event::Accepted {
+                    round,
+                    shard,
+                    output,
+                    check,
+                }),
+                Action::Save => {
+                    self.sync(sched.ledger());
+                    self.save()?;
+                }
+                Action::Done => return Ok(true),
+                Action::Fail(Failure::NoCapablePeer {
+                    open,
+                    waited_ms,
+                    excluded,
+                    errors,
+                }) => {
+                    let why: String = errors.iter().map(|(s, e)| format!("; shard {s}: {e}")).collect();
+                    bail!(
+                        "round {round}: no capable peer for {open} shard(s) within {} s (peers known: {}, excluded: {excluded}){why}",
+                        waited_ms / 1000,
+                        self.shared.peer_entries().len().saturating_sub(1),
+                    );
+                }
+                Action::Fail(f @ Failure::TooManyAttempts { .. }) => bail!("round {round} {f}"),
+            }
+        }
+        Ok(false)
+    }
+
+    /// Sends one shard task; the future resolves to the worker's answer.
+    /// The scheduler decides when it has taken too long.
     fn send(
         &self,
         params: LoraShardParams,
+        task: u64,
         shard: u32,
         worker: PublicKey,
     ) -> impl std::future::Future<Output = Answer> + Send + 'static {
         let shared = self.shared.clone();
         let spec = &self.state.spec;
-        let timeout = Duration::from_secs(spec.task_timeout_secs);
-        let task = Task {
+        let t = Task {
             worker,
             inputs: [params.model, params.adapter, params.data]
                 .into_iter()
@@ -883,43 +820,40 @@ impl Job {
             params: TaskParams::LoraShard(params),
         };
         let max_output = executor::max_shard_output(self.params, spec.carry_moments);
-        async move {
-            let t = Instant::now();
-            let r = match tokio::time::timeout(timeout, executor::submit(&shared, task, max_output)).await {
-                Ok(r) => r,
-                Err(_) => Err(anyhow!("no answer within {} s", timeout.as_secs())),
-            };
-            (shard, worker, t.elapsed().as_secs_f64(), r)
+        async move { (task, shard, executor::submit(&shared, t, max_output).await) }
+    }
+
+    /// Checks one answer: done, and a well-formed shard result for this
+    /// round (else failed, or wrong for a reason the worker signed).
+    fn check_answer(&self, round: u32, shard: u32, answer: Result<executor::Submitted>) -> Outcome {
+        match self.checked(round, shard, answer) {
+            Ok(got) => Outcome::Result(got),
+            Err(o) => o,
         }
     }
 
-    /// Checks one answer: done, and a well-formed shard result for this round.
-    fn check_answer(
-        &self,
-        round: u32,
-        shard: u32,
-        worker: PublicKey,
-        answer: Result<executor::Submitted>,
-    ) -> Result<Got, Fault> {
-        let sub = answer.map_err(|e| Fault::Failed(format!("{e:#}")))?;
+    fn checked(&self, round: u32, shard: u32, answer: Result<executor::Submitted>) -> Result<Got, Outcome> {
+        let sub = answer.map_err(|e| Outcome::Failed(format!("{e:#}")))?;
         let store = &self.shared.store;
         let evidence = store
             .put(&sub.envelope)
-            .map_err(|e| Fault::Failed(format!("keeping evidence: {e:#}")))?;
+            .map_err(|e| Outcome::Failed(format!("keeping evidence: {e:#}")))?;
         let _ = store.pin(&evidence);
         let r = &sub.result;
         if r.status != TaskStatus::Done {
-            return Err(Fault::Failed(format!("{:?}: {}", r.status, r.error)));
+            return Err(Outcome::Failed(format!("{:?}: {}", r.status, r.error)));
         }
-        let output = r.output.ok_or_else(|| Fault::Failed("done without an output".into()))?;
-        let wrong = |why: String| Fault::Wrong {
+        let output = r
+            .output
+            .ok_or_else(|| Outcome::Failed("done without an output".into()))?;
+        let wrong = |why: String| Outcome::Wrong {
             why: format!("round {round} shard {shard}: {why}"),
             output,
             evidence,
         };
         let bytes = store
             .read(&output)
-            .map_err(|e| Fault::Failed(format!("reading the output: {e:#}")))?;
+            .map_err(|e| Outcome::Failed(format!("reading the output: {e:#}")))?;
         let out = LoraShardOutput::decode(&bytes)
             .map_err(|e| wrong(format!("the result is not a valid adapter delta: {e}")))?;
         if out.layout != self.layout || out.delta.len() != self.params {
@@ -957,14 +891,15 @@ impl Job {
             .round_inputs
             .as_ref()
             .filter(|r| r.round == round)
-            .ok_or_else(|| Fault::Failed("the round's inputs are not loaded".into()))?;
+            .ok_or_else(|| Outcome::Failed("the round's inputs are not loaded".into()))?;
         let data = inputs
             .data
             .get(&shard)
-            .ok_or_else(|| Fault::Failed(format!("shard {shard}'s data is not loaded")))?;
+            .ok_or_else(|| Outcome::Failed(format!("shard {shard}'s data is not loaded")))?;
         let params = spec.params(round, shard, self.state.adapter, self.state.optimizer);
         let start_step = inputs.optimizer.as_ref().map_or(0, |o| o.step);
-        let expected = shard::counted_tokens(&params, start_step, data).map_err(|e| Fault::Failed(format!("{e:#}")))?;
+        let expected =
+            shard::counted_tokens(&params, start_step, data).map_err(|e| Outcome::Failed(format!("{e:#}")))?;
         if out.tokens != expected {
             return Err(wrong(format!(
                 "claims {} counted tokens; its data and seed give {expected}",
@@ -976,7 +911,6 @@ impl Job {
         }
         let _ = store.pin(&output);
         Ok(Got {
-            worker,
             output,
             evidence,
             tokens: out.tokens,
@@ -1019,56 +953,6 @@ impl Job {
             .optimizer
             .map(|id| Ok(OptimizerState::decode(&self.shared.store.read(&id)?)?))
             .transpose()
-    }
-
-    /// Excludes workers caught with a wrong result; results of this round
-    /// that rest on their word alone are dropped to be computed again.
-    #[allow(clippy::too_many_arguments)]
-    fn convict(
-        &mut self,
-        round: u32,
-        shard: u32,
-        wrong: &[(PublicKey, ContentId)],
-        evidence: Vec<ContentId>,
-        accepted: Option<ContentId>,
-        why: &str,
-        on: &Progress,
-    ) {
-        for (w, out) in wrong {
-            let rec = self.state.worker(*w);
-            rec.wrong += 1;
-            rec.excluded = Some(format!("returned {out} for {why}"));
-            on(&Event::Caught {
-                round,
-                shard,
-                worker: *w,
-                why: why.to_string(),
-            });
-            tracing::warn!(worker = %w, "excluded from the job: returned {out} for {why}");
-            let conviction = Conviction {
-                at_ms: now_ms(),
-                job: self.state.id,
-                round,
-                shard,
-                why: format!("returned {out} for {why}"),
-                evidence: evidence.clone(),
-            };
-            if let Err(e) = self.reputation.record(&self.shared.config.data_dir, *w, conviction) {
-                tracing::warn!(worker = %w, "the conviction was not saved to the reputation record: {e:#}");
-            }
-        }
-        self.state.verdicts.push(VerdictRecord {
-            round,
-            shard,
-            accepted,
-            wrong: wrong.to_vec(),
-            evidence,
-            why: why.to_string(),
-        });
-        let bad: Vec<PublicKey> = wrong.iter().map(|(w, _)| *w).collect();
-        self.state
-            .accepted
-            .retain(|_, a| a.check != Check::Unchecked || !a.workers.iter().all(|w| bad.contains(w)));
     }
 
     /// The client's own run of a shard: the referee of spot checks and disputes.
@@ -1170,32 +1054,6 @@ async fn eval_loss(
         Ok(kernels::train::eval_loss(&engine, Some(&a), &seqs)?)
     })
     .await?
-}
-
-/// Why an answer was not taken.
-enum Fault {
-    /// Not done, or not delivered: the shard goes to another worker.
-    Failed(String),
-    /// A signed result that cannot be right: the worker is excluded.
-    Wrong {
-        why: String,
-        output: ContentId,
-        evidence: ContentId,
-    },
-}
-
-fn accept(got: &[Got], id: ContentId, check: Check) -> Accepted {
-    let same: Vec<&Got> = got.iter().filter(|g| g.output == id).collect();
-    let mut workers: Vec<PublicKey> = same.iter().map(|g| g.worker).collect();
-    workers.sort();
-    Accepted {
-        output: id,
-        tokens: same.first().map_or(0, |g| g.tokens),
-        loss: same.first().map_or(0.0, |g| g.loss),
-        workers,
-        check,
-        evidence: same.iter().map(|g| g.evidence).collect(),
-    }
 }
 
 /// Runs job `spec` from this node to its end (resuming saved progress).

@@ -14,6 +14,9 @@
 //!   and directory manifests.
 //! - [`job`]: a fine-tune's shards and seeds, spot-check choice, and the
 //!   verdicts that compare redundant results by id.
+//! - [`schedule`]: one round of a fine-tune as a pure state machine:
+//!   inputs (peers, answers, re-runs, time) in, actions (send, cancel,
+//!   referee, convict, accept) out.
 //! - [`train`]: distributed LoRA fine-tuning: shard hyper-parameters, the
 //!   adapter, data-shard and shard-output blobs, and the deterministic
 //!   outer step ([`train::aggregate`]).
@@ -41,6 +44,7 @@ pub mod envelope;
 mod error;
 pub mod job;
 pub mod limits;
+pub mod schedule;
 mod task;
 pub mod train;
 pub mod wire;
