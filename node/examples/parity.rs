@@ -25,7 +25,7 @@ fn main() -> Result<()> {
     let bos = loaded.tokenizer.bos().unwrap_or(1);
     let (seqs, _) = data::synthetic_mapping(c.vocab_size, bos, 32, 40, 9);
     let (train, eval) = seqs.split_at(32);
-    let h = node::job_cmd::builtin_hyper(lr);
+    let h = node::cli::job::builtin_hyper(lr);
     let m = Model::new(&loaded.weights, kernels::Backend::cpu()?)?;
     let engine = Engine::new(&m);
     let steps = rounds * local;

@@ -15,9 +15,11 @@ use protocol::{
 };
 
 use crate::config::Fault;
+use crate::daemon::hw;
 use crate::daemon::{Shared, now_ms};
+use crate::net::fetch;
 use crate::net::{Responder, TASK_PROTOCOL};
-use crate::{fetch, hw, identity, shard};
+use crate::{identity, shard};
 
 /// The largest non-model input a task can have: an optimizer state (two
 /// moments per parameter) of the largest adapter, or a data shard.

@@ -19,7 +19,7 @@
 //!   task requests to the workers (at most `--flood-in-flight` open), at
 //!   `--flood-pace` times the limits to each node (default 1.9, the most a
 //!   peer may send and stay connected; 0: as fast as it can, and banned).
-//!   `--flood` runs only this part (`swarm_bench/flood.rs`); `--quick`
+//!   `--flood` runs only this part (`swarm/flood.rs`); `--quick`
 //!   alone skips it.
 
 use std::path::{Path, PathBuf};
@@ -334,7 +334,7 @@ async fn transfer(root: &Path, name: &str, listen: &str, blob: &Path, runs: usiz
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let t = Instant::now();
-        crate::fetch::fetch(&sink.shared, &id, &[source.peer_id()]).await?;
+        crate::net::fetch::fetch(&sink.shared, &id, &[source.peer_id()]).await?;
         seconds.push(t.elapsed().as_secs_f64());
         ensure!(sink.shared.store.has(&id), "the fetched blob is not in the store");
         sink.shutdown().await;
@@ -397,7 +397,7 @@ async fn idle_daemon(
             "the daemon ({situation}) did not learn {peers} adverts within 120 s"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let Ok(client) = crate::control::ControlClient::new(&dir) else {
+        let Ok(client) = crate::daemon::control::ControlClient::new(&dir) else {
             continue;
         };
         let known = tokio::task::spawn_blocking(move || client.get("/v1/peers"))

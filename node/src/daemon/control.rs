@@ -20,8 +20,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::daemon::Shared;
-use crate::fetch;
 use crate::identity::write_private;
+use crate::net::fetch;
 
 /// `GET /v1/status`.
 #[derive(Debug, Serialize, Deserialize)]

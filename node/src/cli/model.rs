@@ -212,7 +212,7 @@ pub fn model_id(path: &Path) -> Result<ContentId> {
 fn open_model(m: &model::LoadedModel, path: &Path, adapter: Option<&Path>, run: &RunArgs) -> Result<Model> {
     let mut model = Model::new(&m.weights, run.open()?)?;
     if let Some(a) = adapter {
-        model.set_adapter(Some(crate::finetune::load_adapter(a, path, &m.weights.config)?))?;
+        model.set_adapter(Some(crate::cli::finetune::load_adapter(a, path, &m.weights.config)?))?;
     }
     Ok(model)
 }

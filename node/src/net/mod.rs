@@ -10,6 +10,9 @@
 //! configured `relays`), and, when configured, a relay server and AutoNAT +
 //! DCUtR.
 
+pub mod fetch;
+pub mod rate;
+
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::time::Duration;

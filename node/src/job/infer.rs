@@ -18,7 +18,8 @@ use protocol::{ContentId, InferOutput, InferParams, PublicKey, Sampling, Task, T
 use serde::Serialize;
 
 use crate::daemon::Shared;
-use crate::{executor, fetch, job};
+use crate::net::fetch;
+use crate::{executor, job};
 
 /// Positions per forward chunk of the check (bounds the logits held).
 const CHECK_CHUNK: usize = 256;

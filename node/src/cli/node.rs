@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 
 use crate::config::{Config, default_data_dir};
-use crate::control::ControlClient;
+use crate::daemon::control::ControlClient;
 use crate::{daemon, identity};
 
 /// Arguments of `tern node`.

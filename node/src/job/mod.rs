@@ -15,6 +15,9 @@
 //! atomically after every accepted result, exclusion and round, so a
 //! client that stops resumes with nothing verified lost or redone.
 
+pub mod infer;
+pub mod reputation;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,8 +36,9 @@ use serde::{Deserialize, Serialize};
 use protocol::schedule::{Action, Candidate, Failure, Got, Input, Ledger, Outcome, Plan, Round};
 
 use crate::daemon::{Shared, now_ms};
+use crate::net::fetch;
 use crate::reputation::{Conviction, Reputation};
-use crate::{executor, fetch, shard};
+use crate::{executor, shard};
 
 /// How long a round waits for a capable peer before it gives up (by default).
 pub const PEER_WAIT: Duration = Duration::from_secs(30);

@@ -5,6 +5,13 @@
 //! process; [`run`] is `tern node`: start, wait for the shutdown signal,
 //! stop.
 
+pub mod config;
+pub mod control;
+pub mod hw;
+pub mod identity;
+pub mod lock;
+pub mod memory;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -20,10 +27,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::executor;
+use crate::net::fetch;
+use crate::net::rate::{Buckets, Verdict};
 use crate::net::{self, Inbound, Net};
-use crate::rate::{Buckets, Verdict};
 use crate::store::BlobStore;
-use crate::{control, executor, fetch, hw, identity};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -256,7 +264,7 @@ pub struct NodeHandle {
     cancel: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     /// Held until the node has stopped.
-    _lock: crate::lock::DirLock,
+    _lock: crate::daemon::lock::DirLock,
 }
 
 impl NodeHandle {
@@ -323,7 +331,7 @@ impl NodeHandle {
 /// Starts a node and returns once it listens.
 pub async fn start(config: Config) -> Result<NodeHandle> {
     config.validate()?;
-    let lock = crate::lock::DirLock::acquire(&config.data_dir)?;
+    let lock = crate::daemon::lock::DirLock::acquire(&config.data_dir)?;
     let key = identity::load_or_create(&config.data_dir)?;
     let store = BlobStore::open(&config.data_dir.join("store"))?;
     let (net, inbound, event_loop) = net::start(&config, identity::libp2p_keypair(&key)?)?;
@@ -461,7 +469,7 @@ async fn advert_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             tracing::debug!("advert not published: {e:#}");
         }
         // What serving and fetching kept in the heap for reuse.
-        let _ = tokio::task::spawn_blocking(crate::memory::release_free).await;
+        let _ = tokio::task::spawn_blocking(crate::daemon::memory::release_free).await;
     }
 }
 

@@ -14,8 +14,8 @@ use kernels::train::{
 use serde::Serialize;
 
 use crate::bench::peak_rss;
-use crate::model_cmd::{RunArgs, model_id};
-use crate::plot;
+use crate::cli::model::{RunArgs, model_id};
+use crate::cli::plot;
 
 /// Arguments of `tern finetune`.
 #[derive(Debug, Clone, clap::Args)]

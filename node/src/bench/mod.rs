@@ -15,6 +15,11 @@
 //!
 //! Every figure is the median of repeated runs.
 
+pub mod job;
+pub mod model;
+pub mod swarm;
+pub mod train;
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};

@@ -233,7 +233,7 @@ pub async fn fetch_at_most(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]
     }
     let fetched = transfer(shared, id, hint, max_bytes).await;
     // The group buffers the heap kept for reuse during the transfer.
-    let _ = tokio::task::spawn_blocking(crate::memory::release_free).await;
+    let _ = tokio::task::spawn_blocking(crate::daemon::memory::release_free).await;
     fetched
 }
 

@@ -1,10 +1,16 @@
 //! The command line: argument types and the dispatch to what each command runs.
 
+pub mod finetune;
+pub mod job;
+pub mod model;
+pub mod node;
+pub mod plot;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::node_cmd::{self, BlobCommand, DataDirArg};
-use crate::{bench, finetune, job_bench, job_cmd, model_bench, model_cmd, swarm_bench, train_bench};
+use self::node::{BlobCommand, DataDirArg};
+use crate::bench::{self, job as job_bench, model as model_bench, swarm as swarm_bench, train as train_bench};
 
 /// tern: a peer-to-peer compute node for BitNet b1.58 models.
 #[derive(Debug, Parser)]
@@ -24,16 +30,16 @@ pub enum Command {
     #[command(subcommand)]
     Model(ModelCommand),
     /// Generate text from a prompt, streaming it, then report tokens/s.
-    Generate(model_cmd::GenerateArgs),
+    Generate(model::GenerateArgs),
     /// Perplexity of a text file, and optionally every position's logits.
-    Eval(model_cmd::EvalArgs),
+    Eval(model::EvalArgs),
     /// Train a LoRA adapter on a frozen ternary model.
     Finetune(finetune::FinetuneArgs),
     /// Work with LoRA adapters.
     #[command(subcommand)]
     Adapter(AdapterCommand),
     /// Run the daemon: join the swarm, advertise, serve blobs and tasks.
-    Node(node_cmd::NodeArgs),
+    Node(node::NodeArgs),
     /// Print this node's peer id (creating its key on first use).
     Id(DataDirArg),
     /// The running daemon's status.
@@ -62,16 +68,16 @@ pub enum Command {
     /// A local swarm (a client and workers on loopback) fine-tunes the
     /// tiny model on a synthetic task, verified, and shows generations
     /// before and after.
-    Demo(job_cmd::DemoArgs),
+    Demo(job::DemoArgs),
 }
 
 /// `tern submit ...`.
 #[derive(Debug, Subcommand)]
 pub enum SubmitCommand {
     /// A distributed LoRA fine-tune: rounds of shard tasks, verified and aggregated.
-    Finetune(job_cmd::SubmitFinetuneArgs),
+    Finetune(job::SubmitFinetuneArgs),
     /// A prompt, answered by a capable peer and checked here.
-    Infer(job_cmd::SubmitInferArgs),
+    Infer(job::SubmitInferArgs),
 }
 
 /// `tern job ...`.
@@ -80,14 +86,14 @@ pub enum JobCommand {
     /// Progress, workers, rounds, loss and verdicts.
     Status {
         #[command(flatten)]
-        job: job_cmd::JobArgs,
+        job: job::JobArgs,
         #[arg(long)]
         json: bool,
     },
     /// Write the job's adapter (PEFT directory and adapter.gguf).
     Fetch {
         #[command(flatten)]
-        job: job_cmd::JobArgs,
+        job: job::JobArgs,
         #[arg(long)]
         out: std::path::PathBuf,
     },
@@ -104,11 +110,11 @@ pub enum AdapterCommand {
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
     /// Write a random model with real shapes and a tokenizer, from a seed.
-    Init(model_cmd::InitArgs),
+    Init(model::InitArgs),
     /// Architecture, tensor table, bytes and content id of a model.
-    Inspect(model_cmd::InspectArgs),
+    Inspect(model::InspectArgs),
     /// Convert a model to another format.
-    Convert(model_cmd::ConvertArgs),
+    Convert(model::ConvertArgs),
     /// Load a model and print the process's peak resident memory (for benchmarks).
     #[command(hide = true)]
     LoadRss { path: std::path::PathBuf },
@@ -201,12 +207,12 @@ pub fn run(cli: Cli) -> Result<()> {
             let report = job_bench::run(&args)?;
             print_report(args.json, &report, || report.to_table())
         }
-        Command::Model(ModelCommand::Init(a)) => model_cmd::init(&a),
-        Command::Model(ModelCommand::Inspect(a)) => model_cmd::inspect(&a),
-        Command::Model(ModelCommand::Convert(a)) => model_cmd::convert(&a),
+        Command::Model(ModelCommand::Init(a)) => model::init(&a),
+        Command::Model(ModelCommand::Inspect(a)) => model::inspect(&a),
+        Command::Model(ModelCommand::Convert(a)) => model::convert(&a),
         Command::Model(ModelCommand::LoadRss { path }) => model_bench::load_rss(&path),
-        Command::Generate(a) => model_cmd::generate(&a),
-        Command::Eval(a) => model_cmd::eval(&a),
+        Command::Generate(a) => model::generate(&a),
+        Command::Eval(a) => model::eval(&a),
         Command::Finetune(a) => {
             let summary = finetune::finetune(&a)?;
             if a.json {
@@ -217,16 +223,16 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Adapter(AdapterCommand::Merge(a)) => finetune::merge(&a),
-        Command::Node(a) => node_cmd::node(&a),
-        Command::Id(d) => node_cmd::id(&d),
-        Command::Status { dir, json } => node_cmd::status(&dir, json),
-        Command::Peers { dir, json } => node_cmd::peers(&dir, json),
-        Command::Blob(c) => node_cmd::blob(&c),
-        Command::Submit(SubmitCommand::Finetune(a)) => job_cmd::submit_finetune(&a),
-        Command::Submit(SubmitCommand::Infer(a)) => job_cmd::submit_infer(&a),
-        Command::Job(JobCommand::Status { job, json }) => job_cmd::status(&job, json),
-        Command::Job(JobCommand::Fetch { job, out }) => job_cmd::fetch(&job, &out),
-        Command::Demo(a) => job_cmd::demo(&a),
+        Command::Node(a) => node::node(&a),
+        Command::Id(d) => node::id(&d),
+        Command::Status { dir, json } => node::status(&dir, json),
+        Command::Peers { dir, json } => node::peers(&dir, json),
+        Command::Blob(c) => node::blob(&c),
+        Command::Submit(SubmitCommand::Finetune(a)) => job::submit_finetune(&a),
+        Command::Submit(SubmitCommand::Infer(a)) => job::submit_infer(&a),
+        Command::Job(JobCommand::Status { job, json }) => job::status(&job, json),
+        Command::Job(JobCommand::Fetch { job, out }) => job::fetch(&job, &out),
+        Command::Demo(a) => job::demo(&a),
     }
 }
 

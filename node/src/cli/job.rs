@@ -488,7 +488,7 @@ pub fn submit_infer(a: &SubmitInferArgs) -> Result<()> {
         let node = a.client.start(config, &model, a.json).await?;
         let r = async {
             if !node.shared.store.has(&model) {
-                crate::fetch::fetch(&node.shared, &model, &[])
+                crate::net::fetch::fetch(&node.shared, &model, &[])
                     .await
                     .with_context(|| format!("model {model}: nobody holds it"))?;
             }
