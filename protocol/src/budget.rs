@@ -448,12 +448,7 @@ pub(crate) static LORA_SHARD_OUTPUT: Schema = Schema {
             kind: Kind::Scalar(VARINT),
             max: 0,
         },
-        Field {
-            tag: 6,
-            name: "optimizer state",
-            kind: Kind::Message(&OPTIMIZER_STATE),
-            max: 0,
-        },
+        message(6, "optimizer state", &OPTIMIZER_STATE),
     ],
 };
 
@@ -533,6 +528,15 @@ pub(crate) static OUTLINE: Schema = Schema {
     ],
 };
 
+const fn message(tag: u32, name: &'static str, schema: &'static Schema) -> Field {
+    Field {
+        tag,
+        name,
+        kind: Kind::Message(schema),
+        max: 0,
+    }
+}
+
 const fn bytes(tag: u32, name: &'static str, max: usize) -> Field {
     Field {
         tag,
@@ -589,12 +593,7 @@ pub(crate) static ADVERT: Schema = Schema {
     fields: &[
         bytes(1, "advert version", usize::MAX),
         bytes_list(2, "listen address", MAX_ADDRS),
-        Field {
-            tag: 3,
-            name: "advert cpu",
-            kind: Kind::Message(&CPU),
-            max: 0,
-        },
+        message(3, "advert cpu", &CPU),
         Field {
             tag: 4,
             name: "advert gpus",
@@ -606,12 +605,7 @@ pub(crate) static ADVERT: Schema = Schema {
         },
         bytes_list(7, "advert models", MAX_MODELS),
         bytes_list(8, "advert blobs", MAX_ADVERT_BLOBS),
-        Field {
-            tag: 12,
-            name: "advert score",
-            kind: Kind::Message(&BENCH_SCORE),
-            max: 0,
-        },
+        message(12, "advert score", &BENCH_SCORE),
     ],
 };
 
@@ -651,18 +645,8 @@ pub(crate) static TASK: Schema = Schema {
     fields: &[
         bytes(2, "task worker", usize::MAX),
         bytes_list(3, "task inputs", MAX_TASK_INPUTS),
-        Field {
-            tag: 10,
-            name: "infer parameters",
-            kind: Kind::Message(&INFER_PARAMS),
-            max: 0,
-        },
-        Field {
-            tag: 11,
-            name: "shard parameters",
-            kind: Kind::Message(&LORA_SHARD_PARAMS),
-            max: 0,
-        },
+        message(10, "infer parameters", &INFER_PARAMS),
+        message(11, "shard parameters", &LORA_SHARD_PARAMS),
     ],
 };
 

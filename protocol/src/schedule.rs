@@ -762,6 +762,10 @@ mod tests {
         })
     }
 
+    fn see(r: &mut Round, now_ms: u64, peers: Vec<Candidate>) -> Vec<Action> {
+        r.handle(Input::Peers { now_ms, peers })
+    }
+
     fn answer(r: &mut Round, now_ms: u64, task: u64, outcome: Outcome) -> Vec<Action> {
         r.handle(Input::Answer { now_ms, task, outcome })
     }
@@ -785,10 +789,7 @@ mod tests {
     #[test]
     fn without_verification_each_shard_runs_once_and_is_taken_on_its_word() {
         let mut r = round(plan(3, 1, 0.0));
-        let a = r.handle(Input::Peers {
-            now_ms: 0,
-            peers: peers(3),
-        });
+        let a = see(&mut r, 0, peers(3));
         let s = sends(&a);
         assert_eq!(s.len(), 3, "{a:?}");
         // Unshuffled: the best ranked free peers, in order.
@@ -806,10 +807,7 @@ mod tests {
     #[test]
     fn a_lost_worker_is_timed_out_and_its_shard_reassigned() {
         let mut r = round(plan(1, 1, 0.0));
-        let a = r.handle(Input::Peers {
-            now_ms: 0,
-            peers: peers(2),
-        });
+        let a = see(&mut r, 0, peers(2));
         let (t0, _, w0) = sends(&a)[0];
         assert_eq!(r.next_deadline_ms(), Some(60_000));
         // Nothing happens before the deadline.
@@ -836,10 +834,7 @@ mod tests {
     #[test]
     fn a_slow_worker_alone_is_asked_again_after_it_fails() {
         let mut r = round(plan(1, 1, 0.0));
-        let a = r.handle(Input::Peers {
-            now_ms: 0,
-            peers: peers(1),
-        });
+        let a = see(&mut r, 0, peers(1));
         let (t0, _, w) = sends(&a)[0];
         let a = answer(&mut r, 10, t0, Outcome::Failed("out of memory".into()));
         // The only worker, idle again, gets the shard back.
@@ -854,10 +849,7 @@ mod tests {
     #[test]
     fn late_and_duplicate_answers_change_nothing() {
         let mut r = round(plan(2, 1, 0.0));
-        let a = r.handle(Input::Peers {
-            now_ms: 0,
-            peers: peers(2),
-        });
+        let a = see(&mut r, 0, peers(2));
         let s = sends(&a);
         let a = answer(&mut r, 5, s[0].0, result(id(0)));
         assert!(a.contains(&Action::Save));
@@ -885,10 +877,7 @@ mod tests {
     #[test]
     fn redundant_copies_go_to_distinct_workers_and_agreement_accepts() {
         let mut r = round(plan(2, 2, 0.0));
-        let a = r.handle(Input::Peers {
-            now_ms: 0,
-            peers: peers(4),
-        });
+        let a = see(&mut r, 0, peers(4));
         let s = sends(&a);
         assert_eq!(s.len(), 4);
         for shard in 0..2 {
@@ -908,10 +897,7 @@ mod tests {
     #[test]
     fn a_dispute_is_refereed_and_the_wrong_copy_convicted() {
         let mut r = round(plan(1, 2, 0.0));
-        let a = r.handle(Input::Peers {
-            now_ms: 0,
-            peers: peers(2),
-        });
+        let a = see(&mut r, 0, peers(2));
         let s = sends(&a);
         let (liar, honest) = (s[0].2, s[1].2);
         assert!(
@@ -952,10 +938,7 @@ mod tests {
         // Every agreed result is drawn at fraction 1: two colluders agreeing
         // on a poisoned output are caught by the client's re-run.
         let mut r = round(plan(1, 2, 1.0));
-        let a = r.handle(Input::Peers {
-            now_ms: 0,
-            peers: peers(3),
-        });
+        let a = see(&mut r, 0, peers(3));
         let s = sends(&a);
         answer(&mut r, 1, s[0].0, result(id(66)));
         let a = answer(&mut r, 2, s[1].0, result(id(66)));
@@ -981,10 +964,7 @@ mod tests {
 
         // An honest spot-checked result is accepted as checked.
         let mut r = round(plan(1, 1, 1.0));
-        let a = r.handle(Input::Peers {
-            now_ms: 0,
-            peers: peers(1),
-        });
+        let a = see(&mut r, 0, peers(1));
         let a = answer(&mut r, 1, sends(&a)[0].0, result(id(0)));
         assert!(a.contains(&Action::Referee { shard: 0 }));
         r.handle(Input::Refereed {
@@ -1002,15 +982,13 @@ mod tests {
         let mut checked = 0;
         for shard in 0..200 {
             let mut r = round(plan(shard + 1, 1, 0.25));
-            let a = r.handle(Input::Peers {
-                now_ms: 0,
-                peers: (1..=200)
-                    .map(|i| Candidate {
-                        key: key(i),
-                        max_tasks: 1,
-                    })
-                    .collect(),
-            });
+            let all = (1..=200)
+                .map(|i| Candidate {
+                    key: key(i),
+                    max_tasks: 1,
+                })
+                .collect();
+            let a = see(&mut r, 0, all);
             let task = sends(&a).iter().find(|x| x.1 == shard).unwrap().0;
             let a = answer(&mut r, 1, task, result(id(0)));
             checked += usize::from(a.contains(&Action::Referee { shard }));
@@ -1020,47 +998,21 @@ mod tests {
 
     #[test]
     fn a_wrong_result_convicts_and_reopens_what_rested_on_its_word() {
-        let mut r = round(plan(2, 1, 0.0));
-        let a = r.handle(Input::Peers {
-            now_ms: 0,
-            peers: vec![
-                Candidate {
-                    key: key(1),
-                    max_tasks: 2,
-                },
-                Candidate {
-                    key: key(2),
-                    max_tasks: 2,
-                },
-            ],
-        });
+        // Two slots on the best peer: worker 1 gets both shards, shard 0 is
+        // accepted on its word, then its shard-1 answer is found wrong by
+        // the loop's checks.
+        let mut p = plan(2, 1, 0.0);
+        p.max_tasks_per_peer = 2;
+        let mut r = round(p);
+        let a = see(&mut r, 0, peers(2));
         let s = sends(&a);
-        // Worker 1 gets shard 0 and is accepted on its word; then its
-        // shard-1 answer is found wrong by the loop's checks.
-        let mut plan2 = plan(2, 1, 0.0);
-        plan2.max_tasks_per_peer = 2;
-        let mut r2 = round(plan2);
-        let a2 = r2.handle(Input::Peers {
-            now_ms: 0,
-            peers: vec![
-                Candidate {
-                    key: key(1),
-                    max_tasks: 2,
-                },
-                Candidate {
-                    key: key(2),
-                    max_tasks: 2,
-                },
-            ],
-        });
-        let s2 = sends(&a2);
-        assert!(s2.iter().all(|x| x.2 == key(1)), "two slots on the best peer: {s2:?}");
-        answer(&mut r2, 1, s2[0].0, result(id(0)));
-        assert!(r2.ledger().accepted.contains_key(&0));
+        assert!(s.iter().all(|x| x.2 == key(1)), "{s:?}");
+        answer(&mut r, 1, s[0].0, result(id(0)));
+        assert!(r.ledger().accepted.contains_key(&0));
         let a = answer(
-            &mut r2,
+            &mut r,
             2,
-            s2[1].0,
+            s[1].0,
             Outcome::Wrong {
                 why: "claims 5 tokens; its data gives 10".into(),
                 output: id(77),
@@ -1073,16 +1025,14 @@ mod tests {
         );
         // Shard 0's unchecked result from the convicted worker is dropped,
         // and both shards go to the other worker.
-        assert!(r2.ledger().accepted.is_empty());
+        assert!(r.ledger().accepted.is_empty());
         let again = sends(&a);
         assert_eq!(
             again.iter().map(|x| x.1).collect::<BTreeSet<_>>(),
             [0, 1].into_iter().collect()
         );
         assert!(again.iter().all(|x| x.2 == key(2)));
-        assert_eq!(answer_all(&mut r2, 3, a).last(), Some(&Action::Done));
-        // (The first round, with one slot per peer, spread its shards.)
-        assert_eq!(s.iter().map(|x| x.2).collect::<BTreeSet<_>>().len(), 2);
+        assert_eq!(answer_all(&mut r, 3, a).last(), Some(&Action::Done));
     }
 
     #[test]
@@ -1094,42 +1044,24 @@ mod tests {
             Ledger::default(),
             convicted,
         );
-        let a = r.handle(Input::Peers {
-            now_ms: 0,
-            peers: peers(2),
-        });
+        let a = see(&mut r, 0, peers(2));
         assert_eq!(sends(&a)[0].2, key(2));
     }
 
     #[test]
     fn with_no_capable_peer_the_round_fails_after_the_wait() {
         let mut r = round(plan(2, 1, 0.0));
-        assert!(
-            r.handle(Input::Peers {
-                now_ms: 0,
-                peers: vec![]
-            })
-            .is_empty()
-        );
+        assert!(see(&mut r, 0, vec![]).is_empty());
         assert!(r.handle(Input::Timer { now_ms: 29_000 }).is_empty());
         // A peer seen in time resets the wait.
-        let a = r.handle(Input::Peers {
-            now_ms: 29_500,
-            peers: peers(1),
-        });
+        let a = see(&mut r, 29_500, peers(1));
         assert_eq!(sends(&a).len(), 1);
         let a = r.handle(Input::Timer { now_ms: 80_000 });
         assert!(a.is_empty(), "a task runs: {a:?}");
         // The peer goes; its task fails; nothing runs any more.
         let mut r = round(plan(1, 1, 0.0));
-        let a = r.handle(Input::Peers {
-            now_ms: 0,
-            peers: peers(1),
-        });
-        r.handle(Input::Peers {
-            now_ms: 1,
-            peers: vec![],
-        });
+        let a = see(&mut r, 0, peers(1));
+        see(&mut r, 1, vec![]);
         let a = answer(&mut r, 2, sends(&a)[0].0, Outcome::Failed("connection closed".into()));
         assert!(sends(&a).is_empty());
         assert!(r.handle(Input::Timer { now_ms: 30_002 }).is_empty());
@@ -1139,22 +1071,13 @@ mod tests {
         };
         assert_eq!(*open, 1);
         assert_eq!(errors, &vec![(0, "connection closed".to_string())]);
-        assert!(
-            r.handle(Input::Peers {
-                now_ms: 40_000,
-                peers: peers(3)
-            })
-            .is_empty()
-        );
+        assert!(see(&mut r, 40_000, peers(3)).is_empty());
     }
 
     #[test]
     fn a_shard_that_keeps_failing_ends_the_round() {
         let mut r = round(plan(1, 1, 0.0));
-        let mut a = r.handle(Input::Peers {
-            now_ms: 0,
-            peers: peers(1),
-        });
+        let mut a = see(&mut r, 0, peers(1));
         let mut now = 0;
         let last = loop {
             let Some(&(task, _, _)) = sends(&a).first() else {
@@ -1183,10 +1106,7 @@ mod tests {
             let mut p = plan(1, 2, 0.0);
             p.round = u32::from(i);
             let mut r = round(p);
-            let a = r.handle(Input::Peers {
-                now_ms: 0,
-                peers: peers(8),
-            });
+            let a = see(&mut r, 0, peers(8));
             first += sends(&a).iter().filter(|x| x.2 == key(1)).count();
         }
         // Two of eight peers per shard: a quarter of 64 on average.
@@ -1208,10 +1128,7 @@ mod tests {
             },
         );
         let mut r = Round::new(plan(2, 1, 0.0), AuditKey::from_bytes([9; 32]), ledger, BTreeSet::new());
-        let a = r.handle(Input::Peers {
-            now_ms: 0,
-            peers: peers(2),
-        });
+        let a = see(&mut r, 0, peers(2));
         let s = sends(&a);
         assert_eq!(s.iter().map(|x| x.1).collect::<Vec<_>>(), vec![1]);
         assert_eq!(answer_all(&mut r, 1, a).last(), Some(&Action::Done));

@@ -72,6 +72,14 @@ fn varint(mut v: u64, out: &mut Vec<u8>) {
     out.push(v as u8);
 }
 
+/// Field `tag`, length-delimited, whose length says 4 GiB, then a few bytes.
+fn claim(tag: u32) -> Vec<u8> {
+    let mut b = vec![key(tag, 2)];
+    varint(4 << 30, &mut b);
+    b.extend([0u8; 16]);
+    b
+}
+
 /// `n` copies of the length-delimited field `tag` holding `inner`.
 fn repeated(tag: u32, inner: &[u8], n: usize) -> Vec<u8> {
     let mut one = vec![key(tag, 2)];
@@ -122,15 +130,6 @@ fn empty_and_oversized_sequences_are_refused_before_allocating() {
 #[test]
 fn lengths_that_claim_gigabytes_allocate_nothing() {
     let _g = lock();
-    // Each: a field whose length says 4 GiB, then a few bytes.
-    let mut huge = Vec::new();
-    varint(4 << 30, &mut huge);
-    let claim = |tag: u32| {
-        let mut b = vec![key(tag, 2)];
-        b.extend(&huge);
-        b.extend([0u8; 16]);
-        b
-    };
     let (ok, p) = bounded("adapter values of 4 GiB", &claim(2), AdapterParams::decode);
     assert!(!ok && p < K);
     let (ok, _) = bounded("optimizer m of 4 GiB", &claim(3), OptimizerState::decode);
@@ -531,14 +530,6 @@ proptest! {
 #[test]
 #[ignore = "writes tests/corpus; run by hand"]
 fn write_corpus() {
-    let mut huge = Vec::new();
-    varint(4 << 30, &mut huge);
-    let claim = |tag: u32| {
-        let mut b = vec![key(tag, 2)];
-        b.extend(&huge);
-        b.extend([0u8; 16]);
-        b
-    };
     let state = OptimizerState {
         layout: [1; 32],
         step: 3,
