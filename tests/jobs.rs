@@ -337,3 +337,77 @@ async fn bad_input_fails_with_the_reason_and_keeps_what_was_verified() {
         n.shutdown().await;
     }
 }
+
+/// One daemon per machine: a job submitted through the control API runs in
+/// the daemon, outlives the client that submitted it, survives a daemon
+/// restart (resumed on its own from the data directory) and ends with the
+/// adapter of the same job run alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_submitted_to_the_daemon_outlives_its_client_and_resumes_after_a_restart() {
+    use node::control::ControlClient;
+    let mut nodes = spawn_nodes(3, |_, _| {}).await;
+    let daemon_node = nodes.pop().unwrap();
+    wait_for_swarm(&daemon_node, 3).await;
+    let mut s = setup(&daemon_node, Verify::None);
+    s.spec.rounds = 3;
+    let expected = reference(&s, &daemon_node);
+    let dir = daemon_node.shared.config.data_dir.clone();
+    let config = daemon_node.shared.config.clone();
+
+    // The submitting client: one request, then it is gone.
+    let (d, spec) = (dir.clone(), serde_json::to_value(&s.spec).unwrap());
+    let answer = tokio::task::spawn_blocking(move || ControlClient::new(&d)?.post("/v1/jobs", spec))
+        .await
+        .unwrap()
+        .unwrap();
+    let id: ContentId = answer["job"].as_str().unwrap().parse().unwrap();
+    assert_eq!(id, s.spec.id());
+
+    // A watcher sees the job's events as JSON lines.
+    let d = dir.clone();
+    let first = tokio::task::spawn_blocking(move || {
+        let mut first = None;
+        ControlClient::new(&d)
+            .unwrap()
+            .stream(&format!("/v1/jobs/{id}/events"), |e| {
+                first = e["event"].as_str().map(str::to_string);
+                false
+            })
+            .unwrap();
+        first
+    });
+    assert_eventually(WAIT, "the daemon's job saves a result", || {
+        JobState::load(&dir, &id).is_ok_and(|s| s.round > 0 || !s.accepted.is_empty())
+    })
+    .await;
+    assert!(first.await.unwrap().is_some(), "an event was streamed");
+
+    // The daemon stops mid-job and starts again on the same directory.
+    daemon_node.shutdown().await;
+    let saved = JobState::load(&dir, &id).unwrap();
+    assert!(!saved.finished, "stopped mid-job");
+    let restarted = daemon::start(config).await.unwrap();
+    wait_for_swarm(&restarted, 3).await;
+    assert_eventually(Duration::from_secs(240), "the resumed job finishes", || {
+        JobState::load(&dir, &id).is_ok_and(|s| s.finished)
+    })
+    .await;
+    let state = JobState::load(&dir, &id).unwrap();
+    assert!(state.rounds.len() == 3 && state.round == 3);
+    assert_eq!(
+        adapter_of(&restarted, &state),
+        expected[2],
+        "the adapter of the job run alone"
+    );
+    let d = dir.clone();
+    let status = tokio::task::spawn_blocking(move || ControlClient::new(&d)?.get(&format!("/v1/jobs/{id}")))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status["status"]["run"], "finished", "{status}");
+    assert!(status["state"]["audit_key"].is_string(), "revealed once finished");
+    restarted.shutdown().await;
+    for n in nodes {
+        n.shutdown().await;
+    }
+}

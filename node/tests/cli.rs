@@ -485,3 +485,69 @@ fn the_demo_fine_tunes_on_a_local_swarm_and_the_adapter_helps() {
     assert!(after > before, "before {before}, after {after}\n{out}");
     assert!(d.join("adapter/adapter_model.safetensors").exists());
 }
+
+#[cfg(unix)]
+#[test]
+fn a_finetune_handed_to_the_daemon_runs_there_and_is_watched_listed_and_fetched() {
+    let d = tempdir("daemon-job");
+    let (w, c) = (d.join("worker"), d.join("client"));
+    let model = d.join("tiny.gguf");
+    let (m, c_s) = (model.to_str().unwrap(), c.to_str().unwrap());
+    ok(&tern(&[
+        "model", "init", "--preset", "tiny", "--seed", "2", "--format", "gguf-tq2", "--out", m,
+    ]));
+    let (_worker, status) = Daemon::start(&w, &[]);
+    let addr = format!(
+        "{}/p2p/{}",
+        status["listen_addrs"][0].as_str().unwrap(),
+        status["peer_id"].as_str().unwrap()
+    );
+    let (_client, _) = Daemon::start(&c, &["--bootstrap", &addr]);
+    // The CLI hands the job to the daemon on its data directory and returns.
+    let out = ok(&tern(&[
+        "submit",
+        "finetune",
+        "--model",
+        m,
+        "--data",
+        "synthetic",
+        "--rounds",
+        "2",
+        "--local-steps",
+        "1",
+        "--shards",
+        "2",
+        "--verify",
+        "none",
+        "--data-dir",
+        c_s,
+        "--detach",
+        "--json",
+    ]));
+    let answer: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let id = answer["job"].as_str().unwrap().to_string();
+    // Another CLI follows it to its end.
+    let out = ok(&tern(&["job", "watch", &id, "--data-dir", c_s, "--json"]));
+    let state: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(state["finished"], true, "{out}");
+    assert_eq!(state["id"], id.as_str());
+    assert_eq!(state["rounds"].as_array().unwrap().len(), 2);
+    let list = ok(&tern(&["job", "list", "--data-dir", c_s]));
+    assert!(list.contains(&id) && list.contains("finished"), "{list}");
+    let adapter = d.join("adapter");
+    ok(&tern(&[
+        "job",
+        "fetch",
+        &id,
+        "--data-dir",
+        c_s,
+        "--out",
+        adapter.to_str().unwrap(),
+    ]));
+    assert!(adapter.join("adapter_model.safetensors").exists());
+    // Cancelling a job the daemon does not hold says so.
+    fails_with(
+        &tern(&["job", "cancel", &"0".repeat(64), "--data-dir", c_s]),
+        "no daemon job",
+    );
+}

@@ -18,6 +18,7 @@ use protocol::train::{LoraHyper, Outer, PROJECTIONS, Rule};
 use protocol::{ContentId, Sampling};
 
 use crate::config::{Config, default_data_dir};
+use crate::daemon::control::ControlClient;
 use crate::daemon::{self, NodeHandle};
 use crate::job::{self, Event, JobSpec, JobState, Verify};
 
@@ -158,6 +159,13 @@ pub struct SubmitFinetuneArgs {
     /// JSON lines of events and the final state instead of a progress bar.
     #[arg(long)]
     pub json: bool,
+    /// With a daemon: print the job id and return at once (the job runs on).
+    #[arg(long)]
+    pub detach: bool,
+    /// Run the job in a client node in this process even when a daemon
+    /// runs on the data directory (it stops with this process).
+    #[arg(long)]
+    pub foreground: bool,
 }
 
 /// Arguments of `tern submit infer`.
@@ -402,6 +410,155 @@ fn short(s: &str) -> &str {
     &s[..s.len().min(12)]
 }
 
+/// The daemon running on `data_dir`, if one answers.
+fn running_daemon(data_dir: &Path) -> Option<ControlClient> {
+    let c = ControlClient::new(data_dir).ok()?;
+    c.get("/v1/status").ok()?;
+    Some(c)
+}
+
+/// Puts a job's inputs in the daemon's store (the data directory is the
+/// daemon's, so the daemon imports them, from files this process writes).
+fn daemon_inputs(
+    d: &ControlClient,
+    model: &Path,
+    train: &[Sequence],
+    eval: &[Sequence],
+    shards: usize,
+) -> Result<(ContentId, Vec<ContentId>, Option<ContentId>, u32)> {
+    let job::DataBlobs {
+        shards: blobs,
+        eval,
+        longest,
+    } = job::data_blobs(train, eval, shards)?;
+    let add = |path: &Path| -> Result<ContentId> {
+        let path = std::fs::canonicalize(path).with_context(|| format!("{}", path.display()))?;
+        parse_id(
+            d.post("/v1/blobs", serde_json::json!({ "path": path }))?["id"]
+                .as_str()
+                .unwrap_or_default(),
+        )
+    };
+    let model = add(model)?;
+    let tmp = std::env::temp_dir().join(format!("tern-submit-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let r = (|| {
+        let put = |name: String, bytes: &[u8]| {
+            let p = tmp.join(name);
+            std::fs::write(&p, bytes).with_context(|| format!("writing {}", p.display()))?;
+            add(&p)
+        };
+        let ids = blobs
+            .iter()
+            .enumerate()
+            .map(|(i, b)| put(format!("shard{i}"), b))
+            .collect::<Result<Vec<_>>>()?;
+        let eval = eval.map(|e| put("eval".into(), &e)).transpose()?;
+        anyhow::Ok((ids, eval))
+    })();
+    let _ = std::fs::remove_dir_all(&tmp);
+    let (ids, eval) = r?;
+    Ok((model, ids, eval, longest))
+}
+
+/// Follows job `id` in the daemon until it ends, then prints its state.
+/// Ctrl-C stops only the watching.
+fn watch_job(d: &ControlClient, id: &ContentId, data_dir: &Path, json: bool) -> Result<()> {
+    // A job opens (fetching what it misses) before its state is written.
+    let mut st = d.get(&format!("/v1/jobs/{id}"))?;
+    while st["status"]["run"] == "running" && st["state"].is_null() {
+        std::thread::sleep(Duration::from_millis(250));
+        st = d.get(&format!("/v1/jobs/{id}"))?;
+    }
+    let state: Option<JobState> = serde_json::from_value(st["state"].clone()).ok();
+    if st["status"]["run"] == "running"
+        && let Some(s) = &state
+    {
+        let spec = s.spec.clone();
+        let (bar, on) = progress(&spec, json);
+        bar.set_position(u64::from(s.round) * s.spec.shards.len() as u64 + s.accepted.len() as u64);
+        if !json {
+            bar.println(format!(
+                "job {id} runs in the daemon; Ctrl-C stops watching, not the job (tern job watch {id})"
+            ));
+        }
+        let r = d.stream(&format!("/v1/jobs/{id}/events"), |v| {
+            if let Ok(e) = serde_json::from_value::<Event>(v) {
+                on(&e);
+            }
+            true
+        });
+        bar.finish_and_clear();
+        // A job that ended before the stream opened is told by its status.
+        if let Err(e) = r
+            && d.get(&format!("/v1/jobs/{id}"))?["status"]["run"] == "running"
+        {
+            return Err(e);
+        }
+    }
+    let st = d.get(&format!("/v1/jobs/{id}"))?;
+    match st["status"]["run"].as_str() {
+        Some("finished") | None => {
+            let state: JobState = serde_json::from_value(st["state"].clone()).context("the job's state")?;
+            if json {
+                println!("{}", serde_json::to_string(&state)?);
+            } else {
+                print!("{}", status_text(&state));
+                println!(
+                    "fetch the adapter: tern job fetch {id} --data-dir {} --out ADAPTER_DIR",
+                    data_dir.display()
+                );
+            }
+            Ok(())
+        }
+        Some("failed") => bail!(
+            "job {id} stopped: {}; its verified progress is saved: submit it again to resume",
+            st["status"]["error"].as_str().unwrap_or("unknown error")
+        ),
+        Some("cancelled") => bail!("job {id} was cancelled; submitting it again resumes it"),
+        Some(other) => bail!("job {id} is {other}"),
+    }
+}
+
+/// `tern job watch`: follows a job the daemon runs.
+pub fn watch(a: &JobArgs, json: bool) -> Result<()> {
+    let d = ControlClient::new(&a.data_dir)?;
+    watch_job(&d, &parse_id(&a.id)?, &a.data_dir, json)
+}
+
+/// `tern job cancel`: stops a job the daemon runs; it is not resumed.
+pub fn cancel(a: &JobArgs) -> Result<()> {
+    let d = ControlClient::new(&a.data_dir)?;
+    let id = parse_id(&a.id)?;
+    d.post(&format!("/v1/jobs/{id}/cancel"), serde_json::json!({}))?;
+    println!("job {id} cancelled; its verified progress is kept (submitting it again resumes it)");
+    Ok(())
+}
+
+/// `tern job list`: the jobs the daemon holds.
+pub fn list(data_dir: &Path, json: bool) -> Result<()> {
+    let d = ControlClient::new(data_dir)?;
+    let jobs = d.get("/v1/jobs")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&jobs)?);
+        return Ok(());
+    }
+    let rows = jobs.as_array().cloned().unwrap_or_default();
+    if rows.is_empty() {
+        println!("no job");
+    }
+    for j in rows {
+        println!(
+            "{}  {:<9}  round {}/{}",
+            j["job"].as_str().unwrap_or("?"),
+            j["status"]["run"].as_str().unwrap_or("?"),
+            j["round"],
+            j["rounds"]
+        );
+    }
+    Ok(())
+}
+
 /// `tern submit finetune`.
 pub fn submit_finetune(a: &SubmitFinetuneArgs) -> Result<()> {
     let config = a.client.node_config()?;
@@ -420,27 +577,58 @@ pub fn submit_finetune(a: &SubmitFinetuneArgs) -> Result<()> {
     };
     let verify = Verify::parse(&a.verify)?;
     let rule = parse_rule(&a.rule)?;
+    let spec_with = |model, shards, eval, longest| JobSpec {
+        model,
+        shards,
+        eval,
+        hyper,
+        rounds: a.rounds,
+        local_steps: a.local_steps,
+        seed: a.seed,
+        rule,
+        outer: a.between.outer(),
+        verify,
+        max_tasks_per_peer: a.max_tasks_per_peer,
+        task_timeout_secs: a.task_timeout,
+        max_sequence_tokens: longest,
+        carry_moments: !a.between.reset_moments,
+    };
+    if !a.foreground
+        && let Some(d) = running_daemon(&config.data_dir)
+    {
+        // The daemon owns the key and the work: hand the job to it.
+        let (model, shards, eval, longest) = daemon_inputs(&d, &a.model, &split.train, &split.eval, a.shards)?;
+        let spec = spec_with(model, shards, eval, longest);
+        spec.validate()?;
+        let id: ContentId = parse_id(
+            d.post("/v1/jobs", serde_json::to_value(&spec)?)?["job"]
+                .as_str()
+                .unwrap_or_default(),
+        )?;
+        if a.detach {
+            if a.json {
+                println!("{}", serde_json::json!({ "job": id }));
+            } else {
+                println!("job {id} runs in the daemon: tern job watch {id}");
+            }
+            return Ok(());
+        }
+        return watch_job(&d, &id, &config.data_dir, a.json);
+    }
+    if !a.foreground {
+        eprintln!(
+            "no daemon runs on {}: running a client node in this process, and the job stops with it \
+             (`tern node --data-dir {}` keeps jobs running; `tern submit` then hands them to it)",
+            config.data_dir.display(),
+            config.data_dir.display()
+        );
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
         let store = crate::store::BlobStore::open(&config.data_dir.join("store"))?;
         let (model, shards, eval, longest) = job::put_inputs(&store, &a.model, &split.train, &split.eval, a.shards)?;
         drop(store);
-        let spec = JobSpec {
-            model,
-            shards,
-            eval,
-            hyper,
-            rounds: a.rounds,
-            local_steps: a.local_steps,
-            seed: a.seed,
-            rule,
-            outer: a.between.outer(),
-            verify,
-            max_tasks_per_peer: a.max_tasks_per_peer,
-            task_timeout_secs: a.task_timeout,
-            max_sequence_tokens: longest,
-            carry_moments: !a.between.reset_moments,
-        };
+        let spec = spec_with(model, shards, eval, longest);
         spec.validate()?;
         let data_dir = config.data_dir.clone();
         let node = a.client.start(config, &model, a.json).await?;

@@ -59,10 +59,12 @@ pub enum Command {
     /// Content-addressed blobs in the daemon's store.
     #[command(subcommand)]
     Blob(BlobCommand),
-    /// Submit work to the swarm from a client node started here.
+    /// Submit work to the swarm: through the daemon on the data directory,
+    /// or from a client node started here when none runs.
     #[command(subcommand)]
     Submit(SubmitCommand),
-    /// Jobs this node submitted.
+    /// Jobs this node submitted: status and fetch read the data directory;
+    /// list, watch and cancel ask the daemon.
     #[command(subcommand)]
     Job(JobCommand),
     /// A local swarm (a client and workers on loopback) fine-tunes the
@@ -96,6 +98,25 @@ pub enum JobCommand {
         job: job::JobArgs,
         #[arg(long)]
         out: std::path::PathBuf,
+    },
+    /// The jobs the daemon runs or ran.
+    List {
+        #[command(flatten)]
+        dir: DataDirArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow a job the daemon runs until it ends (Ctrl-C stops watching only).
+    Watch {
+        #[command(flatten)]
+        job: job::JobArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a job the daemon runs; its verified progress is kept.
+    Cancel {
+        #[command(flatten)]
+        job: job::JobArgs,
     },
 }
 
@@ -232,6 +253,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Submit(SubmitCommand::Infer(a)) => job::submit_infer(&a),
         Command::Job(JobCommand::Status { job, json }) => job::status(&job, json),
         Command::Job(JobCommand::Fetch { job, out }) => job::fetch(&job, &out),
+        Command::Job(JobCommand::List { dir, json }) => job::list(&dir.data_dir, json),
+        Command::Job(JobCommand::Watch { job, json }) => job::watch(&job, json),
+        Command::Job(JobCommand::Cancel { job }) => job::cancel(&job),
         Command::Demo(a) => job::demo(&a),
     }
 }

@@ -21,6 +21,8 @@ use tokio::task::JoinHandle;
 
 use crate::daemon::Shared;
 use crate::identity::write_private;
+use crate::job::runner::{Jobs, Run};
+use crate::job::{JobSpec, JobState};
 use crate::net::fetch;
 
 /// `GET /v1/status`.
@@ -71,6 +73,7 @@ type ApiResult<T> = std::result::Result<Json<T>, ApiError>;
 #[derive(Clone)]
 struct Api {
     shared: Arc<Shared>,
+    jobs: Jobs,
     token: Arc<String>,
 }
 
@@ -100,7 +103,11 @@ fn parse_id(s: &str) -> std::result::Result<ContentId, ApiError> {
 }
 
 /// Starts the API; returns its address and task.
-pub async fn serve(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> Result<(SocketAddr, JoinHandle<()>)> {
+pub async fn serve(
+    shared: Arc<Shared>,
+    jobs: Jobs,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(SocketAddr, JoinHandle<()>)> {
     let want = shared.config.control;
     let listener = match tokio::net::TcpListener::bind(want).await {
         Ok(l) => l,
@@ -125,6 +132,7 @@ pub async fn serve(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> Resu
     write_private(&dir.join("control.addr"), addr.to_string().as_bytes())?;
     let api = Api {
         shared,
+        jobs,
         token: Arc::new(token),
     };
     let app = Router::new()
@@ -134,7 +142,16 @@ pub async fn serve(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> Resu
         .route("/v1/blobs/{id}/fetch", post(fetch_blob))
         .route("/v1/blobs/{id}/export", post(export_blob))
         .route("/v1/gc", post(gc))
+        .route("/v1/jobs", get(list_jobs))
+        .route("/v1/jobs/{id}", get(job_status))
+        .route("/v1/jobs/{id}/events", get(job_events))
+        .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+        // A spec names up to 1024 shards by id.
+        .route(
+            "/v1/jobs",
+            post(submit_job).layer(axum::extract::DefaultBodyLimit::max(1 << 20)),
+        )
         .with_state(api);
     let task = tokio::spawn(async move {
         let shutdown = async move {
@@ -257,6 +274,107 @@ async fn export_blob(
     Ok(Json(serde_json::json!({ "id": id, "out": req.out })))
 }
 
+/// `POST /v1/jobs`: runs a fine-tune in the daemon (resumes it when it
+/// ran before). Its inputs must be in the store or fetchable.
+async fn submit_job(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Json(spec): Json<JobSpec>,
+) -> ApiResult<serde_json::Value> {
+    authorize(&api, &headers)?;
+    let id = api.jobs.submit(spec)?;
+    Ok(Json(serde_json::json!({ "job": id })))
+}
+
+/// A job's state as the API shows it: the audit key only once the job has
+/// finished.
+fn shown(mut s: JobState) -> JobState {
+    s.audit_key = s.revealed_audit_key();
+    s
+}
+
+/// `GET /v1/jobs`.
+async fn list_jobs(State(api): State<Api>, headers: HeaderMap) -> ApiResult<serde_json::Value> {
+    authorize(&api, &headers)?;
+    let dir = &api.shared.config.data_dir;
+    let rows = api
+        .jobs
+        .list()
+        .into_iter()
+        .map(|(id, run)| {
+            let s = JobState::load(dir, &id).ok();
+            serde_json::json!({
+                "job": id,
+                "status": run,
+                "round": s.as_ref().map(|s| s.round),
+                "rounds": s.as_ref().map(|s| s.spec.rounds),
+                "accepted": s.as_ref().map(|s| s.accepted.len()),
+                "adapter": s.as_ref().map(JobState::result),
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::Value::Array(rows)))
+}
+
+/// `GET /v1/jobs/{id}`: where it stands and its state.
+async fn job_status(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<serde_json::Value> {
+    authorize(&api, &headers)?;
+    let id = parse_id(&id)?;
+    let run = api.jobs.run_of(&id);
+    let state = JobState::load(&api.shared.config.data_dir, &id).ok().map(shown);
+    if run.is_none() && state.is_none() {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("no job {id}")));
+    }
+    Ok(Json(serde_json::json!({ "status": run, "state": state })))
+}
+
+/// `GET /v1/jobs/{id}/events`: the job's events as JSON lines while it
+/// runs; the stream ends with the job.
+async fn job_events(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> std::result::Result<Response, ApiError> {
+    authorize(&api, &headers)?;
+    let id = parse_id(&id)?;
+    let Some(rx) = api.jobs.subscribe(&id) else {
+        return Err(match api.jobs.run_of(&id) {
+            Some(run) => ApiError(StatusCode::CONFLICT, format!("job {id} is not running: {run:?}")),
+            None => ApiError(StatusCode::NOT_FOUND, format!("no job {id} runs here")),
+        });
+    };
+    let lines = futures::stream::unfold(rx, |mut rx| async move {
+        use tokio::sync::broadcast::error::RecvError;
+        let line = match rx.recv().await {
+            Ok(e) => serde_json::to_string(&e).unwrap_or_default(),
+            Err(RecvError::Lagged(n)) => serde_json::json!({ "event": "lagged", "missed": n }).to_string(),
+            Err(RecvError::Closed) => return None,
+        };
+        Some((Ok::<_, std::convert::Infallible>(format!("{line}\n")), rx))
+    });
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response())
+}
+
+/// `POST /v1/jobs/{id}/cancel`: stops the job; it is not resumed.
+async fn cancel_job(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<serde_json::Value> {
+    authorize(&api, &headers)?;
+    let id = parse_id(&id)?;
+    api.jobs.cancel(&id)?;
+    Ok(Json(serde_json::json!({ "job": id, "status": Run::Cancelled })))
+}
+
 async fn gc(State(api): State<Api>, headers: HeaderMap) -> ApiResult<crate::store::GcReport> {
     authorize(&api, &headers)?;
     let store = api.shared.store.clone();
@@ -322,6 +440,33 @@ impl ControlClient {
             .header("authorization", format!("Bearer {}", self.token))
             .call();
         self.finish(r)
+    }
+
+    /// `GET` a stream of JSON lines from a path, calling `each` on every
+    /// line until it returns false or the stream ends.
+    pub fn stream(&self, path: &str, mut each: impl FnMut(serde_json::Value) -> bool) -> Result<()> {
+        use std::io::BufRead as _;
+        let resp = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("authorization", format!("Bearer {}", self.token))
+            .call()
+            .with_context(|| format!("the daemon at {} does not answer; is `tern node` running?", self.base))?;
+        if !resp.status().is_success() {
+            return self.finish(Ok(resp)).map(drop);
+        }
+        let reader = std::io::BufReader::new(resp.into_body().into_reader());
+        for line in reader.lines() {
+            let line = line.context("reading the daemon's stream")?;
+            if line.is_empty() {
+                continue;
+            }
+            let v = serde_json::from_str(&line).with_context(|| format!("a line from the daemon: {line:?}"))?;
+            if !each(v) {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// `POST` JSON to a path.

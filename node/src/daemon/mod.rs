@@ -258,6 +258,8 @@ impl Shared {
 #[derive(Debug)]
 pub struct NodeHandle {
     pub shared: Arc<Shared>,
+    /// The fine-tunes this daemon runs.
+    pub jobs: crate::job::runner::Jobs,
     /// Where the control API listens.
     pub control_addr: SocketAddr,
     stop: watch::Sender<bool>,
@@ -306,6 +308,8 @@ impl NodeHandle {
     /// Stops the node: no new tasks, in-flight tasks get the configured
     /// grace period to finish and are then handed back.
     pub async fn shutdown(self) {
+        // Jobs stop first (their progress is saved; the next start resumes them).
+        self.jobs.stop().await;
         self.shared.accepting.store(false, Ordering::SeqCst);
         let grace = Duration::from_secs(self.shared.config.limits.shutdown_grace_secs);
         let t0 = tokio::time::Instant::now();
@@ -412,7 +416,8 @@ pub async fn start(config: Config) -> Result<NodeHandle> {
             shared.net.provide(id.as_bytes().to_vec()).await;
         }
     }
-    let (control_addr, control_task) = control::serve(shared.clone(), stop_rx.clone()).await?;
+    let jobs = crate::job::runner::Jobs::start(shared.clone())?;
+    let (control_addr, control_task) = control::serve(shared.clone(), jobs.clone(), stop_rx.clone()).await?;
     tasks.push(control_task);
     tasks.push(tokio::spawn(inbound_loop(shared.clone(), inbound)));
     tasks.push(tokio::spawn(advert_loop(shared.clone(), stop_rx)));
@@ -421,6 +426,7 @@ pub async fn start(config: Config) -> Result<NodeHandle> {
     }
     Ok(NodeHandle {
         shared,
+        jobs,
         control_addr,
         stop: stop_tx,
         cancel: cancel_tx,

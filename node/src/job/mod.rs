@@ -17,6 +17,7 @@
 
 pub mod infer;
 pub mod reputation;
+pub mod runner;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -331,7 +332,7 @@ impl JobState {
 
 /// What a running job reports, for progress displays and logs (and, as
 /// JSON lines tagged by `event`, for `tern submit --json`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// The job starts, or resumes at `round` with `accepted` results of it kept.
@@ -1065,9 +1066,44 @@ pub async fn run(shared: &Arc<Shared>, spec: JobSpec, on: &Progress) -> Result<J
     Job::open(shared, spec).await?.run(on).await
 }
 
-/// Puts a job's inputs in the store: the model file, the training
-/// sequences split into `shards` near-equal shards, and the held-out
-/// sequences. Returns the model id, the shard ids, the eval id and the
+/// The data blobs of a job.
+#[derive(Debug, Clone)]
+pub struct DataBlobs {
+    /// The training sequences split into near-equal shards.
+    pub shards: Vec<Vec<u8>>,
+    /// The held-out sequences, when there are any.
+    pub eval: Option<Vec<u8>>,
+    /// The longest training sequence.
+    pub longest: u32,
+}
+
+/// The [`DataBlobs`] of `train` in `shards` shards and `eval`.
+pub fn data_blobs(
+    train: &[kernels::train::Sequence],
+    eval: &[kernels::train::Sequence],
+    shards: usize,
+) -> Result<DataBlobs> {
+    ensure!(!train.is_empty(), "no training sequence");
+    ensure!(
+        train.len() >= shards,
+        "{} training sequences cannot fill {shards} shards",
+        train.len()
+    );
+    let blobs = rules::split(train.len(), shards)
+        .into_iter()
+        .map(|r| shard::shard_of(&train[r]).encode())
+        .collect();
+    let eval = (!eval.is_empty()).then(|| shard::shard_of(eval).encode());
+    let longest = train.iter().map(|s| s.tokens.len()).max().unwrap_or(0) as u32;
+    Ok(DataBlobs {
+        shards: blobs,
+        eval,
+        longest,
+    })
+}
+
+/// Puts a job's inputs in the store: the model file and the
+/// [`data_blobs`]. Returns the model id, the shard ids, the eval id and the
 /// longest sequence.
 pub fn put_inputs(
     store: &crate::store::BlobStore,
@@ -1076,24 +1112,18 @@ pub fn put_inputs(
     eval: &[kernels::train::Sequence],
     shards: usize,
 ) -> Result<(ContentId, Vec<ContentId>, Option<ContentId>, u32)> {
-    ensure!(!train.is_empty(), "no training sequence");
-    ensure!(
-        train.len() >= shards,
-        "{} training sequences cannot fill {shards} shards",
-        train.len()
-    );
+    let DataBlobs {
+        shards: blobs,
+        eval,
+        longest,
+    } = data_blobs(train, eval, shards)?;
     let (model_id, _) = store.import_file(model)?;
     store.pin(&model_id)?;
-    let mut ids = Vec::new();
-    for r in rules::split(train.len(), shards) {
-        ids.push(store.put_pinned(&shard::shard_of(&train[r]).encode())?);
-    }
-    let eval_id = if eval.is_empty() {
-        None
-    } else {
-        Some(store.put_pinned(&shard::shard_of(eval).encode())?)
-    };
-    let longest = train.iter().map(|s| s.tokens.len()).max().unwrap_or(0) as u32;
+    let ids = blobs
+        .iter()
+        .map(|b| store.put_pinned(b))
+        .collect::<Result<Vec<_>, _>>()?;
+    let eval_id = eval.map(|e| store.put_pinned(&e)).transpose()?;
     Ok((model_id, ids, eval_id, longest))
 }
 
