@@ -442,7 +442,6 @@ fn honest_peft() -> (Vec<u8>, Vec<u8>) {
 /// corpus's honest config; a PEFT config, with the honest weights.
 fn read_kind(kind: &str, name: &str, bytes: &[u8], scratch: &Path) -> bool {
     let model = Config::preset(Preset::Tiny);
-    let (config, weights) = honest_peft();
     let peft = |config: &[u8], weights: &[u8], what: &str| {
         std::fs::write(scratch.join("adapter_config.json"), config).unwrap();
         std::fs::write(scratch.join("adapter_model.safetensors"), weights).unwrap();
@@ -461,9 +460,9 @@ fn read_kind(kind: &str, name: &str, bytes: &[u8], scratch: &Path) -> bool {
             assert!(p <= ST_C * bytes.len() + ST_K, "{name}: peak {p}");
             std::fs::remove_file(scratch.join("model.safetensors")).unwrap();
             let table = r.is_ok();
-            peft(&config, bytes, &format!("{name} as PEFT weights")) || table
+            peft(&honest_peft().0, bytes, &format!("{name} as PEFT weights")) || table
         }
-        "peft_config" => peft(bytes, &weights, name),
+        "peft_config" => peft(bytes, &honest_peft().1, name),
         _ => panic!("no reader for corpus folder {kind}"),
     }
 }
@@ -490,10 +489,7 @@ proptest! {
     #[test]
     fn mutated_corpus_files_are_bounded(pick in any::<prop::sample::Index>(), m in mutations()) {
         let _g = lock();
-        let seeds: Vec<_> = KINDS
-            .iter()
-            .flat_map(|k| counting::corpus(corpus_dir(), k).into_iter().map(move |s| (*k, s)))
-            .collect();
+        let seeds = counting::corpora(corpus_dir(), &KINDS);
         let (kind, seed) = &seeds[pick.index(seeds.len())];
         let scratch = tempdir("mutated");
         read_kind(kind, &format!("{} mutated", seed.name), &mutate(seed.bytes.clone(), &m), &scratch);

@@ -380,12 +380,7 @@ const fn size<T>() -> usize {
     std::mem::size_of::<T>()
 }
 
-const LAYOUT: Field = Field {
-    tag: 1,
-    name: "adapter layout",
-    kind: Kind::Bytes,
-    max: usize::MAX,
-};
+const LAYOUT: Field = bytes(1, "adapter layout", usize::MAX);
 
 const fn floats(tag: u32, name: &'static str) -> Field {
     Field {
@@ -396,6 +391,33 @@ const fn floats(tag: u32, name: &'static str) -> Field {
             size: 4,
         },
         max: MAX_ADAPTER_PARAMS,
+    }
+}
+
+const fn message(tag: u32, name: &'static str, schema: &'static Schema) -> Field {
+    Field {
+        tag,
+        name,
+        kind: Kind::Message(schema),
+        max: 0,
+    }
+}
+
+const fn bytes(tag: u32, name: &'static str, max: usize) -> Field {
+    Field {
+        tag,
+        name,
+        kind: Kind::Bytes,
+        max,
+    }
+}
+
+const fn bytes_list(tag: u32, name: &'static str, max: usize) -> Field {
+    Field {
+        tag,
+        name,
+        kind: Kind::BytesList,
+        max,
     }
 }
 
@@ -471,18 +493,8 @@ static DIR_ENTRY: Schema = Schema {
     what: "manifest",
     decoded: "manifest decoded",
     fields: &[
-        Field {
-            tag: 1,
-            name: "manifest path",
-            kind: Kind::Bytes,
-            max: usize::MAX,
-        },
-        Field {
-            tag: 2,
-            name: "manifest entry id",
-            kind: Kind::Bytes,
-            max: usize::MAX,
-        },
+        bytes(1, "manifest path", usize::MAX),
+        bytes(2, "manifest entry id", usize::MAX),
         Field {
             tag: 3,
             name: "manifest entry size",
@@ -519,41 +531,13 @@ pub(crate) static OUTLINE: Schema = Schema {
             kind: Kind::Scalar(VARINT),
             max: 0,
         },
-        Field {
-            tag: 2,
-            name: "outline chaining values",
-            kind: Kind::Bytes,
-            max: (crate::limits::MAX_BLOB_BYTES / crate::blob::GROUP_LEN * 32) as usize,
-        },
+        bytes(
+            2,
+            "outline chaining values",
+            (crate::limits::MAX_BLOB_BYTES / crate::blob::GROUP_LEN * 32) as usize,
+        ),
     ],
 };
-
-const fn message(tag: u32, name: &'static str, schema: &'static Schema) -> Field {
-    Field {
-        tag,
-        name,
-        kind: Kind::Message(schema),
-        max: 0,
-    }
-}
-
-const fn bytes(tag: u32, name: &'static str, max: usize) -> Field {
-    Field {
-        tag,
-        name,
-        kind: Kind::Bytes,
-        max,
-    }
-}
-
-const fn bytes_list(tag: u32, name: &'static str, max: usize) -> Field {
-    Field {
-        tag,
-        name,
-        kind: Kind::BytesList,
-        max,
-    }
-}
 
 /// The envelope payloads list only the fields that allocate; prost holds
 /// scalars inline. Element counts are refused here at the limits (and

@@ -603,19 +603,28 @@ impl Round {
             .copied()
             .collect();
         let copies = self.plan.copies;
+        // Tasks in flight per worker and per shard, kept up to date below.
+        let mut busy: BTreeMap<PublicKey, u32> = BTreeMap::new();
+        let mut running: BTreeMap<u32, usize> = BTreeMap::new();
+        for f in self.flights.values() {
+            *busy.entry(f.worker).or_default() += 1;
+            *running.entry(f.shard).or_default() += 1;
+        }
         for &s in &open {
             if self.refereeing.contains_key(&s) {
                 continue;
             }
             // Results of workers excluded since they arrived are not copies.
-            let running = self.flights.values().filter(|f| f.shard == s).count();
+            let running = running.get(&s).copied().unwrap_or(0);
             let counted = self
                 .results
                 .get(&s)
                 .map_or(0, |g| g.iter().filter(|c| !excluded.contains(&c.worker)).count());
             let have = counted + running;
             for _ in have..copies {
-                let Some(worker) = self.pick(s, &peers) else { break };
+                let Some(worker) = self.pick(s, &peers, &busy) else {
+                    break;
+                };
                 let tries = self.attempts.entry(s).or_default();
                 *tries += 1;
                 if *tries > 3 + 3 * copies as u32 + peers.len() as u32 {
@@ -628,6 +637,7 @@ impl Round {
                     return;
                 }
                 self.asked.entry(s).or_default().insert(worker);
+                *busy.entry(worker).or_default() += 1;
                 self.ledger.worker(worker).assigned += 1;
                 let task = self.next_task;
                 self.next_task += 1;
@@ -663,9 +673,9 @@ impl Round {
 
     /// The worker for one more copy of shard `s`: one not yet asked for it,
     /// else one that failed it (never one holding a result: copies must be
-    /// distinct), with a free slot.
-    fn pick(&self, s: u32, peers: &[Candidate]) -> Option<PublicKey> {
-        let busy = |k: &PublicKey| self.flights.values().filter(|f| f.worker == *k).count() as u32;
+    /// distinct), with a free slot. `busy`: tasks in flight per worker.
+    fn pick(&self, s: u32, peers: &[Candidate], busy: &BTreeMap<PublicKey, u32>) -> Option<PublicKey> {
+        let busy = |k: &PublicKey| busy.get(k).copied().unwrap_or(0);
         let free = |c: &Candidate| busy(&c.key) < self.plan.max_tasks_per_peer.min(c.max_tasks);
         let asked = self.asked.get(&s);
         let has_result = |k: &PublicKey| self.results.get(&s).is_some_and(|g| g.iter().any(|c| c.worker == *k));

@@ -503,20 +503,13 @@ fn every_corpus_file_decodes_within_the_bound() {
     eprintln!("{decoded} corpus files decoded");
 }
 
-fn all_seeds() -> Vec<(&'static str, counting::Seed)> {
-    KINDS
-        .iter()
-        .flat_map(|k| counting::corpus(corpus_dir(), k).into_iter().map(move |s| (*k, s)))
-        .collect()
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
     fn mutated_corpus_files_are_bounded(pick in any::<prop::sample::Index>(), m in mutations()) {
         let _g = lock();
-        let seeds = all_seeds();
+        let seeds = counting::corpora(corpus_dir(), &KINDS);
         let (kind, seed) = &seeds[pick.index(seeds.len())];
         let bytes = mutate(seed.bytes.clone(), &m);
         decode_kind(kind, &format!("{} mutated", seed.name), &bytes);

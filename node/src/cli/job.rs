@@ -474,8 +474,7 @@ fn watch_job(d: &ControlClient, id: &ContentId, data_dir: &Path, json: bool) -> 
     if st["status"]["run"] == "running"
         && let Some(s) = &state
     {
-        let spec = s.spec.clone();
-        let (bar, on) = progress(&spec, json);
+        let (bar, on) = progress(&s.spec, json);
         bar.set_position(u64::from(s.round) * s.spec.shards.len() as u64 + s.accepted.len() as u64);
         if !json {
             bar.println(format!(
@@ -787,9 +786,7 @@ pub fn status_text(s: &JobState) -> String {
 
 /// `tern job status`.
 pub fn status(a: &JobArgs, json: bool) -> Result<()> {
-    let mut s = JobState::load(&a.data_dir, &parse_id(&a.id)?)?;
-    // The audit key stays secret until the job has finished.
-    s.audit_key = s.revealed_audit_key();
+    let s = JobState::load(&a.data_dir, &parse_id(&a.id)?)?.shown();
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {

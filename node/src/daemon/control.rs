@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 
 use crate::daemon::Shared;
 use crate::identity::write_private;
-use crate::job::runner::{Jobs, Run};
+use crate::job::runner::{Jobs, MAX_SPEC_BYTES, Run};
 use crate::job::{JobSpec, JobState};
 use crate::net::fetch;
 
@@ -147,10 +147,9 @@ pub async fn serve(
         .route("/v1/jobs/{id}/events", get(job_events))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
-        // A spec names up to 1024 shards by id.
         .route(
             "/v1/jobs",
-            post(submit_job).layer(axum::extract::DefaultBodyLimit::max(1 << 20)),
+            post(submit_job).layer(axum::extract::DefaultBodyLimit::max(MAX_SPEC_BYTES)),
         )
         .with_state(api);
     let task = tokio::spawn(async move {
@@ -286,13 +285,6 @@ async fn submit_job(
     Ok(Json(serde_json::json!({ "job": id })))
 }
 
-/// A job's state as the API shows it: the audit key only once the job has
-/// finished.
-fn shown(mut s: JobState) -> JobState {
-    s.audit_key = s.revealed_audit_key();
-    s
-}
-
 /// `GET /v1/jobs`.
 async fn list_jobs(State(api): State<Api>, headers: HeaderMap) -> ApiResult<serde_json::Value> {
     authorize(&api, &headers)?;
@@ -325,7 +317,9 @@ async fn job_status(
     authorize(&api, &headers)?;
     let id = parse_id(&id)?;
     let run = api.jobs.run_of(&id);
-    let state = JobState::load(&api.shared.config.data_dir, &id).ok().map(shown);
+    let state = JobState::load(&api.shared.config.data_dir, &id)
+        .ok()
+        .map(JobState::shown);
     if run.is_none() && state.is_none() {
         return Err(ApiError(StatusCode::NOT_FOUND, format!("no job {id}")));
     }
@@ -432,29 +426,27 @@ impl ControlClient {
         Ok(body)
     }
 
-    /// `GET` a path.
-    pub fn get(&self, path: &str) -> Result<serde_json::Value> {
-        let r = self
-            .agent
+    /// An authorized `GET` of a path.
+    fn get_request(&self, path: &str) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+        self.agent
             .get(format!("{}{path}", self.base))
             .header("authorization", format!("Bearer {}", self.token))
-            .call();
-        self.finish(r)
+    }
+
+    /// `GET` a path.
+    pub fn get(&self, path: &str) -> Result<serde_json::Value> {
+        self.finish(self.get_request(path).call())
     }
 
     /// `GET` a stream of JSON lines from a path, calling `each` on every
     /// line until it returns false or the stream ends.
     pub fn stream(&self, path: &str, mut each: impl FnMut(serde_json::Value) -> bool) -> Result<()> {
         use std::io::BufRead as _;
-        let resp = self
-            .agent
-            .get(format!("{}{path}", self.base))
-            .header("authorization", format!("Bearer {}", self.token))
-            .call()
-            .with_context(|| format!("the daemon at {} does not answer; is `tern node` running?", self.base))?;
-        if !resp.status().is_success() {
-            return self.finish(Ok(resp)).map(drop);
-        }
+        let resp = match self.get_request(path).call() {
+            Ok(r) if r.status().is_success() => r,
+            // No answer, or an error the daemon explains.
+            other => return self.finish(other).map(drop),
+        };
         let reader = std::io::BufReader::new(resp.into_body().into_reader());
         for line in reader.lines() {
             let line = line.context("reading the daemon's stream")?;

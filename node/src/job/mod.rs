@@ -328,6 +328,13 @@ impl JobState {
     pub fn revealed_audit_key(&self) -> Option<ContentId> {
         self.audit_key.filter(|_| self.finished)
     }
+
+    /// The state as it may be shown outside the client: the audit key
+    /// stays secret until the job has finished.
+    pub fn shown(mut self) -> Self {
+        self.audit_key = self.revealed_audit_key();
+        self
+    }
 }
 
 /// What a running job reports, for progress displays and logs (and, as

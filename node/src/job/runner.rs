@@ -27,6 +27,9 @@ use crate::daemon::Shared;
 const EVENT_BUFFER: usize = 1024;
 /// Most jobs the daemon records (running or not).
 pub const MAX_JOBS: usize = 256;
+/// Longest spec a submission may be, as JSON (a spec names up to 1024
+/// shards by id).
+pub const MAX_SPEC_BYTES: usize = 1 << 20;
 
 /// What the daemon keeps of a submission.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -237,6 +240,13 @@ impl Jobs {
 }
 
 fn read_record(path: &Path, id: &ContentId) -> Result<Record> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
+    // The record is the spec and one flag.
+    if len > (MAX_SPEC_BYTES + 64) as u64 {
+        bail!("{} is {len} bytes, more than a job's record may be", path.display());
+    }
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let r: Record = serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?;
     if r.spec.id() != *id {
@@ -250,7 +260,7 @@ fn write_record(data_dir: &Path, id: &ContentId, r: &Record) -> Result<()> {
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
-    let bytes = serde_json::to_vec_pretty(r)?;
+    let bytes = serde_json::to_vec(r)?;
     kernels::model::write_atomic(&path, |f| std::io::Write::write_all(f, &bytes))
         .with_context(|| format!("writing {}", path.display()))
 }

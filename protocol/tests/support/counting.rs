@@ -117,6 +117,14 @@ pub fn corpus(dir: &std::path::Path, kind: &str) -> Vec<Seed> {
     out
 }
 
+/// Every file of every folder in `kinds`, with its folder.
+pub fn corpora(dir: &std::path::Path, kinds: &[&'static str]) -> Vec<(&'static str, Seed)> {
+    kinds
+        .iter()
+        .flat_map(|k| corpus(dir, k).into_iter().map(move |s| (*k, s)))
+        .collect()
+}
+
 /// One mutation of a corpus file, as a fuzzer makes them.
 #[derive(Debug, Clone)]
 pub enum Mutation {
