@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use node::config::Fault;
 use node::daemon::now_ms;
-use node::executor;
+use node::job::submit::submit;
 use node::job::{self, Event, JobState, Verify};
 use node::net::TASK_PROTOCOL;
 use node::reputation::Reputation;
@@ -56,7 +56,7 @@ async fn a_liar_is_convicted_by_what_the_client_sent(fault: Fault, reason: &str)
     let liar = nodes[1].public_key();
     let s = setup(&nodes[0], Verify::None);
     let (caught, on) = catcher();
-    let state = job::run(&nodes[0].shared, s.spec.clone(), &on).await.unwrap();
+    let state = job::run(&nodes[0].shared.client, s.spec.clone(), &on).await.unwrap();
     assert!(state.finished);
     assert_eq!(
         adapter_of(&nodes[0], &state),
@@ -100,7 +100,7 @@ async fn a_liar_is_convicted_by_what_the_client_sent(fault: Fault, reason: &str)
         rounds: 1,
         ..s.spec.clone()
     };
-    let state: JobState = job::run(&nodes[0].shared, next, &on).await.unwrap();
+    let state: JobState = job::run(&nodes[0].shared.client, next, &on).await.unwrap();
     assert!(state.finished);
     assert_eq!(
         state.workers.get(&liar).map_or(0, |w| w.assigned),
@@ -140,7 +140,7 @@ async fn colluding_sybils_are_caught_under_redundancy_with_spot_checks() {
     let sybils = [nodes[1].public_key(), nodes[2].public_key()];
     let s = setup(&nodes[0], Verify::RedundancySpot { k: 2, fraction: 1.0 });
     let (caught, on) = catcher();
-    let state = job::run(&nodes[0].shared, s.spec.clone(), &on).await.unwrap();
+    let state = job::run(&nodes[0].shared.client, s.spec.clone(), &on).await.unwrap();
     assert!(state.finished);
     assert_eq!(adapter_of(&nodes[0], &state), reference(&s, &nodes[0])[1]);
     // Round 0 needs four copies and each of the four workers takes one, so
@@ -254,7 +254,7 @@ async fn an_advert_and_task_flood_from_one_peer_is_cut_off_and_honest_work_runs(
         "the honest worker is still known"
     );
     // An honest task from the client runs while the flood's entries live.
-    let sub = executor::submit(&client.shared, infer_task(worker.public_key(), model), 1 << 20)
+    let sub = submit(&client.shared.client, infer_task(worker.public_key(), model), 1 << 20)
         .await
         .unwrap();
     assert_eq!(sub.result.status, TaskStatus::Done, "{}", sub.result.error);
@@ -381,9 +381,11 @@ async fn a_stalling_peer_is_replaced_within_the_task_timeout() {
     let shared = nodes[0].shared.clone();
     let sampling = Sampling::greedy();
     let asked =
-        tokio::spawn(async move { node::infer::infer(&shared, model, vec![1, 5, 9], 6, sampling, &|_| {}).await });
+        tokio::spawn(
+            async move { node::infer::infer(&shared.client, model, vec![1, 5, 9], 6, sampling, &|_| {}).await },
+        );
     assert_eventually(WAIT, "the staller holds the task", || {
-        nodes[1].shared.active_tasks.load(Ordering::SeqCst) == 1
+        nodes[1].shared.worker.active_tasks.load(Ordering::SeqCst) == 1
     })
     .await;
     // An honest worker joins while the staller sits on the task.
@@ -424,7 +426,7 @@ async fn a_timed_out_task_stops_computing_and_extra_inputs_are_refused() {
     };
     let task = |inputs: Vec<ContentId>| Task { inputs, ..full.clone() };
     let extra = client.store.put(b"a blob the task does not use").unwrap();
-    let sub = executor::submit(client, task(vec![model, adapter, data, extra]), 1 << 30)
+    let sub = submit(&client.client, task(vec![model, adapter, data, extra]), 1 << 30)
         .await
         .unwrap();
     assert_eq!(sub.result.status, TaskStatus::Refused);
@@ -439,24 +441,28 @@ async fn a_timed_out_task_stops_computing_and_extra_inputs_are_refused() {
     // otherwise): watch for it while the task runs.
     let started = async {
         assert_eventually(WAIT, "the training started", || {
-            worker.shared.computing.load(Ordering::SeqCst) == 1
+            worker.shared.worker.computing.load(Ordering::SeqCst) == 1
         })
         .await
     };
     let (sub, ()) = tokio::join!(
-        executor::submit(client, task(vec![model, adapter, data]), 1 << 30),
+        submit(&client.client, task(vec![model, adapter, data]), 1 << 30),
         started
     );
     let sub = sub.unwrap();
     assert_eq!(sub.result.status, TaskStatus::Failed, "{}", sub.result.error);
     assert!(sub.result.error.contains("timed out"), "{}", sub.result.error);
     assert_eventually(Duration::from_secs(10), "the timed-out training stopped", || {
-        worker.shared.computing.load(Ordering::SeqCst) == 0
+        worker.shared.worker.computing.load(Ordering::SeqCst) == 0
     })
     .await;
-    assert_eq!(worker.shared.active_tasks.load(Ordering::SeqCst), 0, "its slot is free");
+    assert_eq!(
+        worker.shared.worker.active_tasks.load(Ordering::SeqCst),
+        0,
+        "its slot is free"
+    );
     // The slot is free for the next task.
-    let sub = executor::submit(client, infer_task(worker.public_key(), model), 1 << 20)
+    let sub = submit(&client.client, infer_task(worker.public_key(), model), 1 << 20)
         .await
         .unwrap();
     assert_eq!(sub.result.status, TaskStatus::Done, "{}", sub.result.error);
@@ -490,7 +496,7 @@ async fn a_shard_that_needs_more_memory_than_the_worker_allows_is_refused() {
     // Sequences of `pairs` key-value pairs (two tokens each, after BOS).
     let run = |pairs: usize| {
         let task = shard_task(client, nodes[1].public_key(), &model_path, pairs, Some(1));
-        async move { executor::submit(client, task, 1 << 30).await.unwrap() }
+        async move { submit(&client.client, task, 1 << 30).await.unwrap() }
     };
     let long = run(context / 2 - 8).await;
     assert_eq!(long.result.status, TaskStatus::Failed);
@@ -533,7 +539,7 @@ async fn a_full_store_collects_what_nothing_needs_and_refuses_what_cannot_fit() 
         .set_modified(old)
         .unwrap();
     let kept = worker.store.put_pinned(b"a blob its owner pinned").unwrap();
-    let sub = executor::submit(client, infer_task(nodes[1].public_key(), model), 1 << 20)
+    let sub = submit(&client.client, infer_task(nodes[1].public_key(), model), 1 << 20)
         .await
         .unwrap();
     assert_eq!(sub.result.status, TaskStatus::Done, "{}", sub.result.error);
@@ -542,7 +548,7 @@ async fn a_full_store_collects_what_nothing_needs_and_refuses_what_cannot_fit() 
 
     // A "model" larger than the whole store is refused from its outline.
     let huge = client.store.put(&vec![3u8; 5 << 20]).unwrap();
-    let sub = executor::submit(client, infer_task(nodes[1].public_key(), huge), 1 << 20)
+    let sub = submit(&client.client, infer_task(nodes[1].public_key(), huge), 1 << 20)
         .await
         .unwrap();
     assert_eq!(sub.result.status, TaskStatus::Failed);

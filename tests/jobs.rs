@@ -24,7 +24,7 @@ async fn a_job_is_reproducible_bit_for_bit_and_resumes_after_a_client_restart() 
     let nodes = spawn_nodes(3, |_, _| {}).await;
     wait_for_swarm(&nodes[0], 3).await;
     let s = setup(&nodes[0], Verify::None);
-    let state = job::run(&nodes[0].shared, s.spec.clone(), &quiet).await.unwrap();
+    let state = job::run(&nodes[0].shared.client, s.spec.clone(), &quiet).await.unwrap();
     assert!(state.finished);
     assert_eq!(state.rounds.len(), 2);
     let expected = reference(&s, &nodes[0]);
@@ -73,7 +73,7 @@ async fn a_job_is_reproducible_bit_for_bit_and_resumes_after_a_client_restart() 
                 assert!(*n < 3, "simulated crash");
             }
         };
-        job::run(&shared, spec, &on).await
+        job::run(&shared.client, spec, &on).await
     });
     assert!(crashed.await.unwrap_err().is_panic());
     client.shutdown().await;
@@ -90,7 +90,7 @@ async fn a_job_is_reproducible_bit_for_bit_and_resumes_after_a_client_restart() 
             *r2.lock().unwrap() = Some((*round, *accepted));
         }
     };
-    let again = job::run(&client.shared, s.spec.clone(), &on).await.unwrap();
+    let again = job::run(&client.shared.client, s.spec.clone(), &on).await.unwrap();
     let (round, kept_now) = resumed.lock().unwrap().unwrap();
     assert_eq!(
         round as usize * 2 + kept_now,
@@ -121,7 +121,7 @@ async fn gpu_and_cpu_workers_agree_on_every_shard() {
     .await;
     wait_for_swarm(&nodes[0], 3).await;
     let s = setup(&nodes[0], Verify::Redundancy { k: 2 });
-    let state = job::run(&nodes[0].shared, s.spec.clone(), &quiet).await.unwrap();
+    let state = job::run(&nodes[0].shared.client, s.spec.clone(), &quiet).await.unwrap();
     assert!(state.finished);
     assert!(state.verdicts.is_empty(), "a dispute: {:?}", state.verdicts);
     assert!(state.excluded().is_empty());
@@ -156,7 +156,7 @@ async fn dishonest_workers_are_caught_excluded_and_change_nothing() {
             c2.lock().unwrap().push((*worker, why.clone()));
         }
     };
-    let state = job::run(&nodes[0].shared, s.spec.clone(), &on).await.unwrap();
+    let state = job::run(&nodes[0].shared.client, s.spec.clone(), &on).await.unwrap();
     assert!(state.finished);
     let expected = reference(&s, &nodes[0]);
     assert_eq!(
@@ -223,7 +223,7 @@ async fn a_worker_killed_mid_round_is_replaced_and_spot_checks_pass_honest_work(
     };
     let shared = nodes[0].shared.clone();
     let spec = s.spec.clone();
-    let running = tokio::spawn(async move { job::run(&shared, spec, &on).await });
+    let running = tokio::spawn(async move { job::run(&shared.client, spec, &on).await });
     // Kill the first worker given a task, as soon as it is given it.
     let victim = tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap();
     let mut nodes = nodes;
@@ -273,7 +273,7 @@ async fn a_tampered_inference_answer_is_caught_and_an_honest_one_is_returned() {
         seed: 5,
     };
     let prompt = vec![1, 17, 42, 99];
-    let answer = node::infer::infer(&nodes[0].shared, model, prompt.clone(), 12, sampling, &|_| {})
+    let answer = node::infer::infer(&nodes[0].shared.client, model, prompt.clone(), 12, sampling, &|_| {})
         .await
         .unwrap();
     assert_eq!(answer.worker, nodes[2].public_key());
@@ -317,10 +317,10 @@ async fn bad_input_fails_with_the_reason_and_keeps_what_was_verified() {
     // A model nobody holds.
     let mut spec = s.spec.clone();
     spec.model = ContentId::of(b"no such model");
-    let err = job::run(&client.shared, spec, &quiet).await.unwrap_err();
+    let err = job::run(&client.shared.client, spec, &quiet).await.unwrap_err();
     assert!(format!("{err:#}").contains("not held here"), "{err:#}");
     // No capable peer: the round fails, the job's state stays on disk.
-    let j = Job::open(&client.shared, s.spec.clone())
+    let j = Job::open(&client.shared.client, s.spec.clone())
         .await
         .unwrap()
         .with_peer_wait(Duration::from_millis(500));
@@ -331,7 +331,7 @@ async fn bad_input_fails_with_the_reason_and_keeps_what_was_verified() {
     // A spec that cannot run.
     let mut spec = s.spec.clone();
     spec.rounds = 0;
-    let err = job::run(&client.shared, spec, &quiet).await.unwrap_err();
+    let err = job::run(&client.shared.client, spec, &quiet).await.unwrap_err();
     assert!(format!("{err:#}").contains("rounds 0"), "{err:#}");
     for n in nodes {
         n.shutdown().await;
@@ -370,8 +370,9 @@ async fn a_job_submitted_to_the_daemon_outlives_its_client_and_resumes_after_a_r
         ControlClient::new(&d)
             .unwrap()
             .stream(&format!("/v1/jobs/{id}/events"), |e| {
-                first = e["event"].as_str().map(str::to_string);
-                false
+                // A heartbeat says only that the daemon is alive.
+                first = e["event"].as_str().filter(|e| *e != "heartbeat").map(str::to_string);
+                first.is_none()
             })
             .unwrap();
         first
@@ -410,4 +411,52 @@ async fn a_job_submitted_to_the_daemon_outlives_its_client_and_resumes_after_a_r
     for n in nodes {
         n.shutdown().await;
     }
+}
+
+/// A daemon job that fails (here: its model is nowhere) waits and runs
+/// again, counts its failures across daemon restarts, is given up after
+/// `MAX_ATTEMPTS`, and runs afresh when submitted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_daemon_job_is_retried_after_a_wait_and_given_up_after_its_attempts() {
+    use node::job::runner::{MAX_ATTEMPTS, Run, backoff};
+    let mut nodes = spawn_nodes(1, |_, _| {}).await;
+    let first = nodes.pop().unwrap();
+    let mut s = setup(&first, Verify::None);
+    s.spec.model = ContentId::of(b"a model nobody holds");
+    let id = s.spec.id();
+    let config = first.shared.config.clone();
+    let retrying = |n: &node::daemon::NodeHandle, attempt: u32| {
+        matches!(n.jobs.run_of(&id), Some(Run::Retrying { attempt: a, ref error, retry_at_ms })
+            if a == attempt && error.contains("is not held here") && retry_at_ms > node::daemon::now_ms() + 20_000)
+    };
+    first.jobs.submit(s.spec.clone()).unwrap();
+    assert_eventually(WAIT, "the job fails and waits to run again", || retrying(&first, 1)).await;
+    assert_eq!(backoff(1), Duration::from_secs(30));
+    assert_eq!(backoff(2), Duration::from_secs(60));
+    assert_eq!(backoff(40), node::job::runner::MAX_BACKOFF);
+    first.shutdown().await;
+
+    // A restart runs it at once, and its failures still count.
+    let second = daemon::start(config.clone()).await.unwrap();
+    assert_eventually(WAIT, "the resumed job fails a second time", || retrying(&second, 2)).await;
+    second.shutdown().await;
+
+    // At its last attempt it is not resumed; submitted again, it runs.
+    let record = config.data_dir.join("jobs").join(id.to_string()).join("daemon.json");
+    let mut r: serde_json::Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    assert_eq!(r["failures"], 2);
+    r["failures"] = MAX_ATTEMPTS.into();
+    std::fs::write(&record, serde_json::to_vec(&r).unwrap()).unwrap();
+    let third = daemon::start(config).await.unwrap();
+    assert!(
+        matches!(third.jobs.run_of(&id), Some(Run::Failed { ref error }) if error.contains("is not held here")),
+        "{:?}",
+        third.jobs.run_of(&id)
+    );
+    third.jobs.submit(s.spec.clone()).unwrap();
+    assert_eventually(WAIT, "submitted again, it starts its attempts afresh", || {
+        retrying(&third, 1)
+    })
+    .await;
+    third.shutdown().await;
 }

@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use node::daemon::now_ms;
+use node::fetch;
+use node::job::submit::submit;
 use node::net::TASK_PROTOCOL;
-use node::{executor, fetch};
 use protocol::envelope::seal_bytes;
 use protocol::train::LoraShardOutput;
 use protocol::{
@@ -61,15 +62,15 @@ async fn a_blob_added_on_one_node_is_fetched_and_verified_on_another() {
             .any(|(_, e)| e.advert.blobs.contains(&file_id) || e.advert.models.contains(&file_id))
     })
     .await;
-    fetch::fetch(&nodes[2].shared, &file_id, &[]).await.unwrap();
+    fetch::fetch(&nodes[2].shared.blobs, &file_id, &[]).await.unwrap();
     assert_eq!(nodes[2].shared.store.read(&file_id).unwrap(), data);
     // A directory manifest and its files, exported as the directory.
-    fetch::fetch(&nodes[2].shared, &imported.id, &[nodes[0].peer_id()])
+    fetch::fetch(&nodes[2].shared.blobs, &imported.id, &[nodes[0].peer_id()])
         .await
         .unwrap();
     let m = protocol::DirManifest::decode(&nodes[2].shared.store.read(&imported.id).unwrap()).unwrap();
     for e in m.entries() {
-        fetch::fetch(&nodes[2].shared, &e.id, &[nodes[0].peer_id()])
+        fetch::fetch(&nodes[2].shared.blobs, &e.id, &[nodes[0].peer_id()])
             .await
             .unwrap();
     }
@@ -77,7 +78,7 @@ async fn a_blob_added_on_one_node_is_fetched_and_verified_on_another() {
     nodes[2].shared.store.export(&imported.id, &out.join("copy")).unwrap();
     assert_eq!(std::fs::read(out.join("copy/weights.bin")).unwrap(), data);
     // Nobody holds this one: a clear error, not a hang.
-    let err = fetch::fetch(&nodes[1].shared, &ContentId::of(b"nobody"), &[])
+    let err = fetch::fetch(&nodes[1].shared.blobs, &ContentId::of(b"nobody"), &[])
         .await
         .unwrap_err();
     assert!(format!("{err:#}").contains("no peer"), "{err:#}");
@@ -108,12 +109,12 @@ async fn an_outline_that_lies_about_the_size_is_corrected_by_the_bytes() {
             len as u64 - 100,
             "the liar serves the lie"
         );
-        let err = fetch::fetch(&nodes[2].shared, &id, &[nodes[0].peer_id()])
+        let err = fetch::fetch(&nodes[2].shared.blobs, &id, &[nodes[0].peer_id()])
             .await
             .unwrap_err();
         assert!(format!("{err:#}").contains("last group proves"), "{err:#}");
         let both = [nodes[0].peer_id(), nodes[1].peer_id()];
-        fetch::fetch(&nodes[2].shared, &id, &both).await.unwrap();
+        fetch::fetch(&nodes[2].shared.blobs, &id, &both).await.unwrap();
         assert_eq!(nodes[2].shared.store.read(&id).unwrap(), data);
         assert_eq!(nodes[2].shared.store.outline(&id).unwrap().size(), len as u64);
     }
@@ -132,15 +133,15 @@ async fn concurrent_fetches_of_one_blob_all_succeed() {
     let hint = [nodes[0].peer_id()];
     let s = &nodes[1].shared;
     let (a, b, c) = tokio::join!(
-        fetch::fetch(s, &id, &hint),
-        fetch::fetch(s, &id, &hint),
-        fetch::fetch(s, &id, &hint)
+        fetch::fetch(&s.blobs, &id, &hint),
+        fetch::fetch(&s.blobs, &id, &hint),
+        fetch::fetch(&s.blobs, &id, &hint)
     );
     for r in [a, b, c] {
         r.unwrap();
     }
     assert_eq!(s.store.read(&id).unwrap(), data);
-    assert!(s.fetching.lock().values().all(|l| std::sync::Arc::strong_count(l) == 1));
+    assert_eq!(s.blobs.fetches_in_progress(), 0, "no single-flight lock is left held");
     for n in nodes {
         n.shutdown().await;
     }
@@ -161,11 +162,11 @@ async fn a_bad_provider_is_dropped_and_a_peer_that_leaves_mid_transfer_is_replac
     std::fs::write(&path, &bad).unwrap();
     let (a, b) = (nodes[0].peer_id(), nodes[1].peer_id());
     // Only the liar: refused, nothing stored under the id.
-    let err = fetch::fetch(&nodes[2].shared, &id, &[a]).await.unwrap_err();
+    let err = fetch::fetch(&nodes[2].shared.blobs, &id, &[a]).await.unwrap_err();
     assert!(format!("{err:#}").contains("groups missing"), "{err:#}");
     assert!(!nodes[2].shared.store.has(&id));
     // The liar and an honest peer: the liar is dropped, the blob arrives intact.
-    fetch::fetch(&nodes[2].shared, &id, &[a, b]).await.unwrap();
+    fetch::fetch(&nodes[2].shared.blobs, &id, &[a, b]).await.unwrap();
     assert_eq!(nodes[2].shared.store.read(&id).unwrap(), data);
 
     // A provider that leaves mid-transfer: the others finish the job.
@@ -180,7 +181,7 @@ async fn a_bad_provider_is_dropped_and_a_peer_that_leaves_mid_transfer_is_replac
     let leaver = nodes.remove(1);
     let (leaver_id, stayer_id) = (leaver.peer_id(), nodes[1].peer_id());
     let fetcher = late[0].shared.clone();
-    let f = tokio::spawn(async move { fetch::fetch(&fetcher, &big_id, &[leaver_id, stayer_id]).await });
+    let f = tokio::spawn(async move { fetch::fetch(&fetcher.blobs, &big_id, &[leaver_id, stayer_id]).await });
     tokio::time::sleep(Duration::from_millis(150)).await;
     leaver.shutdown().await;
     f.await.unwrap().unwrap();
@@ -237,7 +238,7 @@ async fn a_provider_that_stops_answering_does_not_hold_the_fetch_back() {
 
     // The staller is asked first, so it holds a full window of groups.
     let t0 = std::time::Instant::now();
-    fetch::fetch(&fetcher.shared, &id, &[staller, honest.peer_id()])
+    fetch::fetch(&fetcher.shared.blobs, &id, &[staller, honest.peer_id()])
         .await
         .unwrap();
     let took = t0.elapsed();
@@ -302,7 +303,7 @@ async fn a_worker_behind_a_relay_is_reached_through_it() {
 
     let dir = tempdir("relayed-task");
     let (model, _) = client.shared.store.import_file(&tiny_model(&dir)).unwrap();
-    let sub = executor::submit(&client.shared, infer_task(worker.public_key(), model), 1 << 30)
+    let sub = submit(&client.shared.client, infer_task(worker.public_key(), model), 1 << 30)
         .await
         .unwrap();
     assert_eq!(sub.result.status, TaskStatus::Done, "{}", sub.result.error);
@@ -356,7 +357,7 @@ async fn a_task_sent_from_one_node_runs_on_another_and_its_signed_result_verifie
     let model_path = tiny_model(&dir);
     let (model, _) = nodes[0].shared.store.import_file(&model_path).unwrap();
     let task = infer_task(nodes[1].public_key(), model);
-    let sub = executor::submit(&nodes[0].shared, task.clone(), 1 << 30).await.unwrap();
+    let sub = submit(&nodes[0].shared.client, task.clone(), 1 << 30).await.unwrap();
     assert_eq!(sub.result.status, TaskStatus::Done, "{}", sub.result.error);
     // The evidence stands alone: signed by the worker, naming the task.
     let evidence = open(&sub.envelope).unwrap();
@@ -431,7 +432,7 @@ async fn a_lora_shard_runs_on_another_node_and_returns_the_delta_a_local_run_com
             ..params.clone()
         }),
     };
-    let sub = executor::submit(client, task(adapter), 1 << 30).await.unwrap();
+    let sub = submit(&client.client, task(adapter), 1 << 30).await.unwrap();
     assert_eq!(sub.result.status, TaskStatus::Done, "{}", sub.result.error);
     let remote = LoraShardOutput::decode(&client.store.read(&sub.result.output.unwrap()).unwrap()).unwrap();
     let m = kernels::model::Model::new(&loaded.weights, kernels::Backend::cpu().unwrap()).unwrap();
@@ -443,7 +444,7 @@ async fn a_lora_shard_runs_on_another_node_and_returns_the_delta_a_local_run_com
 
     // An adapter blob that is not one fails with a reason, not a panic.
     let junk = client.store.put(b"not an adapter").unwrap();
-    let sub = executor::submit(client, task(junk), 1 << 30).await.unwrap();
+    let sub = submit(&client.client, task(junk), 1 << 30).await.unwrap();
     assert_eq!(sub.result.status, TaskStatus::Failed);
     assert!(sub.result.error.contains("adapter blob"), "{}", sub.result.error);
     for n in nodes {
@@ -492,7 +493,7 @@ async fn a_gpu_worker_returns_the_same_bytes_as_a_cpu_worker() {
         async move {
             let mut ids = Vec::new();
             for task in [a, b] {
-                let sub = executor::submit(&client.shared, task, 1 << 30).await.unwrap();
+                let sub = submit(&client.shared.client, task, 1 << 30).await.unwrap();
                 assert_eq!(sub.result.status, TaskStatus::Done, "{}", sub.result.error);
                 ids.push(sub.result.output.unwrap());
             }
@@ -512,7 +513,7 @@ async fn a_gpu_worker_returns_the_same_bytes_as_a_cpu_worker() {
     let out = LoraShardOutput::decode(&client.shared.store.read(&shard[0]).unwrap()).unwrap();
     assert!(out.delta.iter().any(|d| *d != 0.0), "the steps changed the adapter");
     // And the GPU worker really ran them on its GPU, with no CPU fallback.
-    let cached = gpu.shared.model_cache.lock().clone().expect("the worker's model");
+    let cached = gpu.shared.models.cached().expect("the worker's model");
     assert!(matches!(cached.1.backend(), kernels::Backend::Wgpu(_)));
     for n in nodes {
         n.shutdown().await;
@@ -671,7 +672,9 @@ async fn forged_replayed_expired_oversized_and_malformed_messages_are_refused() 
     // Through all of it the worker kept serving everyone.
     let data = bytes(3 << 20, 9);
     let id = worker.shared.store.put(&data).unwrap();
-    fetch::fetch(&third.shared, &id, &[worker.peer_id()]).await.unwrap();
+    fetch::fetch(&third.shared.blobs, &id, &[worker.peer_id()])
+        .await
+        .unwrap();
     assert_eq!(third.shared.store.read(&id).unwrap(), data);
     for n in nodes {
         n.shutdown().await;

@@ -17,9 +17,11 @@
 
 pub mod bench;
 pub mod cli;
+pub mod clock;
 pub mod daemon;
 pub mod job;
 pub mod net;
+pub mod stats;
 pub mod store;
 pub mod task;
 

@@ -57,7 +57,7 @@ pub struct JobBenchArgs {
     #[arg(long, default_value = "none,spot:0.25,redundancy:2")]
     pub verify: String,
     #[command(flatten)]
-    pub between: crate::cli::job::BetweenRounds,
+    pub between: crate::job::settings::BetweenRounds,
     /// Where the nodes keep their data (default: a fresh temporary directory, removed after).
     #[arg(long)]
     pub dir: Option<PathBuf>,
@@ -143,7 +143,7 @@ pub fn run(a: &JobBenchArgs) -> Result<JobBenchReport> {
     let bos = loaded.tokenizer.bos().unwrap_or(1);
     let (seqs, _) = data::synthetic_choices(c.vocab_size, bos, a.pairs, a.choices, 40, 9);
     let (train, eval) = seqs.split_at(32);
-    let h = crate::cli::job::builtin_hyper(a.lr);
+    let h = crate::job::settings::builtin_hyper(a.lr);
     let local_steps = a.local_steps;
 
     // The local baseline, and each shard's compute alone on one thread.
@@ -308,7 +308,7 @@ async fn run_job(
     verify: Verify,
     carry_moments: bool,
 ) -> Result<(JobState, JobSpec)> {
-    let nodes = crate::cli::job::local_swarm(dir, 2).await?;
+    let nodes = crate::daemon::local::local_swarm(dir, 2).await?;
     let client = &nodes[0];
     let (model, shards, eval, longest) = job::put_inputs(&client.shared.store, model_path, train, eval, 2)?;
     let spec = JobSpec {
@@ -327,8 +327,8 @@ async fn run_job(
         max_sequence_tokens: longest,
         carry_moments,
     };
-    crate::cli::job::wait_for_workers(client, &model, 2).await?;
-    let r = job::run(&client.shared, spec.clone(), &|_| {}).await;
+    crate::daemon::local::wait_for_workers(client, &model, 2).await?;
+    let r = job::run(&client.shared.client, spec.clone(), &|_| {}).await;
     for n in nodes {
         n.shutdown().await;
     }

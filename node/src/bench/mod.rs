@@ -23,13 +23,12 @@ pub mod train;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use clap::ValueEnum;
 use kernels::cpu::{self, Cpu};
 use kernels::gpu::{Gpu, GpuOptions};
 use kernels::rng::SplitMix64;
 use kernels::{Backend, QuantizedActivations, TernaryMatrix};
 use serde::Serialize;
-
-use crate::cli::{BackendChoice, KernelsArgs, Op};
 
 /// (rows, cols) of the BitNet b1.58 2B4T linear layers: attention q/o
 /// (2560 x 2560), k/v (640 x 2560), FFN gate/up (6912 x 2560), down (2560 x 6912).
@@ -141,18 +140,7 @@ pub(crate) fn first_bandwidth_samples(cpu: &Cpu, buffer: &[u64]) -> Vec<f64> {
     (0..7).map(|_| cpu::read_bandwidth(cpu, buffer)).collect()
 }
 
-/// The process's peak resident memory (`VmHWM`), where the OS reports it.
-pub fn peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse::<u64>()
-        .ok()
-        .map(|kb| kb * 1024)
-}
+pub use crate::daemon::memory::peak_rss;
 
 pub(crate) fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
@@ -164,6 +152,49 @@ pub(crate) fn cpu_model() -> String {
                 .map(|m| m.trim().to_owned())
         })
         .unwrap_or_else(|| std::env::consts::ARCH.to_owned())
+}
+
+/// Arguments of `tern bench kernels`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KernelsArgs {
+    /// Print one JSON document instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Which backends to measure.
+    #[arg(long, value_enum, default_value_t = BackendChoice::All)]
+    pub backend: BackendChoice,
+    /// CPU threads (0: all available).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Seconds to spend measuring each figure (the median of the runs is reported).
+    #[arg(long, default_value_t = 1.0)]
+    pub seconds: f64,
+    /// Small shapes and short runs: checks that everything works, measures nothing useful.
+    #[arg(long)]
+    pub quick: bool,
+    /// Measure only GEMV or only GEMM.
+    #[arg(long, value_enum)]
+    pub only: Option<Op>,
+}
+
+/// The products `tern bench kernels` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Op {
+    /// One token (decode).
+    Gemv,
+    /// Batches of tokens (prefill, training).
+    Gemm,
+}
+
+/// Backends to benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendChoice {
+    /// The CPU with its best instruction set.
+    Cpu,
+    /// The first wgpu adapter.
+    Wgpu,
+    /// Every backend this machine has.
+    All,
 }
 
 /// Runs the kernel benchmark.

@@ -334,7 +334,7 @@ async fn transfer(root: &Path, name: &str, listen: &str, blob: &Path, runs: usiz
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let t = Instant::now();
-        crate::net::fetch::fetch(&sink.shared, &id, &[source.peer_id()]).await?;
+        crate::net::fetch::fetch(&sink.shared.blobs, &id, &[source.peer_id()]).await?;
         seconds.push(t.elapsed().as_secs_f64());
         ensure!(sink.shared.store.has(&id), "the fetched blob is not in the store");
         sink.shutdown().await;

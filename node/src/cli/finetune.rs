@@ -2,20 +2,19 @@
 //! model, and adapters loaded, checked against their base model and merged.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use kernels::model::{self, LoadedModel, Model, ModelFormat};
 use kernels::train::{
-    self, AdamWConfig, Adapter, Engine, LoraConfig, Schedule, StateDtype, StepStats, TrainConfig, Trainer, data, peft,
+    self, AdamWConfig, Engine, LoraConfig, Schedule, StateDtype, StepStats, TrainConfig, Trainer, data, peft,
 };
 use serde::Serialize;
 
-use crate::bench::peak_rss;
-use crate::cli::model::{RunArgs, model_id};
+use crate::cli::model::{RunArgs, load_adapter, model_id};
 use crate::cli::plot;
+use crate::daemon::memory::peak_rss;
 
 /// Arguments of `tern finetune`.
 #[derive(Debug, Clone, clap::Args)]
@@ -343,24 +342,6 @@ impl Summary {
             out.display()
         )
     }
-}
-
-/// Loads the adapter at `path` for the model at `model_path` (whose loaded
-/// config is `config`), refusing one made for another model: by shape
-/// always, and by content id when the adapter names its base.
-pub fn load_adapter(path: &Path, model_path: &Path, config: &model::Config) -> Result<Arc<Adapter>> {
-    let loaded = peft::load(path, config).with_context(|| format!("loading the adapter {}", path.display()))?;
-    if let Some(base) = &loaded.base_model {
-        let id = model_id(model_path)?.to_string();
-        if *base != id {
-            bail!(
-                "the adapter {} was trained on model {base}, not on {} ({id})",
-                path.display(),
-                model_path.display()
-            );
-        }
-    }
-    Ok(Arc::new(loaded.adapter))
 }
 
 /// Arguments of `tern adapter merge`.

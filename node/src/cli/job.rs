@@ -15,6 +15,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kernels::model::{self, LoadedModel};
 use kernels::train::{Sequence, data, peft};
 use protocol::train::{LoraHyper, Outer, PROJECTIONS, Rule};
+
+use crate::daemon::local::{local_swarm, wait_for_workers};
+pub use crate::job::settings::{BetweenRounds, builtin_hyper};
 use protocol::{ContentId, Sampling};
 
 use crate::config::{Config, default_data_dir};
@@ -55,46 +58,6 @@ impl ClientArgs {
         c.gpu = false;
         c.validate()?;
         Ok(c)
-    }
-}
-
-/// The LoRA setting of the demo and of `tern bench job`: rank 8 on every
-/// projection, batch 4, gradients clipped at 1, at inner rate `lr`.
-pub fn builtin_hyper(lr: f32) -> LoraHyper {
-    LoraHyper {
-        rank: 8,
-        alpha: 16.0,
-        targets: (1 << PROJECTIONS.len()) - 1,
-        lr,
-        batch: 4,
-        max_grad_norm: 1.0,
-        weight_decay: 0.0,
-        dropout: 0.0,
-    }
-}
-
-/// What carries a job from one round to the next: the outer step applied
-/// to the combined deltas, and AdamW's state.
-#[derive(Debug, Clone, clap::Args)]
-pub struct BetweenRounds {
-    /// The outer step (DiLoCo's outer optimizer): learning rate and momentum.
-    #[arg(long, default_value_t = 1.0)]
-    pub outer_lr: f32,
-    #[arg(long, default_value_t = 0.0)]
-    pub outer_momentum: f32,
-    /// Start every round's local steps from fresh AdamW moments instead of
-    /// the previous round's combined optimizer state (smaller tasks: no
-    /// state travels; slower training).
-    #[arg(long)]
-    pub reset_moments: bool,
-}
-
-impl BetweenRounds {
-    pub fn outer(&self) -> Outer {
-        Outer {
-            lr: self.outer_lr,
-            momentum: self.outer_momentum,
-        }
     }
 }
 
@@ -277,37 +240,6 @@ impl ClientArgs {
     }
 }
 
-/// A client (`[0]`) and `workers` worker nodes of one compute thread each,
-/// in this process on loopback TCP, with their data under `root`.
-pub async fn local_swarm(root: &Path, workers: usize) -> Result<Vec<NodeHandle>> {
-    let mut nodes: Vec<NodeHandle> = Vec::new();
-    for i in 0..=workers {
-        let mut cfg = Config::for_test(&root.join(if i == 0 { "client".into() } else { format!("worker{i}") }));
-        cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
-        if let Some(first) = nodes.first() {
-            cfg.bootstrap = first.dial_addrs().iter().map(|a| a.to_string()).collect();
-        }
-        if i > 0 {
-            cfg.limits.max_threads = 1;
-        }
-        nodes.push(daemon::start(cfg).await?);
-    }
-    Ok(nodes)
-}
-
-/// Waits until `client` sees `n` capable peers for `model`; fails after 30 s.
-pub async fn wait_for_workers(client: &NodeHandle, model: &ContentId, n: usize) -> Result<Duration> {
-    let t = Instant::now();
-    while job::capable_peers(&client.shared, model, 0, &[]).len() < n {
-        ensure!(
-            t.elapsed() < Duration::from_secs(30),
-            "the workers did not join within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(t.elapsed())
-}
-
 /// Starts the client node and waits for `min` capable peers.
 async fn start_client(
     config: Config,
@@ -331,7 +263,7 @@ async fn start_client(
     })?;
     let t0 = Instant::now();
     loop {
-        let n = job::capable_peers(&node.shared, model, 0, &[]).len();
+        let n = job::capable_peers(&node.shared.client, model, 0, &[]).len();
         if n >= min {
             break;
         }
@@ -400,6 +332,15 @@ fn progress(spec: &JobSpec, json: bool) -> (ProgressBar, Box<job::Progress>) {
                     r.secs
                 ));
             }
+            Event::Retrying {
+                attempt,
+                error,
+                in_secs,
+            } => b.println(format!(
+                "the job stopped ({error}); the daemon tries again in {in_secs} s (attempt {} of {})",
+                attempt + 1,
+                job::runner::MAX_ATTEMPTS
+            )),
             Event::Assigned { .. } => {}
         }
     };
@@ -434,7 +375,7 @@ fn daemon_inputs(
     let add = |path: &Path| -> Result<ContentId> {
         let path = std::fs::canonicalize(path).with_context(|| format!("{}", path.display()))?;
         parse_id(
-            d.post("/v1/blobs", serde_json::json!({ "path": path }))?["id"]
+            d.post_long("/v1/blobs", serde_json::json!({ "path": path }))?["id"]
                 .as_str()
                 .unwrap_or_default(),
         )
@@ -461,26 +402,47 @@ fn daemon_inputs(
     Ok((model, ids, eval, longest))
 }
 
-/// Follows job `id` in the daemon until it ends, then prints its state.
-/// Ctrl-C stops only the watching.
+/// Follows job `id` in the daemon until it ends (through the daemon's
+/// retries), then prints its state. Ctrl-C stops only the watching.
 fn watch_job(d: &ControlClient, id: &ContentId, data_dir: &Path, json: bool) -> Result<()> {
-    // A job opens (fetching what it misses) before its state is written.
-    let mut st = d.get(&format!("/v1/jobs/{id}"))?;
-    while st["status"]["run"] == "running" && st["state"].is_null() {
-        std::thread::sleep(Duration::from_millis(250));
-        st = d.get(&format!("/v1/jobs/{id}"))?;
-    }
-    let state: Option<JobState> = serde_json::from_value(st["state"].clone()).ok();
-    if st["status"]["run"] == "running"
-        && let Some(s) = &state
-    {
-        let (bar, on) = progress(&s.spec, json);
-        bar.set_position(u64::from(s.round) * s.spec.shards.len() as u64 + s.accepted.len() as u64);
+    let mut told = 0;
+    let st = loop {
+        let st = d.get(&format!("/v1/jobs/{id}"))?;
+        let run = st["status"]["run"].as_str().unwrap_or_default();
+        if run == "retrying" {
+            // Between two runs: said once per attempt, then waited out.
+            let attempt = st["status"]["attempt"].as_u64().unwrap_or(0);
+            if attempt > told && !json {
+                told = attempt;
+                let at = st["status"]["retry_at_ms"].as_u64().unwrap_or(0);
+                eprintln!(
+                    "job {id} stopped ({}); the daemon tries again in {} s (attempt {} of {}); \
+                     Ctrl-C stops watching, not the job",
+                    st["status"]["error"].as_str().unwrap_or("unknown error"),
+                    at.saturating_sub(crate::clock::now_ms()) / 1000,
+                    attempt + 1,
+                    job::runner::MAX_ATTEMPTS
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            continue;
+        }
+        if run != "running" {
+            break st;
+        }
+        // A job opens (fetching what it misses) before its state is written.
+        let Ok(state) = serde_json::from_value::<JobState>(st["state"].clone()) else {
+            std::thread::sleep(Duration::from_millis(250));
+            continue;
+        };
+        let (bar, on) = progress(&state.spec, json);
+        bar.set_position(u64::from(state.round) * state.spec.shards.len() as u64 + state.accepted.len() as u64);
         if !json {
             bar.println(format!(
                 "job {id} runs in the daemon; Ctrl-C stops watching, not the job (tern job watch {id})"
             ));
         }
+        // One stream follows every run of the job; it ends with the job.
         let r = d.stream(&format!("/v1/jobs/{id}/events"), |v| {
             if let Ok(e) = serde_json::from_value::<Event>(v) {
                 on(&e);
@@ -494,8 +456,7 @@ fn watch_job(d: &ControlClient, id: &ContentId, data_dir: &Path, json: bool) -> 
         {
             return Err(e);
         }
-    }
-    let st = d.get(&format!("/v1/jobs/{id}"))?;
+    };
     match st["status"]["run"].as_str() {
         Some("finished") | None => {
             let state: JobState = serde_json::from_value(st["state"].clone()).context("the job's state")?;
@@ -511,7 +472,8 @@ fn watch_job(d: &ControlClient, id: &ContentId, data_dir: &Path, json: bool) -> 
             Ok(())
         }
         Some("failed") => bail!(
-            "job {id} stopped: {}; its verified progress is saved: submit it again to resume",
+            "job {id} stopped {} times, the last on: {}; its verified progress is saved: submit it again to resume",
+            job::runner::MAX_ATTEMPTS,
             st["status"]["error"].as_str().unwrap_or("unknown error")
         ),
         Some("cancelled") => bail!("job {id} was cancelled; submitting it again resumes it"),
@@ -632,7 +594,7 @@ pub fn submit_finetune(a: &SubmitFinetuneArgs) -> Result<()> {
         let data_dir = config.data_dir.clone();
         let node = a.client.start(config, &model, a.json).await?;
         let (bar, on) = progress(&spec, a.json);
-        let result = job::run(&node.shared, spec.clone(), &*on).await;
+        let result = job::run(&node.shared.client, spec.clone(), &*on).await;
         bar.finish_and_clear();
         node.shutdown().await;
         let state = result.with_context(|| {
@@ -675,7 +637,7 @@ pub fn submit_infer(a: &SubmitInferArgs) -> Result<()> {
         let node = a.client.start(config, &model, a.json).await?;
         let r = async {
             if !node.shared.store.has(&model) {
-                crate::net::fetch::fetch(&node.shared, &model, &[])
+                crate::net::fetch::fetch(&node.shared.blobs, &model, &[])
                     .await
                     .with_context(|| format!("model {model}: nobody holds it"))?;
             }
@@ -694,7 +656,7 @@ pub fn submit_infer(a: &SubmitInferArgs) -> Result<()> {
                     eprintln!("{m}");
                 }
             };
-            let answer = crate::infer::infer(&node.shared, model, prompt, a.max_tokens, sampling, &say).await?;
+            let answer = crate::infer::infer(&node.shared.client, model, prompt, a.max_tokens, sampling, &say).await?;
             let text = tok.decode(&answer.tokens, true)?;
             if a.json {
                 println!("{}", serde_json::json!({"text": text, "answer": answer}));
@@ -842,7 +804,7 @@ fn mapping_accuracy(
             prompt.extend([k2, v2]);
         }
         prompt.push(k);
-        let mut s = crate::infer::sampler(&Sampling::greedy())?;
+        let mut s = crate::task::sampler(&Sampling::greedy())?;
         let (out, _) = m.generate(&prompt, 1, &mut s, &[], |_| true)?;
         let got = out.first().copied().unwrap_or(0);
         right += usize::from(got == v);
@@ -926,7 +888,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
             spec.verify
         );
         let (bar, on) = progress(&spec, false);
-        let r = job::run(&client.shared, spec, &*on).await;
+        let r = job::run(&client.shared.client, spec, &*on).await;
         bar.finish_and_clear();
         let adapter_dir = root.join("adapter");
         if let Ok(s) = &r {

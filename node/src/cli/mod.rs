@@ -7,10 +7,11 @@ pub mod node;
 pub mod plot;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 use self::node::{BlobCommand, DataDirArg};
 use crate::bench::{self, job as job_bench, model as model_bench, swarm as swarm_bench, train as train_bench};
+pub use crate::bench::{BackendChoice, KernelsArgs, Op};
 
 /// tern: a peer-to-peer compute node for BitNet b1.58 models.
 #[derive(Debug, Parser)]
@@ -160,49 +161,6 @@ pub enum BenchCommand {
     /// mode, the share of time outside compute, and the held-out loss
     /// against local training.
     Job(job_bench::JobBenchArgs),
-}
-
-/// Arguments of `tern bench kernels`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct KernelsArgs {
-    /// Print one JSON document instead of tables.
-    #[arg(long)]
-    pub json: bool,
-    /// Which backends to measure.
-    #[arg(long, value_enum, default_value_t = BackendChoice::All)]
-    pub backend: BackendChoice,
-    /// CPU threads (0: all available).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
-    /// Seconds to spend measuring each figure (the median of the runs is reported).
-    #[arg(long, default_value_t = 1.0)]
-    pub seconds: f64,
-    /// Small shapes and short runs: checks that everything works, measures nothing useful.
-    #[arg(long)]
-    pub quick: bool,
-    /// Measure only GEMV or only GEMM.
-    #[arg(long, value_enum)]
-    pub only: Option<Op>,
-}
-
-/// The products `tern bench kernels` measures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Op {
-    /// One token (decode).
-    Gemv,
-    /// Batches of tokens (prefill, training).
-    Gemm,
-}
-
-/// Backends to benchmark.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum BackendChoice {
-    /// The CPU with its best instruction set.
-    Cpu,
-    /// The first wgpu adapter.
-    Wgpu,
-    /// Every backend this machine has.
-    All,
 }
 
 /// Runs a parsed command line.

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -9,6 +10,7 @@ use clap::ValueEnum;
 use kernels::Backend;
 use kernels::cpu::{Cpu, Isa};
 use kernels::model::{self, Logits, Model, ModelFormat, Preset, Sampler, SamplingParams, chat::Message};
+use kernels::train::{Adapter, peft};
 use protocol::ContentId;
 use serde::Serialize;
 
@@ -212,7 +214,7 @@ pub fn model_id(path: &Path) -> Result<ContentId> {
 fn open_model(m: &model::LoadedModel, path: &Path, adapter: Option<&Path>, run: &RunArgs) -> Result<Model> {
     let mut model = Model::new(&m.weights, run.open()?)?;
     if let Some(a) = adapter {
-        model.set_adapter(Some(crate::cli::finetune::load_adapter(a, path, &m.weights.config)?))?;
+        model.set_adapter(Some(load_adapter(a, path, &m.weights.config)?))?;
     }
     Ok(model)
 }
@@ -474,4 +476,22 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Loads the adapter at `path` for the model at `model_path` (whose loaded
+/// config is `config`), refusing one made for another model: by shape
+/// always, and by content id when the adapter names its base.
+pub fn load_adapter(path: &Path, model_path: &Path, config: &model::Config) -> Result<Arc<Adapter>> {
+    let loaded = peft::load(path, config).with_context(|| format!("loading the adapter {}", path.display()))?;
+    if let Some(base) = &loaded.base_model {
+        let id = model_id(model_path)?.to_string();
+        if *base != id {
+            bail!(
+                "the adapter {} was trained on model {base}, not on {} ({id})",
+                path.display(),
+                model_path.display()
+            );
+        }
+    }
+    Ok(Arc::new(loaded.adapter))
 }

@@ -201,14 +201,14 @@ pub fn blob(cmd: &BlobCommand) -> Result<()> {
     match cmd {
         BlobCommand::Add { path, dir } => {
             let path = std::fs::canonicalize(path).with_context(|| format!("{}", path.display()))?;
-            let r = ControlClient::new(&dir.data_dir)?.post("/v1/blobs", serde_json::json!({ "path": path }))?;
+            let r = ControlClient::new(&dir.data_dir)?.post_long("/v1/blobs", serde_json::json!({ "path": path }))?;
             println!("{}", r["id"].as_str().unwrap_or_default());
         }
         BlobCommand::Get { id, out, dir } => {
             let c = ControlClient::new(&dir.data_dir)?;
-            c.post(&format!("/v1/blobs/{id}/fetch"), serde_json::json!({}))?;
+            c.post_long(&format!("/v1/blobs/{id}/fetch"), serde_json::json!({}))?;
             let out = std::path::absolute(out)?;
-            c.post(&format!("/v1/blobs/{id}/export"), serde_json::json!({ "out": out }))?;
+            c.post_long(&format!("/v1/blobs/{id}/export"), serde_json::json!({ "out": out }))?;
             println!("{}", out.display());
         }
         BlobCommand::List { dir } => {
@@ -227,7 +227,7 @@ pub fn blob(cmd: &BlobCommand) -> Result<()> {
             }
         }
         BlobCommand::Gc { dir } => {
-            let r = ControlClient::new(&dir.data_dir)?.post("/v1/gc", serde_json::json!({}))?;
+            let r = ControlClient::new(&dir.data_dir)?.post_long("/v1/gc", serde_json::json!({}))?;
             println!(
                 "removed {} blobs ({} bytes), kept {}",
                 r["removed"], r["bytes"], r["kept"]

@@ -247,7 +247,7 @@ impl Config {
         for r in &self.relays {
             let a: libp2p::Multiaddr = r.parse().with_context(|| format!("relays entry {r:?}"))?;
             anyhow::ensure!(
-                crate::net::peer_of(&a).is_some(),
+                crate::identity::peer_of(&a).is_some(),
                 "relays entry {r:?} must end with /p2p/<the relay's peer id>"
             );
         }

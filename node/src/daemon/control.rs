@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use axum::extract::{Path as UrlPath, State};
@@ -19,11 +20,22 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::daemon::Shared;
+use crate::daemon::shared::Shared;
 use crate::identity::write_private;
 use crate::job::runner::{Jobs, MAX_SPEC_BYTES, Run};
 use crate::job::{JobSpec, JobState};
 use crate::net::fetch;
+
+/// How often an event stream with nothing to say sends a heartbeat line.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+/// How long the CLI waits for a daemon: to connect, for a short answer
+/// (status, lists, submissions), for a long one (imports, fetches,
+/// inference), and between two lines of an event stream (heartbeats
+/// come every [`HEARTBEAT`]).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const SHORT_TIMEOUT: Duration = Duration::from_secs(60);
+const LONG_TIMEOUT: Duration = Duration::from_secs(3600);
+const STREAM_READ_TIMEOUT: Duration = Duration::from_secs(6 * HEARTBEAT.as_secs());
 
 /// `GET /v1/status`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -178,7 +190,7 @@ async fn status(State(api): State<Api>, headers: HeaderMap) -> ApiResult<Status>
         known_peers: known,
         blobs: blobs.len(),
         blob_bytes: blobs.iter().map(|b| b.1).sum(),
-        active_tasks: s.active_tasks.load(std::sync::atomic::Ordering::Relaxed),
+        active_tasks: s.worker.active_tasks.load(std::sync::atomic::Ordering::Relaxed),
         compute: s.backend.name(),
         stats: serde_json::to_value(s.stats.lock().clone()).unwrap_or_default(),
     }))
@@ -239,14 +251,14 @@ async fn fetch_blob(
 ) -> ApiResult<serde_json::Value> {
     authorize(&api, &headers)?;
     let id = parse_id(&id)?;
-    fetch::fetch(&api.shared, &id, &[]).await?;
+    fetch::fetch(&api.shared.blobs, &id, &[]).await?;
     // A directory manifest brings its files along.
     if let Some(size) = api.shared.store.size(&id)
         && size <= 16 << 20
         && let Ok(m) = protocol::DirManifest::decode(&api.shared.store.read(&id)?)
     {
         for e in m.entries() {
-            fetch::fetch(&api.shared, &e.id, &[])
+            fetch::fetch(&api.shared.blobs, &e.id, &[])
                 .await
                 .with_context(|| format!("fetching {}", e.path))?;
         }
@@ -343,10 +355,13 @@ async fn job_events(
     };
     let lines = futures::stream::unfold(rx, |mut rx| async move {
         use tokio::sync::broadcast::error::RecvError;
-        let line = match rx.recv().await {
-            Ok(e) => serde_json::to_string(&e).unwrap_or_default(),
-            Err(RecvError::Lagged(n)) => serde_json::json!({ "event": "lagged", "missed": n }).to_string(),
-            Err(RecvError::Closed) => return None,
+        // A quiet job (a long round) still sends a line now and then, so a
+        // watcher tells a daemon that stopped answering from one at work.
+        let line = match tokio::time::timeout(HEARTBEAT, rx.recv()).await {
+            Err(_) => serde_json::json!({ "event": "heartbeat" }).to_string(),
+            Ok(Ok(e)) => serde_json::to_string(&e).unwrap_or_default(),
+            Ok(Err(RecvError::Lagged(n))) => serde_json::json!({ "event": "lagged", "missed": n }).to_string(),
+            Ok(Err(RecvError::Closed)) => return None,
         };
         Some((Ok::<_, std::convert::Infallible>(format!("{line}\n")), rx))
     });
@@ -401,7 +416,13 @@ impl ControlClient {
         };
         let addr = read("control.addr")?;
         let token = read("control.token")?;
-        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(CONNECT_TIMEOUT))
+            .timeout_send_request(Some(SHORT_TIMEOUT))
+            .timeout_recv_response(Some(LONG_TIMEOUT))
+            .build()
+            .into();
         Ok(Self {
             base: format!("http://{}", addr.trim()),
             token: token.trim().to_string(),
@@ -433,16 +454,29 @@ impl ControlClient {
             .header("authorization", format!("Bearer {}", self.token))
     }
 
-    /// `GET` a path.
+    /// `GET` a path: a short answer.
     pub fn get(&self, path: &str) -> Result<serde_json::Value> {
-        self.finish(self.get_request(path).call())
+        let r = self
+            .get_request(path)
+            .config()
+            .timeout_global(Some(SHORT_TIMEOUT))
+            .build()
+            .call();
+        self.finish(r)
     }
 
     /// `GET` a stream of JSON lines from a path, calling `each` on every
     /// line until it returns false or the stream ends.
     pub fn stream(&self, path: &str, mut each: impl FnMut(serde_json::Value) -> bool) -> Result<()> {
         use std::io::BufRead as _;
-        let resp = match self.get_request(path).call() {
+        let req = self
+            .get_request(path)
+            .config()
+            .timeout_recv_response(Some(SHORT_TIMEOUT))
+            .timeout_recv_body(None)
+            .timeout_per_read(Some(STREAM_READ_TIMEOUT))
+            .build();
+        let resp = match req.call() {
             Ok(r) if r.status().is_success() => r,
             // No answer, or an error the daemon explains.
             other => return self.finish(other).map(drop),
@@ -461,12 +495,26 @@ impl ControlClient {
         Ok(())
     }
 
-    /// `POST` JSON to a path.
+    /// `POST` JSON to a path: a submission or a cancellation, answered
+    /// at once.
     pub fn post(&self, path: &str, body: serde_json::Value) -> Result<serde_json::Value> {
+        self.post_within(path, body, SHORT_TIMEOUT)
+    }
+
+    /// `POST` JSON to a path whose answer may take long: an import, a
+    /// fetch, an inference.
+    pub fn post_long(&self, path: &str, body: serde_json::Value) -> Result<serde_json::Value> {
+        self.post_within(path, body, LONG_TIMEOUT)
+    }
+
+    fn post_within(&self, path: &str, body: serde_json::Value, within: Duration) -> Result<serde_json::Value> {
         let r = self
             .agent
             .post(format!("{}{path}", self.base))
             .header("authorization", format!("Bearer {}", self.token))
+            .config()
+            .timeout_global(Some(within))
+            .build()
             .send_json(body);
         self.finish(r)
     }

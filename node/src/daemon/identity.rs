@@ -103,6 +103,25 @@ fn check_permissions(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The peer id in a multiaddress's `/p2p/` suffix.
+pub fn peer_of(addr: &libp2p::Multiaddr) -> Option<libp2p::PeerId> {
+    addr.iter().find_map(|p| match p {
+        libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+        _ => None,
+    })
+}
+
+/// Seals a payload with `key`, valid from now for `ttl`, under a fresh
+/// random nonce.
+pub fn seal(key: &Keypair, payload: &protocol::Payload, ttl: std::time::Duration) -> Vec<u8> {
+    use crate::clock::{now_ms, random_u64};
+    protocol::seal(
+        key,
+        payload,
+        protocol::Validity::new(random_u64(), now_ms(), ttl.as_millis() as u64),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -46,3 +46,16 @@ pub fn release_free() {
         libc::malloc_trim(0);
     }
 }
+
+/// The process's peak resident memory (`VmHWM`), where the OS reports it.
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|kb| kb * 1024)
+}

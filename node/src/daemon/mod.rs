@@ -9,257 +9,43 @@ pub mod config;
 pub mod control;
 pub mod hw;
 pub mod identity;
+pub mod local;
 pub mod lock;
 pub mod memory;
+pub mod shared;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use libp2p::{Multiaddr, PeerId, gossipsub};
 use parking_lot::Mutex;
-use protocol::{
-    Advert, BenchScore, ContentId, Keypair, Opened, Payload, PeerEntry, PeerTable, PublicKey, ReplayGuard, Validity,
-};
+use protocol::{Advert, ContentId, Opened, Payload, PeerEntry, PublicKey};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+pub use crate::clock::{now_ms, random_u64};
 use crate::config::Config;
-use crate::executor;
-use crate::net::fetch;
+use crate::job::Client;
+use crate::job::runner::Jobs;
+use crate::net::fetch::{self, Blobs};
+use crate::net::peers::Peers;
 use crate::net::rate::{Buckets, Verdict};
-use crate::net::{self, Inbound, Net};
+use crate::net::{self, Inbound};
+pub use crate::stats::Stats;
 use crate::store::BlobStore;
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Live task envelopes one signer may have in the replay guard: a client
-/// sends a worker a handful of tasks at once, each valid for minutes.
-pub const TASKS_PER_SIGNER: usize = 1024;
-
-/// A random u64 from the OS generator (envelope nonces).
-pub fn random_u64() -> u64 {
-    // As before with rand's OsRng: a failing OS generator is fatal.
-    #[allow(clippy::expect_used)]
-    getrandom::u64().expect("the OS random generator failed")
-}
-
-/// What every part of a running node shares.
-#[derive(Debug)]
-pub struct Shared {
-    pub key: Keypair,
-    pub config: Config,
-    pub store: BlobStore,
-    pub net: Net,
-    pub peers: Mutex<PeerTable>,
-    /// Task envelopes seen (adverts need none: the peer table keeps the
-    /// newest per signer and refuses older or equal ones).
-    pub replay: Mutex<ReplayGuard>,
-    /// Adverts each connected peer may forward, and tasks each may send.
-    pub advert_rate: Mutex<Buckets<PeerId>>,
-    pub task_rate: Mutex<Buckets<PeerId>>,
-    /// Adverts this node accepts (and so forwards) in all, except a peer's
-    /// own advert straight from it: 4/5 of the per-forwarder rate, so that
-    /// what an honest node forwards never crosses its neighbours' limit.
-    pub accept_rate: Mutex<Buckets<()>>,
-    /// When each signer's own advert last came straight from it.
-    pub direct_adverts: Mutex<Buckets<PublicKey>>,
-    /// Benchmark checks done and waiting, bounded.
-    pub score_checks: Mutex<ScoreChecks>,
-    /// One benchmark re-check runs at a time.
-    pub score_check_slot: tokio::sync::Semaphore,
-    pub score: Mutex<Option<BenchScore>>,
-    pub cpu: kernels::cpu::Cpu,
-    /// Where tasks run: the CPU above, or the GPU `compute` chose.
-    pub backend: kernels::Backend,
-    pub hardware: (protocol::Cpu, Vec<protocol::Gpu>, u64),
-    pub active_tasks: AtomicU32,
-    /// Task computations (generation, training) running on blocking
-    /// threads. A task that times out or is cancelled stops its
-    /// computation at the next step or token, and keeps its slot until then.
-    pub computing: AtomicU32,
-    pub accepting: AtomicBool,
-    /// Turns true when in-flight tasks must hand themselves back.
-    pub cancel: watch::Receiver<bool>,
-    pub listen_addrs: Mutex<Vec<String>>,
-    pub stats: Mutex<Stats>,
-    /// The model the last task ran on, kept loaded: the next task on the
-    /// same model (the next round of a job) skips parsing and preparing it.
-    pub model_cache: Mutex<Option<(ContentId, Arc<kernels::model::Model>)>>,
-    /// Blobs running tasks use (with how many use each): garbage collection
-    /// under disk pressure keeps them.
-    pub in_use: Mutex<std::collections::HashMap<ContentId, usize>>,
-    /// Fetches in progress, one per id (see `fetch::fetch_at_most`).
-    pub fetching: Mutex<std::collections::HashMap<ContentId, Arc<tokio::sync::Mutex<()>>>>,
-}
-
-/// Benchmark re-checks: done (signer, epoch) -> whether the hash matched,
-/// and the ones waiting. Each costs a benchmark product on this node's CPU,
-/// so they run one at a time, at most [`ScoreChecks::MAX_PENDING`] wait
-/// (more are skipped, and asked again at the signer's next advert), and
-/// the results of past epochs are forgotten first when the map is full.
-#[derive(Debug, Default)]
-pub struct ScoreChecks {
-    done: std::collections::HashMap<(PublicKey, u64), bool>,
-    pending: std::collections::HashSet<(PublicKey, u64)>,
-}
-
-impl ScoreChecks {
-    pub const MAX_DONE: usize = 16_384;
-    pub const MAX_PENDING: usize = 64;
-
-    /// The result of a check done.
-    pub fn get(&self, key: &(PublicKey, u64)) -> Option<bool> {
-        self.done.get(key).copied()
-    }
-
-    /// Whether a check is to be started now (not done, not waiting, room).
-    fn start(&mut self, key: (PublicKey, u64)) -> bool {
-        if self.done.contains_key(&key) || self.pending.contains(&key) || self.pending.len() >= Self::MAX_PENDING {
-            return false;
-        }
-        self.pending.insert(key);
-        true
-    }
-
-    fn finish(&mut self, key: (PublicKey, u64), ok: bool, current_epoch: u64) {
-        self.pending.remove(&key);
-        if self.done.len() >= Self::MAX_DONE {
-            self.done.retain(|(_, e), _| *e + 1 >= current_epoch);
-            if self.done.len() >= Self::MAX_DONE {
-                self.done.clear();
-            }
-        }
-        self.done.insert(key, ok);
-    }
-
-    /// Checks waiting or running.
-    pub fn pending(&self) -> usize {
-        self.pending.len()
-    }
-}
-
-/// Counters shown by `tern status`.
-#[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct Stats {
-    pub adverts_accepted: u64,
-    pub adverts_refused: u64,
-    /// Adverts not newer than the one held from their signer (replays).
-    pub adverts_stale: u64,
-    /// Adverts dropped unread because their forwarder passed its rate.
-    pub adverts_dropped: u64,
-    /// Valid adverts not taken because the node's own accept rate was spent.
-    pub adverts_over_accept_rate: u64,
-    /// Peers cut off for sending past twice their rate.
-    pub peers_banned: u64,
-    /// Task requests dropped unread because their sender passed its rate.
-    pub tasks_dropped: u64,
-    pub tasks_done: u64,
-    pub tasks_refused: u64,
-    pub tasks_failed: u64,
-    pub blob_requests_served: u64,
-}
-
-impl Shared {
-    /// This node's advert as of now.
-    pub fn advert(&self) -> Advert {
-        let (cpu, gpus, ram) = self.hardware.clone();
-        // Pinned blobs over 1 MiB are advertised as models, the rest as blobs.
-        let pins = self.store.pins();
-        let unlisted = self.store.unlisted();
-        let (models, blobs): (Vec<_>, Vec<_>) = self
-            .store
-            .list()
-            .into_iter()
-            .filter(|(id, _)| !unlisted.contains(id))
-            .partition(|(id, size)| pins.contains(id) && *size > 1 << 20);
-        let ids = |v: Vec<(ContentId, u64)>, max| v.into_iter().map(|(id, _)| id).take(max).collect();
-        Advert {
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            // Peers refuse adverts with more addresses than the limit.
-            listen_addrs: self
-                .listen_addrs
-                .lock()
-                .iter()
-                .take(protocol::limits::MAX_ADDRS)
-                .cloned()
-                .collect(),
-            cpu,
-            gpus,
-            ram_bytes: ram,
-            free_disk_bytes: hw::free_disk_bytes(&self.config.data_dir),
-            models: ids(models, protocol::limits::MAX_MODELS),
-            blobs: ids(blobs, protocol::limits::MAX_ADVERT_BLOBS),
-            active_tasks: self.active_tasks.load(Ordering::Relaxed),
-            max_tasks: self.config.limits.max_tasks,
-            power: hw::power(),
-            score: self.score.lock().clone(),
-        }
-    }
-
-    /// Model blob `id` loaded on the task backend, from the cache when it
-    /// is the last one used. A model the GPU cannot take (memory, buffer
-    /// limits) runs on the CPU instead, with the same results. Blocking:
-    /// call it off the async threads.
-    pub fn model(&self, id: &ContentId) -> Result<Arc<kernels::model::Model>> {
-        let mut cache = self.model_cache.lock();
-        if let Some((cached, m)) = cache.as_ref()
-            && cached == id
-        {
-            return Ok(m.clone());
-        }
-        *cache = None;
-        let loaded =
-            kernels::model::load(&self.store.path(id)).context("the model blob is not a model tern can load")?;
-        let m = match kernels::model::Model::new(&loaded.weights, self.backend.clone()) {
-            Ok(m) => m,
-            Err(e) if matches!(self.backend, kernels::Backend::Wgpu(_)) => {
-                tracing::warn!(model = %id, "the GPU cannot hold the model ({e}); it runs on the CPU");
-                kernels::model::Model::new(&loaded.weights, kernels::Backend::Cpu(self.cpu.clone()))?
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let m = Arc::new(m);
-        *cache = Some((*id, m.clone()));
-        Ok(m)
-    }
-
-    /// The blobs running tasks use.
-    pub fn in_use_ids(&self) -> std::collections::HashSet<ContentId> {
-        self.in_use.lock().keys().copied().collect()
-    }
-
-    /// The unexpired entries of the peer table.
-    pub fn peer_entries(&self) -> Vec<(PublicKey, PeerEntry)> {
-        let mut t = self.peers.lock();
-        t.expire(now_ms());
-        t.entries().into_iter().map(|(k, e)| (k, e.clone())).collect()
-    }
-
-    /// Seals a payload with this node's key.
-    pub fn seal(&self, payload: &Payload, ttl: Duration) -> Vec<u8> {
-        protocol::seal(
-            &self.key,
-            payload,
-            Validity::new(random_u64(), now_ms(), ttl.as_millis() as u64),
-        )
-    }
-}
+use crate::task::Models;
+use crate::task::executor::{self, Worker};
+pub use shared::{ScoreChecks, Shared};
 
 /// A running node.
 #[derive(Debug)]
 pub struct NodeHandle {
     pub shared: Arc<Shared>,
     /// The fine-tunes this daemon runs.
-    pub jobs: crate::job::runner::Jobs,
+    pub jobs: Jobs,
     /// Where the control API listens.
     pub control_addr: SocketAddr,
     stop: watch::Sender<bool>,
@@ -310,15 +96,15 @@ impl NodeHandle {
     pub async fn shutdown(self) {
         // Jobs stop first (their progress is saved; the next start resumes them).
         self.jobs.stop().await;
-        self.shared.accepting.store(false, Ordering::SeqCst);
+        self.shared.worker.accepting.store(false, Ordering::SeqCst);
         let grace = Duration::from_secs(self.shared.config.limits.shutdown_grace_secs);
         let t0 = tokio::time::Instant::now();
-        while self.shared.active_tasks.load(Ordering::SeqCst) > 0 && t0.elapsed() < grace {
+        while self.shared.worker.active_tasks.load(Ordering::SeqCst) > 0 && t0.elapsed() < grace {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let _ = self.cancel.send(true);
         let t1 = tokio::time::Instant::now();
-        while self.shared.active_tasks.load(Ordering::SeqCst) > 0 && t1.elapsed() < Duration::from_secs(2) {
+        while self.shared.worker.active_tasks.load(Ordering::SeqCst) > 0 && t1.elapsed() < Duration::from_secs(2) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // Let the hand-back responses leave before the swarm stops.
@@ -353,17 +139,35 @@ pub async fn start(config: Config) -> Result<NodeHandle> {
     tracing::info!(backend = %backend.name(), "tasks run on {}", backend.name());
     let (cancel_tx, cancel_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let peers = Arc::new(Peers::new(4096));
+    let stats = Arc::new(Mutex::new(Stats::default()));
+    let max_disk = config.limits.max_disk_mib.saturating_mul(1 << 20);
+    let blobs = Blobs::new(store.clone(), net.clone(), peers.clone(), max_disk);
+    let models = Arc::new(Models::new(store.clone(), cpu.clone(), backend.clone()));
+    let worker = Arc::new(Worker::new(
+        key.clone(),
+        config.clone(),
+        blobs.clone(),
+        models.clone(),
+        stats.clone(),
+        cancel_rx,
+    ));
+    let client = Arc::new(Client {
+        key: key.clone(),
+        config: config.clone(),
+        blobs: blobs.clone(),
+        models: models.clone(),
+    });
     let shared = Arc::new(Shared {
         hardware: (hw::cpu(threads), gpus, hw::ram_bytes()),
         key,
         store,
         net,
-        peers: Mutex::new(PeerTable::new(4096)),
-        replay: Mutex::new(ReplayGuard::new(
-            100_000,
-            TASKS_PER_SIGNER,
-            protocol::limits::MAX_TASK_TTL_MS,
-        )),
+        peers,
+        blobs,
+        models,
+        worker,
+        client,
         advert_rate: Mutex::new(Buckets::new(
             f64::from(config.limits.adverts_per_sec),
             config.limits.advert_burst,
@@ -385,15 +189,8 @@ pub async fn start(config: Config) -> Result<NodeHandle> {
         score: Mutex::new(None),
         cpu,
         backend,
-        active_tasks: AtomicU32::new(0),
-        computing: AtomicU32::new(0),
-        accepting: AtomicBool::new(true),
-        cancel: cancel_rx,
         listen_addrs: Mutex::new(Vec::new()),
-        stats: Mutex::new(Stats::default()),
-        model_cache: Mutex::new(None),
-        fetching: Mutex::new(Default::default()),
-        in_use: Mutex::new(Default::default()),
+        stats,
         config,
     });
     let mut tasks = vec![tokio::spawn(event_loop.run())];
@@ -416,7 +213,7 @@ pub async fn start(config: Config) -> Result<NodeHandle> {
             shared.net.provide(id.as_bytes().to_vec()).await;
         }
     }
-    let jobs = crate::job::runner::Jobs::start(shared.clone())?;
+    let jobs = Jobs::start(shared.client.clone())?;
     let (control_addr, control_task) = control::serve(shared.clone(), jobs.clone(), stop_rx.clone()).await?;
     tasks.push(control_task);
     tasks.push(tokio::spawn(inbound_loop(shared.clone(), inbound)));
@@ -693,7 +490,7 @@ async fn inbound_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>)
                 let s = shared.clone();
                 tokio::spawn(async move {
                     let s2 = s.clone();
-                    let resp = tokio::task::spawn_blocking(move || fetch::serve(&s2, &request)).await;
+                    let resp = tokio::task::spawn_blocking(move || fetch::serve(&s2.blobs, &request)).await;
                     drop(permit);
                     if let Ok(resp) = resp {
                         s.stats.lock().blob_requests_served += 1;
@@ -708,7 +505,7 @@ async fn inbound_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>)
                     tracing::debug!(%peer, "task request dropped: over its rate");
                     continue;
                 }
-                tokio::spawn(executor::handle(shared.clone(), peer, request, channel));
+                tokio::spawn(executor::handle(shared.worker.clone(), peer, request, channel));
             }
             Inbound::Connected { .. } => {
                 // Tell a new neighbour about us soon, rather than at the next tick.

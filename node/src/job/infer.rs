@@ -13,13 +13,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use kernels::model::{Logits, Model, Sampler, SamplingParams};
+use kernels::model::{Logits, Model};
 use protocol::{ContentId, InferOutput, InferParams, PublicKey, Sampling, Task, TaskParams, TaskStatus};
 use serde::Serialize;
 
-use crate::daemon::Shared;
+use crate::job::{self, Client, submit};
 use crate::net::fetch;
-use crate::{executor, job};
+
+pub use crate::task::sampler;
 
 /// Positions per forward chunk of the check (bounds the logits held).
 const CHECK_CHUNK: usize = 256;
@@ -33,17 +34,6 @@ pub struct Mismatch {
     pub expected: u32,
     /// The token returned.
     pub got: u32,
-}
-
-/// The sampler of an infer task.
-pub fn sampler(s: &Sampling) -> Result<Sampler> {
-    Ok(Sampler::new(SamplingParams {
-        temperature: s.temperature,
-        top_k: s.top_k as usize,
-        top_p: s.top_p,
-        repetition_penalty: 1.0,
-        seed: s.seed,
-    })?)
 }
 
 /// Checks `output` against the model: `Ok(None)` when every token is the
@@ -73,7 +63,7 @@ pub fn check(model: &Model, p: &InferParams, output: &[u32]) -> Result<Option<Mi
             got: output[position],
         }));
     }
-    let mut sampler = sampler(&p.sampling)?;
+    let mut sampler = crate::task::sampler(&p.sampling)?;
     let mut cache = model.new_cache();
     let mut history = p.prompt.clone();
     // The prompt's last position predicts output[0]; output[i] predicts output[i+1].
@@ -129,7 +119,7 @@ pub struct Answer {
 /// moves on to the next peer when it fails the check or the worker fails.
 /// The model must be in the local store or fetchable from the swarm.
 pub async fn infer(
-    shared: &Arc<Shared>,
+    client: &Arc<Client>,
     model: ContentId,
     prompt: Vec<u32>,
     max_tokens: u32,
@@ -142,26 +132,26 @@ pub async fn infer(
         prompt.len(),
         protocol::limits::MAX_PROMPT_TOKENS
     );
-    if !shared.store.has(&model) {
+    if !client.blobs.store.has(&model) {
         on("fetching the model to check answers with");
-        fetch::fetch(shared, &model, &[])
+        fetch::fetch(&client.blobs, &model, &[])
             .await
             .with_context(|| format!("model {model}"))?;
     }
-    let s = shared.clone();
-    let loaded = tokio::task::spawn_blocking(move || s.model(&model)).await??;
+    let s = client.clone();
+    let loaded = tokio::task::spawn_blocking(move || s.models.get(&model)).await??;
     let params = InferParams {
         model,
         prompt,
         max_tokens,
         sampling,
     };
-    let size = shared.store.size(&model).unwrap_or(0);
+    let size = client.blobs.store.size(&model).unwrap_or(0);
     let mut skip: Vec<PublicKey> = Vec::new();
     let mut faults = Vec::new();
     let mut errors = Vec::new();
     loop {
-        let peers = job::capable_peers(shared, &model, size, &skip);
+        let peers = job::capable_peers(client, &model, size, &skip);
         let Some((worker, _)) = peers.first().cloned() else {
             let tried = if errors.is_empty() {
                 String::new()
@@ -170,7 +160,7 @@ pub async fn infer(
             };
             bail!(
                 "no capable peer for model {model} ({} known, {} faulty){tried}",
-                shared.peer_entries().len().saturating_sub(1),
+                client.peer_entries().len().saturating_sub(1),
                 faults.len()
             );
         };
@@ -184,12 +174,9 @@ pub async fn infer(
         };
         // A peer that takes the task and never answers is replaced after
         // this node's own task timeout.
-        let wait = Duration::from_secs(shared.config.limits.task_timeout_secs);
-        let sub = match tokio::time::timeout(
-            wait,
-            executor::submit(shared, task, executor::max_infer_output(max_tokens)),
-        )
-        .await
+        let wait = Duration::from_secs(client.config.limits.task_timeout_secs);
+        let sub = match tokio::time::timeout(wait, submit::submit(client, task, submit::max_infer_output(max_tokens)))
+            .await
         {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -201,7 +188,7 @@ pub async fn infer(
                 continue;
             }
         };
-        let evidence = shared.store.put_pinned(&sub.envelope)?;
+        let evidence = client.blobs.store.put_pinned(&sub.envelope)?;
         if sub.result.status != TaskStatus::Done {
             errors.push(format!("{worker}: {:?}: {}", sub.result.status, sub.result.error));
             continue;
@@ -210,7 +197,7 @@ pub async fn infer(
             errors.push(format!("{worker}: done without an output"));
             continue;
         };
-        let tokens = match InferOutput::decode(&shared.store.read(&out)?) {
+        let tokens = match InferOutput::decode(&client.blobs.store.read(&out)?) {
             Ok(o) => o.tokens,
             Err(e) => {
                 errors.push(format!("{worker}: the output is not an infer output: {e}"));

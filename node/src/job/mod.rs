@@ -18,6 +18,8 @@
 pub mod infer;
 pub mod reputation;
 pub mod runner;
+pub mod settings;
+pub mod submit;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -36,10 +38,30 @@ use serde::{Deserialize, Serialize};
 
 use protocol::schedule::{Action, Candidate, Failure, Got, Input, Ledger, Outcome, Plan, Round};
 
-use crate::daemon::{Shared, now_ms};
+use crate::clock::now_ms;
+use crate::config::Config;
 use crate::net::fetch;
+use crate::net::fetch::Blobs;
 use crate::reputation::{Conviction, Reputation};
-use crate::{executor, shard};
+use crate::shard;
+use crate::task::Models;
+
+/// What the client's side of a node needs: its key (tasks are signed with
+/// it), its settings, the blobs and peers, and the models it checks with.
+#[derive(Debug)]
+pub struct Client {
+    pub key: protocol::Keypair,
+    pub config: Config,
+    pub blobs: Arc<Blobs>,
+    pub models: Arc<Models>,
+}
+
+impl Client {
+    /// The unexpired entries of the peer table.
+    pub fn peer_entries(&self) -> Vec<(PublicKey, PeerEntry)> {
+        self.blobs.peers.entries()
+    }
+}
 
 /// How long a round waits for a capable peer before it gives up (by default).
 pub const PEER_WAIT: Duration = Duration::from_secs(30);
@@ -380,6 +402,14 @@ pub enum Event {
     RoundDone {
         record: RoundRecord,
     },
+    /// The job stopped on an error (its verified progress saved), and the
+    /// daemon runs it again in `in_secs`: attempt `attempt` of at most
+    /// `runner::MAX_ATTEMPTS`.
+    Retrying {
+        attempt: u32,
+        error: String,
+        in_secs: u64,
+    },
 }
 
 /// A progress callback.
@@ -390,13 +420,13 @@ pub type Progress = dyn Fn(&Event) + Send + Sync;
 /// scores first), then by spare task slots. The local node, `skip` and
 /// peers without the memory for the model are left out.
 pub fn capable_peers(
-    shared: &Shared,
+    client: &Client,
     model: &ContentId,
     model_bytes: u64,
     skip: &[PublicKey],
 ) -> Vec<(PublicKey, PeerEntry)> {
-    let me = shared.key.public();
-    let mut peers: Vec<_> = shared
+    let me = client.key.public();
+    let mut peers: Vec<_> = client
         .peer_entries()
         .into_iter()
         .filter(|(k, e)| {
@@ -426,7 +456,7 @@ pub fn capable_peers(
 }
 
 /// A task's answer: its number and shard, and what came back.
-type Answer = (u64, u32, Result<executor::Submitted>);
+type Answer = (u64, u32, Result<submit::Submitted>);
 
 /// The tasks of a round in flight, and what cancels each.
 #[derive(Default)]
@@ -440,7 +470,7 @@ struct Running {
 
 /// A job being run by a client node.
 pub struct Job {
-    shared: Arc<Shared>,
+    client: Arc<Client>,
     state: JobState,
     model: Arc<Model>,
     model_bytes: u64,
@@ -477,22 +507,22 @@ impl std::fmt::Debug for Job {
 impl Job {
     /// Opens job `spec` on this node: resumes its saved state, or starts
     /// it. The model and data shards must be in the store (or fetchable).
-    pub async fn open(shared: &Arc<Shared>, spec: JobSpec) -> Result<Self> {
+    pub async fn open(client: &Arc<Client>, spec: JobSpec) -> Result<Self> {
         spec.validate()?;
         let id = spec.id();
-        let dir = &shared.config.data_dir;
+        let dir = &client.config.data_dir;
         let blobs = std::iter::once(&spec.model).chain(&spec.shards).chain(&spec.eval);
         for b in blobs {
-            if !shared.store.has(b) {
-                fetch::fetch(shared, b, &[])
+            if !client.blobs.store.has(b) {
+                fetch::fetch(&client.blobs, b, &[])
                     .await
                     .with_context(|| format!("the job's input {b} is not held here and"))?;
             }
-            shared.store.pin(b)?;
+            client.blobs.store.pin(b)?;
         }
-        let (s, m) = (shared.clone(), spec.model);
-        let model = tokio::task::spawn_blocking(move || s.model(&m)).await??;
-        let model_bytes = shared.store.size(&spec.model).unwrap_or(0);
+        let (s, m) = (client.clone(), spec.model);
+        let model = tokio::task::spawn_blocking(move || s.models.get(&m)).await??;
+        let model_bytes = client.blobs.store.size(&spec.model).unwrap_or(0);
         let first = shard::initial_adapter(model.config(), &spec.hyper, spec.seed)?;
         let (layout, params) = (first.layout, first.values.len());
         let state = if JobState::path(dir, &id).exists() {
@@ -500,14 +530,14 @@ impl Job {
             ensure!(s.spec == spec, "job {id}'s saved spec differs from the one given");
             s
         } else {
-            let adapter = shared.store.put_pinned(&first.encode())?;
+            let adapter = client.blobs.store.put_pinned(&first.encode())?;
             let optimizer = if spec.carry_moments {
-                Some(shared.store.put_pinned(&OptimizerState::fresh(layout).encode())?)
+                Some(client.blobs.store.put_pinned(&OptimizerState::fresh(layout).encode())?)
             } else {
                 None
             };
             let eval_loss_start = match spec.eval {
-                Some(e) => Some(eval_loss(shared, &model, &spec.hyper, &first, &e).await?),
+                Some(e) => Some(eval_loss(client, &model, &spec.hyper, &first, &e).await?),
                 None => None,
             };
             let s = JobState {
@@ -558,16 +588,16 @@ impl Job {
             .flatten()
         {
             ensure!(
-                shared.store.has(&b),
+                client.blobs.store.has(&b),
                 "the job's adapter blob {b} is missing from the store"
             );
-            shared.net.provide(b.as_bytes().to_vec()).await;
+            client.blobs.net.provide(b.as_bytes().to_vec()).await;
         }
         for b in std::iter::once(&state.spec.model).chain(&state.spec.shards) {
-            shared.net.provide(b.as_bytes().to_vec()).await;
+            client.blobs.net.provide(b.as_bytes().to_vec()).await;
         }
         Ok(Self {
-            shared: shared.clone(),
+            client: client.clone(),
             state,
             model,
             model_bytes,
@@ -587,7 +617,7 @@ impl Job {
     }
 
     fn save(&self) -> Result<()> {
-        self.state.save(&self.shared.config.data_dir)
+        self.state.save(&self.client.config.data_dir)
     }
 
     /// Runs the remaining rounds. Returns the final state.
@@ -651,7 +681,7 @@ impl Job {
         let now = || clock.elapsed().as_millis() as u64;
         let mut run = Running::default();
         loop {
-            let peers = capable_peers(&self.shared, &spec.model, self.model_bytes, &[])
+            let peers = capable_peers(&self.client, &spec.model, self.model_bytes, &[])
                 .into_iter()
                 .map(|(key, e)| Candidate {
                     key,
@@ -777,7 +807,7 @@ impl Job {
                         why: format!("returned {output} for {why}"),
                         evidence,
                     };
-                    if let Err(e) = self.reputation.record(&self.shared.config.data_dir, worker, conviction) {
+                    if let Err(e) = self.reputation.record(&self.client.config.data_dir, worker, conviction) {
                         tracing::warn!(worker = %worker, "the conviction was not saved to the reputation record: {e:#}");
                     }
                 }
@@ -802,7 +832,7 @@ impl Job {
                     bail!(
                         "round {round}: no capable peer for {open} shard(s) within {} s (peers known: {}, excluded: {excluded}){why}",
                         waited_ms / 1000,
-                        self.shared.peer_entries().len().saturating_sub(1),
+                        self.client.peer_entries().len().saturating_sub(1),
                     );
                 }
                 Action::Fail(f @ Failure::TooManyAttempts { .. }) => bail!("round {round} {f}"),
@@ -820,7 +850,7 @@ impl Job {
         shard: u32,
         worker: PublicKey,
     ) -> impl std::future::Future<Output = Answer> + Send + 'static {
-        let shared = self.shared.clone();
+        let client = self.client.clone();
         let spec = &self.state.spec;
         let t = Task {
             worker,
@@ -831,22 +861,22 @@ impl Job {
             max_work: params.work(u64::from(spec.max_sequence_tokens)),
             params: TaskParams::LoraShard(params),
         };
-        let max_output = executor::max_shard_output(self.params, spec.carry_moments);
-        async move { (task, shard, executor::submit(&shared, t, max_output).await) }
+        let max_output = submit::max_shard_output(self.params, spec.carry_moments);
+        async move { (task, shard, submit::submit(&client, t, max_output).await) }
     }
 
     /// Checks one answer: done, and a well-formed shard result for this
     /// round (else failed, or wrong for a reason the worker signed).
-    fn check_answer(&self, round: u32, shard: u32, answer: Result<executor::Submitted>) -> Outcome {
+    fn check_answer(&self, round: u32, shard: u32, answer: Result<submit::Submitted>) -> Outcome {
         match self.checked(round, shard, answer) {
             Ok(got) => Outcome::Result(got),
             Err(o) => o,
         }
     }
 
-    fn checked(&self, round: u32, shard: u32, answer: Result<executor::Submitted>) -> Result<Got, Outcome> {
+    fn checked(&self, round: u32, shard: u32, answer: Result<submit::Submitted>) -> Result<Got, Outcome> {
         let sub = answer.map_err(|e| Outcome::Failed(format!("{e:#}")))?;
-        let store = &self.shared.store;
+        let store = &self.client.blobs.store;
         let evidence = store
             .put(&sub.envelope)
             .map_err(|e| Outcome::Failed(format!("keeping evidence: {e:#}")))?;
@@ -938,7 +968,7 @@ impl Job {
         }
         let mut data = BTreeMap::new();
         for (i, id) in self.state.spec.shards.iter().enumerate() {
-            let bytes = self.shared.store.read(id)?;
+            let bytes = self.client.blobs.store.read(id)?;
             data.insert(
                 i as u32,
                 Sequences::decode(&bytes).with_context(|| format!("data shard {id}"))?,
@@ -955,7 +985,7 @@ impl Job {
 
     /// The current adapter's parameters.
     fn adapter_params(&self) -> Result<AdapterParams> {
-        let bytes = self.shared.store.read(&self.state.adapter)?;
+        let bytes = self.client.blobs.store.read(&self.state.adapter)?;
         Ok(AdapterParams::decode(&bytes)?)
     }
 
@@ -963,7 +993,7 @@ impl Job {
     fn optimizer_state(&self) -> Result<Option<OptimizerState>> {
         self.state
             .optimizer
-            .map(|id| Ok(OptimizerState::decode(&self.shared.store.read(&id)?)?))
+            .map(|id| Ok(OptimizerState::decode(&self.client.blobs.store.read(&id)?)?))
             .transpose()
     }
 
@@ -975,20 +1005,20 @@ impl Job {
             .params(round, shard, self.state.adapter, self.state.optimizer);
         let start = self.adapter_params()?;
         let opt = self.optimizer_state()?;
-        let data = Sequences::decode(&self.shared.store.read(&params.data)?)?;
+        let data = Sequences::decode(&self.client.blobs.store.read(&params.data)?)?;
         let model = self.model.clone();
         let out = tokio::task::spawn_blocking(move || {
             shard::run(&model, &params, &start, opt.as_ref(), &data, u64::MAX, &|| false)
         })
         .await??
         .0;
-        let id = self.shared.store.put_pinned(&out.encode())?;
+        let id = self.client.blobs.store.put_pinned(&out.encode())?;
         Ok((id, out.tokens, out.loss))
     }
 
     /// Combines the round's accepted results into the next adapter.
     async fn aggregate(&mut self, round: u32, referee_secs: f64) -> Result<RoundRecord> {
-        let store = &self.shared.store;
+        let store = &self.client.blobs.store;
         let current = self.adapter_params()?;
         let momentum = match self.state.momentum {
             Some(m) => AdapterParams::decode(&store.read(&m)?)?.values,
@@ -1020,7 +1050,7 @@ impl Job {
         let tokens: u64 = outs.iter().map(|(_, o)| o.tokens).sum();
         let loss = outs.iter().map(|(_, o)| o.loss * o.tokens as f64).sum::<f64>() / tokens.max(1) as f64;
         let eval_loss = match spec.eval {
-            Some(e) => Some(eval_loss(&self.shared, &self.model, &spec.hyper, &next.adapter, &e).await?),
+            Some(e) => Some(eval_loss(&self.client, &self.model, &spec.hyper, &next.adapter, &e).await?),
             None => None,
         };
         let mut results: Vec<ContentId> = outs.iter().map(|(id, _)| *id).collect();
@@ -1031,7 +1061,7 @@ impl Job {
         self.state.accepted.clear();
         self.state.round = round + 1;
         for b in std::iter::once(adapter).chain(optimizer) {
-            self.shared.net.provide(b.as_bytes().to_vec()).await;
+            self.client.blobs.net.provide(b.as_bytes().to_vec()).await;
         }
         Ok(RoundRecord {
             round,
@@ -1051,13 +1081,13 @@ impl Job {
 
 /// Held-out loss of `adapter` on the eval blob, computed by the client.
 async fn eval_loss(
-    shared: &Shared,
+    client: &Client,
     model: &Arc<Model>,
     hyper: &LoraHyper,
     adapter: &AdapterParams,
     eval: &ContentId,
 ) -> Result<f64> {
-    let data = Sequences::decode(&shared.store.read(eval)?)?;
+    let data = Sequences::decode(&client.blobs.store.read(eval)?)?;
     let (model, hyper, adapter) = (model.clone(), *hyper, adapter.clone());
     tokio::task::spawn_blocking(move || -> Result<f64> {
         let a = shard::adapter(model.config(), &hyper, &adapter)?;
@@ -1069,8 +1099,8 @@ async fn eval_loss(
 }
 
 /// Runs job `spec` from this node to its end (resuming saved progress).
-pub async fn run(shared: &Arc<Shared>, spec: JobSpec, on: &Progress) -> Result<JobState> {
-    Job::open(shared, spec).await?.run(on).await
+pub async fn run(client: &Arc<Client>, spec: JobSpec, on: &Progress) -> Result<JobState> {
+    Job::open(client, spec).await?.run(on).await
 }
 
 /// The data blobs of a job.

@@ -17,8 +17,88 @@ use libp2p::PeerId;
 use prost::Message as _;
 use protocol::{ContentId, Outline, wire};
 
-use crate::daemon::Shared;
-use crate::net::BLOB_PROTOCOL;
+use parking_lot::Mutex;
+
+use crate::net::peers::Peers;
+use crate::net::{BLOB_PROTOCOL, Net};
+use crate::store::BlobStore;
+
+/// What fetching and serving blobs needs: the store, the swarm, the peer
+/// table (who advertises what), and the blobs running tasks use.
+#[derive(Debug)]
+pub struct Blobs {
+    pub store: BlobStore,
+    pub net: Net,
+    pub peers: Arc<Peers>,
+    /// The store's limit; a fetch past it first collects garbage.
+    max_disk_bytes: u64,
+    /// Blobs running tasks use (with how many use each): garbage collection
+    /// under disk pressure keeps them.
+    in_use: Mutex<HashMap<ContentId, usize>>,
+    /// Fetches in progress, one per id (see [`fetch_at_most`]).
+    fetching: Mutex<HashMap<ContentId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Blobs {
+    pub fn new(store: BlobStore, net: Net, peers: Arc<Peers>, max_disk_bytes: u64) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            net,
+            peers,
+            max_disk_bytes,
+            in_use: Mutex::default(),
+            fetching: Mutex::default(),
+        })
+    }
+
+    /// The blobs running tasks use.
+    pub fn in_use_ids(&self) -> HashSet<ContentId> {
+        self.in_use.lock().keys().copied().collect()
+    }
+
+    /// Fetches in progress (single-flight locks someone holds or waits on).
+    pub fn fetches_in_progress(&self) -> usize {
+        self.fetching
+            .lock()
+            .values()
+            .filter(|l| Arc::strong_count(l) > 1)
+            .count()
+    }
+
+    /// Marks `ids` in use until the guard drops.
+    pub fn hold(self: &Arc<Self>, ids: &[ContentId]) -> InUse {
+        let mut m = self.in_use.lock();
+        for id in ids {
+            *m.entry(*id).or_default() += 1;
+        }
+        InUse {
+            blobs: self.clone(),
+            ids: ids.to_vec(),
+        }
+    }
+}
+
+/// A running task's blobs, kept by garbage collection under disk pressure
+/// until this drops.
+#[derive(Debug)]
+pub struct InUse {
+    blobs: Arc<Blobs>,
+    ids: Vec<ContentId>,
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        let mut m = self.blobs.in_use.lock();
+        for id in &self.ids {
+            if let Some(n) = m.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(id);
+                }
+            }
+        }
+    }
+}
 
 /// Group requests in flight per provider.
 const PER_PROVIDER: usize = 16;
@@ -88,19 +168,19 @@ enum Group {
 const ASKED_AT_MOST: usize = 2;
 
 /// Serves a blob request from the local store.
-pub fn serve(shared: &Shared, request: &[u8]) -> Vec<u8> {
+pub fn serve(blobs: &Blobs, request: &[u8]) -> Vec<u8> {
     use wire::blob_response::Result as R;
     let result = match wire::BlobRequest::decode(request) {
         Err(e) => R::NotFound(format!("malformed request: {e}")),
         Ok(req) => match <[u8; 32]>::try_from(req.id.as_slice()).map(ContentId::from_bytes) {
             Err(_) => R::NotFound("malformed id".into()),
-            Ok(id) if !shared.store.has(&id) => R::NotFound(format!("{id} not held")),
+            Ok(id) if !blobs.store.has(&id) => R::NotFound(format!("{id} not held")),
             Ok(id) => match req.what {
-                Some(wire::blob_request::What::Outline(_)) => match shared.store.outline(&id) {
+                Some(wire::blob_request::What::Outline(_)) => match blobs.store.outline(&id) {
                     Ok(o) => R::Outline(o.to_wire()),
                     Err(e) => R::NotFound(format!("{e:#}")),
                 },
-                Some(wire::blob_request::What::Group(g)) => match group_response(&shared.store, &id, g) {
+                Some(wire::blob_request::What::Group(g)) => match group_response(&blobs.store, &id, g) {
                     Ok(response) => return response,
                     Err(e) => R::NotFound(format!("{e:#}")),
                 },
@@ -132,7 +212,7 @@ fn group_response(store: &crate::store::BlobStore, id: &ContentId, g: u64) -> Re
 /// [`PROVE_WAIT`] (the group loop then finds the faulty providers, and a
 /// provider that stalls costs no more than that).
 async fn prove_size(
-    shared: &Shared,
+    blobs: &Blobs,
     id: &ContentId,
     outline: &Outline,
     peers: &[PeerId],
@@ -143,7 +223,7 @@ async fn prove_size(
         .iter()
         .chain(peers.iter().filter(|p| Some(**p) != source))
         .take(4)
-        .map(|&p| ask(shared, p, id, wire::blob_request::What::Group(last)))
+        .map(|&p| ask(blobs, p, id, wire::blob_request::What::Group(last)))
         .collect();
     let first_proof = async {
         while let Some(answer) = asks.next().await {
@@ -162,7 +242,7 @@ async fn prove_size(
 const PROVE_WAIT: Duration = Duration::from_secs(5);
 
 async fn ask(
-    shared: &Shared,
+    blobs: &Blobs,
     peer: PeerId,
     id: &ContentId,
     what: wire::blob_request::What,
@@ -172,7 +252,7 @@ async fn ask(
         what: Some(what),
     }
     .encode_to_vec();
-    let bytes = shared.net.request(peer, BLOB_PROTOCOL, req).await?;
+    let bytes = blobs.net.request(peer, BLOB_PROTOCOL, req).await?;
     // A group decodes as a slice of the received frame, not a copy.
     let resp = wire::BlobResponse::decode(prost::bytes::Bytes::from(bytes))
         .map_err(|e| anyhow!("malformed blob response from {peer}: {e}"))?;
@@ -187,9 +267,9 @@ async fn ask(
 
 /// Peers that may hold `id`: those given, those whose advert lists it, and
 /// Kademlia's provider records.
-pub async fn providers(shared: &Shared, id: &ContentId, hint: &[PeerId]) -> Vec<PeerId> {
+pub async fn providers(blobs: &Blobs, id: &ContentId, hint: &[PeerId]) -> Vec<PeerId> {
     let mut set: Vec<PeerId> = hint.to_vec();
-    for (key, entry) in shared.peers.lock().entries() {
+    for (key, entry) in blobs.peers.lock().entries() {
         if (entry.advert.blobs.contains(id) || entry.advert.models.contains(id))
             && let Ok(p) = crate::identity::peer_id(&key)
         {
@@ -198,47 +278,47 @@ pub async fn providers(shared: &Shared, id: &ContentId, hint: &[PeerId]) -> Vec<
     }
     if set.is_empty()
         && let Ok(Ok(found)) =
-            tokio::time::timeout(Duration::from_secs(10), shared.net.providers(id.as_bytes().to_vec())).await
+            tokio::time::timeout(Duration::from_secs(10), blobs.net.providers(id.as_bytes().to_vec())).await
     {
         set.extend(found);
     }
-    let me = shared.net.local_peer_id();
+    let me = blobs.net.local_peer_id();
     let mut seen = HashSet::new();
     set.retain(|p| *p != me && seen.insert(*p));
     set
 }
 
 /// Fetches blob `id` into the store unless it is already there.
-pub async fn fetch(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId]) -> Result<()> {
-    fetch_at_most(shared, id, hint, u64::MAX).await
+pub async fn fetch(blobs: &Arc<Blobs>, id: &ContentId, hint: &[PeerId]) -> Result<()> {
+    fetch_at_most(blobs, id, hint, u64::MAX).await
 }
 
 /// Fetches blob `id` unless it is held, refusing (before any group is
 /// asked for) a blob larger than `max_bytes`: what a task's inputs or
 /// outputs can honestly weigh.
-pub async fn fetch_at_most(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId], max_bytes: u64) -> Result<()> {
-    if shared.store.has(id) {
+pub async fn fetch_at_most(blobs: &Arc<Blobs>, id: &ContentId, hint: &[PeerId], max_bytes: u64) -> Result<()> {
+    if blobs.store.has(id) {
         return Ok(());
     }
     // Single flight: a second fetch of the same id waits for the first
     // (they would share one partial file) and then finds the blob held.
     let lock = {
-        let mut inflight = shared.fetching.lock();
+        let mut inflight = blobs.fetching.lock();
         inflight.retain(|_, l| std::sync::Arc::strong_count(l) > 1);
         inflight.entry(*id).or_default().clone()
     };
     let _one = lock.lock().await;
-    if shared.store.has(id) {
+    if blobs.store.has(id) {
         return Ok(());
     }
-    let fetched = transfer(shared, id, hint, max_bytes).await;
+    let fetched = transfer(blobs, id, hint, max_bytes).await;
     // The group buffers the heap kept for reuse during the transfer.
     let _ = tokio::task::spawn_blocking(crate::daemon::memory::release_free).await;
     fetched
 }
 
-async fn transfer(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId], max_bytes: u64) -> Result<()> {
-    let peers = providers(shared, id, hint).await;
+async fn transfer(blobs: &Arc<Blobs>, id: &ContentId, hint: &[PeerId], max_bytes: u64) -> Result<()> {
+    let peers = providers(blobs, id, hint).await;
     if peers.is_empty() {
         bail!("no peer is known to hold blob {id}");
     }
@@ -247,14 +327,7 @@ async fn transfer(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId], max_byt
     let mut source = None;
     let mut why = Vec::new();
     for &p in &peers {
-        match ask(
-            shared,
-            p,
-            id,
-            wire::blob_request::What::Outline(wire::OutlineRequest {}),
-        )
-        .await
-        {
+        match ask(blobs, p, id, wire::blob_request::What::Outline(wire::OutlineRequest {})).await {
             Ok(wire::blob_response::Result::Outline(w)) => match Outline::from_wire(w, id) {
                 Ok(o) => {
                     outline = Some(o);
@@ -275,7 +348,7 @@ async fn transfer(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId], max_byt
     // group's own bytes prove it. An outline that lied is corrected, and its
     // provider dropped, before a single honest group can look wrong.
     let mut peers = peers;
-    let (outline, last_group) = match prove_size(shared, id, &outline, &peers, source).await {
+    let (outline, last_group) = match prove_size(blobs, id, &outline, &peers, source).await {
         Some((size, bytes)) if size != outline.size() => {
             let fixed = outline
                 .with_size(size)
@@ -300,14 +373,13 @@ async fn transfer(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId], max_byt
         );
     }
     // The disk limit is for the whole store, not per blob.
-    let limit = shared.config.limits.max_disk_mib.saturating_mul(1 << 20);
-    let mut used = shared.store.used_bytes();
+    let limit = blobs.max_disk_bytes;
+    let mut used = blobs.store.used_bytes();
     if used.saturating_add(outline.size()) > limit {
         // Under pressure: collect what nothing needs (not pinned, not used
         // by a running task, not an output written in the last minutes).
-        let (store, keep) = (shared.store.clone(), shared.in_use_ids());
-        let report =
-            tokio::task::spawn_blocking(move || store.gc_keeping(&keep, crate::executor::RESULT_TTL)).await??;
+        let (store, keep) = (blobs.store.clone(), blobs.in_use_ids());
+        let report = tokio::task::spawn_blocking(move || store.gc_keeping(&keep, crate::store::RESULT_TTL)).await??;
         if report.removed > 0 {
             tracing::info!(
                 removed = report.removed,
@@ -315,7 +387,7 @@ async fn transfer(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId], max_byt
                 "store over its limit: collected garbage"
             );
         }
-        used = shared.store.used_bytes();
+        used = blobs.store.used_bytes();
     }
     if used.saturating_add(outline.size()) > limit {
         bail!(
@@ -323,7 +395,7 @@ async fn transfer(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId], max_byt
             outline.size()
         );
     }
-    let store = shared.store.clone();
+    let store = blobs.store.clone();
     let oid = *id;
     let o2 = outline.clone();
     let partial = tokio::task::spawn_blocking(move || store.partial(&oid, &o2)).await??;
@@ -389,7 +461,7 @@ async fn transfer(shared: &Arc<Shared>, id: &ContentId, hint: &[PeerId], max_byt
                 *in_flight.entry(p).or_default() += 1;
                 let seq = issued;
                 issued += 1;
-                let s = shared.clone();
+                let s = blobs.clone();
                 running.push(async move {
                     let answer = match ask(&s, p, &oid, wire::blob_request::What::Group(g)).await {
                         Ok(wire::blob_response::Result::Group(bytes)) => Answer::Group(bytes),

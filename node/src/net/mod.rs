@@ -11,6 +11,7 @@
 //! DCUtR.
 
 pub mod fetch;
+pub mod peers;
 pub mod rate;
 
 use std::collections::{HashMap, HashSet};
@@ -27,6 +28,7 @@ use libp2p::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
+pub use crate::identity::peer_of;
 
 /// Gossipsub topic of hardware adverts.
 pub const ADVERT_TOPIC: &str = "/tern/adverts/1";
@@ -614,14 +616,6 @@ pub const RELAY_CIRCUIT_BYTES: u64 = 1 << 20;
 /// Task requests may take as long as the task; the worker's own timeout
 /// (`limits.task_timeout_secs`) is the real bound.
 const TASK_REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
-
-/// The peer id in a multiaddress's `/p2p/` suffix.
-pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
-    addr.iter().find_map(|p| match p {
-        libp2p::multiaddr::Protocol::P2p(id) => Some(id),
-        _ => None,
-    })
-}
 
 /// Whether an address runs through a relay.
 pub fn is_relayed(addr: &Multiaddr) -> bool {

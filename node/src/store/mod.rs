@@ -451,6 +451,11 @@ fn outline_digest(outline: &Outline) -> [u8; 32] {
     *blake3::hash(&prost::Message::encode_to_vec(&outline.to_wire())).as_bytes()
 }
 
+/// How long a task's result envelope stays valid, and so how long garbage
+/// collection under disk pressure keeps a fresh output (written unlisted)
+/// for its submitter to fetch.
+pub const RESULT_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// How long an unfinished fetch's partial file is kept for resuming.
 pub const PARTIAL_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 

@@ -1,38 +1,94 @@
-//! Tasks: the worker's side (check, fetch, run on the kernels, answer with
-//! a signed result) and the submitter's ([`submit`]).
+//! Tasks, the worker's side: check, fetch, run on the kernels, answer with
+//! a signed result. The submitter's side is `job::submit`.
 //!
 //! Tasks are data. Nothing a submitter sends is executed except tern's own
 //! kernels, on inputs named by content id and verified on arrival.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use libp2p::PeerId;
+use parking_lot::Mutex;
 use protocol::{
-    ContentId, InferOutput, InferParams, Opened, Payload, PublicKey, Task, TaskParams, TaskResult, TaskStatus,
+    ContentId, InferOutput, InferParams, Keypair, Opened, Payload, PublicKey, ReplayGuard, Task, TaskParams,
+    TaskResult, TaskStatus,
 };
+use tokio::sync::watch;
 
-use crate::config::Fault;
+use crate::clock::now_ms;
+use crate::config::{Config, Fault};
 use crate::daemon::hw;
-use crate::daemon::{Shared, now_ms};
-use crate::net::fetch;
+use crate::net::fetch::{self, Blobs};
 use crate::net::{Responder, TASK_PROTOCOL};
+use crate::stats::Stats;
+use crate::task::Models;
 use crate::{identity, shard};
 
 /// The largest non-model input a task can have: an optimizer state (two
 /// moments per parameter) of the largest adapter, or a data shard.
 const MAX_SMALL_INPUT: u64 = 3 * 5 * protocol::limits::MAX_ADAPTER_PARAMS as u64 + (1 << 20);
 
-/// How long a result envelope stays valid (and how long garbage collection
-/// under pressure keeps a fresh output for its submitter to fetch).
-pub const RESULT_TTL: Duration = Duration::from_secs(600);
-/// How long a task envelope stays valid.
-const TASK_TTL: Duration = Duration::from_secs(300);
+pub use crate::store::RESULT_TTL;
+/// What the worker's side of a node needs: its key, its settings, the
+/// blobs, the backend tasks run on and the slots they take.
+#[derive(Debug)]
+pub struct Worker {
+    pub key: Keypair,
+    pub config: Config,
+    pub blobs: Arc<Blobs>,
+    /// The models tasks run on, loaded on the task backend.
+    pub models: Arc<Models>,
+    /// Task envelopes seen.
+    pub replay: Mutex<ReplayGuard>,
+    pub active_tasks: AtomicU32,
+    /// Task computations (generation, training) running on blocking
+    /// threads. A task that times out or is cancelled stops its
+    /// computation at the next step or token, and keeps its slot until then.
+    pub computing: AtomicU32,
+    pub accepting: AtomicBool,
+    /// Turns true when in-flight tasks must hand themselves back.
+    pub cancel: watch::Receiver<bool>,
+    pub stats: Arc<Mutex<Stats>>,
+}
+
+/// Live task envelopes one signer may have in the replay guard: a client
+/// sends a worker a handful of tasks at once, each valid for minutes.
+pub const TASKS_PER_SIGNER: usize = 1024;
+
+impl Worker {
+    /// A worker with no task running, accepting tasks until `cancel` turns
+    /// true.
+    pub fn new(
+        key: Keypair,
+        config: Config,
+        blobs: Arc<Blobs>,
+        models: Arc<Models>,
+        stats: Arc<Mutex<Stats>>,
+        cancel: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            key,
+            config,
+            blobs,
+            models,
+            replay: Mutex::new(ReplayGuard::new(
+                100_000,
+                TASKS_PER_SIGNER,
+                protocol::limits::MAX_TASK_TTL_MS,
+            )),
+            active_tasks: AtomicU32::new(0),
+            computing: AtomicU32::new(0),
+            accepting: AtomicBool::new(true),
+            cancel,
+            stats,
+        }
+    }
+}
 
 /// Answers one inbound task request.
-pub async fn handle(shared: Arc<Shared>, peer: PeerId, request: Vec<u8>, channel: Responder) {
+pub async fn handle(worker: Arc<Worker>, peer: PeerId, request: Vec<u8>, channel: Responder) {
     // A submitter that goes away (its connection closed, its request
     // timed out) stops the task: dropping `process` cancels its work.
     let gone = async {
@@ -41,15 +97,15 @@ pub async fn handle(shared: Arc<Shared>, peer: PeerId, request: Vec<u8>, channel
         }
     };
     let result = tokio::select! {
-        r = process(&shared, peer, &request) => r,
+        r = process(&worker, peer, &request) => r,
         _ = gone => {
-            shared.stats.lock().tasks_failed += 1;
+            worker.stats.lock().tasks_failed += 1;
             tracing::warn!(%peer, "the submitter went away; its task was stopped");
             return;
         }
     };
     {
-        let mut st = shared.stats.lock();
+        let mut st = worker.stats.lock();
         match result.status {
             TaskStatus::Done => st.tasks_done += 1,
             TaskStatus::Refused | TaskStatus::HandedBack => st.tasks_refused += 1,
@@ -61,14 +117,14 @@ pub async fn handle(shared: Arc<Shared>, peer: PeerId, request: Vec<u8>, channel
     } else {
         tracing::info!(%peer, task = %result.task, work = result.work, "task done");
     }
-    let bytes = shared.seal(&Payload::TaskResult(result), RESULT_TTL);
-    shared.net.respond(TASK_PROTOCOL, channel, bytes).await;
+    let bytes = identity::seal(&worker.key, &Payload::TaskResult(result), RESULT_TTL);
+    worker.blobs.net.respond(TASK_PROTOCOL, channel, bytes).await;
 }
 
 /// A task slot: decrements the active-task count when the last holder
 /// drops it. The blocking work holds a clone, so a task that timed out or
 /// was cancelled keeps its slot until its computation has really stopped.
-struct Slot(Arc<Shared>);
+struct Slot(Arc<Worker>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
@@ -76,53 +132,19 @@ impl Drop for Slot {
     }
 }
 
-/// Counts a running computation in [`Shared::computing`] while alive.
-struct Computing(Arc<Shared>);
+/// Counts a running computation in [`Worker::computing`] while alive.
+struct Computing(Arc<Worker>);
 
 impl Computing {
-    fn start(shared: &Arc<Shared>) -> Self {
-        shared.computing.fetch_add(1, Ordering::SeqCst);
-        Self(shared.clone())
+    fn start(worker: &Arc<Worker>) -> Self {
+        worker.computing.fetch_add(1, Ordering::SeqCst);
+        Self(worker.clone())
     }
 }
 
 impl Drop for Computing {
     fn drop(&mut self) {
         self.0.computing.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// Marks a running task's blobs in use, so that garbage collection under
-/// disk pressure keeps them; unmarked when dropped.
-struct InUse {
-    shared: Arc<Shared>,
-    ids: Vec<ContentId>,
-}
-
-impl InUse {
-    fn new(shared: &Arc<Shared>, ids: &[ContentId]) -> Self {
-        let mut m = shared.in_use.lock();
-        for id in ids {
-            *m.entry(*id).or_default() += 1;
-        }
-        Self {
-            shared: shared.clone(),
-            ids: ids.to_vec(),
-        }
-    }
-}
-
-impl Drop for InUse {
-    fn drop(&mut self) {
-        let mut m = self.shared.in_use.lock();
-        for id in &self.ids {
-            if let Some(n) = m.get_mut(id) {
-                *n -= 1;
-                if *n == 0 {
-                    m.remove(id);
-                }
-            }
-        }
     }
 }
 
@@ -152,7 +174,7 @@ fn refuse(task: ContentId, inputs: &[ContentId], why: impl std::fmt::Display) ->
 }
 
 /// Checks a task envelope against this node's rules, then runs it.
-async fn process(shared: &Arc<Shared>, peer: PeerId, request: &[u8]) -> TaskResult {
+async fn process(worker: &Arc<Worker>, peer: PeerId, request: &[u8]) -> TaskResult {
     let raw_id = ContentId::of(request);
     let opened = match protocol::open(request) {
         Ok(o) => o,
@@ -162,13 +184,13 @@ async fn process(shared: &Arc<Shared>, peer: PeerId, request: &[u8]) -> TaskResu
         return refuse(opened.body_id, &[], "the envelope does not carry a task");
     };
     let (id, inputs) = (opened.body_id, task.inputs.as_slice());
-    if let Err(e) = shared.replay.lock().admit(&opened, now_ms()) {
+    if let Err(e) = worker.replay.lock().admit(&opened, now_ms()) {
         return refuse(id, inputs, format!("refused envelope: {e}"));
     }
-    if let Err(why) = admissible(shared, &opened, task, peer) {
+    if let Err(why) = admissible(worker, &opened, task, peer) {
         return refuse(id, inputs, why);
     }
-    if !shared.accepting.load(Ordering::SeqCst) {
+    if !worker.accepting.load(Ordering::SeqCst) {
         return TaskResult::not_done(
             id,
             inputs.to_vec(),
@@ -176,17 +198,17 @@ async fn process(shared: &Arc<Shared>, peer: PeerId, request: &[u8]) -> TaskResu
             "the worker is shutting down",
         );
     }
-    let max = shared.config.limits.max_tasks;
-    if shared.active_tasks.fetch_add(1, Ordering::SeqCst) >= max {
-        shared.active_tasks.fetch_sub(1, Ordering::SeqCst);
+    let max = worker.config.limits.max_tasks;
+    if worker.active_tasks.fetch_add(1, Ordering::SeqCst) >= max {
+        worker.active_tasks.fetch_sub(1, Ordering::SeqCst);
         return refuse(id, inputs, format!("busy: {max} tasks already running"));
     }
-    let slot = Arc::new(Slot(shared.clone()));
-    let timeout = Duration::from_secs(shared.config.limits.task_timeout_secs);
-    let mut cancel = shared.cancel.clone();
+    let slot = Arc::new(Slot(worker.clone()));
+    let timeout = Duration::from_secs(worker.config.limits.task_timeout_secs);
+    let mut cancel = worker.cancel.clone();
     let stop = Cancel::default();
     let _stop_on_exit = CancelOnDrop(stop.clone());
-    let run = run(shared, peer, task, slot, stop);
+    let run = run(worker, peer, task, slot, stop);
     tokio::select! {
         r = tokio::time::timeout(timeout, run) => match r {
             Ok(Ok((output, work))) => TaskResult {
@@ -207,8 +229,8 @@ async fn process(shared: &Arc<Shared>, peer: PeerId, request: &[u8]) -> TaskResu
 }
 
 /// Policy and resource checks that need no input data.
-fn admissible(shared: &Shared, opened: &Opened, task: &Task, peer: PeerId) -> Result<(), String> {
-    if task.worker != shared.key.public() {
+fn admissible(worker: &Worker, opened: &Opened, task: &Task, peer: PeerId) -> Result<(), String> {
+    if task.worker != worker.key.public() {
         return Err("addressed to another worker".into());
     }
     if identity::public_key(&peer) != Some(opened.signer) {
@@ -216,7 +238,7 @@ fn admissible(shared: &Shared, opened: &Opened, task: &Task, peer: PeerId) -> Re
         // on this connection, and the submitter must be the one asking.
         return Err("the sending peer is not the task's signer".into());
     }
-    let policy = &shared.config.policy;
+    let policy = &worker.config.policy;
     if !policy.open
         && !policy
             .allow
@@ -225,7 +247,7 @@ fn admissible(shared: &Shared, opened: &Opened, task: &Task, peer: PeerId) -> Re
     {
         return Err(format!("submitter {} is not on this node's allowlist", opened.signer));
     }
-    let limits = &shared.config.limits;
+    let limits = &worker.config.limits;
     if limits.only_when_charging && hw::power() == protocol::Power::Battery {
         return Err("this node takes tasks only on mains power and is on battery".into());
     }
@@ -251,14 +273,14 @@ fn admissible(shared: &Shared, opened: &Opened, task: &Task, peer: PeerId) -> Re
 
 /// Fetches the inputs and runs the task. Returns the output blob and work.
 async fn run(
-    shared: &Arc<Shared>,
+    worker: &Arc<Worker>,
     peer: PeerId,
     task: &Task,
     slot: Arc<Slot>,
     stop: Cancel,
 ) -> Result<(ContentId, u64)> {
-    let memory_limit = shared.config.limits.max_memory_mib.saturating_mul(1 << 20);
-    if shared.config.fault == Some(Fault::Stall) {
+    let memory_limit = worker.config.limits.max_memory_mib.saturating_mul(1 << 20);
+    if worker.config.fault == Some(Fault::Stall) {
         // A dishonest worker that holds the task (and its slot) forever.
         std::future::pending::<()>().await;
     }
@@ -269,61 +291,61 @@ async fn run(
         TaskParams::Infer(p) => p.model,
         TaskParams::LoraShard(p) => p.model,
     };
-    let _in_use = InUse::new(shared, &task.inputs);
+    let _in_use = worker.blobs.hold(&task.inputs);
     for input in &task.inputs {
         let max = if *input == model { memory_limit } else { MAX_SMALL_INPUT };
-        fetch::fetch_at_most(shared, input, &[peer], max)
+        fetch::fetch_at_most(&worker.blobs, input, &[peer], max)
             .await
             .with_context(|| format!("fetching input {input}"))?;
     }
     match &task.params {
         TaskParams::Infer(p) => {
-            let size = shared.store.size(&p.model).unwrap_or(0);
+            let size = worker.blobs.store.size(&p.model).unwrap_or(0);
             if size > memory_limit {
                 bail!("the model is {size} bytes, more than this node's memory limit of {memory_limit}");
             }
             let prompt_len = p.prompt.len();
-            let (s, p, stop) = (shared.clone(), p.clone(), stop.clone());
+            let (s, p, stop) = (worker.clone(), p.clone(), stop.clone());
             let mut tokens = tokio::task::spawn_blocking(move || {
                 let (_slot, _computing) = (slot, Computing::start(&s));
                 infer(&s, &p, &stop)
             })
             .await??;
-            if shared.config.fault == Some(Fault::TamperInfer)
+            if worker.config.fault == Some(Fault::TamperInfer)
                 && let Some(t) = tokens.last_mut()
             {
                 *t = if *t == 8 { 9 } else { 8 };
             }
             let work = (prompt_len + tokens.len()) as u64;
             let out = InferOutput { tokens }.encode();
-            let store = shared.store.clone();
+            let store = worker.blobs.store.clone();
             let id = tokio::task::spawn_blocking(move || put_output(&store, &out)).await??;
             Ok((id, work))
         }
         TaskParams::LoraShard(p) => {
-            let size = shared.store.size(&p.model).unwrap_or(0);
+            let size = worker.blobs.store.size(&p.model).unwrap_or(0);
             if size > memory_limit {
                 bail!("the model is {size} bytes, more than this node's memory limit of {memory_limit}");
             }
-            let max_work = task.max_work.min(shared.config.limits.max_work);
+            let max_work = task.max_work.min(worker.config.limits.max_work);
             let task_seed = p.seed;
-            let (s, p) = (shared.clone(), p.clone());
+            let (s, p) = (worker.clone(), p.clone());
             let (output, work) = tokio::task::spawn_blocking(move || {
                 let (_slot, _computing) = (slot, Computing::start(&s));
                 let start =
-                    protocol::train::AdapterParams::decode(&s.store.read(&p.adapter)?).context("the adapter blob")?;
-                let data = protocol::train::Sequences::decode(&s.store.read(&p.data)?).context("the data shard")?;
+                    protocol::train::AdapterParams::decode(&s.blobs.store.read(&p.adapter)?).context("the adapter blob")?;
+                let data = protocol::train::Sequences::decode(&s.blobs.store.read(&p.data)?).context("the data shard")?;
                 let opt = match &p.optimizer {
                     Some(o) => Some(
-                        protocol::train::OptimizerState::decode(&s.store.read(o)?).context("the optimizer state")?,
+                        protocol::train::OptimizerState::decode(&s.blobs.store.read(o)?).context("the optimizer state")?,
                     ),
                     None => None,
                 };
-                let model = s.model(&p.model)?;
+                let model = s.models.get(&p.model)?;
                 let longest = data.0.iter().map(|q| q.tokens.len()).max().unwrap_or(0);
                 let need = shard::training_memory(model.config(), start.values.len(), longest);
                 let limit = s.config.limits.max_memory_mib.saturating_mul(1 << 20);
-                let model_bytes = s.store.size(&p.model).unwrap_or(0);
+                let model_bytes = s.blobs.store.size(&p.model).unwrap_or(0);
                 if need.saturating_add(model_bytes) > limit {
                     bail!(
                         "training on sequences of {longest} tokens needs about {} MiB besides the model's {} MiB, more than this node's memory limit of {} MiB",
@@ -339,7 +361,7 @@ async fn run(
             })
             .await??;
             let mut output = output;
-            match shared.config.fault {
+            match worker.config.fault {
                 Some(Fault::PerturbShard) => {
                     if let Some(d) = output.delta.first_mut() {
                         *d += 1e-3;
@@ -360,12 +382,12 @@ async fn run(
                 }
                 _ => {}
             }
-            let out = if shared.config.fault == Some(Fault::JunkShard) {
+            let out = if worker.config.fault == Some(Fault::JunkShard) {
                 b"this is not a shard result".to_vec()
             } else {
                 output.encode()
             };
-            let store = shared.store.clone();
+            let store = worker.blobs.store.clone();
             let id = tokio::task::spawn_blocking(move || put_output(&store, &out)).await??;
             Ok((id, work))
         }
@@ -399,77 +421,16 @@ fn believed_checked(job_seed: u64, fraction: f64, task_seed: u64) -> bool {
 }
 
 /// Runs generation on the node's task backend. The model blob is a GGUF file.
-fn infer(shared: &Shared, p: &InferParams, stop: &Cancel) -> Result<Vec<u32>> {
-    let model = shared.model(&p.model)?;
+fn infer(worker: &Worker, p: &InferParams, stop: &Cancel) -> Result<Vec<u32>> {
+    let model = worker.models.get(&p.model)?;
     let vocab = model.config().vocab_size;
     if let Some(bad) = p.prompt.iter().find(|&&t| t as usize >= vocab) {
         bail!("prompt token {bad} is outside the model's vocabulary of {vocab}");
     }
-    let mut sampler = crate::infer::sampler(&p.sampling)?;
+    let mut sampler = crate::task::sampler(&p.sampling)?;
     let (tokens, _) = model.generate(&p.prompt, p.max_tokens as usize, &mut sampler, &[], |_| !stop.is_set())?;
     if stop.is_set() {
         bail!("stopped before the last token");
     }
     Ok(tokens)
-}
-
-/// A task's answer as the submitter checked it.
-#[derive(Debug, Clone)]
-pub struct Submitted {
-    /// The task's id (content id of its signed body).
-    pub task_id: ContentId,
-    /// The worker's signed result envelope, kept as evidence.
-    pub envelope: Vec<u8>,
-    /// The verified result.
-    pub result: TaskResult,
-}
-
-/// The most bytes an infer task's output can honestly take.
-pub fn max_infer_output(max_tokens: u32) -> u64 {
-    u64::from(max_tokens) * 5 + 64
-}
-
-/// The most bytes a LoRA-shard output of `params` parameters can take (a
-/// delta and, when carried, two moments, as packed floats).
-pub fn max_shard_output(params: usize, carries_moments: bool) -> u64 {
-    let arrays = if carries_moments { 3 } else { 1 };
-    arrays * (params as u64 * 4 + 16) + 4096
-}
-
-/// Sends `task` to its worker and checks the answer: a valid signature by
-/// that worker, naming this task and its inputs. When done, the output blob
-/// is fetched (and verified) into the local store.
-pub async fn submit(shared: &Arc<Shared>, task: Task, max_output: u64) -> Result<Submitted> {
-    let worker = task.worker;
-    let peer = identity::peer_id(&worker)?;
-    let bytes = shared.seal(&Payload::Task(task.clone()), TASK_TTL);
-    let task_id = protocol::open(&bytes)?.body_id;
-    let answer = shared.net.request(peer, TASK_PROTOCOL, bytes).await?;
-    let opened = protocol::open(&answer).context("the worker's answer")?;
-    // The signed answer names the output: kept as evidence, never listed.
-    shared.store.unlist(&ContentId::of(&answer))?;
-    if opened.signer != worker {
-        bail!("the answer is signed by {}, not by the worker {worker}", opened.signer);
-    }
-    let Payload::TaskResult(result) = opened.payload else {
-        bail!("the worker answered with something other than a result")
-    };
-    if result.task != task_id {
-        bail!("the worker's result names task {}, not {task_id}", result.task);
-    }
-    if result.status == TaskStatus::Done && result.inputs != task.inputs {
-        bail!("the worker's result names other inputs than the task");
-    }
-    if let Some(out) = result.output {
-        // Unlisted before it is held, so no advert ever names it.
-        shared.store.unlist(&out)?;
-        fetch::fetch_at_most(shared, &out, &[peer], max_output)
-            .await
-            .context("fetching the task's output")?;
-    }
-    Ok(Submitted {
-        task_id,
-        envelope: answer,
-        result,
-    })
 }

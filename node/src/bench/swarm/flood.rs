@@ -514,7 +514,7 @@ async fn honest_task(client: &Arc<Shared>, worker: PublicKey, model: ContentId) 
     let t = Instant::now();
     let sub = tokio::time::timeout(
         TASK_WAIT,
-        crate::executor::submit(client, infer_task(worker, model), 1 << 20),
+        crate::job::submit::submit(&client.client, infer_task(worker, model), 1 << 20),
     )
     .await
     .map_err(|_| anyhow!("no answer within {TASK_WAIT:?}"))??;

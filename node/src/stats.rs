@@ -1,0 +1,23 @@
+//! Counters shown by `tern status`: kept by the daemon's gossip and
+//! request handlers and by the task executor, which share one [`Stats`].
+
+/// Counters shown by `tern status`.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Stats {
+    pub adverts_accepted: u64,
+    pub adverts_refused: u64,
+    /// Adverts not newer than the one held from their signer (replays).
+    pub adverts_stale: u64,
+    /// Adverts dropped unread because their forwarder passed its rate.
+    pub adverts_dropped: u64,
+    /// Valid adverts not taken because the node's own accept rate was spent.
+    pub adverts_over_accept_rate: u64,
+    /// Peers cut off for sending past twice their rate.
+    pub peers_banned: u64,
+    /// Task requests dropped unread because their sender passed its rate.
+    pub tasks_dropped: u64,
+    pub tasks_done: u64,
+    pub tasks_refused: u64,
+    pub tasks_failed: u64,
+    pub blob_requests_served: u64,
+}
