@@ -550,4 +550,43 @@ fn a_finetune_handed_to_the_daemon_runs_there_and_is_watched_listed_and_fetched(
         &tern(&["job", "cancel", &"0".repeat(64), "--data-dir", c_s]),
         "no daemon job",
     );
+    // Inference goes through the daemon too: computed by the worker,
+    // checked by the daemon, with the daemon's key (the CLI starts no node).
+    let out = ok(&tern(&[
+        "submit",
+        "infer",
+        "--model",
+        m,
+        "--prompt",
+        "once upon",
+        "--max-tokens",
+        "5",
+        "--data-dir",
+        c_s,
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(v["answer"]["tokens"].as_array().unwrap().len(), 5, "{v}");
+    assert_eq!(v["answer"]["worker"], status["public_key"], "computed by the worker");
+    assert!(v["text"].is_string());
+    // The same through a client node of its own, on another directory,
+    // gives the same tokens (generation is exact).
+    let own = d.join("own");
+    let out = ok(&tern(&[
+        "submit",
+        "infer",
+        "--model",
+        m,
+        "--prompt",
+        "once upon",
+        "--max-tokens",
+        "5",
+        "--data-dir",
+        own.to_str().unwrap(),
+        "--bootstrap",
+        &addr,
+        "--json",
+    ]));
+    let alone: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(alone["answer"]["tokens"], v["answer"]["tokens"]);
 }

@@ -154,6 +154,10 @@ pub struct SubmitInferArgs {
     pub client: ClientArgs,
     #[arg(long)]
     pub json: bool,
+    /// Run a client node in this process even when a daemon runs on the
+    /// data directory.
+    #[arg(long)]
+    pub foreground: bool,
 }
 
 /// Arguments of `tern job status|fetch`.
@@ -617,9 +621,62 @@ pub fn submit_finetune(a: &SubmitFinetuneArgs) -> Result<()> {
     })
 }
 
-/// `tern submit infer`.
+/// Prints a verified answer (`text` and `answer` as `POST /v1/infer` gives them).
+fn print_answer(prompt: &str, v: &serde_json::Value, json: bool) -> Result<()> {
+    if json {
+        println!("{v}");
+        return Ok(());
+    }
+    println!("{prompt}{}", v["text"].as_str().unwrap_or_default());
+    let a = &v["answer"];
+    eprintln!(
+        "verified: {} tokens from {}, checked by a forward pass here ({} wrong answers caught)",
+        a["tokens"].as_array().map_or(0, Vec::len),
+        a["worker"].as_str().unwrap_or("?"),
+        a["faults"].as_array().map_or(0, Vec::len)
+    );
+    Ok(())
+}
+
+/// `tern submit infer`: through the daemon on the data directory when one
+/// runs (it holds the key and the model), else a client node of its own.
 pub fn submit_infer(a: &SubmitInferArgs) -> Result<()> {
     let config = a.client.node_config()?;
+    if !a.foreground
+        && let Some(d) = running_daemon(&config.data_dir)
+    {
+        let model = match a.model.parse::<ContentId>() {
+            Ok(id) => id,
+            Err(_) => {
+                let path = std::fs::canonicalize(&a.model)
+                    .with_context(|| format!("{} is neither a content id nor a model file", a.model))?;
+                parse_id(
+                    d.post_long("/v1/blobs", serde_json::json!({ "path": path }))?["id"]
+                        .as_str()
+                        .unwrap_or_default(),
+                )?
+            }
+        };
+        let body = serde_json::json!({
+            "model": model,
+            "prompt": a.prompt,
+            "max_tokens": a.max_tokens,
+            "temperature": a.temperature,
+            "top_k": a.top_k,
+            "top_p": a.top_p,
+            "seed": a.seed,
+        });
+        let v = d.post_long("/v1/infer", body)?;
+        return print_answer(&a.prompt, &v, a.json);
+    }
+    if !a.foreground {
+        eprintln!(
+            "no daemon runs on {}: running a client node in this process \
+             (`tern node --data-dir {}` keeps one running; `tern submit` then asks it)",
+            config.data_dir.display(),
+            config.data_dir.display()
+        );
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
         let store = crate::store::BlobStore::open(&config.data_dir.join("store"))?;
@@ -658,18 +715,7 @@ pub fn submit_infer(a: &SubmitInferArgs) -> Result<()> {
             };
             let answer = crate::infer::infer(&node.shared.client, model, prompt, a.max_tokens, sampling, &say).await?;
             let text = tok.decode(&answer.tokens, true)?;
-            if a.json {
-                println!("{}", serde_json::json!({"text": text, "answer": answer}));
-            } else {
-                println!("{}{text}", a.prompt);
-                eprintln!(
-                    "verified: {} tokens from {}, checked by a forward pass here ({} wrong answers caught)",
-                    answer.tokens.len(),
-                    answer.worker,
-                    answer.faults.len()
-                );
-            }
-            anyhow::Ok(())
+            print_answer(&a.prompt, &serde_json::json!({"text": text, "answer": answer}), a.json)
         }
         .await;
         node.shutdown().await;

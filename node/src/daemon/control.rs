@@ -158,6 +158,7 @@ pub async fn serve(
         .route("/v1/jobs/{id}", get(job_status))
         .route("/v1/jobs/{id}/events", get(job_events))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/v1/infer", post(infer))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .route(
             "/v1/jobs",
@@ -370,6 +371,69 @@ async fn job_events(
         axum::body::Body::from_stream(lines),
     )
         .into_response())
+}
+
+/// `POST /v1/infer`: a generation computed by a capable peer and checked
+/// here ([`crate::job::infer::infer`]), as `tern submit infer` asks.
+#[derive(Debug, Deserialize)]
+struct InferRequest {
+    model: ContentId,
+    prompt: String,
+    #[serde(default = "default_max_tokens")]
+    max_tokens: u32,
+    /// 0 is greedy.
+    #[serde(default)]
+    temperature: f32,
+    #[serde(default)]
+    top_k: u32,
+    #[serde(default = "one")]
+    top_p: f32,
+    #[serde(default)]
+    seed: u64,
+}
+
+fn default_max_tokens() -> u32 {
+    32
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+async fn infer(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Json(req): Json<InferRequest>,
+) -> ApiResult<serde_json::Value> {
+    authorize(&api, &headers)?;
+    let client = api.shared.client.clone();
+    let model = req.model;
+    if !client.blobs.store.has(&model) {
+        fetch::fetch(&client.blobs, &model, &[])
+            .await
+            .with_context(|| format!("model {model}: nobody holds it"))?;
+    }
+    let path = client.blobs.store.path(&model);
+    let prompt_text = req.prompt.clone();
+    let (tok, prompt) = tokio::task::spawn_blocking(move || {
+        let tok = kernels::model::load(&path)
+            .context("the model blob is not a model")?
+            .tokenizer;
+        let prompt = tok.encode(&prompt_text, true)?;
+        anyhow::Ok((tok, prompt))
+    })
+    .await
+    .map_err(|e| anyhow!("tokenizing: {e}"))??;
+    let sampling = protocol::Sampling {
+        temperature: req.temperature,
+        top_k: req.top_k,
+        top_p: req.top_p,
+        seed: req.seed,
+    };
+    let say = |m: &str| tracing::info!(%model, "infer: {m}");
+    let answer = crate::job::infer::infer(&client, model, prompt, req.max_tokens, sampling, &say).await?;
+    let text = tok.decode(&answer.tokens, true).map_err(anyhow::Error::from)?;
+    Ok(Json(serde_json::json!({ "text": text, "answer": answer })))
 }
 
 /// `POST /v1/jobs/{id}/cancel`: stops the job; it is not resumed.
