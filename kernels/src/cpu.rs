@@ -15,6 +15,8 @@
 //! All arithmetic is in integers, so results do not depend on the thread
 //! count or on how the work is split.
 
+#[cfg(target_arch = "aarch64")]
+mod arm;
 mod scalar;
 mod team;
 #[cfg(target_arch = "x86_64")]
@@ -49,11 +51,25 @@ pub enum Isa {
     Avx2,
     /// x86-64 AVX-512 F/BW/VL with VNNI (`vpdpbusd`).
     Avx512Vnni,
+    /// AArch64 NEON (every ARMv8-A core: `smull`, `sadalp`).
+    Neon,
+    /// AArch64 NEON with the dot product (ARMv8.2+: `sdot`).
+    Dotprod,
+    /// AArch64 NEON with dotprod and the int8 matrix multiply (ARMv8.6+:
+    /// `smmla` for many tokens, `sdot` for one).
+    I8mm,
 }
 
 impl Isa {
-    /// Every instruction set, best last.
-    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni];
+    /// Every instruction set, best last on each architecture.
+    pub const ALL: [Isa; 6] = [
+        Isa::Scalar,
+        Isa::Avx2,
+        Isa::Avx512Vnni,
+        Isa::Neon,
+        Isa::Dotprod,
+        Isa::I8mm,
+    ];
 
     /// Whether this CPU can run the kernels of `self`.
     pub fn is_available(self) -> bool {
@@ -68,7 +84,19 @@ impl Isa {
                     && std::arch::is_x86_feature_detected!("avx512vl")
                     && std::arch::is_x86_feature_detected!("avx512vnni")
             }
-            #[cfg(not(target_arch = "x86_64"))]
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Dotprod => {
+                std::arch::is_aarch64_feature_detected!("neon") && std::arch::is_aarch64_feature_detected!("dotprod")
+            }
+            #[cfg(target_arch = "aarch64")]
+            Isa::I8mm => {
+                std::arch::is_aarch64_feature_detected!("neon")
+                    && std::arch::is_aarch64_feature_detected!("dotprod")
+                    && std::arch::is_aarch64_feature_detected!("i8mm")
+            }
+            #[allow(unreachable_patterns)]
             _ => false,
         }
     }
@@ -88,6 +116,9 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512Vnni => "avx512-vnni",
+            Isa::Neon => "neon",
+            Isa::Dotprod => "neon-dotprod",
+            Isa::I8mm => "neon-i8mm",
         }
     }
 }
@@ -280,6 +311,12 @@ impl Cpu {
             // SAFETY: as above (AVX-512 implies AVX2).
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 | Isa::Avx512Vnni => unsafe { x86::gemv_avx2(rows, stride, x, out) },
+            // SAFETY: as above (NEON, and dotprod for both others).
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => unsafe { arm::gemv_neon(rows, stride, x, out) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "aarch64")]
+            Isa::Dotprod | Isa::I8mm => unsafe { arm::gemv_dotprod(rows, stride, x, out) },
             _ => scalar::gemv(rows, stride, x, out),
         }
     }
@@ -293,6 +330,15 @@ impl Cpu {
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { x86::panel_avx2(a, lda, m, panel, quads, c) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => unsafe { arm::panel_neon(a, lda, m, panel, quads, c) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "aarch64")]
+            Isa::Dotprod => unsafe { arm::panel_dotprod(a, lda, m, panel, quads, c) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "aarch64")]
+            Isa::I8mm => unsafe { arm::panel_i8mm(a, lda, m, panel, quads, c) },
             _ => scalar::panel(a, lda, m, panel, quads, c),
         }
     }
