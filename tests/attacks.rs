@@ -16,11 +16,9 @@ use node::job::submit::submit;
 use node::job::{self, Event, JobState, Verify};
 use node::net::TASK_PROTOCOL;
 use node::reputation::Reputation;
-use protocol::{
-    ContentId, Keypair, LoraShardParams, Payload, PublicKey, Sampling, Task, TaskParams, TaskStatus, Validity,
-};
+use protocol::{ContentId, Keypair, Payload, PublicKey, Sampling, Task, TaskParams, TaskStatus, Validity};
 use tern_tests::{
-    adapter_of, assert_eventually, assert_eventually_async, infer_task, reference, setup, small_hyper, spawn_nodes,
+    adapter_of, assert_eventually, assert_eventually_async, infer_task, reference, setup, shard_task, spawn_nodes,
     tempdir, tiny_model, wait_for_swarm,
 };
 
@@ -556,41 +554,5 @@ async fn a_full_store_collects_what_nothing_needs_and_refuses_what_cannot_fit() 
     assert!(!worker.store.has(&huge) && worker.store.has(&kept) && worker.store.has(&model));
     for n in nodes {
         n.shutdown().await;
-    }
-}
-
-/// A LoRA-shard task for `worker` with its inputs in `client`'s store: the
-/// model at `model_path`, a fresh adapter, and four synthetic sequences of
-/// `pairs` key-value pairs; `steps` local steps, or as many as the default
-/// work limit (2^20 tokens) allows.
-fn shard_task(
-    client: &node::daemon::Shared,
-    worker: PublicKey,
-    model_path: &std::path::Path,
-    pairs: usize,
-    steps: Option<u32>,
-) -> Task {
-    let (model, _) = client.store.import_file(model_path).unwrap();
-    let config = kernels::model::load(model_path).unwrap().weights.config;
-    let hyper = small_hyper();
-    let start = node::shard::initial_adapter(&config, &hyper, 1).unwrap();
-    let adapter = client.store.put(&start.encode()).unwrap();
-    let (seqs, _) = kernels::train::data::synthetic_mapping(config.vocab_size, 1, pairs, 4, 3);
-    let data = client.store.put(&node::shard::shard_of(&seqs).encode()).unwrap();
-    let longest = seqs.iter().map(|s| s.tokens.len()).max().unwrap() as u64;
-    let local_steps = steps.unwrap_or(((1u64 << 20) / (u64::from(hyper.batch) * longest)) as u32);
-    Task {
-        worker,
-        inputs: vec![model, adapter, data],
-        max_work: 1 << 20,
-        params: TaskParams::LoraShard(LoraShardParams {
-            model,
-            adapter,
-            data,
-            local_steps,
-            seed: 9,
-            hyper,
-            optimizer: None,
-        }),
     }
 }

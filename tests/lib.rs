@@ -209,3 +209,39 @@ pub fn infer_task(worker: protocol::PublicKey, model: protocol::ContentId) -> pr
         }),
     }
 }
+
+/// A LoRA-shard task for `worker` with its inputs in `client`'s store: the
+/// model at `model_path`, a fresh adapter, and four synthetic sequences of
+/// `pairs` key-value pairs; `steps` local steps, or as many as the default
+/// work limit (2^20 tokens) allows.
+pub fn shard_task(
+    client: &node::daemon::Shared,
+    worker: protocol::PublicKey,
+    model_path: &std::path::Path,
+    pairs: usize,
+    steps: Option<u32>,
+) -> protocol::Task {
+    let (model, _) = client.store.import_file(model_path).unwrap();
+    let config = kernels::model::load(model_path).unwrap().weights.config;
+    let hyper = small_hyper();
+    let start = node::shard::initial_adapter(&config, &hyper, 1).unwrap();
+    let adapter = client.store.put(&start.encode()).unwrap();
+    let (seqs, _) = kernels::train::data::synthetic_mapping(config.vocab_size, 1, pairs, 4, 3);
+    let data = client.store.put(&node::shard::shard_of(&seqs).encode()).unwrap();
+    let longest = seqs.iter().map(|s| s.tokens.len()).max().unwrap() as u64;
+    let local_steps = steps.unwrap_or(((1u64 << 20) / (u64::from(hyper.batch) * longest)) as u32);
+    protocol::Task {
+        worker,
+        inputs: vec![model, adapter, data],
+        max_work: 1 << 20,
+        params: protocol::TaskParams::LoraShard(protocol::LoraShardParams {
+            model,
+            adapter,
+            data,
+            local_steps,
+            seed: 9,
+            hyper,
+            optimizer: None,
+        }),
+    }
+}

@@ -32,6 +32,54 @@ pub struct Advert {
     pub power: Power,
     /// Its benchmark, when it has run one.
     pub score: Option<BenchScore>,
+    /// How long it expects to keep taking tasks.
+    pub availability: Availability,
+}
+
+/// A worker's power policy and state (see the proto's `Availability`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Availability {
+    /// Battery charge now, 1-100 (0: no battery, or unknown).
+    pub battery_percent: u32,
+    /// It stops taking tasks below this charge, on battery (0: never).
+    pub stops_below_battery_percent: u32,
+    /// It takes tasks only on mains power.
+    pub only_while_charging: bool,
+    /// Why it takes no task now; empty while it works.
+    pub paused: String,
+}
+
+impl Availability {
+    /// Battery points left before the node stops on its own: 100 on mains
+    /// power (or with no battery), its charge above its threshold on battery.
+    pub fn headroom(&self, power: Power) -> u32 {
+        match power {
+            Power::Battery if self.only_while_charging => 0,
+            Power::Battery if self.battery_percent > 0 => {
+                self.battery_percent.saturating_sub(self.stops_below_battery_percent)
+            }
+            _ => 100,
+        }
+    }
+
+    /// In words, for people: `paused: too hot: ...`, `battery 57%, stops
+    /// below 40%`, `mains`.
+    pub fn describe(&self, power: Power) -> String {
+        if !self.paused.is_empty() {
+            return format!("paused: {}", self.paused);
+        }
+        let stops = match (self.only_while_charging, self.stops_below_battery_percent) {
+            (true, _) => ", works only while charging".to_string(),
+            (false, 0) => String::new(),
+            (false, b) => format!(", stops below {b}%"),
+        };
+        match power {
+            Power::Battery if self.battery_percent > 0 => format!("battery {}%{stops}", self.battery_percent),
+            Power::Battery => format!("battery{stops}"),
+            Power::Plugged => "mains".into(),
+            Power::Unknown => "unknown".into(),
+        }
+    }
 }
 
 /// A CPU as an advert describes it.
@@ -205,6 +253,20 @@ impl TryFrom<wire::Advert> for Advert {
                 _ => Power::Unknown,
             },
             score,
+            availability: match w.availability {
+                None => Availability::default(),
+                Some(a) => {
+                    if a.battery_percent > 100 || a.stops_below_battery_percent > 100 {
+                        return Err(Error::invalid("advert", "a battery charge above 100%"));
+                    }
+                    Availability {
+                        battery_percent: a.battery_percent,
+                        stops_below_battery_percent: a.stops_below_battery_percent,
+                        only_while_charging: a.only_while_charging,
+                        paused: string("paused reason", a.paused)?,
+                    }
+                }
+            },
         })
     }
 }
@@ -246,6 +308,12 @@ impl From<&Advert> for wire::Advert {
                 epoch: s.epoch,
                 output_hash: s.output_hash.as_bytes().to_vec(),
                 macs_per_second: s.macs_per_second,
+            }),
+            availability: (a.availability != Availability::default()).then(|| wire::Availability {
+                battery_percent: a.availability.battery_percent,
+                stops_below_battery_percent: a.availability.stops_below_battery_percent,
+                only_while_charging: a.availability.only_while_charging,
+                paused: a.availability.paused.clone(),
             }),
         }
     }
@@ -412,6 +480,12 @@ mod tests {
                 output_hash: ContentId::of(b"o"),
                 macs_per_second: 9,
             }),
+            availability: Availability {
+                battery_percent: 64,
+                stops_below_battery_percent: 30,
+                only_while_charging: false,
+                paused: String::new(),
+            },
         }
     }
 

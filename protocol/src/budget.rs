@@ -590,7 +590,14 @@ pub(crate) static ADVERT: Schema = Schema {
         bytes_list(7, "advert models", MAX_MODELS),
         bytes_list(8, "advert blobs", MAX_ADVERT_BLOBS),
         message(12, "advert score", &BENCH_SCORE),
+        message(13, "advert availability", &AVAILABILITY),
     ],
+};
+
+static AVAILABILITY: Schema = Schema {
+    what: "advert",
+    decoded: "advert decoded",
+    fields: &[bytes(4, "paused reason", usize::MAX)],
 };
 
 static INFER_PARAMS: Schema = Schema {

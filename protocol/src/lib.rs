@@ -49,7 +49,9 @@ mod task;
 pub mod train;
 pub mod wire;
 
-pub use advert::{Advert, BENCH_EPOCH_MS, BenchScore, Cpu, Gpu, PeerEntry, PeerTable, Power, bench_epoch, bench_seed};
+pub use advert::{
+    Advert, Availability, BENCH_EPOCH_MS, BenchScore, Cpu, Gpu, PeerEntry, PeerTable, Power, bench_epoch, bench_seed,
+};
 pub use blob::{DirEntry, DirManifest, Outline};
 pub use content_id::ContentId;
 pub use envelope::{Keypair, Opened, Payload, PublicKey, ReplayGuard, Validity, open, seal};

@@ -146,6 +146,7 @@ pub fn status(dir: &DataDirArg, json: bool) -> Result<()> {
     );
     println!("blobs       {} ({} bytes)", f("blobs"), f("blob_bytes"));
     println!("tasks       {} running, on {}", f("active_tasks"), f("compute"));
+    println!("power       {}", f("power"));
     if let Some(addrs) = s.get("listen_addrs").and_then(|a| a.as_array()) {
         for a in addrs {
             println!("listen      {}", a.as_str().unwrap_or_default());
@@ -189,7 +190,14 @@ pub fn peers(dir: &DataDirArg, json: bool) -> Result<()> {
             a["cpu"]["threads"],
             a["ram_bytes"].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64,
             score.unwrap_or_else(|| "-".into()),
-            a["power"].as_str().unwrap_or("?"),
+            if a["availability"]["paused"].as_str().is_some_and(|p| !p.is_empty()) {
+                "paused".to_string()
+            } else {
+                match (a["power"].as_str(), a["availability"]["battery_percent"].as_u64()) {
+                    (Some("battery"), Some(b)) if b > 0 => format!("bat {b}%"),
+                    (p, _) => p.unwrap_or("?").to_string(),
+                }
+            },
             format!("{}/{}", a["active_tasks"], a["max_tasks"]),
         );
     }

@@ -7,6 +7,48 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+pub use crate::task::power::PowerPolicy;
+
+/// `profile = "phone"`: settings for a phone (or a small ARM board) in one
+/// line. The file's own settings win over the profile's.
+pub const PHONE_PROFILE: &str = r#"
+[limits]
+max_tasks = 1
+max_threads = 4
+max_memory_mib = 2048
+max_disk_mib = 8192
+
+[power]
+min_battery_percent = 40
+pause_above_celsius = 42.0
+resume_below_celsius = 37.0
+"#;
+
+/// The profiles `profile = "..."` names.
+fn profile(name: &str) -> Result<&'static str> {
+    match name {
+        "phone" => Ok(PHONE_PROFILE),
+        "laptop" | "default" => Ok(""),
+        other => anyhow::bail!("profile {other:?} is not one of phone, laptop"),
+    }
+}
+
+/// `over` on top of `base`, tables merged key by key.
+fn merge(mut base: toml::Table, over: toml::Table) -> toml::Table {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => {
+                let merged = merge(std::mem::take(b), o);
+                *b = merged;
+            }
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+    base
+}
+
 /// Everything `tern node` can be told. Every field has a default, so an
 /// empty file (or none) is a valid configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -64,6 +106,8 @@ pub struct Config {
     pub policy: Policy,
     /// Resource limits for tasks.
     pub limits: Limits,
+    /// When the node takes tasks: battery, charger, temperature.
+    pub power: PowerPolicy,
     /// Deliberate misbehaviour, for tests and benchmarks of verification.
     /// Never read from a file.
     #[serde(skip)]
@@ -134,7 +178,7 @@ pub struct Limits {
     pub max_disk_mib: u64,
     /// Most work units (tokens processed) per task.
     pub max_work: u64,
-    /// Take tasks only on mains power.
+    /// Take tasks only on mains power (as `power.only_when_charging`).
     pub only_when_charging: bool,
     /// Seconds a task may run before it is abandoned.
     pub task_timeout_secs: u64,
@@ -178,6 +222,7 @@ impl Default for Config {
                 allow: Vec::new(),
             },
             limits: Limits::default(),
+            power: PowerPolicy::default(),
             fault: None,
         }
     }
@@ -220,7 +265,18 @@ impl Config {
     /// Reads a TOML file.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let c: Self = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        Self::from_toml(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    /// Parses a configuration, with the profile it names (`profile =
+    /// "phone"`) under its own settings.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let mut table: toml::Table = toml::from_str(text)?;
+        if let Some(p) = table.remove("profile") {
+            let name = p.as_str().context("profile must be a string")?;
+            table = merge(toml::from_str(profile(name)?)?, table);
+        }
+        let c: Self = table.try_into()?;
         c.validate()?;
         Ok(c)
     }
@@ -233,6 +289,7 @@ impl Config {
             self.control
         );
         anyhow::ensure!(self.limits.max_tasks > 0, "limits.max_tasks must be at least 1");
+        self.power.validate()?;
         anyhow::ensure!(self.advert_interval_secs > 0, "advert_interval_secs must be at least 1");
         anyhow::ensure!(
             self.advert_ttl_secs > self.advert_interval_secs
@@ -293,6 +350,11 @@ mod tests {
         let c: Config = toml::from_str("").unwrap();
         c.validate().unwrap();
         assert!(c.mdns && c.policy.open);
+        let phone = Config::from_toml("profile = \"phone\"\n[limits]\nmax_tasks = 3\n").unwrap();
+        assert_eq!(phone.power.min_battery_percent, 40, "from the profile");
+        assert_eq!(phone.limits.max_memory_mib, 2048, "from the profile");
+        assert_eq!(phone.limits.max_tasks, 3, "the file wins");
+        assert!(Config::from_toml("profile = \"tablet\"\n").is_err());
         let c: Config = toml::from_str("[limits]\nmax_tasks = 1\nonly_when_charging = true\n").unwrap();
         assert!(c.limits.only_when_charging);
         assert!(toml::from_str::<Config>("mdsn = false").is_err());

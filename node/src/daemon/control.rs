@@ -51,6 +51,13 @@ pub struct Status {
     pub active_tasks: u32,
     /// Where tasks run: `cpu/avx512-vnni/8t`, `wgpu/vulkan/...`.
     pub compute: String,
+    /// The power source and policy in words (`battery 57%, stops below
+    /// 40%`, `paused: too hot: ...`).
+    pub power: String,
+    /// Why the worker takes no task now (the power policy); absent while
+    /// it works.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<String>,
     pub stats: serde_json::Value,
 }
 
@@ -193,6 +200,11 @@ async fn status(State(api): State<Api>, headers: HeaderMap) -> ApiResult<Status>
         blob_bytes: blobs.iter().map(|b| b.1).sum(),
         active_tasks: s.worker.active_tasks.load(std::sync::atomic::Ordering::Relaxed),
         compute: s.backend.name(),
+        power: {
+            let (power, a) = &*s.availability.lock();
+            a.describe(*power)
+        },
+        paused: s.worker.paused.borrow().clone(),
         stats: serde_json::to_value(s.stats.lock().clone()).unwrap_or_default(),
     }))
 }

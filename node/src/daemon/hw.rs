@@ -96,42 +96,6 @@ pub fn free_disk_bytes(dir: &Path) -> u64 {
     0
 }
 
-/// Mains or battery, from `/sys/class/power_supply` on Linux (Android
-/// included); unknown elsewhere.
-pub fn power() -> protocol::Power {
-    power_from(Path::new("/sys/class/power_supply"))
-}
-
-fn power_from(root: &Path) -> protocol::Power {
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return protocol::Power::Unknown;
-    };
-    let mut any_battery = false;
-    for e in entries.flatten() {
-        let read = |f: &str| {
-            std::fs::read_to_string(e.path().join(f))
-                .unwrap_or_default()
-                .trim()
-                .to_string()
-        };
-        match read("type").as_str() {
-            "Mains" | "USB" if read("online") == "1" => return protocol::Power::Plugged,
-            "Battery" => {
-                any_battery = true;
-                if matches!(read("status").as_str(), "Charging" | "Full") {
-                    return protocol::Power::Plugged;
-                }
-            }
-            _ => {}
-        }
-    }
-    if any_battery {
-        protocol::Power::Battery
-    } else {
-        protocol::Power::Plugged
-    }
-}
-
 /// Shape of the benchmark product: 512 x 2048 ternary weights by 8 tokens.
 const BENCH_ROWS: usize = 512;
 const BENCH_COLS: usize = 2048;
@@ -192,25 +156,5 @@ mod tests {
         assert_ne!(s.output_hash, expected_bench_hash(&b, 5, &cpu).unwrap());
         assert_ne!(s.output_hash, expected_bench_hash(&a, 6, &cpu).unwrap());
         assert!(s.macs_per_second > 0);
-    }
-
-    #[test]
-    fn power_state_from_sysfs() {
-        let root = std::env::temp_dir().join(format!("tern-power-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        let supply = |name: &str, files: &[(&str, &str)]| {
-            let d = root.join(name);
-            std::fs::create_dir_all(&d).unwrap();
-            for (f, v) in files {
-                std::fs::write(d.join(f), format!("{v}\n")).unwrap();
-            }
-        };
-        supply("BAT0", &[("type", "Battery"), ("status", "Discharging")]);
-        supply("AC", &[("type", "Mains"), ("online", "0")]);
-        assert_eq!(power_from(&root), protocol::Power::Battery);
-        supply("AC", &[("type", "Mains"), ("online", "1")]);
-        assert_eq!(power_from(&root), protocol::Power::Plugged);
-        std::fs::remove_dir_all(&root).unwrap();
-        assert_eq!(power_from(&root), protocol::Power::Unknown);
     }
 }

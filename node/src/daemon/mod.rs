@@ -36,8 +36,8 @@ use crate::net::rate::{Buckets, Verdict};
 use crate::net::{self, Inbound};
 pub use crate::stats::Stats;
 use crate::store::BlobStore;
-use crate::task::Models;
 use crate::task::executor::{self, Worker};
+use crate::task::{Models, power};
 pub use shared::{ScoreChecks, Shared};
 
 /// A running node.
@@ -191,8 +191,14 @@ pub async fn start(config: Config) -> Result<NodeHandle> {
         backend,
         listen_addrs: Mutex::new(Vec::new()),
         stats,
+        availability: Mutex::new(Default::default()),
         config,
     });
+    // The first reading decides before any task comes in or any advert
+    // goes out.
+    let mut policy = shared.config.power.clone();
+    policy.only_when_charging |= shared.config.limits.only_when_charging;
+    let state = apply_power(&shared, &policy, &Default::default());
     let mut tasks = vec![tokio::spawn(event_loop.run())];
     tracing::info!(peer = %shared.net.local_peer_id(), "node started");
 
@@ -217,6 +223,7 @@ pub async fn start(config: Config) -> Result<NodeHandle> {
     let (control_addr, control_task) = control::serve(shared.clone(), jobs.clone(), stop_rx.clone()).await?;
     tasks.push(control_task);
     tasks.push(tokio::spawn(inbound_loop(shared.clone(), inbound)));
+    tasks.push(tokio::spawn(power_loop(shared.clone(), stop_rx.clone(), policy, state)));
     tasks.push(tokio::spawn(advert_loop(shared.clone(), stop_rx)));
     if shared.config.bench {
         tasks.push(tokio::spawn(bench_loop(shared.clone())));
@@ -274,6 +281,52 @@ async fn advert_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         // What serving and fetching kept in the heap for reuse.
         let _ = tokio::task::spawn_blocking(crate::daemon::memory::release_free).await;
     }
+}
+
+/// Reads battery, charger and temperature every `power.check_secs` and
+/// pauses or resumes the worker as the power policy says (`task::power`);
+/// a change of what adverts say is advertised at once.
+async fn power_loop(
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    policy: power::PowerPolicy,
+    mut state: power::State,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(policy.check_secs));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let before = shared.availability.lock().clone();
+        let (s, p, was) = (shared.clone(), policy.clone(), state.clone());
+        let Ok(next) = tokio::task::spawn_blocking(move || apply_power(&s, &p, &was)).await else {
+            continue;
+        };
+        state = next;
+        let changed = *shared.availability.lock() != before;
+        if changed && let Err(e) = publish_advert(&shared).await {
+            tracing::debug!("advert not published: {e:#}");
+        }
+    }
+}
+
+/// One reading judged by `policy` after state `was`: the worker paused or
+/// resumed, and what adverts say updated.
+fn apply_power(shared: &Shared, policy: &power::PowerPolicy, was: &power::State) -> power::State {
+    let reading = power::read(&policy.sysfs);
+    let next = policy.judge(was, &reading);
+    *shared.availability.lock() = (reading.power(), policy.availability(&reading, &next));
+    if next.paused != was.paused {
+        match &next.paused {
+            Some(why) => tracing::warn!("pausing: {why}; running tasks are handed back"),
+            None => tracing::info!("working again: the power policy allows tasks"),
+        }
+        shared.worker.paused.send_replace(next.paused.clone());
+    }
+    next
 }
 
 async fn bench_loop(shared: Arc<Shared>) {

@@ -56,6 +56,8 @@ pub struct Shared {
     pub hardware: (protocol::Cpu, Vec<protocol::Gpu>, u64),
     pub listen_addrs: Mutex<Vec<String>>,
     pub stats: Arc<Mutex<Stats>>,
+    /// What the power policy last read and said, for adverts.
+    pub availability: Mutex<(protocol::Power, protocol::Availability)>,
 }
 
 /// Benchmark re-checks: done (signer, epoch) -> whether the hash matched,
@@ -108,6 +110,9 @@ impl Shared {
     /// This node's advert as of now.
     pub fn advert(&self) -> Advert {
         let (cpu, gpus, ram) = self.hardware.clone();
+        // One lock at a time: a guard held in the struct literal below
+        // would still be held when the next field locks again.
+        let (power, availability) = self.availability.lock().clone();
         // Pinned blobs over 1 MiB are advertised as models, the rest as blobs.
         let pins = self.store.pins();
         let unlisted = self.store.unlisted();
@@ -136,8 +141,9 @@ impl Shared {
             blobs: ids(blobs, protocol::limits::MAX_ADVERT_BLOBS),
             active_tasks: self.worker.active_tasks.load(Ordering::Relaxed),
             max_tasks: self.config.limits.max_tasks,
-            power: hw::power(),
+            power,
             score: self.score.lock().clone(),
+            availability,
         }
     }
 

@@ -416,7 +416,8 @@ pub enum Event {
 pub type Progress = dyn Fn(&Event) + Send + Sync;
 
 /// Peers that can take tasks on `model`, best first: those on mains power,
-/// then those already holding the model, then by measured speed (verified
+/// then (on battery) those with the most charge above the level where
+/// they stop, then those already holding the model, then by measured speed (verified
 /// scores first), then by spare task slots. The local node, `skip` and
 /// peers without the memory for the model are left out.
 pub fn capable_peers(
@@ -433,6 +434,7 @@ pub fn capable_peers(
             let a = &e.advert;
             *k != me
                 && !skip.contains(k)
+                && a.availability.paused.is_empty()
                 && a.max_tasks > 0
                 && a.cpu.threads > 0
                 && (a.ram_bytes == 0 || a.ram_bytes >= model_bytes)
@@ -444,6 +446,8 @@ pub fn capable_peers(
         let speed = a.score.as_ref().map_or(0, |s| s.macs_per_second);
         (
             a.power == protocol::Power::Battery,
+            // Among phones on battery, those furthest from where they stop.
+            std::cmp::Reverse(a.availability.headroom(a.power)),
             !holds,
             !e.score_verified,
             std::cmp::Reverse(speed),

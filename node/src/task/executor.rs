@@ -19,7 +19,6 @@ use tokio::sync::watch;
 
 use crate::clock::now_ms;
 use crate::config::{Config, Fault};
-use crate::daemon::hw;
 use crate::net::fetch::{self, Blobs};
 use crate::net::{Responder, TASK_PROTOCOL};
 use crate::stats::Stats;
@@ -50,6 +49,9 @@ pub struct Worker {
     pub accepting: AtomicBool,
     /// Turns true when in-flight tasks must hand themselves back.
     pub cancel: watch::Receiver<bool>,
+    /// Why the power policy pauses the worker (`task::power`): no task is
+    /// taken, and running ones are handed back. `None` while it works.
+    pub paused: watch::Sender<Option<String>>,
     pub stats: Arc<Mutex<Stats>>,
 }
 
@@ -82,6 +84,7 @@ impl Worker {
             computing: AtomicU32::new(0),
             accepting: AtomicBool::new(true),
             cancel,
+            paused: watch::Sender::new(None),
             stats,
         }
     }
@@ -206,6 +209,7 @@ async fn process(worker: &Arc<Worker>, peer: PeerId, request: &[u8]) -> TaskResu
     let slot = Arc::new(Slot(worker.clone()));
     let timeout = Duration::from_secs(worker.config.limits.task_timeout_secs);
     let mut cancel = worker.cancel.clone();
+    let mut paused = worker.paused.subscribe();
     let stop = Cancel::default();
     let _stop_on_exit = CancelOnDrop(stop.clone());
     let run = run(worker, peer, task, slot, stop);
@@ -224,6 +228,10 @@ async fn process(worker: &Arc<Worker>, peer: PeerId, request: &[u8]) -> TaskResu
         },
         _ = cancel.wait_for(|c| *c) => {
             TaskResult::not_done(id, inputs.to_vec(), TaskStatus::HandedBack, "the worker is shutting down")
+        }
+        why = paused.wait_for(Option::is_some) => {
+            let why = why.map(|w| w.clone().unwrap_or_default()).unwrap_or_default();
+            TaskResult::not_done(id, inputs.to_vec(), TaskStatus::HandedBack, &format!("the worker paused: {why}"))
         }
     }
 }
@@ -248,8 +256,9 @@ fn admissible(worker: &Worker, opened: &Opened, task: &Task, peer: PeerId) -> Re
         return Err(format!("submitter {} is not on this node's allowlist", opened.signer));
     }
     let limits = &worker.config.limits;
-    if limits.only_when_charging && hw::power() == protocol::Power::Battery {
-        return Err("this node takes tasks only on mains power and is on battery".into());
+    // The power policy (limits.only_when_charging included) says so.
+    if let Some(why) = worker.paused.borrow().clone() {
+        return Err(format!("paused: {why}"));
     }
     let mut named: Vec<ContentId> = match &task.params {
         TaskParams::Infer(p) => vec![p.model],

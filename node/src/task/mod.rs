@@ -1,8 +1,10 @@
 //! The worker's side of a task: [`executor`] takes signed tasks from peers
 //! and answers them, [`shard`] computes a `lora_shard`, [`sampler`] draws
-//! an infer task's tokens.
+//! an infer task's tokens, [`power`] decides from battery, charger and
+//! temperature whether the worker takes tasks now.
 
 pub mod executor;
+pub mod power;
 pub mod shard;
 
 use std::sync::Arc;
