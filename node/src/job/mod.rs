@@ -426,13 +426,22 @@ pub fn capable_peers(
     model_bytes: u64,
     skip: &[PublicKey],
 ) -> Vec<(PublicKey, PeerEntry)> {
-    let me = client.key.public();
-    let mut peers: Vec<_> = client
-        .peer_entries()
+    rank(client.peer_entries(), &client.key.public(), model, model_bytes, skip)
+}
+
+/// [`capable_peers`] of `entries`, for the node `me`.
+fn rank(
+    entries: Vec<(PublicKey, PeerEntry)>,
+    me: &PublicKey,
+    model: &ContentId,
+    model_bytes: u64,
+    skip: &[PublicKey],
+) -> Vec<(PublicKey, PeerEntry)> {
+    let mut peers: Vec<_> = entries
         .into_iter()
         .filter(|(k, e)| {
             let a = &e.advert;
-            *k != me
+            k != me
                 && !skip.contains(k)
                 && a.availability.paused.is_empty()
                 && a.max_tasks > 0
@@ -1202,4 +1211,65 @@ pub fn run_locally(
         out.push(adapter.clone());
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use protocol::{Advert, Availability, Cpu, Keypair, Power};
+
+    use super::*;
+
+    fn key(n: u8) -> PublicKey {
+        Keypair::from_secret([n; 32]).public()
+    }
+
+    fn peer(n: u8, power: Power, battery: u32, stops_below: u32, paused: &str) -> (PublicKey, PeerEntry) {
+        let advert = Advert {
+            cpu: Cpu {
+                threads: 4,
+                ..Default::default()
+            },
+            max_tasks: 2,
+            power,
+            availability: Availability {
+                battery_percent: battery,
+                stops_below_battery_percent: stops_below,
+                paused: paused.into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let entry = PeerEntry {
+            advert,
+            issued_at_ms: 0,
+            expires_at_ms: u64::MAX,
+            score_verified: true,
+        };
+        (key(n), entry)
+    }
+
+    /// Plugged in first, then phones by the battery points left before they
+    /// stop, whatever their charge; paused ones, `skip` and the local node
+    /// never.
+    #[test]
+    fn clients_prefer_mains_then_the_phones_furthest_from_stopping_and_pass_paused_ones_over() {
+        let model = ContentId::of(b"model");
+        let entries = vec![
+            // 90% but stops below 80: ten points left.
+            peer(1, Power::Battery, 90, 80, ""),
+            peer(2, Power::Plugged, 0, 0, ""),
+            // 50%, stops below 10: forty points left.
+            peer(3, Power::Battery, 50, 10, ""),
+            peer(4, Power::Plugged, 0, 0, "too hot: 50 C"),
+            peer(5, Power::Battery, 60, 30, ""),
+            peer(6, Power::Unknown, 0, 0, ""),
+            peer(7, Power::Plugged, 0, 0, ""),
+        ];
+        let order: Vec<_> = rank(entries.clone(), &key(6), &model, 0, &[key(7)])
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(order, vec![key(2), key(3), key(5), key(1)]);
+        assert_eq!(rank(entries, &key(9), &model, 0, &[]).len(), 6);
+    }
 }
