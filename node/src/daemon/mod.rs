@@ -198,7 +198,7 @@ pub async fn start(config: Config) -> Result<NodeHandle> {
     // goes out.
     let mut policy = shared.config.power.clone();
     policy.only_when_charging |= shared.config.limits.only_when_charging;
-    let state = apply_power(&shared, &policy, &Default::default());
+    let (state, _) = apply_power(&shared, &policy, &Default::default());
     let mut tasks = vec![tokio::spawn(event_loop.run())];
     tracing::info!(peer = %shared.net.local_peer_id(), "node started");
 
@@ -300,13 +300,11 @@ async fn power_loop(
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        let before = shared.availability.lock().clone();
         let (s, p, was) = (shared.clone(), policy.clone(), state.clone());
-        let Ok(next) = tokio::task::spawn_blocking(move || apply_power(&s, &p, &was)).await else {
+        let Ok((next, changed)) = tokio::task::spawn_blocking(move || apply_power(&s, &p, &was)).await else {
             continue;
         };
         state = next;
-        let changed = *shared.availability.lock() != before;
         if changed && let Err(e) = publish_advert(&shared).await {
             tracing::debug!("advert not published: {e:#}");
         }
@@ -314,11 +312,12 @@ async fn power_loop(
 }
 
 /// One reading judged by `policy` after state `was`: the worker paused or
-/// resumed, and what adverts say updated.
-fn apply_power(shared: &Shared, policy: &power::PowerPolicy, was: &power::State) -> power::State {
+/// resumed, and what adverts say updated; true when that changed.
+fn apply_power(shared: &Shared, policy: &power::PowerPolicy, was: &power::State) -> (power::State, bool) {
     let reading = power::read(&policy.sysfs);
     let next = policy.judge(was, &reading);
-    *shared.availability.lock() = (reading.power(), policy.availability(&reading, &next));
+    let now = (reading.power(), policy.availability(&reading, &next));
+    let changed = std::mem::replace(&mut *shared.availability.lock(), now.clone()) != now;
     if next.paused != was.paused {
         match &next.paused {
             Some(why) => tracing::warn!("pausing: {why}; running tasks are handed back"),
@@ -326,7 +325,7 @@ fn apply_power(shared: &Shared, policy: &power::PowerPolicy, was: &power::State)
         }
         shared.worker.paused.send_replace(next.paused.clone());
     }
-    next
+    (next, changed)
 }
 
 async fn bench_loop(shared: Arc<Shared>) {

@@ -192,7 +192,7 @@ mod tests {
     use super::*;
 
     /// A fake sysfs: a battery, a charger and two thermal zones.
-    pub(crate) fn sysfs(dir: &Path, capacity: u32, status: &str, charger: bool, millis: i64) {
+    fn sysfs(dir: &Path, capacity: u32, status: &str, charger: bool, millis: i64) {
         let w = |p: &str, v: &str| {
             let p = dir.join(p);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
