@@ -22,6 +22,13 @@ use serde::{Deserialize, Serialize};
 use crate::job::{AuditKey, Verdict, judge, settle};
 use crate::{ContentId, PublicKey};
 
+/// A worker that failed a shard is asked for it again no sooner than this
+/// after its failure. A worker that refuses at once (paused for its
+/// battery, say) would otherwise use up the shard's attempts within
+/// milliseconds, before its advert saying why reaches the client; other
+/// workers are asked meanwhile, and the round's timer asks again.
+pub const RETRY_SAME_WORKER_MS: u64 = 1000;
+
 /// How an accepted result was checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -306,7 +313,8 @@ pub struct Round {
     results: BTreeMap<u32, Vec<Counted>>,
     /// Workers asked for each shard this round (answered, running or failed).
     asked: BTreeMap<u32, BTreeSet<PublicKey>>,
-    failed: BTreeMap<u32, BTreeSet<PublicKey>>,
+    /// Workers that failed each shard this round, and when they last did.
+    failed: BTreeMap<u32, BTreeMap<PublicKey, u64>>,
     attempts: BTreeMap<u32, u32>,
     last_error: BTreeMap<u32, String>,
     /// Shards waiting for the client's re-run, with the results it judges.
@@ -451,7 +459,7 @@ impl Round {
             Outcome::Failed(why) => {
                 self.ledger.reassigned += 1;
                 self.ledger.worker(worker).failed += 1;
-                self.failed.entry(s).or_default().insert(worker);
+                self.failed.entry(s).or_default().insert(worker, now);
                 out.push(Action::Failed {
                     shard: s,
                     worker,
@@ -622,7 +630,7 @@ impl Round {
                 .map_or(0, |g| g.iter().filter(|c| !excluded.contains(&c.worker)).count());
             let have = counted + running;
             for _ in have..copies {
-                let Some(worker) = self.pick(s, &peers, &busy) else {
+                let Some(worker) = self.pick(now, s, &peers, &busy) else {
                     break;
                 };
                 let tries = self.attempts.entry(s).or_default();
@@ -672,9 +680,10 @@ impl Round {
     }
 
     /// The worker for one more copy of shard `s`: one not yet asked for it,
-    /// else one that failed it (never one holding a result: copies must be
-    /// distinct), with a free slot. `busy`: tasks in flight per worker.
-    fn pick(&self, s: u32, peers: &[Candidate], busy: &BTreeMap<PublicKey, u32>) -> Option<PublicKey> {
+    /// else one that failed it at least [`RETRY_SAME_WORKER_MS`] ago (never
+    /// one holding a result: copies must be distinct), with a free slot.
+    /// `busy`: tasks in flight per worker.
+    fn pick(&self, now: u64, s: u32, peers: &[Candidate], busy: &BTreeMap<PublicKey, u32>) -> Option<PublicKey> {
         let busy = |k: &PublicKey| busy.get(k).copied().unwrap_or(0);
         let free = |c: &Candidate| busy(&c.key) < self.plan.max_tasks_per_peer.min(c.max_tasks);
         let asked = self.asked.get(&s);
@@ -689,7 +698,10 @@ impl Round {
             .find(|c| !asked.is_some_and(|a| a.contains(&c.key)) && free(c))
             .or_else(|| {
                 order.iter().find(|c| {
-                    self.failed.get(&s).is_some_and(|f| f.contains(&c.key))
+                    self.failed
+                        .get(&s)
+                        .and_then(|f| f.get(&c.key))
+                        .is_some_and(|&at| now >= at.saturating_add(RETRY_SAME_WORKER_MS))
                         && !has_result(&c.key)
                         && busy(&c.key) == 0
                         && free(c)
@@ -847,12 +859,22 @@ mod tests {
         let a = see(&mut r, 0, peers(1));
         let (t0, _, w) = sends(&a)[0];
         let a = answer(&mut r, 10, t0, Outcome::Failed("out of memory".into()));
-        // The only worker, idle again, gets the shard back.
+        assert!(sends(&a).is_empty(), "not at once: it may be refusing everything");
+        // The only worker, idle again, gets the shard back a while later.
+        assert!(
+            r.handle(Input::Timer {
+                now_ms: 10 + RETRY_SAME_WORKER_MS - 1
+            })
+            .is_empty()
+        );
+        let a = r.handle(Input::Timer {
+            now_ms: 10 + RETRY_SAME_WORKER_MS,
+        });
         let s = sends(&a);
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].2, w);
         assert_ne!(s[0].0, t0, "a new task");
-        let a = answer(&mut r, 20, s[0].0, result(id(0)));
+        let a = answer(&mut r, 20 + RETRY_SAME_WORKER_MS, s[0].0, result(id(0)));
         assert_eq!(a.last(), Some(&Action::Done));
     }
 
@@ -1088,13 +1110,27 @@ mod tests {
     fn a_shard_that_keeps_failing_ends_the_round() {
         let mut r = round(plan(1, 1, 0.0));
         let mut a = see(&mut r, 0, peers(1));
-        let mut now = 0;
+        let (mut now, mut tries) = (0, 0);
         let last = loop {
             let Some(&(task, _, _)) = sends(&a).first() else {
-                break a.last().cloned();
+                // The lone worker is asked again, not at once but a while
+                // after its failure.
+                assert!(
+                    r.handle(Input::Timer {
+                        now_ms: now + RETRY_SAME_WORKER_MS - 1
+                    })
+                    .is_empty()
+                );
+                now += RETRY_SAME_WORKER_MS;
+                a = r.handle(Input::Timer { now_ms: now });
+                if sends(&a).is_empty() {
+                    break a.last().cloned();
+                }
+                continue;
             };
             now += 1;
-            a = answer(&mut r, now, task, Outcome::Failed(format!("try {now}")));
+            tries += 1;
+            a = answer(&mut r, now, task, Outcome::Failed(format!("try {tries}")));
         };
         let Some(Action::Fail(Failure::TooManyAttempts {
             attempts, last_error, ..
