@@ -19,6 +19,31 @@ fn hsum256(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(s)
 }
 
+/// The wrapping sum of `words` read with 512-bit loads into four
+/// independent accumulators: the plain AVX-512 streaming read the bandwidth
+/// probe must reach.
+///
+/// # Safety
+/// AVX-512 F must be present.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn sum_avx512(words: &[u64]) -> u64 {
+    let mut acc = [_mm512_setzero_si512(); 4];
+    let blocks = words.chunks_exact(32);
+    let tail = blocks.remainder();
+    for b in blocks {
+        for (k, a) in acc.iter_mut().enumerate() {
+            // SAFETY: `b` holds 32 words, so 8 at `8 * k` are readable.
+            let v = unsafe { _mm512_loadu_si512(b.as_ptr().add(8 * k).cast()) };
+            *a = _mm512_add_epi64(*a, v);
+        }
+    }
+    let all = _mm512_add_epi64(_mm512_add_epi64(acc[0], acc[1]), _mm512_add_epi64(acc[2], acc[3]));
+    let mut lanes = [0u64; 8];
+    // SAFETY: `lanes` is 64 writable bytes.
+    unsafe { _mm512_storeu_si512(lanes.as_mut_ptr().cast(), all) };
+    lanes.iter().chain(tail).fold(0u64, |s, a| s.wrapping_add(*a))
+}
+
 /// How far ahead a streaming kernel prefetches: [`PREFETCH_BYTES`] rounded
 /// up to whole units of `unit` bytes (a row, or a block of rows read side by
 /// side), so that the line asked for sits at the same place a unit later.

@@ -33,6 +33,17 @@ impl FloatDtype {
         }
     }
 
+    /// Parses a name as [`FloatDtype::name`] gives it (`q8` for `q8_0` too).
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "f32" => FloatDtype::F32,
+            "f16" => FloatDtype::F16,
+            "bf16" => FloatDtype::Bf16,
+            "q8" | "q8_0" => FloatDtype::Q8_0,
+            _ => return Err(Error::config("head", format!("`{s}`: expected f32, f16, bf16 or q8"))),
+        })
+    }
+
     /// A short name: `f32`, `f16`, `bf16`, `q8_0`.
     pub fn name(self) -> &'static str {
         match self {
@@ -214,6 +225,27 @@ impl FloatTensor {
         }
     }
 
+    /// The same values in `dtype` (rounded where `dtype` is narrower),
+    /// converted a thousand rows at a time so that no f32 copy of the whole
+    /// tensor is made.
+    pub fn to_dtype(&self, dtype: FloatDtype) -> Result<Self> {
+        if dtype == self.dtype {
+            return Ok(self.clone());
+        }
+        const ROWS: usize = 1024;
+        let mut bytes = Vec::with_capacity(dtype.bytes(self.rows * self.cols).unwrap_or(0));
+        let mut values = vec![0f32; ROWS * self.cols];
+        for r0 in (0..self.rows).step_by(ROWS) {
+            let n = ROWS.min(self.rows - r0);
+            for (i, o) in values.chunks_exact_mut(self.cols.max(1)).take(n).enumerate() {
+                self.row_into(r0 + i, o);
+            }
+            let part = Self::from_f32(dtype, n, self.cols, &values[..n * self.cols])?;
+            bytes.extend_from_slice(part.bytes());
+        }
+        Self::new(dtype, self.rows, self.cols, bytes.into())
+    }
+
     /// Every value as f32, row-major.
     pub fn to_f32(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
@@ -248,6 +280,19 @@ impl FloatTensor {
         }
         // partial[r][t]: rows are what the threads split.
         let mut partial = vec![0f32; n * tokens];
+        // An exact integer product for Q8_0 (see `q8`), on the CPU's own ISA.
+        let q8 = (self.dtype == FloatDtype::Q8_0).then(|| {
+            let isa = cpu.map_or_else(crate::cpu::Isa::detect, Cpu::isa);
+            (isa, super::q8::Q8Activations::quantize(x, tokens, k))
+        });
+        let rb = self.row_bytes();
+        let product = |r0: usize, dst: &mut [f32]| match &q8 {
+            Some((isa, act)) => {
+                let rows = dst.len() / tokens;
+                super::q8::rows(*isa, &self.data[r0 * rb..(r0 + rows) * rb], act, tokens, dst);
+            }
+            None => self.rows_times(r0, x, tokens, dst),
+        };
         match cpu {
             Some(cpu) => {
                 // Two pieces per thread, as the ternary GEMV cuts its rows.
@@ -255,7 +300,7 @@ impl FloatTensor {
                 let pieces: Vec<Mutex<&mut [f32]>> = partial.chunks_mut(per * tokens).map(Mutex::new).collect();
                 cpu.run_parts(pieces.len(), &|i| {
                     let mut dst = pieces[i].lock().unwrap_or_else(PoisonError::into_inner);
-                    self.rows_times(i * per, x, tokens, &mut dst);
+                    product(i * per, &mut dst);
                 });
             }
             None => {
@@ -263,7 +308,7 @@ impl FloatTensor {
                 partial
                     .par_chunks_mut(CHUNK * tokens)
                     .enumerate()
-                    .for_each(|(c, dst)| self.rows_times(c * CHUNK, x, tokens, dst));
+                    .for_each(|(c, dst)| product(c * CHUNK, dst));
             }
         }
         for (r, p) in partial.chunks_exact(tokens).enumerate() {
@@ -526,7 +571,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// [`dot`]'s final step, shared with the SIMD paths so they stay
 /// bit-identical: halve the 16 lanes three times, then add the tail.
 #[inline]
-fn reduce16(mut lanes: [f32; 16], tail: f32) -> f32 {
+pub(crate) fn reduce16(mut lanes: [f32; 16], tail: f32) -> f32 {
     let mut w = 16;
     while w > 1 {
         w /= 2;
@@ -567,7 +612,9 @@ mod tests {
                     let want: f64 = (0..cols)
                         .map(|c| f64::from(back[r * cols + c]) * f64::from(x[tok * cols + c]))
                         .sum();
-                    assert!((out[tok * rows + r] as f64 - want).abs() < 1e-4, "{dtype:?}");
+                    // Q8_0 quantizes the activations too (see `q8`).
+                    let tol = if dtype == FloatDtype::Q8_0 { 0.1 } else { 1e-4 };
+                    assert!((out[tok * rows + r] as f64 - want).abs() < tol, "{dtype:?}");
                 }
             }
         }

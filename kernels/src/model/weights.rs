@@ -166,6 +166,17 @@ impl ModelWeights {
         Ok(())
     }
 
+    /// The same model with its token embedding and LM head stored in
+    /// `dtype`: `Q8_0` makes the head an exact integer product at about half
+    /// the bytes of bf16 (see `model::q8`), as bitnet.cpp's `--quant-embd`
+    /// and llama-quantize's default recipe quantize it.
+    pub fn with_head(&self, dtype: FloatDtype) -> Result<Self> {
+        let mut w = self.clone();
+        w.embed = self.embed.to_dtype(dtype)?;
+        w.lm_head = self.lm_head.as_ref().map(|h| h.to_dtype(dtype)).transpose()?;
+        Ok(w)
+    }
+
     /// The LM head: `lm_head` or the tied embedding.
     pub fn head(&self) -> &FloatTensor {
         self.lm_head.as_ref().unwrap_or(&self.embed)

@@ -47,6 +47,8 @@ pub struct KernelsReport {
     /// Read bandwidth of all CPU threads, bytes per second (median of the
     /// samples taken before and between the GEMV runs).
     pub read_bandwidth: f64,
+    /// What each way of reading reached at the start (the best counts).
+    pub read_methods: Vec<ReadMethodFigure>,
     pub gemv: Vec<GemvFigure>,
     pub gemm: Vec<GemmFigure>,
     /// Backends left out, and why.
@@ -134,10 +136,42 @@ pub(crate) fn bandwidth_buffer(bytes: usize) -> Vec<u64> {
     (0..bytes as u64 / 8).collect()
 }
 
-/// Seven read-bandwidth samples over `buffer`: the first ones of a run,
-/// before anything is measured against them.
-pub(crate) fn first_bandwidth_samples(cpu: &Cpu, buffer: &[u64]) -> Vec<f64> {
-    (0..7).map(|_| cpu::read_bandwidth(cpu, buffer)).collect()
+/// Seven read-bandwidth samples over `buffer` (the first ones of a run,
+/// before anything is measured against them), and each read method's median
+/// over them, so a report shows which read the ceiling came from.
+pub(crate) fn first_bandwidth_samples(cpu: &Cpu, buffer: &[u64]) -> (Vec<f64>, Vec<ReadMethodFigure>) {
+    let rounds: Vec<Vec<(cpu::ReadMethod, f64)>> = (0..7).map(|_| cpu::read_methods(cpu, buffer)).collect();
+    let samples = rounds
+        .iter()
+        .map(|r| r.iter().map(|&(_, bw)| bw).fold(0.0, f64::max))
+        .collect();
+    let methods = rounds[0]
+        .iter()
+        .enumerate()
+        .map(|(k, &(m, _))| ReadMethodFigure {
+            method: m.name().into(),
+            read_bandwidth: median(rounds.iter().map(|r| r[k].1).collect()),
+        })
+        .collect();
+    (samples, methods)
+}
+
+/// One way of reading memory and the bandwidth it reached (median of the
+/// first samples of a run); the best of them is the ceiling.
+#[derive(Debug, Serialize)]
+pub struct ReadMethodFigure {
+    pub method: String,
+    /// Bytes per second.
+    pub read_bandwidth: f64,
+}
+
+/// "plain 33.1, avx512-whole 41.2 GB/s".
+pub(crate) fn methods_line(methods: &[ReadMethodFigure]) -> String {
+    let parts: Vec<String> = methods
+        .iter()
+        .map(|m| format!("{} {:.1}", m.method, m.read_bandwidth / 1e9))
+        .collect();
+    format!("{} GB/s", parts.join(", "))
 }
 
 pub use crate::daemon::memory::peak_rss;
@@ -214,7 +248,7 @@ pub fn kernels(args: &KernelsArgs) -> Result<KernelsReport> {
 
     progress(args, "measuring memory read bandwidth");
     let bw_buffer = bandwidth_buffer(bw_bytes);
-    let mut bw_samples = first_bandwidth_samples(&cpu, &bw_buffer);
+    let (mut bw_samples, read_methods) = first_bandwidth_samples(&cpu, &bw_buffer);
 
     let mut backends = Vec::new();
     let mut skipped = Vec::new();
@@ -257,6 +291,7 @@ pub fn kernels(args: &KernelsArgs) -> Result<KernelsReport> {
             isa: cpu.isa().name().to_owned(),
         },
         read_bandwidth: median(bw_samples),
+        read_methods,
         gemv,
         gemm,
         skipped,
@@ -319,8 +354,8 @@ fn bench_gemv(
                 &bw_buffer[at..at + words]
             };
             for k in 0..2 {
-                let plain = cpu::read_once(cpu, window(2 * k), false);
-                small_reads.push(plain.max(cpu::read_once(cpu, window(2 * k + 1), true)));
+                let plain = cpu::read_once(cpu, window(2 * k), cpu::ReadMethod::Plain);
+                small_reads.push(plain.max(cpu::read_once(cpu, window(2 * k + 1), cpu::ReadMethod::Prefetch)));
             }
         }
         times.extend(time_runs(budget / GEMV_ROUNDS as u32, 2, &mut run)?);
@@ -417,11 +452,12 @@ impl KernelsReport {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "\nmachine: {} ({} threads, {})\nmemory read bandwidth: {:.1} GB/s (median of all samples)\n",
+            "\nmachine: {} ({} threads, {})\nmemory read bandwidth: {:.1} GB/s (median of all samples, each the best read of: {})\n",
             self.machine.cpu,
             self.machine.threads,
             self.machine.isa,
-            self.read_bandwidth / 1e9
+            self.read_bandwidth / 1e9,
+            methods_line(&self.read_methods)
         );
         let _ = writeln!(
             s,

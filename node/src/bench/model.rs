@@ -16,7 +16,10 @@ use kernels::cpu::{self, Cpu};
 use kernels::model::{self, Logits, Model, ModelFormat, Preset, Proj};
 use serde::Serialize;
 
-use crate::bench::{BANDWIDTH_BUFFER, bandwidth_buffer, cpu_model, first_bandwidth_samples, median, median_time};
+use crate::bench::{
+    BANDWIDTH_BUFFER, ReadMethodFigure, bandwidth_buffer, cpu_model, first_bandwidth_samples, median, median_time,
+    methods_line,
+};
 
 /// Arguments of `tern bench model`.
 #[derive(Debug, Clone, clap::Args)]
@@ -38,6 +41,10 @@ pub struct ModelBenchArgs {
     pub threads: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// The token embedding and LM head's type: bf16 (as the released 2B4T
+    /// is), f16, f32 or q8 (Q8_0, the exact integer head).
+    #[arg(long, default_value = "bf16")]
+    pub head: String,
     /// Where to write the model files (default: a temporary directory, removed after).
     #[arg(long)]
     pub dir: Option<PathBuf>,
@@ -52,10 +59,14 @@ pub struct ModelReport {
     pub threads: usize,
     pub isa: String,
     pub preset: String,
+    /// The LM head's stored type.
+    pub head: String,
     pub parameters: u64,
     /// Read bandwidth of all threads, bytes/s (median of every sample: 7
     /// before the first format, one before each decoded token).
     pub read_bandwidth: f64,
+    /// What each way of reading reached at the start (the best counts).
+    pub read_methods: Vec<ReadMethodFigure>,
     pub figures: Vec<ModelFigure>,
 }
 
@@ -127,6 +138,7 @@ fn measure(
         &format!("generating the {} model (seed {})", preset.name(), args.seed),
     );
     let (weights, tokenizer) = model::init::random(preset, args.seed)?;
+    let weights = weights.with_head(kernels::model::tensor::FloatDtype::parse(&args.head)?)?;
     let config = weights.config.clone();
     if args.prompt_tokens + args.decode_tokens >= config.max_position_embeddings || args.prompt_tokens == 0 {
         bail!(
@@ -146,7 +158,7 @@ fn measure(
 
     say(args, "measuring memory read bandwidth");
     let bw_buffer = bandwidth_buffer(BANDWIDTH_BUFFER);
-    let mut all_bandwidth = first_bandwidth_samples(cpu, &bw_buffer);
+    let (mut all_bandwidth, read_methods) = first_bandwidth_samples(cpu, &bw_buffer);
 
     let prompt: Vec<u32> = (0..args.prompt_tokens as u32).map(|i| 3 + (i * 7919) % 250).collect();
     let mut figures = Vec::new();
@@ -215,8 +227,10 @@ fn measure(
         threads: cpu.threads(),
         isa: cpu.isa().name().into(),
         preset: preset.name().into(),
+        head: args.head.clone(),
         parameters,
         read_bandwidth: median(all_bandwidth),
+        read_methods,
         figures,
     })
 }
@@ -255,13 +269,15 @@ impl ModelReport {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "\nmachine: {} ({} threads, {})\nmodel: {} preset, {:.2} B parameters\nmemory read bandwidth: {:.1} GB/s (median of all samples; bw: those between a format's decoded tokens)\n",
+            "\nmachine: {} ({} threads, {})\nmodel: {} preset, {:.2} B parameters, {} head\nmemory read bandwidth: {:.1} GB/s (median of all samples, each the best read of: {}; bw: those between a format's decoded tokens)\n",
             self.cpu,
             self.threads,
             self.isa,
             self.preset,
             self.parameters as f64 / 1e9,
-            self.read_bandwidth / 1e9
+            self.head,
+            self.read_bandwidth / 1e9,
+            methods_line(&self.read_methods)
         );
         let _ = writeln!(
             s,

@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use kernels::Backend;
 use kernels::cpu::{Cpu, Isa};
+use kernels::model::tensor::FloatDtype;
 use kernels::model::{self, Logits, Model, ModelFormat, Preset, Sampler, SamplingParams, chat::Message};
 use kernels::train::{Adapter, peft};
 use protocol::ContentId;
@@ -58,6 +59,10 @@ pub struct InitArgs {
     /// gguf-tq1, gguf-tq2, gguf-i2s, hf-packed or hf-master.
     #[arg(long, default_value = "hf-packed")]
     pub format: String,
+    /// Store the token embedding and LM head as bf16, f16, f32 or q8
+    /// (Q8_0: an exact integer head at about half the bytes of bf16).
+    #[arg(long, default_value = "bf16")]
+    pub head: String,
 }
 
 /// Arguments of `tern model inspect`.
@@ -80,6 +85,11 @@ pub struct ConvertArgs {
     pub to: String,
     #[arg(long)]
     pub out: PathBuf,
+    /// Re-store the token embedding and LM head as bf16, f16, f32 or q8
+    /// (Q8_0: an exact integer head at about half the bytes of bf16);
+    /// without it they keep their type.
+    #[arg(long)]
+    pub head: Option<String>,
 }
 
 /// `tern model init`.
@@ -88,6 +98,7 @@ pub fn init(args: &InitArgs) -> Result<()> {
     let format = ModelFormat::parse(&args.format)?;
     let t = Instant::now();
     let (weights, tokenizer) = model::init::random(preset, args.seed)?;
+    let weights = weights.with_head(FloatDtype::parse(&args.head)?)?;
     model::save(&weights, &tokenizer, format, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
     let id = model_id(&args.out)?;
     println!(
@@ -106,7 +117,11 @@ pub fn init(args: &InitArgs) -> Result<()> {
 pub fn convert(args: &ConvertArgs) -> Result<()> {
     let format = ModelFormat::parse(&args.to)?;
     let m = model::load(&args.input).with_context(|| format!("loading {}", args.input.display()))?;
-    model::save(&m.weights, &m.tokenizer, format, &args.out)
+    let weights = match &args.head {
+        Some(h) => m.weights.with_head(FloatDtype::parse(h)?)?,
+        None => m.weights.clone(),
+    };
+    model::save(&weights, &m.tokenizer, format, &args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
     println!(
         "converted {} ({}) to {} ({})\nmodel id {}",
@@ -390,6 +405,12 @@ pub struct EvalArgs {
     /// A LoRA adapter (PEFT directory or llama.cpp LoRA GGUF) to apply.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// Another file of the same model (for example with a bf16 head where
+    /// --model has a q8 one): also scored, with the KL divergence from its
+    /// next-token distributions to --model's and how often both pick the
+    /// same most likely token. The adapter applies to both.
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
     #[command(flatten)]
     pub run: RunArgs,
     #[arg(long)]
@@ -406,6 +427,30 @@ pub struct EvalReport {
     pub perplexity: f64,
     pub windows: usize,
     pub tokens_per_second: f64,
+    /// With `--reference`: how --model compares with it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference: Option<ReferenceReport>,
+}
+
+/// `tern eval --reference`: the reference's own score and how far --model's
+/// predictions are from it.
+#[derive(Debug, Serialize)]
+pub struct ReferenceReport {
+    pub mean_nll: f64,
+    pub perplexity: f64,
+    /// Mean over scored positions of KL(reference || model), in nats.
+    pub mean_kl_divergence: f64,
+    /// The largest KL divergence at one position.
+    pub max_kl_divergence: f64,
+    /// Positions where both models' most likely next token is the same.
+    pub top1_agreement: f64,
+}
+
+/// `log_softmax(row)` in f64.
+fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let lse = max + row.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
+    row.iter().map(|&l| l as f64 - lse).collect()
 }
 
 /// `tern eval`.
@@ -423,17 +468,41 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     }
     let model = open_model(&m, &args.model, args.adapter.as_deref(), &args.run)?;
     let vocab = m.weights.config.vocab_size;
+    let reference = match &args.reference {
+        Some(path) => {
+            let r = model::load(path).with_context(|| format!("loading {}", path.display()))?;
+            if r.weights.config.vocab_size != vocab || r.tokenizer.encode(&text, true)? != ids {
+                bail!("{} does not share --model's vocabulary and tokenizer", path.display());
+            }
+            let opened = open_model(&r, path, args.adapter.as_deref(), &args.run)?;
+            Some((r, opened))
+        }
+        None => None,
+    };
     let mut all_logits: Vec<f32> = Vec::new();
     let (mut nll, mut predicted, mut windows) = (0f64, 0usize, 0usize);
+    let (mut ref_nll, mut kl_sum, mut kl_max, mut agree) = (0f64, 0f64, 0f64, 0usize);
     let t = Instant::now();
     for chunk in ids.chunks(window) {
         let mut cache = model.new_cache();
         let logits = model.forward(chunk, &mut cache, Logits::All)?;
-        for (row, &next) in logits.chunks_exact(vocab).zip(&chunk[1..]) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-            let lse = max + row.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
-            nll += lse - row[next as usize] as f64;
+        let ref_logits = match &reference {
+            Some((_, r)) => Some(r.forward(chunk, &mut r.new_cache(), Logits::All)?),
+            None => None,
+        };
+        for (pos, (row, &next)) in logits.chunks_exact(vocab).zip(&chunk[1..]).enumerate() {
+            let lp = log_softmax(row);
+            nll -= lp[next as usize];
             predicted += 1;
+            if let Some(rl) = &ref_logits {
+                let rrow = &rl[pos * vocab..(pos + 1) * vocab];
+                let rp = log_softmax(rrow);
+                ref_nll -= rp[next as usize];
+                let kl: f64 = rp.iter().zip(&lp).map(|(r, m)| r.exp() * (r - m)).sum();
+                kl_sum += kl;
+                kl_max = kl_max.max(kl);
+                agree += usize::from(model::sample::argmax(row) == model::sample::argmax(rrow));
+            }
         }
         windows += 1;
         if args.dump_logits.is_some() {
@@ -452,6 +521,16 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
         perplexity: mean.exp(),
         windows,
         tokens_per_second: ids.len() as f64 / secs,
+        reference: reference.as_ref().map(|_| {
+            let n = predicted as f64;
+            ReferenceReport {
+                mean_nll: ref_nll / n,
+                perplexity: (ref_nll / n).exp(),
+                mean_kl_divergence: kl_sum / n,
+                max_kl_divergence: kl_max,
+                top1_agreement: agree as f64 / n,
+            }
+        }),
     };
     if let Some(out) = &args.dump_logits {
         let bytes: Vec<u8> = all_logits.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -474,6 +553,16 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
             report.perplexity,
             report.tokens_per_second
         );
+        if let Some(r) = &report.reference {
+            println!(
+                "reference: mean NLL {:.4}, perplexity {:.3}; KL(reference || model) mean {:.6} nats (max {:.6}), same top token at {:.2}% of positions",
+                r.mean_nll,
+                r.perplexity,
+                r.mean_kl_divergence,
+                r.max_kl_divergence,
+                r.top1_agreement * 100.0
+            );
+        }
     }
     Ok(())
 }
