@@ -119,6 +119,112 @@ fn model_init_inspect_convert_generate_eval() {
     );
 }
 
+/// `--head q8` re-stores the embedding as Q8_0; the file then runs the
+/// integer head everywhere: it generates, `bench model --model` measures it,
+/// and `eval --reference` shows it close to the bf16 file and the bf16 file
+/// identical to itself.
+#[test]
+fn a_q8_head_converts_generates_benches_and_is_scored_against_bf16() {
+    let d = tempdir("q8-head");
+    let hf = d.join("tiny");
+    let (bf16, q8) = (d.join("bf16.gguf"), d.join("q8.gguf"));
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    ok(&tern(&[
+        "model",
+        "init",
+        "--preset",
+        "tiny",
+        "--seed",
+        "5",
+        "--out",
+        &s(&hf),
+    ]));
+    ok(&tern(&[
+        "model",
+        "convert",
+        &s(&hf),
+        "--to",
+        "gguf-tq2",
+        "--out",
+        &s(&bf16),
+    ]));
+    ok(&tern(&[
+        "model",
+        "convert",
+        &s(&hf),
+        "--to",
+        "gguf-tq2",
+        "--head",
+        "q8",
+        "--out",
+        &s(&q8),
+    ]));
+    let inspect: serde_json::Value =
+        serde_json::from_str(&ok(&tern(&["model", "inspect", &s(&q8), "--json"]))).unwrap();
+    let embd = inspect["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "token_embd.weight")
+        .unwrap()
+        .clone();
+    assert_eq!(embd["dtype"], "Q8_0", "{embd}");
+    assert_eq!(embd["bytes"], 512 * 256 / 32 * 34);
+
+    let generated: serde_json::Value = serde_json::from_str(&ok(&tern(&[
+        "generate",
+        "--model",
+        &s(&q8),
+        "--prompt",
+        "The swarm",
+        "--max-tokens",
+        "8",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(generated["tokens"].as_array().unwrap().len(), 8, "{generated}");
+
+    let bench: serde_json::Value = serde_json::from_str(&ok(&tern(&[
+        "bench",
+        "model",
+        "--model",
+        &s(&q8),
+        "--prompt-tokens",
+        "16",
+        "--decode-tokens",
+        "4",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(bench["head"], "q8_0", "{bench}");
+    assert_eq!(bench["figures"][0]["format"], "gguf-tq2");
+    assert!(bench["figures"][0]["decode_tokens_per_second"].as_f64().unwrap() > 0.0);
+    assert!(!bench["read_methods"].as_array().unwrap().is_empty());
+
+    let text = d.join("text.txt");
+    std::fs::write(&text, "The quick brown fox jumps over the lazy dog. ".repeat(8)).unwrap();
+    let eval = |model: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&ok(&tern(&[
+            "eval",
+            "--model",
+            &s(model),
+            "--reference",
+            &s(&bf16),
+            "--text",
+            &s(&text),
+            "--json",
+        ])))
+        .unwrap()
+    };
+    let same = eval(&bf16);
+    assert_eq!(same["reference"]["mean_kl_divergence"], 0.0, "{same}");
+    assert_eq!(same["reference"]["top1_agreement"], 1.0);
+    assert_eq!(same["reference"]["mean_nll"], same["mean_nll"]);
+    let other = eval(&q8);
+    let kl = other["reference"]["mean_kl_divergence"].as_f64().unwrap();
+    assert!(kl > 0.0 && kl < 0.05, "{other}");
+}
+
 #[test]
 fn bad_model_input_is_a_clear_error() {
     let d = tempdir("bad");

@@ -30,6 +30,7 @@ pub(crate) struct Q8Activations {
     pub d: Vec<f32>,
     /// `tokens x blocks` sums of each block's values (for the AVX-512
     /// kernel's unsigned-weights trick).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub sums: Vec<i32>,
     pub cols: usize,
 }
@@ -133,6 +134,7 @@ pub(crate) fn row_scalar(row: &[u8], x: &Q8Activations, t: usize) -> f32 {
 
 /// The sequential tail of a row: blocks `from..` one after another.
 #[inline]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn tail(row: &[u8], q: &[i8], dx: &[f32], from: usize) -> f32 {
     let mut tail = 0f32;
     for (b, d) in dx.iter().enumerate().skip(from) {

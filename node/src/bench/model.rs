@@ -45,6 +45,10 @@ pub struct ModelBenchArgs {
     /// is), f16, f32 or q8 (Q8_0, the exact integer head).
     #[arg(long, default_value = "bf16")]
     pub head: String,
+    /// Measure this GGUF file instead of writing seeded ones (--preset,
+    /// --formats, --seed and --head are then not used).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// Where to write the model files (default: a temporary directory, removed after).
     #[arg(long)]
     pub dir: Option<PathBuf>,
@@ -133,28 +137,38 @@ fn measure(
     cpu: &Cpu,
     dir: &Path,
 ) -> Result<ModelReport> {
-    say(
-        args,
-        &format!("generating the {} model (seed {})", preset.name(), args.seed),
-    );
-    let (weights, tokenizer) = model::init::random(preset, args.seed)?;
-    let weights = weights.with_head(kernels::model::tensor::FloatDtype::parse(&args.head)?)?;
-    let config = weights.config.clone();
+    let (config, parameters, runs) = match &args.model {
+        Some(path) => {
+            let m = model::load(path).with_context(|| format!("loading {}", path.display()))?;
+            (
+                m.weights.config.clone(),
+                m.weights.parameters(),
+                vec![(m.format, path.clone())],
+            )
+        }
+        None => {
+            say(
+                args,
+                &format!("generating the {} model (seed {})", preset.name(), args.seed),
+            );
+            let (weights, tokenizer) = model::init::random(preset, args.seed)?;
+            let weights = weights.with_head(kernels::model::tensor::FloatDtype::parse(&args.head)?)?;
+            let mut runs = Vec::new();
+            for &f in formats {
+                let path = dir.join(format!("{}-{}.gguf", preset.name(), f.name()));
+                say(args, &format!("writing {}", path.display()));
+                model::save(&weights, &tokenizer, f, &path)?;
+                runs.push((f, path));
+            }
+            (weights.config.clone(), weights.parameters(), runs)
+        }
+    };
     if args.prompt_tokens + args.decode_tokens >= config.max_position_embeddings || args.prompt_tokens == 0 {
         bail!(
             "--prompt-tokens + --decode-tokens must fit the context of {}",
             config.max_position_embeddings
         );
     }
-    let parameters = weights.parameters();
-    let mut paths = Vec::new();
-    for &f in formats {
-        let path = dir.join(format!("{}-{}.gguf", preset.name(), f.name()));
-        say(args, &format!("writing {}", path.display()));
-        model::save(&weights, &tokenizer, f, &path)?;
-        paths.push(path);
-    }
-    drop(weights);
 
     say(args, "measuring memory read bandwidth");
     let bw_buffer = bandwidth_buffer(BANDWIDTH_BUFFER);
@@ -162,11 +176,14 @@ fn measure(
 
     let prompt: Vec<u32> = (0..args.prompt_tokens as u32).map(|i| 3 + (i * 7919) % 250).collect();
     let mut figures = Vec::new();
-    for (&format, path) in formats.iter().zip(&paths) {
+    let mut head = args.head.clone();
+    for (format, path) in &runs {
+        let (format, path) = (*format, path.as_path());
         say(args, &format!("{}: loading", format.name()));
         let file_bytes = std::fs::metadata(path)?.len();
         let load_peak_rss = child_peak_rss(path).ok();
         let m = model::load(path)?;
+        head = m.weights.head().dtype().name().into();
         let model = Model::new(&m.weights, Backend::Cpu(cpu.clone()))?;
         let mut weight_bytes = 0u64;
         for l in &m.weights.layers {
@@ -226,8 +243,11 @@ fn measure(
         cpu: cpu_model(),
         threads: cpu.threads(),
         isa: cpu.isa().name().into(),
-        preset: preset.name().into(),
-        head: args.head.clone(),
+        preset: match &args.model {
+            Some(p) => p.display().to_string(),
+            None => format!("{} preset", preset.name()),
+        },
+        head,
         parameters,
         read_bandwidth: median(all_bandwidth),
         read_methods,
@@ -269,7 +289,7 @@ impl ModelReport {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "\nmachine: {} ({} threads, {})\nmodel: {} preset, {:.2} B parameters, {} head\nmemory read bandwidth: {:.1} GB/s (median of all samples, each the best read of: {}; bw: those between a format's decoded tokens)\n",
+            "\nmachine: {} ({} threads, {})\nmodel: {}, {:.2} B parameters, {} head\nmemory read bandwidth: {:.1} GB/s (median of all samples, each the best read of: {}; bw: those between a format's decoded tokens)\n",
             self.cpu,
             self.threads,
             self.isa,
