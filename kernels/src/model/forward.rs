@@ -6,7 +6,7 @@
 //! in a fixed order, so a backend changes only where the exact integer
 //! products are computed, not the floats around them.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -17,6 +17,10 @@ use super::weights::{ModelWeights, Proj};
 use super::{Activation, Config};
 use crate::train::{Adapter, lora_forward};
 use crate::{Backend, Error, QuantizedActivations, Result, Weights};
+
+/// Up to this many new tokens, attention runs on the CPU backend's team of
+/// threads (decode); more (prefill) go to rayon.
+const TEAM_ATTENTION_TOKENS: usize = 2;
 
 pub(crate) struct Layer {
     pub(crate) norms: [Vec<f32>; 4],
@@ -362,25 +366,25 @@ impl Model {
         let one = |i: usize, o: &mut [f32], scores: &mut [f32]| {
             let kvh = (i % heads) / group;
             let qh = &q[i * d..(i + 1) * d];
-            for (p, s) in scores.iter_mut().enumerate() {
-                *s = dot(qh, &k[p * kv_dim + kvh * d..p * kv_dim + (kvh + 1) * d]) * scale;
-            }
-            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            for (p, s) in scores.iter_mut().enumerate() {
-                *s *= inv;
-                let vp = &v[p * kv_dim + kvh * d..p * kv_dim + (kvh + 1) * d];
-                for (acc, &val) in o.iter_mut().zip(vp) {
-                    *acc += *s * val;
-                }
-            }
+            attend(qh, k, v, kv_dim, kvh * d, scale, o, scores);
         };
         let seen = |i: usize| start + i / heads + 1;
+        let team = match &self.backend {
+            Backend::Cpu(cpu) if probs.is_none() && tokens <= TEAM_ATTENTION_TOKENS => Some(cpu),
+            _ => None,
+        };
+        if let Some(cpu) = team {
+            // A decode step: one part per head on the CPU backend's team,
+            // which is spinning between the step's products anyway; rayon's
+            // pool would have to wake up, and on a 2-core machine compete
+            // with the spinning team. Each query is computed as below.
+            let pieces: Vec<Mutex<&mut [f32]>> = out.chunks_mut(d).map(Mutex::new).collect();
+            cpu.run_parts(pieces.len(), &|i| {
+                let mut o = pieces[i].lock().unwrap_or_else(PoisonError::into_inner);
+                one(i, &mut o, &mut vec![0f32; seen(i)]);
+            });
+            return out;
+        }
         match probs {
             Some(p) => out
                 .par_chunks_mut(d)
@@ -448,6 +452,31 @@ impl Model {
         stats.decode_secs = t1.elapsed().as_secs_f64();
         stats.generated_tokens = out.len();
         Ok((out, stats))
+    }
+}
+
+/// One query `qh` against every position `scores` covers: scaled dot
+/// products with the keys (at column `off` of each `kv_dim`-wide row of
+/// `k`), softmax, and the weighted sum of the values added into `o`.
+#[allow(clippy::too_many_arguments)]
+fn attend(qh: &[f32], k: &[f32], v: &[f32], kv_dim: usize, off: usize, scale: f32, o: &mut [f32], scores: &mut [f32]) {
+    let d = qh.len();
+    for (p, s) in scores.iter_mut().enumerate() {
+        *s = dot(qh, &k[p * kv_dim + off..p * kv_dim + off + d]) * scale;
+    }
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    let inv = 1.0 / sum;
+    for (p, s) in scores.iter_mut().enumerate() {
+        *s *= inv;
+        let vp = &v[p * kv_dim + off..p * kv_dim + off + d];
+        for (acc, &val) in o.iter_mut().zip(vp) {
+            *acc += *s * val;
+        }
     }
 }
 
