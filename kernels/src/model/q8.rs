@@ -70,6 +70,15 @@ impl Q8Activations {
     fn blocks(&self) -> usize {
         self.cols / Q8_0_BLOCK
     }
+
+    /// Token `t`'s values and its blocks' scales.
+    fn token(&self, t: usize) -> (&[i8], &[f32]) {
+        let nb = self.blocks();
+        (
+            &self.q[t * self.cols..(t + 1) * self.cols],
+            &self.d[t * nb..(t + 1) * nb],
+        )
+    }
 }
 
 /// The scale of block `b` of a `Q8_0` row.
@@ -79,8 +88,8 @@ fn block_scale(row: &[u8], b: usize) -> f32 {
 }
 
 /// `dst[i][t] = logit of row i (of `rows`, `Q8_0` bytes) for token t`, with
-/// the kernels of `isa` (the best this CPU has where `isa` is not available
-/// here; every choice gives the same bytes).
+/// the kernels of `isa`, which must be available on this CPU (a `Cpu`'s own,
+/// or `Isa::detect()`); every choice gives the same bytes.
 pub(crate) fn rows(isa: Isa, rows: &[u8], x: &Q8Activations, tokens: usize, dst: &mut [f32]) {
     let row_bytes = x.blocks() * BLOCK_BYTES;
     for (i, row) in rows.chunks_exact(row_bytes).enumerate() {
@@ -90,15 +99,15 @@ pub(crate) fn rows(isa: Isa, rows: &[u8], x: &Q8Activations, tokens: usize, dst:
             x86::prefetch_row(rows, i, row_bytes);
             if isa == Isa::Avx512Vnni {
                 for (t, o) in d.iter_mut().enumerate() {
-                    // SAFETY: `Isa::Avx512Vnni` is only constructed on a CPU
-                    // that has AVX-512 F/BW/VL/VNNI (checked by the caller).
+                    // SAFETY: the caller passes only an available ISA, and
+                    // `Isa::Avx512Vnni` is AVX-512 F/BW/VL/VNNI.
                     *o = unsafe { x86::row_avx512(row, x, t) };
                 }
                 continue;
             }
-            if isa == Isa::Avx2 || isa == Isa::Avx512Vnni {
+            if isa == Isa::Avx2 {
                 for (t, o) in d.iter_mut().enumerate() {
-                    // SAFETY: AVX2 is part of both ISAs, checked by the caller.
+                    // SAFETY: the caller passes only an available ISA.
                     *o = unsafe { x86::row_avx2(row, x, t) };
                 }
                 continue;
@@ -115,10 +124,8 @@ pub(crate) fn rows(isa: Isa, rows: &[u8], x: &Q8Activations, tokens: usize, dst:
 /// `dot(isums, scales)` written out (16 lanes, a sequential tail, the same
 /// reduction) so that no vector is allocated per row.
 pub(crate) fn row_scalar(row: &[u8], x: &Q8Activations, t: usize) -> f32 {
-    let nb = x.blocks();
-    let q = &x.q[t * x.cols..(t + 1) * x.cols];
-    let dx = &x.d[t * nb..(t + 1) * nb];
-    let full = nb / 16 * 16;
+    let (q, dx) = x.token(t);
+    let full = dx.len() / 16 * 16;
     let mut acc = [0f32; 16];
     let mut tail = 0f32;
     for (b, d) in dx.iter().enumerate() {
@@ -203,8 +210,7 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2")]
     pub(super) unsafe fn row_avx512(row: &[u8], x: &Q8Activations, t: usize) -> f32 {
         let nb = x.blocks();
-        let q = &x.q[t * x.cols..(t + 1) * x.cols];
-        let dx = &x.d[t * nb..(t + 1) * nb];
+        let (q, dx) = x.token(t);
         let sums = &x.sums[t * nb..(t + 1) * nb];
         let flip = _mm256_set1_epi8(-128);
         let full = nb / 16 * 16;
@@ -265,11 +271,9 @@ mod x86 {
     /// AVX2 must be present.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn row_avx2(row: &[u8], x: &Q8Activations, t: usize) -> f32 {
-        let nb = x.blocks();
-        let q = &x.q[t * x.cols..(t + 1) * x.cols];
-        let dx = &x.d[t * nb..(t + 1) * nb];
+        let (q, dx) = x.token(t);
         // The same order with 16 lanes of f32 kept as two halves of eight.
-        let full = nb / 16 * 16;
+        let full = dx.len() / 16 * 16;
         let mut acc = [0f32; 16];
         let mut b = 0;
         while b < full {

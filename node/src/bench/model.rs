@@ -63,6 +63,9 @@ pub struct ModelReport {
     pub threads: usize,
     pub isa: String,
     pub preset: String,
+    /// The file measured (`--model`); the preset is then not used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
     /// The LM head's stored type.
     pub head: String,
     pub parameters: u64,
@@ -137,14 +140,18 @@ fn measure(
     cpu: &Cpu,
     dir: &Path,
 ) -> Result<ModelReport> {
+    // A given file is loaded once, here, and measured as loaded.
+    let mut given = None;
     let (config, parameters, runs) = match &args.model {
         Some(path) => {
             let m = model::load(path).with_context(|| format!("loading {}", path.display()))?;
-            (
+            let found = (
                 m.weights.config.clone(),
                 m.weights.parameters(),
                 vec![(m.format, path.clone())],
-            )
+            );
+            given = Some(m);
+            found
         }
         None => {
             say(
@@ -182,7 +189,10 @@ fn measure(
         say(args, &format!("{}: loading", format.name()));
         let file_bytes = std::fs::metadata(path)?.len();
         let load_peak_rss = child_peak_rss(path).ok();
-        let m = model::load(path)?;
+        let m = match given.take() {
+            Some(m) => m,
+            None => model::load(path)?,
+        };
         head = m.weights.head().dtype().name().into();
         let model = Model::new(&m.weights, Backend::Cpu(cpu.clone()))?;
         let mut weight_bytes = 0u64;
@@ -243,10 +253,8 @@ fn measure(
         cpu: cpu_model(),
         threads: cpu.threads(),
         isa: cpu.isa().name().into(),
-        preset: match &args.model {
-            Some(p) => p.display().to_string(),
-            None => format!("{} preset", preset.name()),
-        },
+        preset: preset.name().into(),
+        file: args.model.as_ref().map(|p| p.display().to_string()),
         head,
         parameters,
         read_bandwidth: median(all_bandwidth),
@@ -293,7 +301,7 @@ impl ModelReport {
             self.cpu,
             self.threads,
             self.isa,
-            self.preset,
+            self.file.clone().unwrap_or_else(|| format!("{} preset", self.preset)),
             self.parameters as f64 / 1e9,
             self.head,
             self.read_bandwidth / 1e9,

@@ -446,11 +446,10 @@ pub struct ReferenceReport {
     pub top1_agreement: f64,
 }
 
-/// `log_softmax(row)` in f64.
-fn log_softmax(row: &[f32]) -> Vec<f64> {
+/// `log(sum(exp(row)))` in f64: `log_softmax(row)[i]` is `row[i]` less it.
+fn log_sum_exp(row: &[f32]) -> f64 {
     let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-    let lse = max + row.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
-    row.iter().map(|&l| l as f64 - lse).collect()
+    max + row.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln()
 }
 
 /// `tern eval`.
@@ -491,14 +490,21 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
             None => None,
         };
         for (pos, (row, &next)) in logits.chunks_exact(vocab).zip(&chunk[1..]).enumerate() {
-            let lp = log_softmax(row);
-            nll -= lp[next as usize];
+            let lse = log_sum_exp(row);
+            nll += lse - row[next as usize] as f64;
             predicted += 1;
             if let Some(rl) = &ref_logits {
                 let rrow = &rl[pos * vocab..(pos + 1) * vocab];
-                let rp = log_softmax(rrow);
-                ref_nll -= rp[next as usize];
-                let kl: f64 = rp.iter().zip(&lp).map(|(r, m)| r.exp() * (r - m)).sum();
+                let rlse = log_sum_exp(rrow);
+                ref_nll += rlse - rrow[next as usize] as f64;
+                let kl: f64 = rrow
+                    .iter()
+                    .zip(row)
+                    .map(|(&r, &m)| {
+                        let (r, m) = (r as f64 - rlse, m as f64 - lse);
+                        r.exp() * (r - m)
+                    })
+                    .sum();
                 kl_sum += kl;
                 kl_max = kl_max.max(kl);
                 agree += usize::from(model::sample::argmax(row) == model::sample::argmax(rrow));
