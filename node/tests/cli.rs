@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{fails_with, ok, tempdir, tern};
+use common::{fails_with, init, ok, tempdir, tern};
 
 #[test]
 fn bench_kernels_quick_reports_every_figure_as_json() {
@@ -34,28 +34,15 @@ fn bad_arguments_fail_with_usage() {
 #[test]
 fn model_init_inspect_convert_generate_eval() {
     let d = tempdir("model");
-    let hf = d.join("tiny");
+    let hf = init(&d, "tiny", "3");
     let hf_s = hf.to_str().unwrap();
-    ok(&tern(&[
-        "model", "init", "--preset", "tiny", "--seed", "3", "--out", hf_s,
-    ]));
     let inspect: serde_json::Value = serde_json::from_str(&ok(&tern(&["model", "inspect", hf_s, "--json"]))).unwrap();
     assert_eq!(inspect["format"], "hf-packed");
     assert_eq!(inspect["architecture"]["hidden_size"], 256);
     let id = inspect["model_id"].as_str().unwrap().to_string();
     assert_eq!(id.len(), 64);
     // The same seed writes the same model: the same id.
-    let again = d.join("again");
-    ok(&tern(&[
-        "model",
-        "init",
-        "--preset",
-        "tiny",
-        "--seed",
-        "3",
-        "--out",
-        again.to_str().unwrap(),
-    ]));
+    let again = init(&d, "again", "3");
     let again: serde_json::Value =
         serde_json::from_str(&ok(&tern(&["model", "inspect", again.to_str().unwrap(), "--json"]))).unwrap();
     assert_eq!(again["model_id"].as_str().unwrap(), id);
@@ -126,19 +113,9 @@ fn model_init_inspect_convert_generate_eval() {
 #[test]
 fn a_q8_head_converts_generates_benches_and_is_scored_against_bf16() {
     let d = tempdir("q8-head");
-    let hf = d.join("tiny");
+    let hf = init(&d, "tiny", "5");
     let (bf16, q8) = (d.join("bf16.gguf"), d.join("q8.gguf"));
     let s = |p: &std::path::Path| p.to_str().unwrap().to_owned();
-    ok(&tern(&[
-        "model",
-        "init",
-        "--preset",
-        "tiny",
-        "--seed",
-        "5",
-        "--out",
-        &s(&hf),
-    ]));
     ok(&tern(&[
         "model",
         "convert",

@@ -2,28 +2,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
-use common::{fails_with, ok, tempdir, tern};
+use common::{fails_with, init, ok, tempdir, tern};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-fn init(dir: &Path, name: &str, seed: &str) -> PathBuf {
-    let m = dir.join(name);
-    ok(&tern(&[
-        "model",
-        "init",
-        "--preset",
-        "tiny",
-        "--seed",
-        seed,
-        "--out",
-        s(&m),
-    ]));
-    m
 }
 
 /// The final JSON summary line of `tern finetune --json`.

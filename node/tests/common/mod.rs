@@ -1,6 +1,6 @@
 //! Helpers shared by the `tern` binary's integration tests.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// Runs the `tern` binary built for these tests.
@@ -17,6 +17,22 @@ pub fn tempdir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// `tern model init --preset tiny --seed SEED` into `dir/name`.
+pub fn init(dir: &Path, name: &str, seed: &str) -> PathBuf {
+    let m = dir.join(name);
+    ok(&tern(&[
+        "model",
+        "init",
+        "--preset",
+        "tiny",
+        "--seed",
+        seed,
+        "--out",
+        m.to_str().unwrap(),
+    ]));
+    m
 }
 
 /// Succeeds; returns stdout.
