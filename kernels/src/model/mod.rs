@@ -17,6 +17,7 @@ pub(crate) mod hf;
 pub mod init;
 mod q8;
 pub mod sample;
+pub mod spm;
 pub mod tensor;
 pub mod tokenizer;
 mod weights;

@@ -6,6 +6,10 @@
 //! that `tokenizer.ggml.pre` names, the BOS that `add_bos_token` asks for).
 //! tern's own GGUF files also carry the whole `tokenizer.json` under
 //! `tokenizer.huggingface.json`, which is preferred when present.
+//!
+//! A GGUF file with a SentencePiece-style vocabulary (`tokenizer.ggml.model =
+//! "llama"`, as llama.cpp's converter writes Llama 2 and the 1bitLLM BitNet
+//! conversions) is tokenized by [`Spm`], which follows llama.cpp's algorithm.
 
 use std::path::Path;
 
@@ -14,6 +18,7 @@ use serde_json::{Value as Json, json};
 use super::chat;
 use super::config::Config;
 use super::gguf::{Array, GgufFile, Value};
+use super::spm::Spm;
 use super::write_atomic;
 use crate::{Error, Result};
 
@@ -29,11 +34,22 @@ pub const EOT: &str = "<|eot_id|>";
 /// A tokenizer with the model's special tokens and chat template.
 #[derive(Clone)]
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
-    json: String,
+    kind: Kind,
     bos: Option<u32>,
     eos: Vec<u32>,
     chat_template: Option<String>,
+}
+
+/// The two tokenizers tern runs.
+#[derive(Clone)]
+enum Kind {
+    /// A `tokenizer.json` document, run by the `tokenizers` crate.
+    Hf {
+        inner: Box<tokenizers::Tokenizer>,
+        json: String,
+    },
+    /// A SentencePiece-style GGUF vocabulary, run as llama.cpp runs it.
+    Spm(Box<Spm>),
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -55,8 +71,10 @@ impl Tokenizer {
     pub fn from_json(json: &str, bos: Option<u32>, eos: Vec<u32>, chat_template: Option<String>) -> Result<Self> {
         let inner: tokenizers::Tokenizer = json.parse().map_err(tk_err)?;
         Ok(Self {
-            inner,
-            json: json.to_string(),
+            kind: Kind::Hf {
+                inner: Box::new(inner),
+                json: json.to_string(),
+            },
             bos,
             eos,
             chat_template,
@@ -102,9 +120,13 @@ impl Tokenizer {
         let model = f.get("tokenizer.ggml.model").and_then(Value::as_str).ok_or_else(|| {
             Error::Tokenizer("the GGUF file has no tokenizer (tokenizer.ggml.model is missing)".into())
         })?;
+        if model == "llama" {
+            return Self::spm_from_gguf(f, template);
+        }
         if model != "gpt2" {
             return Err(Error::Tokenizer(format!(
-                "tokenizer.ggml.model `{model}` is not supported (only gpt2-style byte-level BPE is)"
+                "tokenizer.ggml.model `{model}` is not supported (gpt2-style byte-level BPE and llama-style \
+                 SentencePiece are)"
             )));
         }
         let strings = |k: &str| -> Result<&[String]> {
@@ -135,9 +157,74 @@ impl Tokenizer {
         Self::from_json(&json, bos, eos, template)
     }
 
+    /// A SentencePiece-style vocabulary (`tokenizer.ggml.model = "llama"`),
+    /// with llama.cpp's defaults where a key is missing (BOS 1, EOS 2, unknown
+    /// 0, add BOS, add a space prefix).
+    fn spm_from_gguf(f: &GgufFile, template: Option<String>) -> Result<Self> {
+        let tokens = f
+            .get("tokenizer.ggml.tokens")
+            .and_then(Value::as_array)
+            .and_then(Array::as_strs)
+            .ok_or_else(|| Error::Tokenizer("tokenizer.ggml.tokens is missing or not strings".into()))?
+            .to_vec();
+        let scores = match f.get("tokenizer.ggml.scores").map(|v| v.as_array()) {
+            None => Vec::new(),
+            Some(Some(Array::F32(s))) => s.clone(),
+            Some(_) => return Err(Error::Tokenizer("tokenizer.ggml.scores is not an f32 array".into())),
+        };
+        let types = match f.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
+            None => Vec::new(),
+            Some(a) => (0..a.len())
+                .map(|i| match a.u64_at(i) {
+                    Some(t @ 1..=6) => Ok(t as u8),
+                    Some(0) => Ok(0),
+                    _ => Err(Error::Tokenizer(format!(
+                        "tokenizer.ggml.token_type[{i}] is not a token type"
+                    ))),
+                })
+                .collect::<Result<_>>()?,
+        };
+        let mut spm = Spm::new(tokens, scores, types)?;
+        let n = spm.len() as u64;
+        // A special id outside the vocabulary is ignored, as llama.cpp does.
+        let id = |k: &str| f.get(k).and_then(Value::as_u64).filter(|&v| v < n).map(|v| v as u32);
+        let flag = |k: &str| f.get(k).and_then(Value::as_bool);
+        if f.get("tokenizer.ggml.bos_token_id").is_some() {
+            spm.bos = id("tokenizer.ggml.bos_token_id");
+        }
+        if f.get("tokenizer.ggml.eos_token_id").is_some() {
+            spm.eos = id("tokenizer.ggml.eos_token_id");
+        }
+        if f.get("tokenizer.ggml.unknown_token_id").is_some() {
+            spm.unk = id("tokenizer.ggml.unknown_token_id");
+        }
+        spm.add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(true);
+        spm.add_eos = flag("tokenizer.ggml.add_eos_token").unwrap_or(false);
+        spm.add_space_prefix = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+        let mut eos: Vec<u32> = spm.eos.into_iter().chain(id("tokenizer.ggml.eot_token_id")).collect();
+        eos.dedup();
+        Ok(Self {
+            bos: spm.bos,
+            eos,
+            chat_template: template,
+            kind: Kind::Spm(Box::new(spm)),
+        })
+    }
+
+    /// The SentencePiece vocabulary, when this is one.
+    pub fn spm(&self) -> Option<&Spm> {
+        match &self.kind {
+            Kind::Spm(s) => Some(s),
+            Kind::Hf { .. } => None,
+        }
+    }
+
     /// Tokens in the vocabulary, special tokens included.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        match &self.kind {
+            Kind::Hf { inner, .. } => inner.get_vocab_size(true),
+            Kind::Spm(s) => s.len(),
+        }
     }
 
     /// The BOS token id, if the model has one.
@@ -155,30 +242,49 @@ impl Tokenizer {
         self.chat_template.as_deref()
     }
 
-    /// The `tokenizer.json` document.
-    pub fn json(&self) -> &str {
-        &self.json
+    /// The `tokenizer.json` document (for a SentencePiece vocabulary, the
+    /// one Hugging Face's converter would write: BPE with byte fallback).
+    pub fn json(&self) -> Result<std::borrow::Cow<'_, str>> {
+        match &self.kind {
+            Kind::Hf { json, .. } => Ok(json.as_str().into()),
+            Kind::Spm(s) => spm_json(s).map(Into::into),
+        }
     }
 
     /// A token's text, if the id exists.
     pub fn token(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
+        match &self.kind {
+            Kind::Hf { inner, .. } => inner.id_to_token(id),
+            Kind::Spm(s) => s.token(id).map(str::to_string),
+        }
     }
 
     /// A token's id.
     pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
+        match &self.kind {
+            Kind::Hf { inner, .. } => inner.token_to_id(token),
+            Kind::Spm(s) => s.id(token),
+        }
     }
 
     /// Encodes text. With `add_special`, the post-processor adds what the
     /// tokenizer says (a BOS for Llama 3-style tokenizers), and nothing else.
+    /// Special tokens written in the text are always recognised (chat
+    /// templates rely on it).
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        Ok(self.inner.encode(text, add_special).map_err(tk_err)?.get_ids().to_vec())
+        match &self.kind {
+            Kind::Hf { inner, .. } => Ok(inner.encode(text, add_special).map_err(tk_err)?.get_ids().to_vec()),
+            Kind::Spm(s) => s.encode(text, add_special, true),
+        }
     }
 
-    /// Decodes ids; `skip_special` drops special tokens.
+    /// Decodes ids; `skip_special` drops special tokens. Bytes that do not
+    /// form UTF-8 (yet) decode to U+FFFD.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special).map_err(tk_err)
+        match &self.kind {
+            Kind::Hf { inner, .. } => inner.decode(ids, skip_special).map_err(tk_err),
+            Kind::Spm(s) => Ok(String::from_utf8_lossy(&s.decode(ids, !skip_special)).into_owned()),
+        }
     }
 
     /// Renders a conversation with the model's chat template (or, when it has
@@ -192,8 +298,9 @@ impl Tokenizer {
 
     /// Writes `tokenizer.json` and `tokenizer_config.json` into a directory.
     pub fn save_hf(&self, dir: &Path) -> Result<()> {
+        let json = self.json()?;
         write_atomic(&dir.join("tokenizer.json"), |f| {
-            std::io::Write::write_all(f, self.json.as_bytes())
+            std::io::Write::write_all(f, json.as_bytes())
         })?;
         let name = |id: Option<u32>| id.and_then(|i| self.token(i));
         let cfg = json!({
@@ -213,8 +320,12 @@ impl Tokenizer {
     /// llama.cpp's keys (tokens, types, merges, special ids, template) and the
     /// exact `tokenizer.json`.
     pub fn gguf_metadata(&self, config: &Config) -> Result<Vec<(String, Value)>> {
-        let doc: Json = serde_json::from_str(&self.json).map_err(tk_err)?;
-        let vocab = self.inner.get_vocab(true);
+        let (inner, json) = match &self.kind {
+            Kind::Hf { inner, json } => (inner, json),
+            Kind::Spm(s) => return Ok(self.spm_metadata(s, config)),
+        };
+        let doc: Json = serde_json::from_str(json).map_err(tk_err)?;
+        let vocab = inner.get_vocab(true);
         let mut tokens = vec![String::new(); config.vocab_size];
         let mut filled = vec![false; config.vocab_size];
         for (t, id) in vocab {
@@ -258,7 +369,7 @@ impl Tokenizer {
             })
             .unwrap_or_default();
         let adds_bos = self.bos.is_some_and(|b| {
-            self.inner
+            inner
                 .encode("a", true)
                 .map(|e| e.get_ids().first() == Some(&b))
                 .unwrap_or(false)
@@ -289,8 +400,51 @@ impl Tokenizer {
                     .into(),
             ),
         ));
-        meta.push(("tokenizer.huggingface.json".into(), Value::Str(self.json.clone())));
+        meta.push(("tokenizer.huggingface.json".into(), Value::Str(json.clone())));
         Ok(meta)
+    }
+
+    /// llama.cpp's keys for a SentencePiece vocabulary, padded with unused
+    /// tokens to the model's vocabulary size.
+    fn spm_metadata(&self, s: &Spm, config: &Config) -> Vec<(String, Value)> {
+        let mut tokens = s.tokens().to_vec();
+        let mut scores = s.scores().to_vec();
+        let mut types: Vec<i32> = s.types().iter().map(|&t| i32::from(t)).collect();
+        while tokens.len() < config.vocab_size {
+            tokens.push(format!("[PAD{}]", tokens.len()));
+            scores.push(-1e9);
+            types.push(i32::from(super::spm::token_type::UNUSED));
+        }
+        let mut meta = vec![
+            ("tokenizer.ggml.model".to_string(), Value::Str("llama".into())),
+            ("tokenizer.ggml.pre".to_string(), Value::Str("default".into())),
+            ("tokenizer.ggml.tokens".to_string(), Value::Array(Array::Str(tokens))),
+            ("tokenizer.ggml.scores".to_string(), Value::Array(Array::F32(scores))),
+            ("tokenizer.ggml.token_type".to_string(), Value::Array(Array::I32(types))),
+            ("tokenizer.ggml.add_bos_token".to_string(), Value::Bool(s.add_bos)),
+            ("tokenizer.ggml.add_eos_token".to_string(), Value::Bool(s.add_eos)),
+            (
+                "tokenizer.ggml.add_space_prefix".to_string(),
+                Value::Bool(s.add_space_prefix),
+            ),
+        ];
+        for (k, v) in [
+            ("tokenizer.ggml.bos_token_id", s.bos),
+            ("tokenizer.ggml.eos_token_id", s.eos),
+            ("tokenizer.ggml.unknown_token_id", s.unk),
+            (
+                "tokenizer.ggml.eot_token_id",
+                self.eos.iter().copied().find(|&e| Some(e) != s.eos),
+            ),
+        ] {
+            if let Some(v) = v {
+                meta.push((k.into(), Value::U32(v)));
+            }
+        }
+        if let Some(t) = &self.chat_template {
+            meta.push(("tokenizer.chat_template".into(), Value::Str(t.clone())));
+        }
+        meta
     }
 
     /// A byte-level BPE tokenizer trained on tern's built-in corpus, padded
@@ -458,6 +612,82 @@ fn bpe_json(tokens: &[String], types: &[u64], merges: &[String], pre: &str, bos:
     serde_json::to_string(&doc).map_err(tk_err)
 }
 
+/// The `tokenizer.json` Hugging Face's Llama converter writes for a
+/// SentencePiece BPE vocabulary: a `▁` prefix and `▁` for spaces, BPE with
+/// byte fallback whose merges are every split of a token into two tokens,
+/// ordered by the merged token's score (then by id, then by the halves' ids),
+/// and a decoder that undoes it.
+fn spm_json(s: &Spm) -> Result<String> {
+    use super::spm::token_type::{CONTROL, UNKNOWN, USER_DEFINED};
+    let tokens = s.tokens();
+    let mut vocab = serde_json::Map::new();
+    let mut added = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        let ty = s.types()[i];
+        if matches!(ty, CONTROL | UNKNOWN | USER_DEFINED) {
+            added.push(json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": ty != USER_DEFINED}));
+        }
+        vocab.insert(t.clone(), json!(i));
+    }
+    let mut merges: Vec<(f32, usize, u32, u32)> = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        let mut local = Vec::new();
+        for (at, _) in t.char_indices().skip(1) {
+            if let (Some(l), Some(r)) = (s.id(&t[..at]), s.id(&t[at..])) {
+                local.push((l, r));
+            }
+        }
+        local.sort_unstable();
+        merges.extend(local.into_iter().map(|(l, r)| (s.scores()[i], i, l, r)));
+    }
+    // Stable: equal scores keep id order, as Python's sorted() does.
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let merges: Vec<Json> = merges
+        .iter()
+        .map(|&(_, _, l, r)| json!([tokens[l as usize], tokens[r as usize]]))
+        .collect();
+    let unk = s.unk.and_then(|u| s.token(u)).map(str::to_string);
+    let mut normalizers = Vec::new();
+    if s.add_space_prefix {
+        normalizers.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
+    }
+    normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}));
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if s.add_space_prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    let post = match s.bos.filter(|_| s.add_bos) {
+        Some(b) => {
+            let name = tokens[b as usize].clone();
+            json!({"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": name, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": name, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": name, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {name.clone(): {"id": name, "ids": [b], "tokens": [name]}}})
+        }
+        None => Json::Null,
+    };
+    let doc = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": null,
+        "post_processor": post,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges},
+    });
+    serde_json::to_string(&doc).map_err(tk_err)
+}
+
 /// The text generated tokenizers learn their merges from.
 const CORPUS: &str = "\
 Ternary weights take three values: minus one, zero and plus one. A model whose weights are ternary \
@@ -488,7 +718,7 @@ mod tests {
         assert_eq!(ids[0], 0, "BOS from the post-processor");
         assert!(ids.len() < text.len(), "merges shorten the text: {}", ids.len());
         assert_eq!(t.decode(&ids, true).unwrap(), text);
-        assert_eq!(t.json(), Tokenizer::generated(512).unwrap().json());
+        assert_eq!(t.json().unwrap(), Tokenizer::generated(512).unwrap().json().unwrap());
         // Non-ASCII survives the byte-level round trip.
         let uni = "Zürich — 東京 🚀";
         assert_eq!(t.decode(&t.encode(uni, false).unwrap(), false).unwrap(), uni);
@@ -519,6 +749,82 @@ mod tests {
                 "{text:?}"
             );
         }
+    }
+
+    #[derive(serde::Deserialize)]
+    struct SpmCase {
+        text: String,
+        plain: Vec<u32>,
+        special: Vec<u32>,
+    }
+
+    fn spm_fixture() -> (Tokenizer, Vec<SpmCase>) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/spm_tiny");
+        let bytes = std::fs::read(dir.join("vocab.gguf")).unwrap();
+        let f = GgufFile::parse(std::sync::Arc::new(bytes), "vocab.gguf").unwrap();
+        let t = Tokenizer::from_gguf(&f).unwrap();
+        let doc: Json = serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+        let cases = serde_json::from_value(doc["cases"].clone()).unwrap();
+        (t, cases)
+    }
+
+    #[test]
+    fn sentencepiece_gguf_tokenizes_as_llama_cpp_does() {
+        let (t, cases) = spm_fixture();
+        let spm = t.spm().expect("a llama-style vocabulary");
+        assert_eq!((t.vocab_size(), t.bos(), t.eos()), (1200, Some(1), &[2][..]));
+        assert!(cases.len() > 30);
+        for c in &cases {
+            assert_eq!(
+                spm.encode(&c.text, false, false).unwrap(),
+                c.plain,
+                "plain {:?}",
+                c.text
+            );
+            assert_eq!(
+                spm.encode(&c.text, true, true).unwrap(),
+                c.special,
+                "special {:?}",
+                c.text
+            );
+            assert_eq!(t.encode(&c.text, true).unwrap(), c.special, "{:?}", c.text);
+            // A whole text decodes to itself unless it names special tokens
+            // (the encoder puts a space after each, as llama.cpp's does) or
+            // SentencePiece's own space marker.
+            if !["<s>", "</s>", "<unk>", "<|", "\u{2581}"]
+                .iter()
+                .any(|s| c.text.contains(s))
+            {
+                assert_eq!(t.decode(&c.special, true).unwrap(), c.text, "{:?}", c.special);
+            }
+        }
+        // A continuation keeps its leading space; special tokens show when asked.
+        let ids = t.encode("To be", false).unwrap();
+        assert_eq!(t.decode(&ids, true).unwrap(), " To be");
+        let ids = t.encode("<|user|>hi<|eot_id|>", true).unwrap();
+        assert_eq!(t.decode(&ids, false).unwrap(), "<s><|user|> hi<|eot_id|>");
+    }
+
+    #[test]
+    fn sentencepiece_vocabularies_survive_gguf_and_hf_round_trips() {
+        let (t, cases) = spm_fixture();
+        let mut config = Config::preset(crate::model::Preset::Tiny);
+        config.vocab_size = 1200;
+        let meta = t.gguf_metadata(&config).unwrap();
+        let f = GgufFile::parse(std::sync::Arc::new(write_meta(&meta)), "meta").unwrap();
+        let again = Tokenizer::from_gguf(&f).unwrap();
+        let (a, b) = (t.spm().unwrap(), again.spm().unwrap());
+        assert_eq!((a.tokens(), a.scores(), a.types()), (b.tokens(), b.scores(), b.types()));
+        // Hugging Face's form of the same vocabulary (what `--to hf` writes),
+        // run by the tokenizers crate, agrees on the texts.
+        let hf = Tokenizer::from_json(&t.json().unwrap(), t.bos(), t.eos().to_vec(), None).unwrap();
+        let mut differ = Vec::new();
+        for c in &cases {
+            if hf.encode(&c.text, true).unwrap() != c.special {
+                differ.push(c.text.clone());
+            }
+        }
+        assert!(differ.is_empty(), "the HF form differs on {differ:?}");
     }
 
     fn write_meta(meta: &[(String, Value)]) -> Vec<u8> {
