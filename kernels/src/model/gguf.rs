@@ -26,7 +26,10 @@ use crate::{Error, Result, SharedBytes};
 pub mod ggml_type {
     pub const F32: u32 = 0;
     pub const F16: u32 = 1;
+    pub const Q4_0: u32 = 2;
     pub const Q8_0: u32 = 8;
+    pub const Q4_K: u32 = 12;
+    pub const Q6_K: u32 = 14;
     pub const BF16: u32 = 30;
     pub const TQ1_0: u32 = 34;
     pub const TQ2_0: u32 = 35;
@@ -38,7 +41,10 @@ pub mod ggml_type {
         match t {
             F32 => "F32".into(),
             F16 => "F16".into(),
+            Q4_0 => "Q4_0".into(),
             Q8_0 => "Q8_0".into(),
+            Q4_K => "Q4_K".into(),
+            Q6_K => "Q6_K".into(),
             BF16 => "BF16".into(),
             TQ1_0 => "TQ1_0".into(),
             TQ2_0 => "TQ2_0".into(),
@@ -282,7 +288,10 @@ pub fn tensor_bytes(ggml_type: u32, cols: u64, elements: u64) -> Option<u64> {
     match ggml_type {
         ggml_type::F32 => elements.checked_mul(4),
         ggml_type::F16 | ggml_type::BF16 => elements.checked_mul(2),
+        ggml_type::Q4_0 => blocks(32, 18),
         ggml_type::Q8_0 => blocks(32, 34),
+        ggml_type::Q4_K => blocks(256, 144),
+        ggml_type::Q6_K => blocks(256, 210),
         ggml_type::TQ1_0 => blocks(256, 54),
         ggml_type::TQ2_0 => blocks(256, 66),
         // 2 bits a weight in 128-element groups, then a 32-byte scale tail.

@@ -336,7 +336,7 @@ pub(super) fn save(w: &ModelWeights, tok: &Tokenizer, format: ModelFormat, dir: 
             FloatDtype::F16 => (StDtype::F16, t.shared_bytes().clone()),
             FloatDtype::Bf16 => (StDtype::BF16, t.shared_bytes().clone()),
             // safetensors has no Q8_0: widen to f32.
-            FloatDtype::Q8_0 => (StDtype::F32, f32s(&t.to_f32())),
+            FloatDtype::Q8_0 | FloatDtype::Q4K | FloatDtype::Q6K => (StDtype::F32, f32s(&t.to_f32())),
         };
         Out {
             dtype,

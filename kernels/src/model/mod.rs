@@ -15,6 +15,7 @@ mod forward;
 pub mod gguf;
 pub(crate) mod hf;
 pub mod init;
+mod kquant;
 mod q8;
 pub mod sample;
 pub mod spm;

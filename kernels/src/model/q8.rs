@@ -29,8 +29,7 @@ pub(crate) struct Q8Activations {
     /// `tokens x blocks` scales.
     pub d: Vec<f32>,
     /// `tokens x blocks` sums of each block's values (for the AVX-512
-    /// kernel's unsigned-weights trick).
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    /// kernel's unsigned-weights trick, and `Q4_K`'s mins).
     pub sums: Vec<i32>,
     pub cols: usize,
 }
@@ -69,6 +68,13 @@ impl Q8Activations {
 
     fn blocks(&self) -> usize {
         self.cols / Q8_0_BLOCK
+    }
+
+    /// Token `t`'s values, its blocks' scales and their sums of values.
+    pub(crate) fn token_with_sums(&self, t: usize) -> (&[i8], &[f32], &[i32]) {
+        let (q, d) = self.token(t);
+        let nb = self.blocks();
+        (q, d, &self.sums[t * nb..(t + 1) * nb])
     }
 
     /// Token `t`'s values and its blocks' scales.

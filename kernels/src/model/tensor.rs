@@ -17,6 +17,12 @@ pub enum FloatDtype {
     Bf16,
     /// llama.cpp `Q8_0`: blocks of 32 int8 values with one f16 scale.
     Q8_0,
+    /// llama.cpp `Q4_K` (read only): super-blocks of 256 4-bit values with
+    /// 6-bit scales and mins per 32.
+    Q4K,
+    /// llama.cpp `Q6_K` (read only): super-blocks of 256 6-bit values with
+    /// an 8-bit scale per 16.
+    Q6K,
 }
 
 /// Elements per `Q8_0` block.
@@ -24,12 +30,33 @@ pub const Q8_0_BLOCK: usize = 32;
 const Q8_0_BYTES: usize = 34;
 
 impl FloatDtype {
-    /// Bytes of `n` elements (`n` a multiple of 32 for `Q8_0`).
+    /// Bytes of `n` elements (`n` a multiple of [`FloatDtype::block`]).
     pub fn bytes(self, n: usize) -> Option<usize> {
+        let blocks = |bytes: usize| n.is_multiple_of(self.block()).then(|| n / self.block() * bytes);
         match self {
             FloatDtype::F32 => n.checked_mul(4),
             FloatDtype::F16 | FloatDtype::Bf16 => n.checked_mul(2),
-            FloatDtype::Q8_0 => n.is_multiple_of(Q8_0_BLOCK).then(|| n / Q8_0_BLOCK * Q8_0_BYTES),
+            FloatDtype::Q8_0 => blocks(Q8_0_BYTES),
+            FloatDtype::Q4K => blocks(super::kquant::Q4_K_BYTES),
+            FloatDtype::Q6K => blocks(super::kquant::Q6_K_BYTES),
+        }
+    }
+
+    /// Elements per block: a row's length must be a multiple of it.
+    pub fn block(self) -> usize {
+        match self {
+            FloatDtype::F32 | FloatDtype::F16 | FloatDtype::Bf16 => 1,
+            FloatDtype::Q8_0 => Q8_0_BLOCK,
+            FloatDtype::Q4K | FloatDtype::Q6K => super::kquant::QK_K,
+        }
+    }
+
+    /// The K-quant layout, for the types that have one.
+    fn kquant(self) -> Option<super::kquant::Kind> {
+        match self {
+            FloatDtype::Q4K => Some(super::kquant::Kind::Q4K),
+            FloatDtype::Q6K => Some(super::kquant::Kind::Q6K),
+            _ => None,
         }
     }
 
@@ -44,13 +71,15 @@ impl FloatDtype {
         })
     }
 
-    /// A short name: `f32`, `f16`, `bf16`, `q8_0`.
+    /// A short name: `f32`, `f16`, `bf16`, `q8_0`, `q4_k`, `q6_k`.
     pub fn name(self) -> &'static str {
         match self {
             FloatDtype::F32 => "f32",
             FloatDtype::F16 => "f16",
             FloatDtype::Bf16 => "bf16",
             FloatDtype::Q8_0 => "q8_0",
+            FloatDtype::Q4K => "q4_k",
+            FloatDtype::Q6K => "q6_k",
         }
     }
 }
@@ -70,7 +99,7 @@ impl FloatTensor {
         let expected = rows
             .checked_mul(cols)
             .and_then(|n| dtype.bytes(n))
-            .filter(|_| dtype != FloatDtype::Q8_0 || cols.is_multiple_of(Q8_0_BLOCK))
+            .filter(|_| cols.is_multiple_of(dtype.block()))
             .ok_or_else(|| Error::Shape {
                 what: "float tensor",
                 reason: format!("{rows} x {cols} is not a valid {} shape", dtype.name()),
@@ -120,6 +149,12 @@ impl FloatTensor {
                 }
                 out
             }
+            FloatDtype::Q4K | FloatDtype::Q6K => {
+                return Err(Error::format(
+                    dtype.name(),
+                    "tern reads this type but does not write it (q8 is its exact 8-bit form)",
+                ));
+            }
         };
         Self::new(dtype, rows, cols, bytes.into())
     }
@@ -148,11 +183,8 @@ impl FloatTensor {
 
     /// Bytes of one row.
     fn row_bytes(&self) -> usize {
-        match self.dtype {
-            FloatDtype::F32 => self.cols * 4,
-            FloatDtype::F16 | FloatDtype::Bf16 => self.cols * 2,
-            FloatDtype::Q8_0 => self.cols / Q8_0_BLOCK * Q8_0_BYTES,
-        }
+        // `new` checked that a row is whole blocks.
+        self.dtype.bytes(self.cols).unwrap_or(0)
     }
 
     /// Rows `range` as a tensor of their own, sharing these bytes.
@@ -222,6 +254,12 @@ impl FloatTensor {
                     }
                 }
             }
+            FloatDtype::Q4K | FloatDtype::Q6K => {
+                let rb = self.row_bytes();
+                if let Some(kind) = self.dtype.kquant() {
+                    super::kquant::dequant_row(kind, &self.data[r * rb..(r + 1) * rb], out);
+                }
+            }
         }
     }
 
@@ -280,8 +318,9 @@ impl FloatTensor {
         }
         // partial[r][t]: rows are what the threads split.
         let mut partial = vec![0f32; n * tokens];
-        // An exact integer product for Q8_0 (see `q8`), on the CPU's own ISA.
-        let q8 = (self.dtype == FloatDtype::Q8_0).then(|| {
+        // An exact integer product for Q8_0 (see `q8`), on the CPU's own
+        // ISA, and for the K-quants (see `kquant`).
+        let q8 = matches!(self.dtype, FloatDtype::Q8_0 | FloatDtype::Q4K | FloatDtype::Q6K).then(|| {
             let isa = cpu.map_or_else(crate::cpu::Isa::detect, Cpu::isa);
             (isa, super::q8::Q8Activations::quantize(x, tokens, k))
         });
@@ -289,7 +328,11 @@ impl FloatTensor {
         let product = |r0: usize, dst: &mut [f32]| match &q8 {
             Some((isa, act)) => {
                 let rows = dst.len() / tokens;
-                super::q8::rows(*isa, &self.data[r0 * rb..(r0 + rows) * rb], act, tokens, dst);
+                let bytes = &self.data[r0 * rb..(r0 + rows) * rb];
+                match self.dtype.kquant() {
+                    Some(kind) => super::kquant::rows(kind, bytes, act, tokens, dst),
+                    None => super::q8::rows(*isa, bytes, act, tokens, dst),
+                }
             }
             None => self.rows_times(r0, x, tokens, dst),
         };
@@ -593,6 +636,9 @@ mod tests {
         let (rows, cols) = (70, 96);
         let values = rng.signed_f32s(rows * cols);
         let x = rng.signed_f32s(3 * cols);
+        for dtype in [FloatDtype::Q4K, FloatDtype::Q6K] {
+            assert!(FloatTensor::from_f32(dtype, 1, 256, &[0.0; 256]).is_err(), "{dtype:?}");
+        }
         for dtype in [FloatDtype::F32, FloatDtype::F16, FloatDtype::Bf16, FloatDtype::Q8_0] {
             let t = FloatTensor::from_f32(dtype, rows, cols, &values).unwrap();
             let back = t.to_f32();
@@ -601,6 +647,7 @@ mod tests {
                 FloatDtype::F16 => 1e-3,
                 FloatDtype::Bf16 => 1e-2,
                 FloatDtype::Q8_0 => 1e-2,
+                FloatDtype::Q4K | FloatDtype::Q6K => unreachable!("not written"),
             };
             for (a, b) in values.iter().zip(&back) {
                 assert!((a - b).abs() <= tol, "{dtype:?}: {a} vs {b}");

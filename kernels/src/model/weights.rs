@@ -322,7 +322,11 @@ fn load_gguf(path: &Path) -> Result<LoadedModel> {
             format!("{rot}: partial RoPE is not supported"),
         ));
     }
+    // Without tern's key, the architecture says: llama.cpp's and bitnet.cpp's
+    // `bitnet` graph (the 1bitLLM bitnet_b1_58 models) gates with SiLU,
+    // bitnet.cpp's `bitnet-b1.58` (BitNet b1.58 2B4T) with squared ReLU.
     let act = match f.get("tern.hidden_act").and_then(Value::as_str) {
+        None if arch == "bitnet" => Activation::Silu,
         None | Some("relu2") => Activation::Relu2,
         Some("silu") => Activation::Silu,
         Some("relu") => Activation::Relu,
@@ -367,6 +371,13 @@ fn load_gguf(path: &Path) -> Result<LoadedModel> {
             ggml_type::F16 => FloatDtype::F16,
             ggml_type::BF16 => FloatDtype::Bf16,
             ggml_type::Q8_0 => FloatDtype::Q8_0,
+            ggml_type::Q4_K => FloatDtype::Q4K,
+            ggml_type::Q6_K => FloatDtype::Q6K,
+            // The same values as Q8_0 blocks: converted, exactly (see `kquant`).
+            ggml_type::Q4_0 => {
+                let bytes = super::kquant::q4_0_to_q8_0(&f.data(t)?);
+                return FloatTensor::new(FloatDtype::Q8_0, rows, cols, bytes.into());
+            }
             other => {
                 return Err(Error::format(
                     name,
@@ -488,6 +499,8 @@ fn save_gguf(w: &ModelWeights, tok: &Tokenizer, format: ModelFormat, out: &Path)
         FloatDtype::F16 => ggml_type::F16,
         FloatDtype::Bf16 => ggml_type::BF16,
         FloatDtype::Q8_0 => ggml_type::Q8_0,
+        FloatDtype::Q4K => ggml_type::Q4_K,
+        FloatDtype::Q6K => ggml_type::Q6_K,
     };
     let mut tensors = Vec::new();
     let matrix = |name: &str, t: &FloatTensor| TensorOut {

@@ -1,0 +1,335 @@
+//! Token embeddings and LM heads as llama-quantize writes them: `Q4_0`,
+//! `Q4_K` and `Q6_K` (llama-quantize's defaults for a TQ2_0 file are `Q4_K`
+//! for the token embedding and `Q6_K` for an untied output).
+//!
+//! `Q4_0` holds the same values a `Q8_0` block can (`d * (nibble - 8)`), so
+//! it is converted on load, exactly, and runs on [`super::q8`]'s kernels.
+//! The K-quants stay in their own bytes: rows decode as llama.cpp's
+//! `dequantize_row_*` does (same float operations, same values), and the head
+//! product is exact integer arithmetic against the activations `q8` makes
+//! (blocks of 32): for block `b` of a row,
+//!
+//! ```text
+//! Q6_K: term[b] = (s[2b] * isum16(2b) + s[2b+1] * isum16(2b+1)) * (d * d_x[b])
+//! Q4_K: term[b] = (sc[b] * isum(b)) * (d * d_x[b]) - (m[b] * xsum[b]) * (dmin * d_x[b])
+//! ```
+//!
+//! with every integer exact in i32 and in f32 (below 2^24), summed over the
+//! row in `tensor::dot`'s order. One scalar code path, so the logits are the
+//! same bytes on every machine.
+
+use super::q8::Q8Activations;
+use super::tensor::{Q8_0_BLOCK, reduce16};
+use half::f16;
+
+/// Elements per K-quant super-block.
+pub const QK_K: usize = 256;
+/// Bytes of one `Q4_0` block (an f16 scale, 16 bytes of nibbles).
+pub const Q4_0_BYTES: usize = 18;
+/// Bytes of one `Q4_K` super-block.
+pub const Q4_K_BYTES: usize = 144;
+/// Bytes of one `Q6_K` super-block.
+pub const Q6_K_BYTES: usize = 210;
+
+/// The two K-quant layouts tern reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Q4K,
+    Q6K,
+}
+
+impl Kind {
+    fn block_bytes(self) -> usize {
+        match self {
+            Kind::Q4K => Q4_K_BYTES,
+            Kind::Q6K => Q6_K_BYTES,
+        }
+    }
+}
+
+/// `Q4_0` bytes as `Q8_0` bytes with the same values.
+pub(crate) fn q4_0_to_q8_0(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len() / Q4_0_BYTES * 34);
+    for b in bytes.chunks_exact(Q4_0_BYTES) {
+        out.extend_from_slice(&b[..2]);
+        out.extend(b[2..].iter().map(|&q| ((q & 0x0F) as i8 - 8) as u8));
+        out.extend(b[2..].iter().map(|&q| ((q >> 4) as i8 - 8) as u8));
+    }
+    out
+}
+
+#[inline]
+fn half(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// llama.cpp's `get_scale_min_k4`: scale and min `j` (of 8) of a `Q4_K`
+/// super-block's 12 packed bytes.
+#[inline]
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// One super-block unpacked: its quants in element order and its scales.
+struct Unpacked {
+    /// `Q6_K`: `q - 32` in [-32, 31]; `Q4_K`: `q` in [0, 15].
+    q: [i8; QK_K],
+    /// A scale per 16 elements (`Q4_K`'s per-32 scale twice).
+    scales: [i32; QK_K / 16],
+    /// `Q4_K` only: a min per 32 elements.
+    mins: [i32; QK_K / 32],
+    d: f32,
+    dmin: f32,
+}
+
+fn unpack(kind: Kind, b: &[u8]) -> Unpacked {
+    let mut u = Unpacked {
+        q: [0; QK_K],
+        scales: [0; QK_K / 16],
+        mins: [0; QK_K / 32],
+        d: 0.0,
+        dmin: 0.0,
+    };
+    match kind {
+        Kind::Q6K => {
+            let (ql, qh, sc) = (&b[..128], &b[128..192], &b[192..208]);
+            u.d = half(b, 208);
+            for n in 0..2 {
+                let (ql, qh, y) = (&ql[n * 64..], &qh[n * 32..], &mut u.q[n * 128..]);
+                for l in 0..32 {
+                    y[l] = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i8 - 32;
+                    y[l + 32] = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
+                    y[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
+                    y[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+                }
+            }
+            for (s, &v) in u.scales.iter_mut().zip(sc) {
+                *s = i32::from(v as i8);
+            }
+        }
+        Kind::Q4K => {
+            u.d = half(b, 0);
+            u.dmin = half(b, 2);
+            let (sc, qs) = (&b[4..16], &b[16..144]);
+            for j in 0..4 {
+                for (l, &q) in qs[j * 32..(j + 1) * 32].iter().enumerate() {
+                    u.q[j * 64 + l] = (q & 0xF) as i8;
+                    u.q[j * 64 + 32 + l] = (q >> 4) as i8;
+                }
+            }
+            for j in 0..8 {
+                let (s, m) = scale_min_k4(j, sc);
+                u.scales[2 * j] = i32::from(s);
+                u.scales[2 * j + 1] = i32::from(s);
+                u.mins[j] = i32::from(m);
+            }
+        }
+    }
+    u
+}
+
+/// Decodes one row (whole super-blocks) into `out`, with llama.cpp's
+/// `dequantize_row_q4_K` / `dequantize_row_q6_K` float operations.
+pub(crate) fn dequant_row(kind: Kind, row: &[u8], out: &mut [f32]) {
+    for (b, y) in row.chunks_exact(kind.block_bytes()).zip(out.chunks_exact_mut(QK_K)) {
+        match kind {
+            Kind::Q6K => {
+                let u = unpack(kind, b);
+                for (e, v) in y.iter_mut().enumerate() {
+                    // `d * sc * q`, left to right, as llama.cpp writes it.
+                    *v = u.d * u.scales[e / 16] as f32 * f32::from(u.q[e]);
+                }
+            }
+            Kind::Q4K => {
+                let (d, min) = (half(b, 0), half(b, 2));
+                for (j, y) in y.chunks_exact_mut(32).enumerate() {
+                    let (sc, m) = scale_min_k4(j, &b[4..16]);
+                    let (d1, m1) = (d * f32::from(sc), min * f32::from(m));
+                    let q = &b[16 + (j / 2) * 32..16 + (j / 2 + 1) * 32];
+                    for (v, &q) in y.iter_mut().zip(q) {
+                        let n = if j % 2 == 0 { q & 0xF } else { q >> 4 };
+                        *v = d1 * f32::from(n) - m1;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst[i][t]` = the logit of row `i` of `rows` (K-quant bytes) for token
+/// `t`: each row is unpacked once and multiplied with every token.
+pub(crate) fn rows(kind: Kind, rows: &[u8], x: &Q8Activations, tokens: usize, dst: &mut [f32]) {
+    let cols = x.cols;
+    let row_bytes = cols / QK_K * kind.block_bytes();
+    let blocks = cols / QK_K;
+    let mut unpacked: Vec<Unpacked> = Vec::with_capacity(blocks);
+    for (i, row) in rows.chunks_exact(row_bytes).enumerate() {
+        unpacked.clear();
+        unpacked.extend(row.chunks_exact(kind.block_bytes()).map(|b| unpack(kind, b)));
+        for (t, o) in dst[i * tokens..(i + 1) * tokens].iter_mut().enumerate() {
+            *o = row_dot(kind, &unpacked, x, t);
+        }
+    }
+}
+
+/// One row's logit for token `t` (the definition in the module comment).
+fn row_dot(kind: Kind, row: &[Unpacked], x: &Q8Activations, t: usize) -> f32 {
+    let (q, dx, sums) = x.token_with_sums(t);
+    let nb = dx.len();
+    let full = nb / 16 * 16;
+    let mut acc = [0f32; 16];
+    let mut tail = 0f32;
+    for (b, &d) in dx.iter().enumerate() {
+        let u = &row[b * Q8_0_BLOCK / QK_K];
+        let e0 = (b * Q8_0_BLOCK) % QK_K;
+        let xq = &q[b * Q8_0_BLOCK..(b + 1) * Q8_0_BLOCK];
+        let half = |h: usize| -> i32 {
+            let at = e0 + 16 * h;
+            u.q[at..at + 16]
+                .iter()
+                .zip(&xq[16 * h..16 * h + 16])
+                .map(|(&w, &x)| i32::from(w) * i32::from(x))
+                .sum()
+        };
+        let isum = u.scales[e0 / 16] * half(0) + u.scales[e0 / 16 + 1] * half(1);
+        let mut term = isum as f32 * (u.d * d);
+        if kind == Kind::Q4K {
+            term -= (u.mins[e0 / 32] * sums[b]) as f32 * (u.dmin * d);
+        }
+        if b < full {
+            acc[b % 16] += term;
+        } else {
+            tail += term;
+        }
+    }
+    reduce16(acc, tail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    fn random_bytes(rng: &mut SplitMix64, n: usize) -> Vec<u8> {
+        (0..n).map(|_| rng.next_u64() as u8).collect()
+    }
+
+    /// Super-blocks with random quants and sane f16 scales.
+    fn blocks(kind: Kind, rng: &mut SplitMix64, n: usize) -> Vec<u8> {
+        let mut b = random_bytes(rng, n * kind.block_bytes());
+        for blk in b.chunks_exact_mut(kind.block_bytes()) {
+            let d = f16::from_f32(0.001 + (rng.next_u64() % 100) as f32 * 1e-4).to_le_bytes();
+            match kind {
+                Kind::Q6K => blk[208..210].copy_from_slice(&d),
+                Kind::Q4K => {
+                    blk[0..2].copy_from_slice(&d);
+                    blk[2..4].copy_from_slice(&f16::from_f32(0.002).to_le_bytes());
+                }
+            }
+        }
+        b
+    }
+
+    #[test]
+    fn q4_0_converts_to_the_same_q8_0_values() {
+        let mut rng = SplitMix64::new(7);
+        let mut b = random_bytes(&mut rng, 3 * Q4_0_BYTES);
+        for blk in b.chunks_exact_mut(Q4_0_BYTES) {
+            blk[..2].copy_from_slice(&f16::from_f32(0.37).to_le_bytes());
+        }
+        let q8 = q4_0_to_q8_0(&b);
+        for (blk, out) in b.chunks_exact(Q4_0_BYTES).zip(q8.chunks_exact(34)) {
+            for j in 0..16 {
+                // llama.cpp's dequantize_row_q4_0: element j low nibble, j + 16 high.
+                assert_eq!(out[2 + j] as i8, (blk[2 + j] & 15) as i8 - 8);
+                assert_eq!(out[2 + 16 + j] as i8, (blk[2 + j] >> 4) as i8 - 8);
+            }
+            assert_eq!(out[..2], blk[..2]);
+        }
+    }
+
+    #[test]
+    fn k_quant_rows_decode_as_llama_cpp_and_multiply_exactly() {
+        let mut rng = SplitMix64::new(11);
+        for kind in [Kind::Q4K, Kind::Q6K] {
+            let (nrows, cols, tokens) = (5, 2 * QK_K, 3);
+            let bytes = blocks(kind, &mut rng, nrows * cols / QK_K);
+            let x: Vec<f32> = rng.signed_f32s(tokens * cols);
+            let act = Q8Activations::quantize(&x, tokens, cols);
+            let mut got = vec![0f32; nrows * tokens];
+            rows(kind, &bytes, &act, tokens, &mut got);
+            let row_bytes = cols / QK_K * kind.block_bytes();
+            for r in 0..nrows {
+                let mut w = vec![0f32; cols];
+                dequant_row(kind, &bytes[r * row_bytes..(r + 1) * row_bytes], &mut w);
+                for t in 0..tokens {
+                    // The dequantized row times the dequantized activations,
+                    // in f64: the integer path must agree to float rounding.
+                    let (q, d, _) = act.token_with_sums(t);
+                    let want: f64 = w
+                        .iter()
+                        .enumerate()
+                        .map(|(e, &w)| f64::from(w) * f64::from(q[e]) * f64::from(d[e / 32]))
+                        .sum();
+                    let g = f64::from(got[r * tokens + t]);
+                    assert!(
+                        (g - want).abs() <= 1e-4 * want.abs().max(1.0),
+                        "{kind:?} {r} {t}: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn k_quants_decode_to_the_values_llama_cpp_s_reference_gives() {
+        // Written by scripts/make-llamacpp-fixture with gguf-py's dequantize.
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/llamacpp_bitnet/kquants.safetensors"
+        );
+        let bytes = std::fs::read(path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for (name, kind) in [("q4_k", Kind::Q4K), ("q6_k", Kind::Q6K)] {
+            let blocks = st.tensor(name).unwrap();
+            let want: Vec<f32> = st
+                .tensor(&format!("{name}_values"))
+                .unwrap()
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            let mut got = vec![0f32; want.len()];
+            dequant_row(kind, blocks.data(), &mut got);
+            assert_eq!(got.len(), 8 * QK_K);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.to_bits(), w.to_bits(), "{name}[{i}]: {g} vs {w}, bit for bit");
+            }
+        }
+    }
+
+    #[test]
+    fn q6_k_decodes_a_hand_built_block() {
+        // One super-block: every low nibble 5, high bits 2 (q = 37, so 5
+        // after the -32), scale k for sub-block k, d = 0.5.
+        let mut b = vec![0u8; Q6_K_BYTES];
+        b[..128].fill(0x55);
+        b[128..192].fill(0b1010_1010);
+        for k in 0..16 {
+            b[192 + k] = k as u8;
+        }
+        b[208..210].copy_from_slice(&f16::from_f32(0.5).to_le_bytes());
+        let mut out = vec![0f32; QK_K];
+        dequant_row(Kind::Q6K, &b, &mut out);
+        for (e, v) in out.iter().enumerate() {
+            assert_eq!(*v, 0.5 * (e / 16) as f32 * 5.0, "element {e}");
+        }
+    }
+}
