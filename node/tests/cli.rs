@@ -202,6 +202,103 @@ fn a_q8_head_converts_generates_benches_and_is_scored_against_bf16() {
     assert!(kl > 0.0 && kl < 0.05, "{other}");
 }
 
+/// The file llama.cpp's tools wrote (see `scripts/make-llamacpp-fixture`):
+/// a SentencePiece vocabulary, a tied Q6_K embedding, TQ2_0 projections.
+#[test]
+fn a_file_written_by_llama_cpp_tools_generates_converts_and_round_trips() {
+    let d = tempdir("llamacpp-file");
+    let src =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernels/tests/fixtures/llamacpp_bitnet/model.gguf");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let embd_dtype = |p: &std::path::Path| -> String {
+        let inspect: serde_json::Value =
+            serde_json::from_str(&ok(&tern(&["model", "inspect", &s(p), "--json"]))).unwrap();
+        let t = inspect["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == "token_embd.weight")
+            .unwrap()
+            .clone();
+        t["dtype"].as_str().unwrap().to_owned()
+    };
+    let generate = |p: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&ok(&tern(&[
+            "generate",
+            "--model",
+            &s(p),
+            "--prompt",
+            "To be, or not",
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--json",
+        ])))
+        .unwrap()
+    };
+    assert_eq!(embd_dtype(&src), "Q6_K");
+    let original = generate(&src);
+    let n = original["tokens"].as_array().unwrap().len();
+    assert!(n > 0 && n <= 12, "{original}");
+
+    // GGUF to GGUF keeps the Q6_K bytes and the SentencePiece vocabulary, so
+    // the same tokens come out.
+    let again = d.join("again.gguf");
+    ok(&tern(&[
+        "model",
+        "convert",
+        &s(&src),
+        "--to",
+        "gguf-tq2",
+        "--out",
+        &s(&again),
+    ]));
+    assert_eq!(embd_dtype(&again), "Q6_K");
+    assert_eq!(generate(&again)["tokens"], original["tokens"]);
+
+    // To Hugging Face's layout (the vocabulary as BPE with byte fallback) and
+    // back: the same prompt tokens, and a model that still generates.
+    let hf = d.join("hf");
+    ok(&tern(&["model", "convert", &s(&src), "--to", "hf-packed", "--out", &s(&hf)]));
+    assert!(hf.join("tokenizer.json").exists());
+    assert!(!generate(&hf)["tokens"].as_array().unwrap().is_empty());
+
+    // An exact 8-bit head made from the Q6_K one scores close to it.
+    let q8 = d.join("q8.gguf");
+    ok(&tern(&[
+        "model",
+        "convert",
+        &s(&src),
+        "--to",
+        "gguf-tq2",
+        "--head",
+        "q8",
+        "--out",
+        &s(&q8),
+    ]));
+    assert_eq!(embd_dtype(&q8), "Q8_0");
+    let text = d.join("text.txt");
+    std::fs::write(
+        &text,
+        "Now is the winter of our discontent made glorious summer by this sun of York. ".repeat(4),
+    )
+    .unwrap();
+    let eval: serde_json::Value = serde_json::from_str(&ok(&tern(&[
+        "eval",
+        "--model",
+        &s(&q8),
+        "--reference",
+        &s(&src),
+        "--text",
+        &s(&text),
+        "--json",
+    ])))
+    .unwrap();
+    let kl = eval["reference"]["mean_kl_divergence"].as_f64().unwrap();
+    assert!(kl > 0.0 && kl < 0.01, "{eval}");
+}
+
 #[test]
 fn bad_model_input_is_a_clear_error() {
     let d = tempdir("bad");
