@@ -15,11 +15,14 @@
 //! ```
 //!
 //! with every integer exact in i32 and in f32 (below 2^24), summed over the
-//! row in `tensor::dot`'s order. One scalar code path, so the logits are the
-//! same bytes on every machine.
+//! row in `tensor::dot`'s order (16 lanes by block index, a sequential tail,
+//! `reduce16`). `Q6_K`, the type llama-quantize gives a tied head, also has
+//! an AVX2 kernel that computes the same integers and the same float steps,
+//! so the logits are the same bytes on every machine and ISA.
 
 use super::q8::Q8Activations;
 use super::tensor::{Q8_0_BLOCK, reduce16};
+use crate::cpu::Isa;
 use half::f16;
 
 /// Elements per K-quant super-block.
@@ -164,10 +167,25 @@ pub(crate) fn dequant_row(kind: Kind, row: &[u8], out: &mut [f32]) {
 }
 
 /// `dst[i][t]` = the logit of row `i` of `rows` (K-quant bytes) for token
-/// `t`: each row is unpacked once and multiplied with every token.
-pub(crate) fn rows(kind: Kind, rows: &[u8], x: &Q8Activations, tokens: usize, dst: &mut [f32]) {
+/// `t`, with the kernels of `isa` (which must be available on this CPU);
+/// every choice gives the same bytes. The scalar path unpacks each row once
+/// and multiplies it with every token.
+pub(crate) fn rows(isa: Isa, kind: Kind, rows: &[u8], x: &Q8Activations, tokens: usize, dst: &mut [f32]) {
     let cols = x.cols;
     let row_bytes = cols / QK_K * kind.block_bytes();
+    #[cfg(target_arch = "x86_64")]
+    if kind == Kind::Q6K && matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) {
+        for (i, row) in rows.chunks_exact(row_bytes).enumerate() {
+            super::q8::prefetch_row(rows, i, row_bytes);
+            for (t, o) in dst[i * tokens..(i + 1) * tokens].iter_mut().enumerate() {
+                // SAFETY: the caller passes only an available ISA, and both
+                // of these include AVX2.
+                *o = unsafe { x86::row_q6k_avx2(row, x, t) };
+            }
+        }
+        return;
+    }
+    let _ = isa;
     let blocks = cols / QK_K;
     let mut unpacked: Vec<Unpacked> = Vec::with_capacity(blocks);
     for (i, row) in rows.chunks_exact(row_bytes).enumerate() {
@@ -210,6 +228,125 @@ fn row_dot(kind: Kind, row: &[Unpacked], x: &Q8Activations, t: usize) -> f32 {
         }
     }
     reduce16(acc, tail)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{Q6_K_BYTES, Q8_0_BLOCK, Q8Activations, QK_K, half, reduce16};
+
+    /// One `Q6_K` row's logit for token `t`, as [`super::row_dot`] defines
+    /// it: per super-block, the four 32-value groups of each half are
+    /// rebuilt from `ql`/`qh` as `q - 32` in [-32, 31], multiplied by the
+    /// token's bytes with `vpmaddubsw` (|w| by x with w's sign: pairs of at
+    /// most 2 * 32 * 127, no saturation), scaled per 16 values with
+    /// `vpmaddwd`, and summed to one i32 per block of 32. The floats then
+    /// follow the scalar order: `acc[b % 16] += isum * (d * d_x)` for the
+    /// blocks below a multiple of 16, the rest in sequence.
+    ///
+    /// # Safety
+    /// AVX2 must be present.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn row_q6k_avx2(row: &[u8], x: &Q8Activations, t: usize) -> f32 {
+        let (q, dx, _) = x.token_with_sums(t);
+        let nb = dx.len();
+        let full = nb / 16 * 16;
+        let (low4, two) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+        let thirty_two = _mm256_set1_epi8(32);
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut tail = 0f32;
+        for (sb, blk) in row.chunks_exact(Q6_K_BYTES).enumerate() {
+            let sc = &blk[192..208];
+            let mut v = [_mm256_setzero_si256(); 8];
+            for h in 0..2 {
+                // SAFETY: a block is 210 bytes: ql at 0..128, qh at 128..192,
+                // so the 32-byte reads at h * 64 (+ 32) and 128 + h * 32 fit.
+                let (ql0, ql1, qh) = unsafe {
+                    (
+                        _mm256_loadu_si256(blk.as_ptr().add(h * 64).cast()),
+                        _mm256_loadu_si256(blk.as_ptr().add(h * 64 + 32).cast()),
+                        _mm256_loadu_si256(blk.as_ptr().add(128 + h * 32).cast()),
+                    )
+                };
+                // The high two bits of each group moved to bits 4..6 (the
+                // 16-bit shifts leak bits across bytes only where the mask
+                // clears them).
+                let w = [
+                    _mm256_or_si256(
+                        _mm256_and_si256(ql0, low4),
+                        _mm256_and_si256(_mm256_slli_epi16::<4>(qh), two),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(ql1, low4),
+                        _mm256_and_si256(_mm256_slli_epi16::<2>(qh), two),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low4),
+                        _mm256_and_si256(qh, two),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low4),
+                        _mm256_and_si256(_mm256_srli_epi16::<2>(qh), two),
+                    ),
+                ];
+                for (k, w) in w.into_iter().enumerate() {
+                    let b = sb * 8 + h * 4 + k;
+                    // SAFETY: block b of the token: 32 bytes at b * 32 < cols.
+                    let xq = unsafe { _mm256_loadu_si256(q.as_ptr().add(b * Q8_0_BLOCK).cast()) };
+                    let w = _mm256_sub_epi8(w, thirty_two);
+                    let p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(xq, w));
+                    let s = h * 8 + 2 * k;
+                    let scales = _mm256_setr_m128i(
+                        _mm_set1_epi16(i16::from(sc[s] as i8)),
+                        _mm_set1_epi16(i16::from(sc[s + 1] as i8)),
+                    );
+                    v[h * 4 + k] = _mm256_madd_epi16(p, scales);
+                }
+            }
+            let isum = sum8(v);
+            let d = _mm256_set1_ps(half(blk, 208));
+            let b0 = sb * 8;
+            if b0 + 8 <= full {
+                // SAFETY: b0 + 8 <= nb scales of the token.
+                let dxv = unsafe { _mm256_loadu_ps(dx.as_ptr().add(b0)) };
+                let term = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, dxv));
+                let lane = (b0 % 16) / 8;
+                acc[lane] = _mm256_add_ps(acc[lane], term);
+            } else {
+                let mut is = [0i32; 8];
+                // SAFETY: `is` holds eight i32.
+                unsafe { _mm256_storeu_si256(is.as_mut_ptr().cast(), isum) };
+                let d = half(blk, 208);
+                for (j, &i) in is.iter().enumerate() {
+                    tail += i as f32 * (d * dx[b0 + j]);
+                }
+            }
+        }
+        debug_assert_eq!(nb, row.len() / Q6_K_BYTES * QK_K / Q8_0_BLOCK);
+        let mut lanes = [0f32; 16];
+        // SAFETY: `lanes` holds 16 floats.
+        unsafe {
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[0]);
+            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[1]);
+        }
+        reduce16(lanes, tail)
+    }
+
+    /// Eight vectors of eight i32 lanes to one vector of their eight sums.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn sum8(v: [__m256i; 8]) -> __m256i {
+        let h01 = _mm256_hadd_epi32(v[0], v[1]);
+        let h23 = _mm256_hadd_epi32(v[2], v[3]);
+        let h45 = _mm256_hadd_epi32(v[4], v[5]);
+        let h67 = _mm256_hadd_epi32(v[6], v[7]);
+        let h0123 = _mm256_hadd_epi32(h01, h23);
+        let h4567 = _mm256_hadd_epi32(h45, h67);
+        let lo = _mm256_permute2x128_si256::<0x20>(h0123, h4567);
+        let hi = _mm256_permute2x128_si256::<0x31>(h0123, h4567);
+        _mm256_add_epi32(lo, hi)
+    }
 }
 
 #[cfg(test)]
@@ -264,7 +401,7 @@ mod tests {
             let x: Vec<f32> = rng.signed_f32s(tokens * cols);
             let act = Q8Activations::quantize(&x, tokens, cols);
             let mut got = vec![0f32; nrows * tokens];
-            rows(kind, &bytes, &act, tokens, &mut got);
+            rows(Isa::Scalar, kind, &bytes, &act, tokens, &mut got);
             let row_bytes = cols / QK_K * kind.block_bytes();
             for r in 0..nrows {
                 let mut w = vec![0f32; cols];
@@ -311,6 +448,27 @@ mod tests {
             assert_eq!(got.len(), 8 * QK_K);
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert_eq!(g.to_bits(), w.to_bits(), "{name}[{i}]: {g} vs {w}, bit for bit");
+            }
+        }
+    }
+
+    #[test]
+    fn every_isa_gives_the_same_k_quant_logits() {
+        let mut rng = SplitMix64::new(5);
+        // 1, 2 and 5 super-blocks: 8, 16 (all lanes, no tail) and 40 blocks
+        // of 32 (a tail of 8 after the 16-lane part).
+        for sbs in [1, 2, 5] {
+            let (nrows, cols, tokens) = (9, sbs * QK_K, 3);
+            let bytes = blocks(Kind::Q6K, &mut rng, nrows * sbs);
+            let x: Vec<f32> = rng.signed_f32s(tokens * cols);
+            let act = Q8Activations::quantize(&x, tokens, cols);
+            let mut want = vec![0f32; nrows * tokens];
+            rows(Isa::Scalar, Kind::Q6K, &bytes, &act, tokens, &mut want);
+            for isa in Isa::ALL.into_iter().filter(|i| i.is_available()) {
+                let mut got = vec![0f32; nrows * tokens];
+                rows(isa, Kind::Q6K, &bytes, &act, tokens, &mut got);
+                let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{isa:?}, {sbs} super-blocks: {got:?} vs {want:?}");
             }
         }
     }

@@ -168,6 +168,9 @@ fn block_isum(row: &[u8], q: &[i8], b: usize) -> i32 {
 }
 
 #[cfg(target_arch = "x86_64")]
+pub(crate) use x86::prefetch_row;
+
+#[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
@@ -176,7 +179,7 @@ mod x86 {
     /// Prefetches (into L2) a row's length of the rows ahead of row `i`, as
     /// the other streaming kernels do.
     #[inline]
-    pub(super) fn prefetch_row(rows: &[u8], i: usize, row_bytes: usize) {
+    pub(crate) fn prefetch_row(rows: &[u8], i: usize, row_bytes: usize) {
         let ahead = crate::cpu::x86::prefetch_distance(row_bytes);
         let from = (i * row_bytes).saturating_add(ahead);
         let to = from.saturating_add(row_bytes).min(rows.len());

@@ -330,7 +330,7 @@ impl FloatTensor {
                 let rows = dst.len() / tokens;
                 let bytes = &self.data[r0 * rb..(r0 + rows) * rb];
                 match self.dtype.kquant() {
-                    Some(kind) => super::kquant::rows(kind, bytes, act, tokens, dst),
+                    Some(kind) => super::kquant::rows(*isa, kind, bytes, act, tokens, dst),
                     None => super::q8::rows(*isa, bytes, act, tokens, dst),
                 }
             }

@@ -325,6 +325,13 @@ impl Tokenizer {
             Kind::Spm(s) => return Ok(self.spm_metadata(s, config)),
         };
         let doc: Json = serde_json::from_str(json).map_err(tk_err)?;
+        if let Some(spm) = self.spm_from_hf(&doc)? {
+            // llama.cpp reads the SentencePiece form; tern keeps reading the
+            // exact document.
+            let mut meta = self.spm_metadata(&spm, config);
+            meta.push(("tokenizer.huggingface.json".into(), Value::Str(json.clone())));
+            return Ok(meta);
+        }
         let vocab = inner.get_vocab(true);
         let mut tokens = vec![String::new(); config.vocab_size];
         let mut filled = vec![false; config.vocab_size];
@@ -402,6 +409,94 @@ impl Tokenizer {
         ));
         meta.push(("tokenizer.huggingface.json".into(), Value::Str(json.clone())));
         Ok(meta)
+    }
+
+    /// A Hugging Face document in the Llama (SentencePiece) form — BPE with
+    /// byte fallback over `▁`-escaped text, as transformers' converter writes
+    /// Llama 2 and 1bitLLM tokenizers — as the SentencePiece vocabulary
+    /// llama.cpp expects. The scores come from the merge ranks: a token made
+    /// by the merge of rank `r` scores `-r`, so llama.cpp's highest-score
+    /// merge is Hugging Face's lowest-rank one. `None` for other documents.
+    fn spm_from_hf(&self, doc: &Json) -> Result<Option<Spm>> {
+        use super::spm::token_type::{BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED};
+        let model = &doc["model"];
+        let escapes = doc["normalizer"].to_string().contains('\u{2581}')
+            || doc["pre_tokenizer"].to_string().contains("Metaspace");
+        if model["type"] != "BPE" || model["byte_fallback"] != true || !escapes {
+            return Ok(None);
+        }
+        let Some(vocab) = model["vocab"].as_object() else {
+            return Ok(None);
+        };
+        let n = vocab
+            .values()
+            .filter_map(Json::as_u64)
+            .max()
+            .map_or(0, |m| m as usize + 1);
+        let mut tokens = vec![String::new(); n];
+        for (t, id) in vocab {
+            if let Some(slot) = id.as_u64().and_then(|i| tokens.get_mut(i as usize)) {
+                *slot = t.clone();
+            }
+        }
+        let mut types: Vec<u8> = tokens
+            .iter()
+            .map(|t| {
+                let byte = t.len() == 6 && t.starts_with("<0x") && t.ends_with('>');
+                if byte { BYTE } else { NORMAL }
+            })
+            .collect();
+        for a in doc["added_tokens"].as_array().into_iter().flatten() {
+            let id = a["id"].as_u64().map(|i| i as usize);
+            let content = a["content"].as_str().unwrap_or_default();
+            let Some(id) = id else { continue };
+            if id >= tokens.len() {
+                tokens.resize(id + 1, String::new());
+                types.resize(id + 1, NORMAL);
+            }
+            tokens[id] = content.to_string();
+            types[id] = if a["special"] == true { CONTROL } else { USER_DEFINED };
+        }
+        if let Some(unk) = model["unk_token"]
+            .as_str()
+            .and_then(|u| vocab.get(u))
+            .and_then(Json::as_u64)
+        {
+            types[unk as usize] = UNKNOWN;
+        }
+        let mut scores = vec![-1e9f32; tokens.len()];
+        let merges = model["merges"].as_array().map(Vec::as_slice).unwrap_or_default();
+        for (rank, m) in merges.iter().enumerate() {
+            let joined = match m {
+                Json::String(s) => s.split_once(' ').map(|(a, b)| format!("{a}{b}")),
+                Json::Array(p) => Some(format!(
+                    "{}{}",
+                    p[0].as_str().unwrap_or(""),
+                    p[1].as_str().unwrap_or("")
+                )),
+                _ => None,
+            };
+            if let Some(id) = joined.and_then(|j| vocab.get(&j)).and_then(Json::as_u64) {
+                let s = &mut scores[id as usize];
+                *s = s.max(-(rank as f32));
+            }
+        }
+        let mut spm = Spm::new(tokens, scores, types)?;
+        spm.add_space_prefix = doc["normalizer"].to_string().contains("Prepend")
+            || doc["pre_tokenizer"]["prepend_scheme"]
+                .as_str()
+                .is_some_and(|p| p != "never");
+        spm.bos = self.bos;
+        spm.eos = self.eos.first().copied();
+        spm.unk = model["unk_token"]
+            .as_str()
+            .and_then(|u| vocab.get(u))
+            .and_then(Json::as_u64)
+            .map(|u| u as u32);
+        spm.add_bos = self
+            .bos
+            .is_some_and(|b| self.encode("a", true).is_ok_and(|ids| ids.first() == Some(&b)));
+        Ok(Some(spm))
     }
 
     /// llama.cpp's keys for a SentencePiece vocabulary, padded with unused
@@ -825,6 +920,22 @@ mod tests {
             }
         }
         assert!(differ.is_empty(), "the HF form differs on {differ:?}");
+
+        // And from that document back to llama.cpp's SentencePiece keys (as
+        // `tern model convert` of a Hugging Face Llama-style tokenizer
+        // writes them): scores from merge ranks tokenize the same.
+        let meta: Vec<_> = hf
+            .gguf_metadata(&config)
+            .unwrap()
+            .into_iter()
+            .filter(|(k, _)| k != "tokenizer.huggingface.json")
+            .collect();
+        let f = GgufFile::parse(std::sync::Arc::new(write_meta(&meta)), "meta").unwrap();
+        assert_eq!(f.get("tokenizer.ggml.model").and_then(Value::as_str), Some("llama"));
+        let spm = Tokenizer::from_gguf(&f).unwrap();
+        for c in &cases {
+            assert_eq!(spm.encode(&c.text, true).unwrap(), c.special, "{:?}", c.text);
+        }
     }
 
     fn write_meta(meta: &[(String, Value)]) -> Vec<u8> {
