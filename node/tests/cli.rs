@@ -260,7 +260,15 @@ fn a_file_written_by_llama_cpp_tools_generates_converts_and_round_trips() {
     // To Hugging Face's layout (the vocabulary as BPE with byte fallback) and
     // back: the same prompt tokens, and a model that still generates.
     let hf = d.join("hf");
-    ok(&tern(&["model", "convert", &s(&src), "--to", "hf-packed", "--out", &s(&hf)]));
+    ok(&tern(&[
+        "model",
+        "convert",
+        &s(&src),
+        "--to",
+        "hf-packed",
+        "--out",
+        &s(&hf),
+    ]));
     assert!(hf.join("tokenizer.json").exists());
     assert!(!generate(&hf)["tokens"].as_array().unwrap().is_empty());
 

@@ -178,9 +178,15 @@ pub(crate) fn rows(isa: Isa, kind: Kind, rows: &[u8], x: &Q8Activations, tokens:
         for (i, row) in rows.chunks_exact(row_bytes).enumerate() {
             super::q8::prefetch_row(rows, i, row_bytes);
             for (t, o) in dst[i * tokens..(i + 1) * tokens].iter_mut().enumerate() {
-                // SAFETY: the caller passes only an available ISA, and both
-                // of these include AVX2.
-                *o = unsafe { x86::row_q6k_avx2(row, x, t) };
+                // SAFETY: the caller passes only an available ISA;
+                // `Isa::Avx512Vnni` is AVX-512 F/BW/VL (and AVX2).
+                *o = unsafe {
+                    if isa == Isa::Avx512Vnni {
+                        x86::row_q6k_avx512(row, x, t)
+                    } else {
+                        x86::row_q6k_avx2(row, x, t)
+                    }
+                };
             }
         }
         return;
@@ -331,6 +337,109 @@ mod x86 {
             _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[1]);
         }
         reduce16(lanes, tail)
+    }
+
+    /// [`row_q6k_avx2`] 64 values at a time: one 512-bit register holds a
+    /// half's `ql[0..64]` (groups 0 and 1 in its low and high 256 bits, the
+    /// low nibbles; groups 2 and 3, the high nibbles), `qh` is broadcast to
+    /// both halves and shifted by a per-half count, and each product covers
+    /// two blocks of 32, whose eight i32 lanes apiece go to the same `sum8`
+    /// as in the AVX2 kernel. The same integers, the same float steps.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW and AVX2 must be present.
+    #[target_feature(enable = "avx512f,avx512bw,avx2")]
+    pub(super) unsafe fn row_q6k_avx512(row: &[u8], x: &Q8Activations, t: usize) -> f32 {
+        let (q, dx, _) = x.token_with_sums(t);
+        let nb = dx.len();
+        let full = nb / 16 * 16;
+        let (low4, two, thirty_two) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30), _mm512_set1_epi8(32));
+        // Shift counts per 16-bit lane: the low 256 bits take qh's bits 0-1
+        // (group 0, << 4) or 4-5 (group 2, as they are), the high 256 bits
+        // bits 2-3 (group 1, << 2) or 6-7 (group 3, >> 2).
+        let left = _mm512_inserti64x4::<1>(_mm512_set1_epi16(4), _mm256_set1_epi16(2));
+        let right = _mm512_inserti64x4::<1>(_mm512_set1_epi16(0), _mm256_set1_epi16(2));
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut tail = 0f32;
+        for (sb, blk) in row.chunks_exact(Q6_K_BYTES).enumerate() {
+            let mut v = [_mm256_setzero_si256(); 8];
+            for h in 0..2 {
+                // SAFETY: ql at 0..128 and qh at 128..192 of a 210-byte block;
+                // the 8 scales of this half at 192 + 8h, read as 8 bytes.
+                let (ql, qh, sc) = unsafe {
+                    (
+                        _mm512_loadu_si512(blk.as_ptr().add(h * 64).cast()),
+                        _mm512_broadcast_i64x4(_mm256_loadu_si256(blk.as_ptr().add(128 + h * 32).cast())),
+                        _mm_loadl_epi64(blk.as_ptr().add(192 + h * 8).cast()),
+                    )
+                };
+                let sc = _mm_cvtepi8_epi16(sc);
+                let w = [
+                    _mm512_or_si512(
+                        _mm512_and_si512(ql, low4),
+                        _mm512_and_si512(_mm512_sllv_epi16(qh, left), two),
+                    ),
+                    _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(ql), low4),
+                        _mm512_and_si512(_mm512_srlv_epi16(qh, right), two),
+                    ),
+                ];
+                for (g, w) in w.into_iter().enumerate() {
+                    // Groups 2g and 2g + 1 of the half: blocks b and b + 1.
+                    let b = sb * 8 + h * 4 + 2 * g;
+                    // SAFETY: blocks b and b + 1 of the token, 64 bytes.
+                    let xq = unsafe { _mm512_loadu_si512(q.as_ptr().add(b * Q8_0_BLOCK).cast()) };
+                    let w = _mm512_sub_epi8(w, thirty_two);
+                    let p = _mm512_maddubs_epi16(_mm512_abs_epi8(w), sign512(xq, w));
+                    // Sub-blocks 4g..4g + 4 of the half, one per 128 bits:
+                    // i16 scale j of the 8 repeated over eight lanes.
+                    let s = |j: i16| _mm_shuffle_epi8(sc, _mm_set1_epi16(0x0100 + 0x0202 * j));
+                    let scales = _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(_mm256_setr_m128i(s(4 * g as i16), s(4 * g as i16 + 1))),
+                        _mm256_setr_m128i(s(4 * g as i16 + 2), s(4 * g as i16 + 3)),
+                    );
+                    let m = _mm512_madd_epi16(p, scales);
+                    v[h * 4 + 2 * g] = _mm512_castsi512_si256(m);
+                    v[h * 4 + 2 * g + 1] = _mm512_extracti64x4_epi64::<1>(m);
+                }
+            }
+            let isum = sum8(v);
+            let b0 = sb * 8;
+            if b0 + 8 <= full {
+                let d = _mm256_set1_ps(half(blk, 208));
+                // SAFETY: b0 + 8 <= nb scales of the token.
+                let dxv = unsafe { _mm256_loadu_ps(dx.as_ptr().add(b0)) };
+                let term = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, dxv));
+                let lane = (b0 % 16) / 8;
+                acc[lane] = _mm256_add_ps(acc[lane], term);
+            } else {
+                let mut is = [0i32; 8];
+                // SAFETY: `is` holds eight i32.
+                unsafe { _mm256_storeu_si256(is.as_mut_ptr().cast(), isum) };
+                let d = half(blk, 208);
+                for (j, &i) in is.iter().enumerate() {
+                    tail += i as f32 * (d * dx[b0 + j]);
+                }
+            }
+        }
+        let mut lanes = [0f32; 16];
+        // SAFETY: `lanes` holds 16 floats.
+        unsafe {
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[0]);
+            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[1]);
+        }
+        reduce16(lanes, tail)
+    }
+
+    /// `x` with the sign of `w` (0 where `w` is 0), as `vpsignb` does: AVX-512
+    /// has no such instruction.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn sign512(x: __m512i, w: __m512i) -> __m512i {
+        let zero = _mm512_setzero_si512();
+        let neg = _mm512_cmplt_epi8_mask(w, zero);
+        let nz = _mm512_test_epi8_mask(w, w);
+        _mm512_maskz_mov_epi8(nz, _mm512_mask_sub_epi8(x, neg, zero, x))
     }
 
     /// Eight vectors of eight i32 lanes to one vector of their eight sums.
