@@ -25,13 +25,18 @@ struct Expected {
 fn expected() -> Expected {
     let bytes = std::fs::read(fixture().join("expected.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let ids = st.tensor("input_ids").unwrap();
+    expected_in(&st, "input_ids", "logits")
+}
+
+/// Token ids (i64) and logits (f32) stored under two names.
+fn expected_in(st: &safetensors::SafeTensors<'_>, ids: &str, logits: &str) -> Expected {
+    let ids = st.tensor(ids).unwrap();
     let ids = ids
         .data()
         .chunks_exact(8)
         .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
         .collect();
-    let logits = st.tensor("logits").unwrap();
+    let logits = st.tensor(logits).unwrap();
     let logits = logits
         .data()
         .chunks_exact(4)
@@ -193,21 +198,7 @@ fn llamacpp_fixture() -> (model::LoadedModel, Vec<Expected>) {
     let bytes = std::fs::read(dir.join("expected.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let cases = (0..2)
-        .map(|i| {
-            let ids = st.tensor(&format!("input_ids_{i}")).unwrap();
-            let ids = ids
-                .data()
-                .chunks_exact(8)
-                .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
-                .collect();
-            let logits = st.tensor(&format!("logits_{i}")).unwrap();
-            let logits = logits
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect();
-            Expected { ids, logits }
-        })
+        .map(|i| expected_in(&st, &format!("input_ids_{i}"), &format!("logits_{i}")))
         .collect();
     (m, cases)
 }

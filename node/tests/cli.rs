@@ -136,15 +136,7 @@ fn a_q8_head_converts_generates_benches_and_is_scored_against_bf16() {
         "--out",
         &s(&q8),
     ]));
-    let inspect: serde_json::Value =
-        serde_json::from_str(&ok(&tern(&["model", "inspect", &s(&q8), "--json"]))).unwrap();
-    let embd = inspect["tensors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == "token_embd.weight")
-        .unwrap()
-        .clone();
+    let embd = embedding_tensor(&q8);
     assert_eq!(embd["dtype"], "Q8_0", "{embd}");
     assert_eq!(embd["bytes"], 512 * 256 / 32 * 34);
 
@@ -202,6 +194,19 @@ fn a_q8_head_converts_generates_benches_and_is_scored_against_bf16() {
     assert!(kl > 0.0 && kl < 0.05, "{other}");
 }
 
+/// `tern model inspect --json`'s entry for a model's token embedding.
+fn embedding_tensor(model: &std::path::Path) -> serde_json::Value {
+    let inspect: serde_json::Value =
+        serde_json::from_str(&ok(&tern(&["model", "inspect", model.to_str().unwrap(), "--json"]))).unwrap();
+    inspect["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "token_embd.weight")
+        .unwrap()
+        .clone()
+}
+
 /// The file llama.cpp's tools wrote (see `scripts/make-llamacpp-fixture`):
 /// a SentencePiece vocabulary, a tied Q6_K embedding, TQ2_0 projections.
 #[test]
@@ -210,18 +215,7 @@ fn a_file_written_by_llama_cpp_tools_generates_converts_and_round_trips() {
     let src =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernels/tests/fixtures/llamacpp_bitnet/model.gguf");
     let s = |p: &std::path::Path| p.to_str().unwrap().to_owned();
-    let embd_dtype = |p: &std::path::Path| -> String {
-        let inspect: serde_json::Value =
-            serde_json::from_str(&ok(&tern(&["model", "inspect", &s(p), "--json"]))).unwrap();
-        let t = inspect["tensors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["name"] == "token_embd.weight")
-            .unwrap()
-            .clone();
-        t["dtype"].as_str().unwrap().to_owned()
-    };
+    let embd_dtype = |p: &std::path::Path| embedding_tensor(p)["dtype"].as_str().unwrap().to_owned();
     let generate = |p: &std::path::Path| -> serde_json::Value {
         serde_json::from_str(&ok(&tern(&[
             "generate",

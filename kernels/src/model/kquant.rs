@@ -240,7 +240,8 @@ fn row_dot(kind: Kind, row: &[Unpacked], x: &Q8Activations, t: usize) -> f32 {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Q6_K_BYTES, Q8_0_BLOCK, Q8Activations, QK_K, half, reduce16};
+    use super::super::q8::sum8;
+    use super::{Q6_K_BYTES, Q8_0_BLOCK, Q8Activations, half, reduce16};
 
     /// One `Q6_K` row's logit for token `t`, as [`super::row_dot`] defines
     /// it: per super-block, the four 32-value groups of each half are
@@ -310,33 +311,11 @@ mod x86 {
                     v[h * 4 + k] = _mm256_madd_epi16(p, scales);
                 }
             }
-            let isum = sum8(v);
-            let d = _mm256_set1_ps(half(blk, 208));
-            let b0 = sb * 8;
-            if b0 + 8 <= full {
-                // SAFETY: b0 + 8 <= nb scales of the token.
-                let dxv = unsafe { _mm256_loadu_ps(dx.as_ptr().add(b0)) };
-                let term = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, dxv));
-                let lane = (b0 % 16) / 8;
-                acc[lane] = _mm256_add_ps(acc[lane], term);
-            } else {
-                let mut is = [0i32; 8];
-                // SAFETY: `is` holds eight i32.
-                unsafe { _mm256_storeu_si256(is.as_mut_ptr().cast(), isum) };
-                let d = half(blk, 208);
-                for (j, &i) in is.iter().enumerate() {
-                    tail += i as f32 * (d * dx[b0 + j]);
-                }
-            }
+            // SAFETY: AVX2 is present (this function's contract).
+            unsafe { add_super_block(sum8(v), half(blk, 208), sb * 8, dx, full, &mut acc, &mut tail) };
         }
-        debug_assert_eq!(nb, row.len() / Q6_K_BYTES * QK_K / Q8_0_BLOCK);
-        let mut lanes = [0f32; 16];
-        // SAFETY: `lanes` holds 16 floats.
-        unsafe {
-            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[0]);
-            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[1]);
-        }
-        reduce16(lanes, tail)
+        // SAFETY: as above.
+        unsafe { finish(acc, tail) }
     }
 
     /// [`row_q6k_avx2`] 64 values at a time: one 512-bit register holds a
@@ -403,25 +382,53 @@ mod x86 {
                     v[h * 4 + 2 * g + 1] = _mm512_extracti64x4_epi64::<1>(m);
                 }
             }
-            let isum = sum8(v);
-            let b0 = sb * 8;
-            if b0 + 8 <= full {
-                let d = _mm256_set1_ps(half(blk, 208));
-                // SAFETY: b0 + 8 <= nb scales of the token.
-                let dxv = unsafe { _mm256_loadu_ps(dx.as_ptr().add(b0)) };
-                let term = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, dxv));
-                let lane = (b0 % 16) / 8;
-                acc[lane] = _mm256_add_ps(acc[lane], term);
-            } else {
-                let mut is = [0i32; 8];
-                // SAFETY: `is` holds eight i32.
-                unsafe { _mm256_storeu_si256(is.as_mut_ptr().cast(), isum) };
-                let d = half(blk, 208);
-                for (j, &i) in is.iter().enumerate() {
-                    tail += i as f32 * (d * dx[b0 + j]);
-                }
+            // SAFETY: AVX2 is present (this function's contract).
+            unsafe { add_super_block(sum8(v), half(blk, 208), sb * 8, dx, full, &mut acc, &mut tail) };
+        }
+        // SAFETY: as above.
+        unsafe { finish(acc, tail) }
+    }
+
+    /// The float step of one super-block (blocks `b0..b0 + 8` with integer
+    /// sums `isum`, scale `d`): into lanes `b0 % 16..` of the 16 while below
+    /// `full`, else into the sequential tail, as `row_dot` orders them.
+    ///
+    /// # Safety
+    /// AVX2 must be present.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn add_super_block(
+        isum: __m256i,
+        d: f32,
+        b0: usize,
+        dx: &[f32],
+        full: usize,
+        acc: &mut [__m256; 2],
+        tail: &mut f32,
+    ) {
+        if b0 + 8 <= full {
+            // SAFETY: b0 + 8 <= full <= dx.len().
+            let dxv = unsafe { _mm256_loadu_ps(dx.as_ptr().add(b0)) };
+            let term = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(_mm256_set1_ps(d), dxv));
+            let lane = (b0 % 16) / 8;
+            acc[lane] = _mm256_add_ps(acc[lane], term);
+        } else {
+            let mut is = [0i32; 8];
+            // SAFETY: `is` holds eight i32.
+            unsafe { _mm256_storeu_si256(is.as_mut_ptr().cast(), isum) };
+            for (j, &i) in is.iter().enumerate() {
+                *tail += i as f32 * (d * dx[b0 + j]);
             }
         }
+    }
+
+    /// The 16 lanes and the tail to the row's logit (`tensor::dot`'s end).
+    ///
+    /// # Safety
+    /// AVX2 must be present.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn finish(acc: [__m256; 2], tail: f32) -> f32 {
         let mut lanes = [0f32; 16];
         // SAFETY: `lanes` holds 16 floats.
         unsafe {
@@ -440,21 +447,6 @@ mod x86 {
         let neg = _mm512_cmplt_epi8_mask(w, zero);
         let nz = _mm512_test_epi8_mask(w, w);
         _mm512_maskz_mov_epi8(nz, _mm512_mask_sub_epi8(x, neg, zero, x))
-    }
-
-    /// Eight vectors of eight i32 lanes to one vector of their eight sums.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn sum8(v: [__m256i; 8]) -> __m256i {
-        let h01 = _mm256_hadd_epi32(v[0], v[1]);
-        let h23 = _mm256_hadd_epi32(v[2], v[3]);
-        let h45 = _mm256_hadd_epi32(v[4], v[5]);
-        let h67 = _mm256_hadd_epi32(v[6], v[7]);
-        let h0123 = _mm256_hadd_epi32(h01, h23);
-        let h4567 = _mm256_hadd_epi32(h45, h67);
-        let lo = _mm256_permute2x128_si256::<0x20>(h0123, h4567);
-        let hi = _mm256_permute2x128_si256::<0x31>(h0123, h4567);
-        _mm256_add_epi32(lo, hi)
     }
 }
 

@@ -168,7 +168,7 @@ fn block_isum(row: &[u8], q: &[i8], b: usize) -> i32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::prefetch_row;
+pub(crate) use x86::{prefetch_row, sum8};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -194,7 +194,7 @@ mod x86 {
     /// Eight vectors of eight i32 lanes to one vector of their eight sums.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn sum8(v: [__m256i; 8]) -> __m256i {
+    pub(crate) fn sum8(v: [__m256i; 8]) -> __m256i {
         let h01 = _mm256_hadd_epi32(v[0], v[1]);
         let h23 = _mm256_hadd_epi32(v[2], v[3]);
         let h45 = _mm256_hadd_epi32(v[4], v[5]);

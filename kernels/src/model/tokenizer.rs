@@ -655,6 +655,17 @@ fn train_merges(text: &str, n: usize) -> Vec<(String, String)> {
     merges
 }
 
+/// The post-processor that puts token `bos` (if any) before every sequence.
+fn bos_post_processor(tokens: &[String], bos: Option<u32>) -> Json {
+    let Some(b) = bos else { return Json::Null };
+    let name = tokens.get(b as usize).cloned().unwrap_or_default();
+    json!({"type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": name, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": name, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"SpecialToken": {"id": name, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {name.clone(): {"id": name, "ids": [b], "tokens": [name]}}})
+}
+
 /// A `tokenizer.json` document for byte-level BPE.
 fn bpe_json(tokens: &[String], types: &[u64], merges: &[String], pre: &str, bos: Option<u32>) -> Result<String> {
     let mut vocab = serde_json::Map::new();
@@ -680,17 +691,7 @@ fn bpe_json(tokens: &[String], types: &[u64], merges: &[String], pre: &str, bos:
             )));
         }
     };
-    let post = match bos {
-        Some(b) => {
-            let name = tokens.get(b as usize).cloned().unwrap_or_default();
-            json!({"type": "TemplateProcessing",
-                "single": [{"SpecialToken": {"id": name, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                "pair": [{"SpecialToken": {"id": name, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                         {"SpecialToken": {"id": name, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                "special_tokens": {name.clone(): {"id": name, "ids": [b], "tokens": [name]}}})
-        }
-        None => Json::Null,
-    };
+    let post = bos_post_processor(tokens, bos);
     let doc = json!({
         "version": "1.0",
         "truncation": null,
@@ -756,17 +757,7 @@ fn spm_json(s: &Spm) -> Result<String> {
     if s.add_space_prefix {
         decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
     }
-    let post = match s.bos.filter(|_| s.add_bos) {
-        Some(b) => {
-            let name = tokens[b as usize].clone();
-            json!({"type": "TemplateProcessing",
-                "single": [{"SpecialToken": {"id": name, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                "pair": [{"SpecialToken": {"id": name, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                         {"SpecialToken": {"id": name, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                "special_tokens": {name.clone(): {"id": name, "ids": [b], "tokens": [name]}}})
-        }
-        None => Json::Null,
-    };
+    let post = bos_post_processor(tokens, s.bos.filter(|_| s.add_bos));
     let doc = json!({
         "version": "1.0",
         "truncation": null,
