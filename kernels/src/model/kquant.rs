@@ -1,6 +1,7 @@
 //! Token embeddings and LM heads as llama-quantize writes them: `Q4_0`,
-//! `Q4_K` and `Q6_K` (llama-quantize's defaults for a TQ2_0 file are `Q4_K`
-//! for the token embedding and `Q6_K` for an untied output).
+//! `Q4_K` and `Q6_K` (llama-quantize's defaults for a TQ2_0 file are `Q6_K`
+//! for the output, which is the token embedding when the head is tied, and
+//! `Q4_K` for an embedding that is not the output).
 //!
 //! `Q4_0` holds the same values a `Q8_0` block can (`d * (nibble - 8)`), so
 //! it is converted on load, exactly, and runs on [`super::q8`]'s kernels.
@@ -17,8 +18,8 @@
 //! with every integer exact in i32 and in f32 (below 2^24), summed over the
 //! row in `tensor::dot`'s order (16 lanes by block index, a sequential tail,
 //! `reduce16`). `Q6_K`, the type llama-quantize gives a tied head, also has
-//! an AVX2 kernel that computes the same integers and the same float steps,
-//! so the logits are the same bytes on every machine and ISA.
+//! AVX2 and AVX-512 kernels that compute the same integers and the same
+//! float steps, so the logits are the same bytes on every machine and ISA.
 
 use super::q8::Q8Activations;
 use super::tensor::{Q8_0_BLOCK, reduce16};

@@ -11,6 +11,7 @@
 //! "llama"`, as llama.cpp's converter writes Llama 2 and the 1bitLLM BitNet
 //! conversions) is tokenized by [`Spm`], which follows llama.cpp's algorithm.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use serde_json::{Value as Json, json};
@@ -325,62 +326,37 @@ impl Tokenizer {
             Kind::Spm(s) => return Ok(self.spm_metadata(s, config)),
         };
         let doc: Json = serde_json::from_str(json).map_err(tk_err)?;
-        if let Some(spm) = self.spm_from_hf(&doc)? {
+        let (mut tokens, filled) = token_table(inner, config.vocab_size);
+        if is_llama_form(&doc) {
+            let spm = self.spm_from_hf(&doc, tokens, &filled)?;
             // llama.cpp reads the SentencePiece form; tern keeps reading the
             // exact document.
             let mut meta = self.spm_metadata(&spm, config);
             meta.push(("tokenizer.huggingface.json".into(), Value::Str(json.clone())));
             return Ok(meta);
         }
-        let vocab = inner.get_vocab(true);
-        let mut tokens = vec![String::new(); config.vocab_size];
-        let mut filled = vec![false; config.vocab_size];
-        for (t, id) in vocab {
-            if let Some(slot) = tokens.get_mut(id as usize) {
-                *slot = t;
-                filled[id as usize] = true;
-            }
-        }
-        let special: std::collections::HashSet<u32> = doc
-            .get("added_tokens")
-            .and_then(Json::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter(|t| t.get("special").and_then(Json::as_bool) == Some(true))
-                    .filter_map(|t| t.get("id").and_then(Json::as_u64).map(|i| i as u32))
-                    .collect()
+        let special: std::collections::HashSet<u32> = added_tokens(&doc)
+            .filter(|&(_, special)| special)
+            .map(|(id, _)| id)
+            .collect();
+        let types = (0..tokens.len())
+            .map(|i| {
+                if !filled[i] {
+                    5
+                } else if special.contains(&(i as u32)) {
+                    3
+                } else {
+                    1
+                }
             })
-            .unwrap_or_default();
-        let mut types = Vec::with_capacity(config.vocab_size);
-        for (i, t) in tokens.iter_mut().enumerate() {
-            if !filled[i] {
-                *t = format!("[PAD{i}]");
-                types.push(5);
-            } else if special.contains(&(i as u32)) {
-                types.push(3);
-            } else {
-                types.push(1);
-            }
-        }
-        let merges: Vec<String> = doc
-            .pointer("/model/merges")
-            .and_then(Json::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|m| match m {
-                        Json::String(s) => Some(s.clone()),
-                        Json::Array(p) => Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?)),
-                        _ => None,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let adds_bos = self.bos.is_some_and(|b| {
-            inner
-                .encode("a", true)
-                .map(|e| e.get_ids().first() == Some(&b))
-                .unwrap_or(false)
-        });
+            .collect();
+        let merges: Vec<String> = merge_pairs(&doc).map(|(a, b)| format!("{a} {b}")).collect();
+        tokens
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| !filled[*i])
+            .for_each(|(i, t)| *t = format!("[PAD{i}]"));
+        let adds_bos = self.adds_bos();
         let mut meta = vec![
             ("tokenizer.ggml.model".to_string(), Value::Str("gpt2".into())),
             ("tokenizer.ggml.pre".to_string(), Value::Str(pre_name(&doc).into())),
@@ -411,75 +387,51 @@ impl Tokenizer {
         Ok(meta)
     }
 
-    /// A Hugging Face document in the Llama (SentencePiece) form — BPE with
-    /// byte fallback over `▁`-escaped text, as transformers' converter writes
-    /// Llama 2 and 1bitLLM tokenizers — as the SentencePiece vocabulary
-    /// llama.cpp expects. The scores come from the merge ranks: a token made
-    /// by the merge of rank `r` scores `-r`, so llama.cpp's highest-score
-    /// merge is Hugging Face's lowest-rank one. `None` for other documents.
-    fn spm_from_hf(&self, doc: &Json) -> Result<Option<Spm>> {
-        use super::spm::token_type::{BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED};
+    /// A Hugging Face document in the Llama form (see [`is_llama_form`]) as
+    /// the SentencePiece vocabulary llama.cpp expects. The scores come from
+    /// the merge ranks: a token made by the merge of rank `r` scores `-r`, so
+    /// llama.cpp's highest-score merge is Hugging Face's lowest-rank one.
+    ///
+    /// `tokens` is [`token_table`]'s table for the model's vocabulary (ids
+    /// beyond it are ignored, as for byte-level BPE); unfilled slots become
+    /// unused tokens.
+    fn spm_from_hf(&self, doc: &Json, mut tokens: Vec<String>, filled: &[bool]) -> Result<Spm> {
+        use super::spm::token_type::{BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED};
         let model = &doc["model"];
-        let escapes = doc["normalizer"].to_string().contains('\u{2581}')
-            || doc["pre_tokenizer"].to_string().contains("Metaspace");
-        if model["type"] != "BPE" || model["byte_fallback"] != true || !escapes {
-            return Ok(None);
-        }
-        let Some(vocab) = model["vocab"].as_object() else {
-            return Ok(None);
-        };
-        let n = vocab
-            .values()
-            .filter_map(Json::as_u64)
-            .max()
-            .map_or(0, |m| m as usize + 1);
-        let mut tokens = vec![String::new(); n];
-        for (t, id) in vocab {
-            if let Some(slot) = id.as_u64().and_then(|i| tokens.get_mut(i as usize)) {
-                *slot = t.clone();
-            }
-        }
-        let mut types: Vec<u8> = tokens
+        let id_of: HashMap<&str, u32> = tokens
             .iter()
-            .map(|t| {
-                let byte = t.len() == 6 && t.starts_with("<0x") && t.ends_with('>');
-                if byte { BYTE } else { NORMAL }
-            })
+            .enumerate()
+            .filter(|&(i, _)| filled[i])
+            .map(|(i, t)| (t.as_str(), i as u32))
             .collect();
-        for a in doc["added_tokens"].as_array().into_iter().flatten() {
-            let id = a["id"].as_u64().map(|i| i as usize);
-            let content = a["content"].as_str().unwrap_or_default();
-            let Some(id) = id else { continue };
-            if id >= tokens.len() {
-                tokens.resize(id + 1, String::new());
-                types.resize(id + 1, NORMAL);
-            }
-            tokens[id] = content.to_string();
-            types[id] = if a["special"] == true { CONTROL } else { USER_DEFINED };
-        }
-        if let Some(unk) = model["unk_token"]
-            .as_str()
-            .and_then(|u| vocab.get(u))
-            .and_then(Json::as_u64)
-        {
-            types[unk as usize] = UNKNOWN;
-        }
         let mut scores = vec![-1e9f32; tokens.len()];
-        let merges = model["merges"].as_array().map(Vec::as_slice).unwrap_or_default();
-        for (rank, m) in merges.iter().enumerate() {
-            let joined = match m {
-                Json::String(s) => s.split_once(' ').map(|(a, b)| format!("{a}{b}")),
-                Json::Array(p) => Some(format!(
-                    "{}{}",
-                    p[0].as_str().unwrap_or(""),
-                    p[1].as_str().unwrap_or("")
-                )),
-                _ => None,
-            };
-            if let Some(id) = joined.and_then(|j| vocab.get(&j)).and_then(Json::as_u64) {
+        for (rank, (a, b)) in merge_pairs(doc).enumerate() {
+            if let Some(&id) = id_of.get(format!("{a}{b}").as_str()) {
                 let s = &mut scores[id as usize];
                 *s = s.max(-(rank as f32));
             }
+        }
+        let unk = model["unk_token"].as_str().and_then(|u| id_of.get(u).copied());
+        let mut types: Vec<u8> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| match () {
+                _ if !filled[i] => UNUSED,
+                _ if t.len() == 6 && t.starts_with("<0x") && t.ends_with('>') => BYTE,
+                _ => NORMAL,
+            })
+            .collect();
+        drop(id_of);
+        for (id, special) in added_tokens(doc) {
+            if let Some(t) = types.get_mut(id as usize) {
+                *t = if special { CONTROL } else { USER_DEFINED };
+            }
+        }
+        if let Some(u) = unk {
+            types[u as usize] = UNKNOWN;
+        }
+        for (i, t) in tokens.iter_mut().enumerate().filter(|(i, _)| !filled[*i]) {
+            *t = format!("[PAD{i}]");
         }
         let mut spm = Spm::new(tokens, scores, types)?;
         spm.add_space_prefix = doc["normalizer"].to_string().contains("Prepend")
@@ -488,15 +440,15 @@ impl Tokenizer {
                 .is_some_and(|p| p != "never");
         spm.bos = self.bos;
         spm.eos = self.eos.first().copied();
-        spm.unk = model["unk_token"]
-            .as_str()
-            .and_then(|u| vocab.get(u))
-            .and_then(Json::as_u64)
-            .map(|u| u as u32);
-        spm.add_bos = self
-            .bos
-            .is_some_and(|b| self.encode("a", true).is_ok_and(|ids| ids.first() == Some(&b)));
-        Ok(Some(spm))
+        spm.unk = unk;
+        spm.add_bos = self.adds_bos();
+        Ok(spm)
+    }
+
+    /// Whether encoding with special tokens puts BOS first.
+    fn adds_bos(&self) -> bool {
+        self.bos
+            .is_some_and(|b| self.encode("a", true).is_ok_and(|ids| ids.first() == Some(&b)))
     }
 
     /// llama.cpp's keys for a SentencePiece vocabulary, padded with unused
@@ -653,6 +605,52 @@ fn train_merges(text: &str, n: usize) -> Vec<(String, String)> {
         merges.push((a, b));
     }
     merges
+}
+
+/// Whether a document is in the Llama (SentencePiece) form: BPE with byte
+/// fallback over `▁`-escaped text, as transformers' converter writes Llama 2
+/// and 1bitLLM tokenizers.
+fn is_llama_form(doc: &Json) -> bool {
+    let escapes =
+        doc["normalizer"].to_string().contains('\u{2581}') || doc["pre_tokenizer"].to_string().contains("Metaspace");
+    doc["model"]["type"] == "BPE" && doc["model"]["byte_fallback"] == true && escapes
+}
+
+/// Every token's text by id, for ids below `vocab_size` (others are
+/// dropped), and whether each id has one.
+fn token_table(inner: &tokenizers::Tokenizer, vocab_size: usize) -> (Vec<String>, Vec<bool>) {
+    let mut tokens = vec![String::new(); vocab_size];
+    let mut filled = vec![false; vocab_size];
+    for (t, id) in inner.get_vocab(true) {
+        if let Some(slot) = tokens.get_mut(id as usize) {
+            *slot = t;
+            filled[id as usize] = true;
+        }
+    }
+    (tokens, filled)
+}
+
+/// `tokenizer.json`'s added tokens: id and whether it is special.
+fn added_tokens(doc: &Json) -> impl Iterator<Item = (u32, bool)> + '_ {
+    doc["added_tokens"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| Some((u32::try_from(t["id"].as_u64()?).ok()?, t["special"] == true)))
+}
+
+/// `tokenizer.json`'s merges in rank order, written either as `"a b"` or
+/// as `["a", "b"]`; malformed entries are skipped.
+fn merge_pairs(doc: &Json) -> impl Iterator<Item = (&str, &str)> + '_ {
+    doc.pointer("/model/merges")
+        .and_then(Json::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|m| match m {
+            Json::String(s) => s.split_once(' '),
+            Json::Array(p) => Some((p.first()?.as_str()?, p.get(1)?.as_str()?)),
+            _ => None,
+        })
 }
 
 /// The post-processor that puts token `bos` (if any) before every sequence.
@@ -927,6 +925,16 @@ mod tests {
         for c in &cases {
             assert_eq!(spm.encode(&c.text, true).unwrap(), c.special, "{:?}", c.text);
         }
+
+        // A document naming an id far beyond the model's vocabulary: the id
+        // is dropped (as for byte-level BPE), nothing the size of it is
+        // allocated.
+        let mut doc: Json = serde_json::from_str(&t.json().unwrap()).unwrap();
+        doc["model"]["vocab"]["zzzz"] = json!(4_000_000_000u32);
+        let far = Tokenizer::from_json(&doc.to_string(), t.bos(), t.eos().to_vec(), None).unwrap();
+        let meta = far.gguf_metadata(&config).unwrap();
+        let tokens = meta.iter().find(|(k, _)| k == "tokenizer.ggml.tokens").unwrap();
+        assert_eq!(tokens.1.as_array().unwrap().len(), 1200);
     }
 
     fn write_meta(meta: &[(String, Value)]) -> Vec<u8> {
