@@ -477,6 +477,20 @@ fn two_daemons_find_each_other_and_share_a_blob_through_the_cli() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     assert!(ok(&tern(&["peers", "--data-dir", b_s])).contains(&id));
+    // b dialled a on loopback: the connection table says so, and direct.
+    let b_status: serde_json::Value =
+        serde_json::from_str(&ok(&tern(&["status", "--json", "--data-dir", b_s]))).unwrap();
+    let to_a: Vec<_> = b_status["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["peer"] == id.as_str())
+        .collect();
+    assert!(
+        !to_a.is_empty() && to_a.iter().all(|c| c["relayed"] == false),
+        "{b_status}"
+    );
+    assert!(ok(&tern(&["status", "--data-dir", b_s])).contains(&format!("connection  direct  {id}")));
 
     let file = d.join("payload.bin");
     let payload: Vec<u8> = (0..3_000_000u32)

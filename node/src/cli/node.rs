@@ -152,6 +152,14 @@ pub fn status(dir: &DataDirArg, json: bool) -> Result<()> {
             println!("listen      {}", a.as_str().unwrap_or_default());
         }
     }
+    for c in s.get("connections").and_then(|a| a.as_array()).into_iter().flatten() {
+        let how = if c["relayed"] == true { "relayed" } else { "direct" };
+        println!(
+            "connection  {how:<7} {} {}",
+            c["peer"].as_str().unwrap_or_default(),
+            c["addr"].as_str().unwrap_or_default()
+        );
+    }
     Ok(())
 }
 

@@ -45,6 +45,11 @@ pub struct Status {
     pub public_key: String,
     pub listen_addrs: Vec<String>,
     pub connected_peers: usize,
+    /// Every open connection: the peer, its remote address and whether it
+    /// runs through a relay (`relayed`) or directly (a dialled address or a
+    /// hole punched by DCUtR).
+    #[serde(default)]
+    pub connections: Vec<crate::net::ConnectionInfo>,
     pub known_peers: usize,
     pub blobs: usize,
     pub blob_bytes: u64,
@@ -195,6 +200,7 @@ async fn status(State(api): State<Api>, headers: HeaderMap) -> ApiResult<Status>
         public_key: s.key.public().to_string(),
         listen_addrs: info.listen_addrs,
         connected_peers: info.connected.len(),
+        connections: info.connections,
         known_peers: known,
         blobs: blobs.len(),
         blob_bytes: blobs.iter().map(|b| b.1).sum(),

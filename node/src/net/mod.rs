@@ -255,7 +255,7 @@ pub struct NetInfo {
 }
 
 /// One open connection.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ConnectionInfo {
     pub peer: String,
     pub addr: String,
