@@ -147,6 +147,15 @@ pub fn status(dir: &DataDirArg, json: bool) -> Result<()> {
     println!("blobs       {} ({} bytes)", f("blobs"), f("blob_bytes"));
     println!("tasks       {} running, on {}", f("active_tasks"), f("compute"));
     println!("power       {}", f("power"));
+    println!("nat         {}", f("nat"));
+    for r in s.get("relays").and_then(|a| a.as_array()).into_iter().flatten() {
+        let how = if r["reserved"] == true {
+            "reserved"
+        } else {
+            "no reservation"
+        };
+        println!("relay       {how:<14} {}", r["addr"].as_str().unwrap_or_default());
+    }
     if let Some(addrs) = s.get("listen_addrs").and_then(|a| a.as_array()) {
         for a in addrs {
             println!("listen      {}", a.as_str().unwrap_or_default());

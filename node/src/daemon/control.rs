@@ -50,6 +50,13 @@ pub struct Status {
     /// hole punched by DCUtR).
     #[serde(default)]
     pub connections: Vec<crate::net::ConnectionInfo>,
+    /// AutoNAT's verdict on this node's reachability (`public ADDR`,
+    /// `private`, `unknown`, `off`).
+    #[serde(default)]
+    pub nat: String,
+    /// The configured relays, and whether each holds our reservation.
+    #[serde(default)]
+    pub relays: Vec<crate::net::RelayInfo>,
     pub known_peers: usize,
     pub blobs: usize,
     pub blob_bytes: u64,
@@ -201,6 +208,8 @@ async fn status(State(api): State<Api>, headers: HeaderMap) -> ApiResult<Status>
         listen_addrs: info.listen_addrs,
         connected_peers: info.connected.len(),
         connections: info.connections,
+        nat: info.nat,
+        relays: info.relays,
         known_peers: known,
         blobs: blobs.len(),
         blob_bytes: blobs.iter().map(|b| b.1).sum(),

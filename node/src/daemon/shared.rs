@@ -140,7 +140,13 @@ impl Shared {
             models: ids(models, protocol::limits::MAX_MODELS),
             blobs: ids(blobs, protocol::limits::MAX_ADVERT_BLOBS),
             active_tasks: self.worker.active_tasks.load(Ordering::Relaxed),
-            max_tasks: self.config.limits.max_tasks,
+            // A node that takes tasks from nobody (a relay, say, closed
+            // with no one allowed) offers no slot, so clients pass it over.
+            max_tasks: if self.config.policy.open || !self.config.policy.allow.is_empty() {
+                self.config.limits.max_tasks
+            } else {
+                0
+            },
             power,
             score: self.score.lock().clone(),
             availability,

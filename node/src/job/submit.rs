@@ -38,6 +38,36 @@ pub fn max_shard_output(params: usize, carries_moments: bool) -> u64 {
     arrays * (params as u64 * 4 + 16) + 4096
 }
 
+/// Waits before each send of a task again after its connection broke
+/// (about 15 s in all, inside the worker's [`REATTACH_GRACE`]): the same
+/// envelope is answered by the computation already under way.
+///
+/// [`REATTACH_GRACE`]: crate::task::executor::REATTACH_GRACE
+const RESEND_WAITS: [Duration; 5] = [
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+    Duration::from_secs(8),
+];
+
+/// Sends a task envelope and waits for the answer, sending it again when
+/// the connection breaks (a relayed circuit closed for a punched hole, a
+/// link that dropped for seconds).
+async fn send(client: &Client, peer: libp2p::PeerId, envelope: Vec<u8>) -> Result<Vec<u8>> {
+    let mut waits = RESEND_WAITS.iter();
+    loop {
+        match client.blobs.net.request(peer, TASK_PROTOCOL, envelope.clone()).await {
+            Err(e) if crate::net::is_retryable(&e) => {
+                let Some(wait) = waits.next() else { return Err(e) };
+                tracing::info!(%peer, "{e:#}; sending the task again in {wait:?}");
+                tokio::time::sleep(*wait).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Sends `task` to its worker and checks the answer: a valid signature by
 /// that worker, naming this task and its inputs. When done, the output blob
 /// is fetched (and verified) into the local store.
@@ -46,7 +76,7 @@ pub async fn submit(client: &Arc<Client>, task: Task, max_output: u64) -> Result
     let peer = identity::peer_id(&worker)?;
     let bytes = identity::seal(&client.key, &Payload::Task(task.clone()), TASK_TTL);
     let task_id = protocol::open(&bytes)?.body_id;
-    let answer = client.blobs.net.request(peer, TASK_PROTOCOL, bytes).await?;
+    let answer = send(client, peer, bytes).await?;
     let opened = protocol::open(&answer).context("the worker's answer")?;
     // The signed answer names the output: kept as evidence, never listed.
     client.blobs.store.unlist(&ContentId::of(&answer))?;

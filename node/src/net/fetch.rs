@@ -107,10 +107,19 @@ const PER_PROVIDER: usize = 16;
 /// count again (a window of them fails together when a connection drops or
 /// a dial is not ready yet). A provider that failed is asked again only
 /// while no provider without failures is left, and after [`RETRY_AFTER`],
-/// doubled per failure; a success clears its count.
-const MAX_FAILURES: usize = 3;
+/// doubled per failure; a success clears its count. The waits add up to
+/// about 16 s, so a phone's link that drops for seconds (or a relayed
+/// connection giving way to a punched one) does not end the transfer.
+const MAX_FAILURES: usize = 7;
 /// The first wait before a provider that failed is asked again.
-const RETRY_AFTER: Duration = Duration::from_millis(100);
+const RETRY_AFTER: Duration = Duration::from_millis(250);
+
+/// Blobs larger than this are fetched only over direct connections: a
+/// relay circuit carries at most [`crate::net::RELAY_CIRCUIT_BYTES`].
+const RELAY_BULK_BYTES: u64 = crate::net::RELAY_CIRCUIT_BYTES / 2;
+/// How long a fetch waits for a hole punch to a provider reached only
+/// through a relay.
+const DIRECT_WAIT: Duration = Duration::from_secs(20);
 
 /// A provider's failures since its last success (see [`MAX_FAILURES`]).
 #[derive(Default)]
@@ -265,6 +274,28 @@ async fn ask(
     }
 }
 
+/// [`ask`], sent again after a broken connection (a relayed circuit
+/// giving way to a punched hole, a link that dropped): waits of 0.25, 1
+/// and 2 s.
+async fn ask_again(
+    blobs: &Blobs,
+    peer: PeerId,
+    id: &ContentId,
+    what: wire::blob_request::What,
+) -> Result<wire::blob_response::Result> {
+    let mut waits = [250, 1000, 2000].into_iter().map(Duration::from_millis);
+    loop {
+        match ask(blobs, peer, id, what).await {
+            Err(e) if crate::net::is_retryable(&e) => {
+                let Some(wait) = waits.next() else { return Err(e) };
+                tracing::debug!(%peer, blob = %id, "{e:#}; asking again in {wait:?}");
+                tokio::time::sleep(wait).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Peers that may hold `id`: those given, those whose advert lists it, and
 /// Kademlia's provider records.
 pub async fn providers(blobs: &Blobs, id: &ContentId, hint: &[PeerId]) -> Vec<PeerId> {
@@ -327,7 +358,7 @@ async fn transfer(blobs: &Arc<Blobs>, id: &ContentId, hint: &[PeerId], max_bytes
     let mut source = None;
     let mut why = Vec::new();
     for &p in &peers {
-        match ask(blobs, p, id, wire::blob_request::What::Outline(wire::OutlineRequest {})).await {
+        match ask_again(blobs, p, id, wire::blob_request::What::Outline(wire::OutlineRequest {})).await {
             Ok(wire::blob_response::Result::Outline(w)) => match Outline::from_wire(w, id) {
                 Ok(o) => {
                     outline = Some(o);
@@ -344,10 +375,35 @@ async fn transfer(blobs: &Arc<Blobs>, id: &ContentId, hint: &[PeerId], max_bytes
         }
     }
     let outline = outline.ok_or_else(|| anyhow!("no provider gave a valid outline of {id}: {}", why.join("; ")))?;
+    let mut peers = peers;
+    // Bulk moves over direct connections only (the size proof below
+    // included): a provider reached through a relay gets time for a hole
+    // punch, and is dropped (with the reason) if none comes.
+    if outline.size() > RELAY_BULK_BYTES {
+        let checks = peers.iter().map(|&p| {
+            let net = blobs.net.clone();
+            async move { (p, net.direct(p, DIRECT_WAIT).await) }
+        });
+        let mut unreachable = Vec::new();
+        for (p, r) in futures::future::join_all(checks).await {
+            if let Err(e) = r {
+                tracing::warn!(peer = %p, blob = %id, "{e:#}");
+                unreachable.push(format!("{e:#}"));
+                peers.retain(|x| *x != p);
+            }
+        }
+        if peers.is_empty() {
+            bail!(
+                "blob {id} ({} bytes) cannot be fetched: {}",
+                outline.size(),
+                unreachable.join("; ")
+            );
+        }
+    }
+    let source = source.filter(|s| peers.contains(s));
     // The outline's size is bound only to within its last group: the last
     // group's own bytes prove it. An outline that lied is corrected, and its
     // provider dropped, before a single honest group can look wrong.
-    let mut peers = peers;
     let (outline, last_group) = match prove_size(blobs, id, &outline, &peers, source).await {
         Some((size, bytes)) if size != outline.size() => {
             let fixed = outline

@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle};
 use libp2p::{
@@ -228,6 +228,13 @@ pub enum Command {
     Info {
         reply: oneshot::Sender<NetInfo>,
     },
+    Path {
+        peer: PeerId,
+        reply: oneshot::Sender<Path>,
+    },
+    DialDirect {
+        peer: PeerId,
+    },
     Ban {
         peer: PeerId,
     },
@@ -252,6 +259,56 @@ pub struct NetInfo {
     /// (the rest of `max_connections` is kept for known peers).
     pub unknown_inbound: usize,
     pub max_unknown_inbound: usize,
+    /// AutoNAT's verdict on this node's reachability: `public ADDR`,
+    /// `private` (behind a NAT or firewall), `unknown` (not settled yet) or
+    /// `off` (`nat_traversal = false`).
+    pub nat: String,
+    /// The configured relays and whether each holds a reservation for us.
+    pub relays: Vec<RelayInfo>,
+}
+
+/// A configured relay.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RelayInfo {
+    pub addr: String,
+    /// The relay accepted our reservation: peers reach us through it.
+    pub reserved: bool,
+}
+
+/// How this node is connected to a peer now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Path {
+    /// At least one connection that runs through no relay.
+    Direct,
+    /// Only through relays; `punch` is why the last hole punch failed.
+    Relayed { punch: Option<String> },
+    /// Not connected.
+    None,
+}
+
+/// A request that got no answer.
+#[derive(Debug)]
+pub struct RequestFailed {
+    pub peer: PeerId,
+    pub protocol: StreamProtocol,
+    /// The connection broke or could not be made: the same request may
+    /// succeed when sent again (after a wait).
+    pub retryable: bool,
+    pub error: String,
+}
+
+impl std::fmt::Display for RequestFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} request to {} failed: {}", self.protocol, self.peer, self.error)
+    }
+}
+
+impl std::error::Error for RequestFailed {}
+
+/// Whether an error is a request that may succeed when sent again.
+pub fn is_retryable(e: &anyhow::Error) -> bool {
+    e.chain()
+        .any(|c| c.downcast_ref::<RequestFailed>().is_some_and(|r| r.retryable))
 }
 
 /// One open connection.
@@ -351,6 +408,43 @@ impl Net {
     /// do not each get a fresh allowance.
     pub async fn ban(&self, peer: PeerId) {
         let _ = self.tx.send(Command::Ban { peer }).await;
+    }
+
+    /// How this node is connected to `peer` now.
+    pub async fn path(&self, peer: PeerId) -> Result<Path> {
+        self.call(|reply| Command::Path { peer, reply }).await
+    }
+
+    /// Waits up to `wait` for a connection to `peer` that runs through no
+    /// relay (a hole punch, DCUtR, in progress, or a dial), for transfers
+    /// a relay circuit cannot carry ([`RELAY_CIRCUIT_BYTES`]). A peer not
+    /// connected at all is left to the request that follows to dial.
+    pub async fn direct(&self, peer: PeerId, wait: Duration) -> Result<()> {
+        let t0 = tokio::time::Instant::now();
+        let mut dialled: Option<tokio::time::Instant> = None;
+        loop {
+            let path = self.path(peer).await?;
+            if matches!(path, Path::Relayed { .. }) && dialled.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                // Dialling out works where the peer is reachable (a public
+                // host, a port forward) and this node is the one behind a NAT.
+                let _ = self.tx.send(Command::DialDirect { peer }).await;
+                dialled = Some(tokio::time::Instant::now());
+            }
+            match path {
+                Path::Direct | Path::None => return Ok(()),
+                Path::Relayed { punch } if t0.elapsed() >= wait => {
+                    let why = punch.unwrap_or_else(|| "no hole punch succeeded".into());
+                    bail!(
+                        "{peer} is reachable only through a relay, which carries at most {} KiB, and no direct \
+                         connection came within {} s ({why}); a symmetric NAT or a firewall on either side \
+                         stops hole punching: forward a port (external_addrs) or run on a reachable host",
+                        RELAY_CIRCUIT_BYTES >> 10,
+                        wait.as_secs()
+                    )
+                }
+                Path::Relayed { .. } => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
     }
 
     /// Counts a peer as known (it proved work, for one): its inbound
@@ -601,6 +695,9 @@ pub fn start(config: &Config, key: libp2p::identity::Keypair) -> Result<(Net, mp
         known: HashMap::new(),
         unknown_inbound: HashMap::new(),
         max_unknown_inbound: (max_conn as usize * UNKNOWN_SHARE.0 / UNKNOWN_SHARE.1).max(1),
+        nat: if nat { "unknown" } else { "off" }.into(),
+        punch: HashMap::new(),
+        listen_addrs: HashMap::new(),
     };
     for peer in bootstrap_peers.into_iter().chain(relay_peers) {
         event_loop.know(peer);
@@ -642,8 +739,9 @@ pub struct EventLoop {
     inbound: mpsc::Sender<Inbound>,
     pending: Pending,
     providers: HashMap<kad::QueryId, (HashSet<PeerId>, oneshot::Sender<HashSet<PeerId>>)>,
-    /// Open connections: peer and remote address.
-    connections: HashMap<libp2p::swarm::ConnectionId, (PeerId, Multiaddr)>,
+    /// Open connections: peer, remote address (for one a relay brought
+    /// in, the circuit it came through) and whether it is relayed.
+    connections: HashMap<libp2p::swarm::ConnectionId, Conn>,
     /// Inbound direct connections by remote IP, and the most one IP may hold.
     incoming_by_ip: HashMap<std::net::IpAddr, HashSet<libp2p::swarm::ConnectionId>>,
     max_incoming_per_ip: usize,
@@ -660,6 +758,22 @@ pub struct EventLoop {
     /// Inbound connections from peers not known, and when each opened.
     unknown_inbound: HashMap<libp2p::swarm::ConnectionId, (PeerId, tokio::time::Instant)>,
     max_unknown_inbound: usize,
+    /// AutoNAT's verdict, in words (see [`NetInfo::nat`]).
+    nat: String,
+    /// Why the last hole punch to each peer failed (at most [`MAX_KNOWN`]).
+    punch: HashMap<PeerId, String>,
+    /// The addresses outside relays that peers say they listen on
+    /// (identify), for dialling a peer reached only through a relay
+    /// (at most [`MAX_KNOWN`] peers, 8 addresses each).
+    listen_addrs: HashMap<PeerId, Vec<Multiaddr>>,
+}
+
+/// An open connection.
+#[derive(Debug)]
+struct Conn {
+    peer: PeerId,
+    addr: Multiaddr,
+    relayed: bool,
 }
 
 /// A configured relay: its circuit listener while one is open, else when
@@ -669,6 +783,8 @@ pub struct EventLoop {
 struct RelaySlot {
     addr: Multiaddr,
     listener: Option<libp2p::core::transport::ListenerId>,
+    /// The relay accepted a reservation on the open listener.
+    reserved: bool,
     retry_at: tokio::time::Instant,
     backoff: Duration,
 }
@@ -681,6 +797,7 @@ impl RelaySlot {
         Self {
             addr,
             listener: None,
+            reserved: false,
             retry_at: tokio::time::Instant::now(),
             backoff: Self::FIRST_RETRY,
         }
@@ -743,6 +860,23 @@ impl EventLoop {
         }
     }
 
+    /// Closes the relayed connections to `peer`, which has a direct one
+    /// now: a relay's bandwidth is a volunteer's, and its circuits close
+    /// after [`RELAY_CIRCUIT_BYTES`] or two minutes. Requests on them fail
+    /// as retryable and go again over the direct connection.
+    fn close_relayed(&mut self, peer: PeerId) {
+        let relayed: Vec<_> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| c.peer == peer && c.relayed)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in relayed {
+            tracing::debug!(%peer, "closing a relayed connection: a direct one is up");
+            self.swarm.close_connection(id);
+        }
+    }
+
     /// Lifts the bans that have ended and forgets lapsed strikes.
     fn lift_bans(&mut self, now: tokio::time::Instant) {
         let b = self.swarm.behaviour_mut();
@@ -766,8 +900,8 @@ impl EventLoop {
         let ips: HashSet<std::net::IpAddr> = self
             .connections
             .iter()
-            .filter(|(id, (p, _))| *p == peer && self.incoming_by_ip.values().any(|c| c.contains(id)))
-            .filter_map(|(_, (_, addr))| ip_of(addr))
+            .filter(|(id, c)| c.peer == peer && self.incoming_by_ip.values().any(|s| s.contains(id)))
+            .filter_map(|(_, c)| ip_of(&c.addr))
             .filter(|ip| !ip.is_loopback())
             .collect();
         for ip in ips {
@@ -886,10 +1020,10 @@ impl EventLoop {
                 let mut connections: Vec<ConnectionInfo> = self
                     .connections
                     .values()
-                    .map(|(peer, addr)| ConnectionInfo {
-                        peer: peer.to_string(),
-                        addr: addr.to_string(),
-                        relayed: is_relayed(addr),
+                    .map(|c| ConnectionInfo {
+                        peer: c.peer.to_string(),
+                        addr: c.addr.to_string(),
+                        relayed: c.relayed,
                     })
                     .collect();
                 connections.sort_by(|a, b| (&a.peer, &a.addr).cmp(&(&b.peer, &b.addr)));
@@ -901,9 +1035,45 @@ impl EventLoop {
                     banned: self.bans.len(),
                     unknown_inbound: self.unknown_inbound.len(),
                     max_unknown_inbound: self.max_unknown_inbound,
+                    nat: self.nat.clone(),
+                    relays: self
+                        .relays
+                        .iter()
+                        .map(|r| RelayInfo {
+                            addr: r.addr.to_string(),
+                            reserved: r.listener.is_some() && r.reserved,
+                        })
+                        .collect(),
                 });
             }
-            Command::Ban { .. } | Command::Trust { .. } => unreachable!("handled above"),
+            Command::Path { peer, reply } => {
+                let mut path = Path::None;
+                for c in self.connections.values() {
+                    if c.peer != peer {
+                        continue;
+                    }
+                    if !c.relayed {
+                        path = Path::Direct;
+                        break;
+                    }
+                    path = Path::Relayed {
+                        punch: self.punch.get(&peer).cloned(),
+                    };
+                }
+                let _ = reply.send(path);
+            }
+            Command::DialDirect { peer } => {
+                if let Some(addrs) = self.listen_addrs.get(&peer).filter(|a| !a.is_empty()) {
+                    let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                        .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
+                        .addresses(addrs.clone())
+                        .build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        tracing::debug!(%peer, "dialling directly: {e}");
+                    }
+                }
+            }
+            Command::Ban { .. } | Command::Trust { .. } => {}
         }
     }
 
@@ -922,7 +1092,23 @@ impl EventLoop {
                 if self.relay_server && !is_relayed(&address) && !is_unspecified(&address) {
                     // A relay is a node others dial: what it listens on is
                     // what it hands its clients for their circuit addresses.
-                    self.swarm.add_external_address(address);
+                    // Loopback only while it has nothing else (a swarm on
+                    // one machine): elsewhere it names the dialler's own host.
+                    let loopback = |a: &Multiaddr| ip_of(a).is_some_and(|ip| ip.is_loopback());
+                    if !loopback(&address) {
+                        let stale: Vec<Multiaddr> = self
+                            .swarm
+                            .external_addresses()
+                            .filter(|a| loopback(a))
+                            .cloned()
+                            .collect();
+                        for a in stale {
+                            self.swarm.remove_external_address(&a);
+                        }
+                        self.swarm.add_external_address(address);
+                    } else if self.swarm.external_addresses().all(loopback) {
+                        self.swarm.add_external_address(address);
+                    }
                 }
             }
             SwarmEvent::ConnectionEstablished {
@@ -962,8 +1148,30 @@ impl EventLoop {
                     self.unknown_inbound
                         .insert(connection_id, (peer_id, tokio::time::Instant::now()));
                 }
-                self.connections
-                    .insert(connection_id, (peer_id, endpoint.get_remote_address().clone()));
+                // A relayed connection's remote address, on the side it was
+                // brought to, names only the peer: the circuit is the local one.
+                let relayed = endpoint.is_relayed();
+                let addr = match &endpoint {
+                    libp2p::core::ConnectedPoint::Listener { local_addr, .. } if relayed => {
+                        local_addr.clone().with(libp2p::multiaddr::Protocol::P2p(peer_id))
+                    }
+                    _ => endpoint.get_remote_address().clone(),
+                };
+                self.connections.insert(
+                    connection_id,
+                    Conn {
+                        peer: peer_id,
+                        addr,
+                        relayed,
+                    },
+                );
+                if !relayed {
+                    self.punch.remove(&peer_id);
+                    self.close_relayed(peer_id);
+                } else if self.connections.values().any(|c| c.peer == peer_id && !c.relayed) {
+                    // A direct connection is up already: this circuit is not needed.
+                    self.swarm.close_connection(connection_id);
+                }
                 if num_established.get() == 1 {
                     self.forward(Inbound::Connected { peer: peer_id }).await;
                 }
@@ -993,6 +1201,7 @@ impl EventLoop {
                         slot.backoff
                     );
                     slot.listener = None;
+                    slot.reserved = false;
                     slot.retry_at = tokio::time::Instant::now() + slot.backoff;
                     slot.backoff = (slot.backoff * 2).min(RelaySlot::MAX_RETRY);
                 }
@@ -1008,17 +1217,53 @@ impl EventLoop {
                     .filter(|s| peer_of(&s.addr) == Some(relay_peer_id))
                 {
                     slot.backoff = RelaySlot::FIRST_RETRY;
+                    slot.reserved = true;
                 }
                 if !renewal {
                     tracing::info!(relay = %relay_peer_id, "reachable through a relay");
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::RelayServer(e)) => tracing::debug!("relay: {e:?}"),
-            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(e)) => tracing::debug!("hole punching: {e:?}"),
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result })) => match result {
+                Ok(_) => tracing::info!(peer = %remote_peer_id, "hole punched: a direct connection replaces the relay"),
+                Err(e) => {
+                    tracing::info!(peer = %remote_peer_id, "hole punching failed: {e}");
+                    if self.punch.len() >= MAX_KNOWN && !self.punch.contains_key(&remote_peer_id) {
+                        self.punch.clear();
+                    }
+                    let mut why = e.to_string();
+                    let mut source = std::error::Error::source(&e);
+                    while let Some(s) = source {
+                        why = format!("{why}: {s}");
+                        source = s.source();
+                    }
+                    self.punch
+                        .insert(remote_peer_id, format!("hole punching failed: {why}"));
+                }
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(autonat::Event::StatusChanged { new, .. })) => {
+                self.nat = match new {
+                    autonat::NatStatus::Public(a) => format!("public {a}"),
+                    autonat::NatStatus::Private => "private".into(),
+                    autonat::NatStatus::Unknown => "unknown".into(),
+                };
+                tracing::info!(nat = %self.nat, "reachability");
+            }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, "dial failed: {error}");
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                if self.listen_addrs.len() >= MAX_KNOWN && !self.listen_addrs.contains_key(&peer_id) {
+                    self.listen_addrs.clear();
+                }
+                let direct: Vec<Multiaddr> = info
+                    .listen_addrs
+                    .iter()
+                    .filter(|a| !is_relayed(a) && !is_unspecified(a))
+                    .take(8)
+                    .cloned()
+                    .collect();
+                self.listen_addrs.insert(peer_id, direct);
                 for addr in info.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
@@ -1088,7 +1333,19 @@ impl EventLoop {
                 ..
             } => {
                 if let Some(reply) = self.pending.remove(&(protocol == BLOB_PROTOCOL, request_id)) {
-                    let _ = reply.send(Err(anyhow!("{protocol} request to {peer} failed: {error}")));
+                    let retryable = matches!(
+                        error,
+                        request_response::OutboundFailure::ConnectionClosed
+                            | request_response::OutboundFailure::DialFailure
+                            | request_response::OutboundFailure::Io(_)
+                    );
+                    let _ = reply.send(Err(RequestFailed {
+                        peer,
+                        protocol,
+                        retryable,
+                        error: error.to_string(),
+                    }
+                    .into()));
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {

@@ -41,6 +41,8 @@ pub struct Worker {
     pub models: Arc<Models>,
     /// Task envelopes seen.
     pub replay: Mutex<ReplayGuard>,
+    /// Tasks computing and answered lately, for a submitter that asks again.
+    pub answers: Mutex<Answers>,
     pub active_tasks: AtomicU32,
     /// Task computations (generation, training) running on blocking
     /// threads. A task that times out or is cancelled stops its
@@ -80,6 +82,7 @@ impl Worker {
                 TASKS_PER_SIGNER,
                 protocol::limits::MAX_TASK_TTL_MS,
             )),
+            answers: Mutex::new(Answers::default()),
             active_tasks: AtomicU32::new(0),
             computing: AtomicU32::new(0),
             accepting: AtomicBool::new(true),
@@ -90,20 +93,155 @@ impl Worker {
     }
 }
 
-/// Answers one inbound task request.
+/// How long a task's computation goes on with nobody waiting for its
+/// answer: a submitter whose connection broke (a relayed circuit replaced
+/// by a punched hole, a phone's link that dropped for seconds) sends the
+/// same envelope again and is answered by the same computation. After
+/// this, the task is stopped.
+pub const REATTACH_GRACE: Duration = Duration::from_secs(30);
+
+/// How long an answer is kept for a submitter that asks again.
+const ANSWER_TTL: Duration = Duration::from_secs(600);
+
+/// Tasks kept (computing, or answered within [`ANSWER_TTL`]) at most.
+const MAX_ANSWERS: usize = 4096;
+
+/// A sealed answer, once there is one.
+type Sealed = Option<Arc<Vec<u8>>>;
+
+/// Tasks being computed and answers made lately, by task id (the content
+/// id of the signed body), so the same envelope sent again (by its signer,
+/// over any connection) gets the one computation's answer instead of a
+/// replay refusal or a second run.
+#[derive(Debug, Default)]
+pub struct Answers {
+    entries: std::collections::HashMap<ContentId, Kept>,
+}
+
+#[derive(Debug)]
+struct Kept {
+    signer: PublicKey,
+    answer: Arc<watch::Sender<Sealed>>,
+    /// When the answer was made.
+    done_at: Option<tokio::time::Instant>,
+}
+
+impl Answers {
+    /// Tasks kept now.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Forgets answers older than [`ANSWER_TTL`] and, past
+    /// [`MAX_ANSWERS`], the oldest answers.
+    fn prune(&mut self, now: tokio::time::Instant) {
+        self.entries
+            .retain(|_, k| k.done_at.is_none_or(|t| now.duration_since(t) < ANSWER_TTL));
+        while self.entries.len() >= MAX_ANSWERS {
+            let Some(oldest) = self
+                .entries
+                .iter()
+                .filter_map(|(id, k)| k.done_at.map(|t| (t, *id)))
+                .min()
+                .map(|(_, id)| id)
+            else {
+                break;
+            };
+            self.entries.remove(&oldest);
+        }
+    }
+}
+
+/// Answers one inbound task request: a task seen before (the same signed
+/// envelope, from its signer) waits for that computation's answer;
+/// otherwise the task is checked and run.
 pub async fn handle(worker: Arc<Worker>, peer: PeerId, request: Vec<u8>, channel: Responder) {
-    // A submitter that goes away (its connection closed, its request
-    // timed out) stops the task: dropping `process` cancels its work.
+    let mut answer = attach_or_start(&worker, peer, request);
     let gone = async {
         while channel.is_open() {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     };
+    let sealed = tokio::select! {
+        a = answer.wait_for(Option::is_some) => match a.map(|a| a.clone()) {
+            Ok(Some(bytes)) => bytes,
+            // The computation was dropped (the node is stopping).
+            _ => return,
+        },
+        _ = gone => {
+            tracing::info!(%peer, "the submitter went away; its task goes on for {REATTACH_GRACE:?} in case it asks again");
+            return;
+        }
+    };
+    drop(answer);
+    worker.blobs.net.respond(TASK_PROTOCOL, channel, sealed.to_vec()).await;
+}
+
+/// The answer of the task in `request`: that of a computation already
+/// running or done for the same envelope and signer, else of a new one.
+fn attach_or_start(worker: &Arc<Worker>, peer: PeerId, request: Vec<u8>) -> watch::Receiver<Sealed> {
+    // Keyed only when it opens (signature checked) as a task signed by the
+    // peer asking: nobody else can attach to it.
+    let key = protocol::open(&request)
+        .ok()
+        .filter(|o| matches!(o.payload, Payload::Task(_)) && identity::public_key(&peer) == Some(o.signer))
+        .map(|o| (o.body_id, o.signer));
+    let (tx, rx) = watch::channel(None);
+    let tx = Arc::new(tx);
+    if let Some((id, signer)) = key {
+        let mut answers = worker.answers.lock();
+        if let Some(kept) = answers.entries.get(&id)
+            && kept.signer == signer
+        {
+            tracing::info!(%peer, task = %id, "the same task again: answered by its computation");
+            return kept.answer.subscribe();
+        }
+        answers.prune(tokio::time::Instant::now());
+        answers.entries.insert(
+            id,
+            Kept {
+                signer,
+                answer: tx.clone(),
+                done_at: None,
+            },
+        );
+    }
+    tokio::spawn(compute(worker.clone(), peer, request, tx, key.map(|k| k.0)));
+    rx
+}
+
+/// Runs a task and publishes its sealed answer; stops it when nobody has
+/// waited for the answer for [`REATTACH_GRACE`].
+async fn compute(
+    worker: Arc<Worker>,
+    peer: PeerId,
+    request: Vec<u8>,
+    answer: Arc<watch::Sender<Sealed>>,
+    key: Option<ContentId>,
+) {
+    let abandoned = async {
+        let mut since: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if answer.receiver_count() > 0 {
+                since = None;
+            } else if since.get_or_insert_with(tokio::time::Instant::now).elapsed() >= REATTACH_GRACE {
+                return;
+            }
+        }
+    };
     let result = tokio::select! {
         r = process(&worker, peer, &request) => r,
-        _ = gone => {
+        _ = abandoned => {
             worker.stats.lock().tasks_failed += 1;
-            tracing::warn!(%peer, "the submitter went away; its task was stopped");
+            tracing::warn!(%peer, "the submitter went away and did not ask again; its task was stopped");
+            if let Some(id) = key {
+                worker.answers.lock().entries.remove(&id);
+            }
             return;
         }
     };
@@ -120,8 +258,13 @@ pub async fn handle(worker: Arc<Worker>, peer: PeerId, request: Vec<u8>, channel
     } else {
         tracing::info!(%peer, task = %result.task, work = result.work, "task done");
     }
-    let bytes = identity::seal(&worker.key, &Payload::TaskResult(result), RESULT_TTL);
-    worker.blobs.net.respond(TASK_PROTOCOL, channel, bytes).await;
+    let sealed = identity::seal(&worker.key, &Payload::TaskResult(result), RESULT_TTL);
+    answer.send_replace(Some(Arc::new(sealed)));
+    if let Some(id) = key
+        && let Some(kept) = worker.answers.lock().entries.get_mut(&id)
+    {
+        kept.done_at = Some(tokio::time::Instant::now());
+    }
 }
 
 /// A task slot: decrements the active-task count when the last holder
