@@ -1,0 +1,480 @@
+//! Real networks: `tern node` processes on hosts in Linux network
+//! namespaces built by `scripts/netns` (a LAN on one bridge; hosts behind
+//! home routers that masquerade and drop unsolicited inbound traffic, on a
+//! shared "internet" with a public relay). Everything they send stays in
+//! namespaces the test makes, and each test tears its own down.
+//!
+//! Needs root (network namespaces), iproute2 and nftables: without them the
+//! tests are skipped with a loud message, and fail under CI.
+#![cfg(target_os = "linux")]
+
+#[allow(dead_code)] // the helpers other test files use too
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::tempdir;
+use serde_json::Value;
+
+/// The repository's `scripts/netns`.
+fn netns_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/netns")
+}
+
+/// Whether namespaces can be made here; under CI, a failure if not.
+fn netns_available() -> bool {
+    let ok = Command::new(netns_script())
+        .arg("check")
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the network-namespace tests need root, iproute2 and nftables (scripts/netns check failed)"
+        );
+        eprintln!(
+            "\n*** SKIPPED: network-namespace tests need root, iproute2 and nftables (scripts/netns check) ***\n"
+        );
+    }
+    ok
+}
+
+/// A topology from `scripts/netns up`, torn down when dropped.
+struct Topology {
+    prefix: String,
+}
+
+impl Topology {
+    fn up(kind: &str, name: &str, extra: &[&str]) -> Self {
+        // Short, and unique per test process.
+        let prefix = format!("t{}{name}", std::process::id() % 100_000);
+        let out = Command::new(netns_script())
+            .args(["up", kind, &prefix])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "scripts/netns up: {out:?}");
+        Self { prefix }
+    }
+
+    fn ns(&self, host: &str) -> String {
+        format!("{}-{host}", self.prefix)
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let _ = Command::new(netns_script()).args(["down", &self.prefix]).status();
+    }
+}
+
+/// A `tern node` daemon in a namespace; killed when dropped (its log is
+/// printed then, when the test is failing).
+struct Host {
+    ns: String,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl Host {
+    /// Writes `dir/node.toml` (`config`, plus test defaults), starts the
+    /// daemon in `ns` and returns once its control API answers.
+    fn start(ns: &str, dir: &Path, config: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let file = dir.join("node.toml");
+        std::fs::write(
+            &file,
+            format!("gpu = false\nbench = false\nadvert_interval_secs = 2\nadvert_ttl_secs = 30\n{config}"),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("node.log")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_tern"), "node", "--config"])
+            .arg(&file)
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--control", "127.0.0.1:0"])
+            .env(
+                "RUST_LOG",
+                std::env::var("TERN_NETNS_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let h = Self {
+            ns: ns.into(),
+            dir: dir.into(),
+            child,
+        };
+        let t0 = Instant::now();
+        while !h.cli(&["status", "--json"]).status.success() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "the daemon in {ns} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        h
+    }
+
+    /// `tern ARGS --data-dir DIR`, run in this host's namespace (its
+    /// control API listens on the namespace's own loopback).
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns, env!("CARGO_BIN_EXE_tern")])
+            .args(args)
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .output()
+            .unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let out = self.cli(args);
+        assert!(out.status.success(), "tern {args:?} in {}: {out:?}", self.ns);
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn status(&self) -> Value {
+        self.json(&["status", "--json"])
+    }
+
+    fn peer_id(&self) -> String {
+        self.status()["peer_id"].as_str().unwrap().to_string()
+    }
+
+    fn public_key(&self) -> String {
+        self.status()["public_key"].as_str().unwrap().to_string()
+    }
+
+    /// Waits until this host's peer table holds an advert from `key`.
+    fn wait_for_advert(&self, key: &str, within: Duration) {
+        let t0 = Instant::now();
+        loop {
+            let peers = self.json(&["peers", "--json"]);
+            if peers.as_array().unwrap().iter().any(|p| p.to_string().contains(key)) {
+                return;
+            }
+            assert!(
+                t0.elapsed() < within,
+                "{} never learned {key}'s advert: {peers}",
+                self.ns
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// This host's connections to `peer`.
+    fn connections_to(&self, peer: &str) -> Vec<Value> {
+        self.status()["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["peer"] == peer)
+            .cloned()
+            .collect()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!(
+                "--- {} ({}) log, last lines ---\n{}",
+                self.ns,
+                self.dir.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+    }
+}
+
+/// A `small` model as a GGUF file (about 20 MB: far more than a relay
+/// circuit carries), made once per test process.
+fn small_model() -> PathBuf {
+    static MODEL: OnceLock<PathBuf> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let d = tempdir("netns-model");
+            let m = d.join("small.gguf");
+            common::ok(&common::tern(&[
+                "model",
+                "init",
+                "--preset",
+                "small",
+                "--seed",
+                "3",
+                "--format",
+                "gguf-i2s",
+                "--out",
+                m.to_str().unwrap(),
+            ]));
+            m
+        })
+        .clone()
+}
+
+/// Transports of a NAT test.
+#[derive(Clone, Copy)]
+enum Transport {
+    Quic,
+    Tcp,
+}
+
+impl Transport {
+    fn listen(self, port: u16) -> String {
+        match self {
+            Self::Quic => format!("/ip4/0.0.0.0/udp/{port}/quic-v1"),
+            Self::Tcp => format!("/ip4/0.0.0.0/tcp/{port}"),
+        }
+    }
+
+    fn relay_addr(self, relay: &str) -> String {
+        match self {
+            Self::Quic => format!("/ip4/198.18.0.10/udp/4001/quic-v1/p2p/{relay}"),
+            Self::Tcp => format!("/ip4/198.18.0.10/tcp/4001/p2p/{relay}"),
+        }
+    }
+}
+
+/// The NAT topology's three daemons: a public relay that takes no tasks,
+/// a worker behind home router A, a client behind home router B; all with
+/// `nat_traversal`, the two behind NATs reserving a slot on the relay.
+struct NatSwarm {
+    relay: Host,
+    worker: Host,
+    client: Host,
+    // Last: the namespaces go after the daemons in them.
+    _topo: Topology,
+}
+
+fn nat_swarm(name: &str, transport: Transport, symmetric: bool) -> NatSwarm {
+    let topo = Topology::up("nat", name, if symmetric { &["symmetric"] } else { &[] });
+    let d = tempdir(&format!("netns-{name}"));
+    let relay = Host::start(
+        &topo.ns("relay"),
+        &d.join("relay"),
+        &format!(
+            "mdns = false\nrelay_server = true\nnat_traversal = true\nlisten = [\"{}\"]\n[policy]\nopen = false\n",
+            transport.listen(4001)
+        ),
+    );
+    let relay_addr = transport.relay_addr(&relay.peer_id());
+    let behind_nat = format!(
+        "mdns = false\nnat_traversal = true\nlisten = [\"{}\"]\nbootstrap = [\"{relay_addr}\"]\nrelays = [\"{relay_addr}\"]\n",
+        transport.listen(0)
+    );
+    let worker = Host::start(&topo.ns("a"), &d.join("worker"), &behind_nat);
+    let client = Host::start(&topo.ns("b"), &d.join("client"), &behind_nat);
+    NatSwarm {
+        relay,
+        worker,
+        client,
+        _topo: topo,
+    }
+}
+
+/// Hosts behind two home routers find each other through a public relay,
+/// start on its circuit and end on a direct, hole-punched connection
+/// (the client's own connection table says so), over which a worker
+/// fetches a model twenty times what a circuit carries and answers an
+/// inference the client verifies.
+fn hole_punched_inference(name: &str, transport: Transport) {
+    if !netns_available() {
+        return;
+    }
+    let model = small_model();
+    let s = nat_swarm(name, transport, false);
+    let (worker_id, worker_key) = (s.worker.peer_id(), s.worker.public_key());
+
+    // The worker holds a reservation on the relay, and says where it is
+    // reached: through the relay's circuit.
+    let st = s.worker.status();
+    assert_eq!(st["relays"][0]["reserved"], true, "{st}");
+    assert!(
+        st["listen_addrs"].to_string().contains("p2p-circuit"),
+        "the worker advertises its circuit address: {st}"
+    );
+    assert_ne!(st["nat"], "off", "{st}");
+    let text = String::from_utf8_lossy(&s.worker.cli(&["status"]).stdout).into_owned();
+    assert!(text.contains("relay       reserved"), "{text}");
+    // The relay takes no tasks, so it offers no slot.
+    let relay_key = s.relay.public_key();
+    s.client.wait_for_advert(&worker_key, Duration::from_secs(60));
+    s.client.wait_for_advert(&relay_key, Duration::from_secs(60));
+    let peers = s.client.json(&["peers", "--json"]);
+    let relay_row = peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p.to_string().contains(&relay_key))
+        .unwrap();
+    assert_eq!(
+        relay_row.pointer("/entry/advert/max_tasks"),
+        Some(&Value::from(0)),
+        "a closed relay offers no task slot: {relay_row}"
+    );
+
+    let out = s.client.cli(&[
+        "submit",
+        "infer",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "Hello there",
+        "--max-tokens",
+        "6",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "inference over the NAT failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["answer"]["worker"], worker_key.as_str(), "{answer}");
+    assert_eq!(answer["answer"]["tokens"].as_array().unwrap().len(), 6, "{answer}");
+
+    // The client reaches the worker directly: a hole punched through both
+    // routers, not the relay's circuit.
+    let to_worker = s.client.connections_to(&worker_id);
+    assert!(
+        !to_worker.is_empty() && to_worker.iter().all(|c| c["relayed"] == false),
+        "the client's connections to the worker: {to_worker:?}"
+    );
+    let addr = to_worker[0]["addr"].as_str().unwrap();
+    assert!(
+        addr.starts_with("/ip4/198.18.0.21/"),
+        "the worker is reached at its router's public address: {addr}"
+    );
+    let text = String::from_utf8_lossy(&s.client.cli(&["status"]).stdout).into_owned();
+    assert!(text.contains(&format!("connection  direct  {worker_id}")), "{text}");
+    assert!(s.worker.log().contains("hole punched") || s.client.log().contains("hole punched"));
+}
+
+#[test]
+fn behind_two_nats_a_hole_is_punched_over_quic_and_carries_a_model() {
+    hole_punched_inference("q", Transport::Quic);
+}
+
+#[test]
+fn behind_two_nats_a_hole_is_punched_over_tcp_and_carries_a_model() {
+    hole_punched_inference("t", Transport::Tcp);
+}
+
+/// Behind routers that map every flow to a random port (symmetric NATs),
+/// no hole can be punched: the inference fails within a minute, saying
+/// that the worker is reachable only through a relay and why that is not
+/// enough, instead of hanging.
+#[test]
+fn behind_symmetric_nats_the_client_is_told_why_the_worker_cannot_be_used() {
+    if !netns_available() {
+        return;
+    }
+    let model = small_model();
+    let s = nat_swarm("s", Transport::Quic, true);
+    s.client
+        .wait_for_advert(&s.worker.public_key(), Duration::from_secs(60));
+    let t0 = Instant::now();
+    let out = s.client.cli(&[
+        "submit",
+        "infer",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "Hello there",
+        "--max-tokens",
+        "4",
+    ]);
+    common::fails_with(&out, "reachable only through a relay");
+    common::fails_with(&out, "symmetric NAT");
+    assert!(t0.elapsed() < Duration::from_secs(120), "took {:?}", t0.elapsed());
+    let to_worker = s.client.connections_to(&s.worker.peer_id());
+    assert!(
+        to_worker.iter().all(|c| c["relayed"] == true),
+        "no direct connection can exist: {to_worker:?}"
+    );
+    drop(s.relay);
+}
+
+/// Three hosts on one LAN, with no bootstrap address, find each other by
+/// mDNS alone and run a fine-tune job: the client's daemon hands its
+/// shards to the two others.
+#[test]
+fn a_lan_forms_a_swarm_by_mdns_alone_and_runs_a_job() {
+    if !netns_available() {
+        return;
+    }
+    let topo = Topology::up("lan", "l", &[]);
+    let d = tempdir("netns-lan");
+    let lan = "mdns = true\nlisten = [\"/ip4/0.0.0.0/udp/0/quic-v1\"]\n";
+    let hosts: Vec<Host> = (1..=3)
+        .map(|i| Host::start(&topo.ns(&format!("h{i}")), &d.join(format!("h{i}")), lan))
+        .collect();
+    let client = &hosts[2];
+    for w in &hosts[..2] {
+        client.wait_for_advert(&w.public_key(), Duration::from_secs(60));
+    }
+    let model = d.join("tiny.gguf");
+    common::ok(&common::tern(&[
+        "model",
+        "init",
+        "--preset",
+        "tiny",
+        "--seed",
+        "1",
+        "--format",
+        "gguf-i2s",
+        "--out",
+        model.to_str().unwrap(),
+    ]));
+    let data = d.join("data.txt");
+    std::fs::write(&data, "the swarm on the LAN trains on this text. ".repeat(64)).unwrap();
+    let out = client.cli(&[
+        "submit",
+        "finetune",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--rounds",
+        "2",
+        "--local-steps",
+        "2",
+        "--shards",
+        "2",
+        "--seq-len",
+        "32",
+        "--verify",
+        "none",
+        "--min-workers",
+        "2",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "the LAN job failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let workers: Vec<String> = hosts[..2].iter().map(Host::public_key).collect();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        workers.iter().all(|w| text.contains(w.as_str())),
+        "both LAN workers took shards: {text}"
+    );
+    // Found by mDNS: the connections are on the LAN's addresses.
+    let conns = client.status()["connections"].to_string();
+    assert!(conns.contains("/ip4/10.77.0.1"), "{conns}");
+}
