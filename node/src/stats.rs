@@ -5,6 +5,10 @@
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Stats {
     pub adverts_accepted: u64,
+    /// Bytes of the adverts gossip delivered (each message once, before
+    /// any check): what the swarm's adverts cost this node, less the
+    /// duplicates and control messages gossip spends on them.
+    pub advert_bytes: u64,
     pub adverts_refused: u64,
     /// Adverts not newer than the one held from their signer (replays).
     pub adverts_stale: u64,

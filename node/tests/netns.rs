@@ -179,6 +179,12 @@ impl Host {
             .collect()
     }
 
+    /// SIGKILL: no shutdown, nothing flushed or handed back.
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default()
     }
@@ -477,4 +483,131 @@ fn a_lan_forms_a_swarm_by_mdns_alone_and_runs_a_job() {
     // Found by mDNS: the connections are on the LAN's addresses.
     let conns = client.status()["connections"].to_string();
     assert!(conns.contains("/ip4/10.77.0.1"), "{conns}");
+}
+
+/// Reads a job's saved state straight from the client's data directory.
+fn job_state(client: &Path, id: &str) -> Option<Value> {
+    let text = std::fs::read_to_string(client.join("jobs").join(id).join("state.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Waits until `f` holds, polling every 100 ms.
+fn wait_until(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Separate processes failing on a LAN with lossy links (20 Mbit/s, 1%
+/// loss) while a job runs: a worker killed
+/// with SIGKILL in the middle of a shard (it comes back later), the
+/// client's daemon killed and started again (the job resumes from its
+/// saved state), and a partition that cuts a worker off for 10 s in the
+/// middle of a shard and heals. The job finishes, and its adapter is the one the client
+/// computes alone from the same inputs (`tern job audit`): nothing
+/// verified was lost, nothing unverified got in.
+#[test]
+fn a_job_survives_a_killed_worker_a_killed_client_and_a_partition() {
+    if !netns_available() {
+        return;
+    }
+    let topo = Topology::up("lan", "f", &[]);
+    let d = tempdir("netns-faults");
+    let lan = "mdns = true\nlisten = [\"/ip4/0.0.0.0/udp/0/quic-v1\"]\n";
+    let start = |i: usize| Host::start(&topo.ns(&format!("h{i}")), &d.join(format!("h{i}")), lan);
+    let (h1, h2, client) = (start(1), start(2), start(3));
+    for w in [&h1, &h2] {
+        client.wait_for_advert(&w.public_key(), Duration::from_secs(60));
+    }
+    let model = d.join("tiny.gguf");
+    common::ok(&common::tern(&[
+        "model",
+        "init",
+        "--preset",
+        "tiny",
+        "--seed",
+        "2",
+        "--format",
+        "gguf-i2s",
+        "--out",
+        model.to_str().unwrap(),
+    ]));
+    let data = d.join("data.txt");
+    std::fs::write(
+        &data,
+        "nodes fail and come back; the adapter does not change. ".repeat(200),
+    )
+    .unwrap();
+    // Phone-grade links for the client and one worker: 20 Mbit/s with 1%
+    // of what they send lost.
+    let netns = |args: &[&str]| {
+        let out = Command::new(netns_script()).args(args).output().unwrap();
+        assert!(out.status.success(), "scripts/netns {args:?}: {out:?}");
+    };
+    for h in ["h2", "h3"] {
+        netns(&["shape", &topo.ns(h), "eth0", "20mbit", "1"]);
+    }
+    let out = client.cli(&[
+        "submit",
+        "finetune",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--rounds",
+        "4",
+        "--local-steps",
+        "40",
+        "--shards",
+        "2",
+        "--seq-len",
+        "64",
+        "--verify",
+        "none",
+        "--min-workers",
+        "2",
+        "--detach",
+        "--json",
+    ]);
+    let submitted: Value = serde_json::from_str(&common::ok(&out)).unwrap();
+    let id = submitted["job"].as_str().unwrap().to_string();
+    assert_eq!(id.len(), 64, "the job id: {id}");
+    let client_dir = client.dir.clone();
+
+    // A worker dies mid-shard.
+    wait_until(Duration::from_secs(120), "h1 runs a shard", || {
+        h1.status()["active_tasks"].as_u64().unwrap_or(0) > 0
+    });
+    let h1_dir = h1.dir.clone();
+    h1.kill();
+
+    // The client's daemon dies once a round is done, and starts again;
+    // the killed worker comes back too.
+    wait_until(Duration::from_secs(180), "a round is done", || {
+        job_state(&client_dir, &id).is_some_and(|s| s["round"].as_u64().unwrap_or(0) >= 1)
+    });
+    client.kill();
+    let client = Host::start(&topo.ns("h3"), &client_dir, lan);
+    let h1 = Host::start(&topo.ns("h1"), &h1_dir, lan);
+
+    // A partition cuts h2 off for 10 s in the middle of a shard, and heals.
+    wait_until(Duration::from_secs(120), "h2 runs a shard", || {
+        h2.status()["active_tasks"].as_u64().unwrap_or(0) > 0
+    });
+    netns(&["cut", &topo.ns("h2"), "eth0"]);
+    std::thread::sleep(Duration::from_secs(10));
+    netns(&["heal", &topo.ns("h2"), "eth0"]);
+
+    wait_until(Duration::from_secs(300), "the job finishes", || {
+        job_state(&client_dir, &id).is_some_and(|s| s["finished"] == true)
+    });
+    let state = job_state(&client_dir, &id).unwrap();
+    assert_eq!(state["round"], 4, "{state}");
+    // The same bytes as the job computed alone.
+    let audit = client.json(&["job", "audit", &id, "--json"]);
+    assert_eq!(audit["same"], true, "{audit}");
+    assert_eq!(audit["swarm_adapter"], state["adapter"], "{audit}");
+    drop(h1);
 }

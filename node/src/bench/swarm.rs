@@ -21,6 +21,9 @@
 //!   peer may send and stay connected; 0: as fast as it can, and banned).
 //!   `--flood` runs only this part (`swarm/flood.rs`); `--quick`
 //!   alone skips it.
+//! - **Scale**: `--scale 32,64,128,256` runs only this part
+//!   (`swarm/scale.rs`): a swarm grown through those sizes, with
+//!   convergence, bytes per node per second and one node's memory at each.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -35,9 +38,11 @@ use crate::daemon::{self, NodeHandle};
 use crate::store::BlobStore;
 
 mod flood;
+mod scale;
 
 pub use flood::{AdvertCounts, AttackerCounts, FloodReport, Phase};
 use flood::{FloodOptions, measure_flood};
+pub use scale::{ScalePoint, ScaleReport};
 
 /// Arguments of `tern bench swarm`.
 #[derive(Debug, Clone, clap::Args)]
@@ -85,6 +90,14 @@ pub struct SwarmBenchArgs {
     /// send and stay connected); 0 sends as fast as it can.
     #[arg(long, default_value_t = 1.9)]
     pub flood_pace: f64,
+    /// Run only the scale measurement, growing one swarm through these
+    /// sizes (comma-separated, e.g. 32,64,128,256).
+    #[arg(long, value_delimiter = ',')]
+    pub scale: Vec<usize>,
+    /// Seconds each size's traffic is measured over (default: one advert
+    /// interval).
+    #[arg(long, default_value_t = 30)]
+    pub scale_window_secs: u64,
     /// Small sizes and counts: checks that everything works, measures
     /// nothing useful. Skips the flood run unless `--flood` is given.
     #[arg(long)]
@@ -103,6 +116,8 @@ pub struct SwarmReport {
     pub network: Option<NetworkReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flood: Option<FloodReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale: Option<ScaleReport>,
 }
 
 /// Convergence, transfer and idle memory.
@@ -156,7 +171,8 @@ pub fn run(args: &SwarmBenchArgs) -> Result<SwarmReport> {
     ensure!(nodes >= 2, "--nodes must be at least 2");
     ensure!(runs >= 1, "--runs must be at least 1");
     ensure!(blob_mib >= 1, "--blob-mib must be at least 1");
-    let flood = (args.flood || !args.quick)
+    let scaling = !args.scale.is_empty();
+    let flood = (!scaling && (args.flood || !args.quick))
         .then(|| FloodOptions::of(args))
         .transpose()?;
     let (root, remove) = match &args.dir {
@@ -173,6 +189,15 @@ pub fn run(args: &SwarmBenchArgs) -> Result<SwarmReport> {
         .filter(|(name, _)| args.transports.is_empty() || args.transports.iter().any(|t| t == name))
         .collect();
     let result = rt.block_on(async {
+        if scaling {
+            let window = Duration::from_secs(if args.quick { 2 } else { args.scale_window_secs.max(1) });
+            return Ok(SwarmReport {
+                cpu: crate::bench::cpu_model(),
+                network: None,
+                flood: None,
+                scale: Some(scale::measure_scale(&root, &args.scale, window).await?),
+            });
+        }
         let network = if args.flood {
             None
         } else {
@@ -187,6 +212,7 @@ pub fn run(args: &SwarmBenchArgs) -> Result<SwarmReport> {
             cpu: crate::bench::cpu_model(),
             network,
             flood,
+            scale: None,
         })
     });
     rt.shutdown_timeout(Duration::from_secs(5));
@@ -446,6 +472,9 @@ impl SwarmReport {
         }
         if let Some(f) = &self.flood {
             s += &f.to_table();
+        }
+        if let Some(r) = &self.scale {
+            s += &r.to_table();
         }
         s
     }

@@ -833,6 +833,61 @@ pub fn fetch(a: &JobArgs, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `tern job audit`: the job computed alone from the blobs held here
+/// (`job::run_locally`, shard after shard on the CPU), and its final adapter
+/// compared with the one the swarm's verified results aggregated to. Honest
+/// results are exact, so the two are the same bytes whichever workers
+/// computed them, whatever failed on the way.
+pub fn audit(a: &JobArgs, json: bool) -> Result<()> {
+    let s = JobState::load(&a.data_dir, &parse_id(&a.id)?)?;
+    ensure!(
+        s.finished,
+        "job {} is not finished (round {}/{}): audit it when it is",
+        s.id,
+        s.round,
+        s.spec.rounds
+    );
+    let store = crate::store::BlobStore::open(&a.data_dir.join("store"))?;
+    let loaded = model::load(&store.path(&s.spec.model)).context("the job's model is not held here")?;
+    let m = model::Model::new(&loaded.weights, kernels::Backend::cpu()?)?;
+    let t0 = Instant::now();
+    let adapters = job::run_locally(&m, &s.spec, |id| {
+        store
+            .read(id)
+            .with_context(|| format!("blob {id} of the job is not held here"))
+    })?;
+    let secs = t0.elapsed().as_secs_f64();
+    let mine = adapters
+        .last()
+        .map(|a| a.id())
+        .ok_or_else(|| anyhow::anyhow!("the job has no rounds"))?;
+    let same = mine == s.adapter;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "job": s.id,
+                "swarm_adapter": s.adapter,
+                "local_adapter": mine,
+                "same": same,
+                "seconds": secs,
+            })
+        );
+    } else if same {
+        println!(
+            "job {}: the swarm's adapter {} is the one this machine computes alone ({} rounds, {secs:.1} s)",
+            s.id, s.adapter, s.spec.rounds
+        );
+    }
+    ensure!(
+        same,
+        "job {}: the swarm's adapter {} differs from the {mine} this machine computes alone",
+        s.id,
+        s.adapter
+    );
+    Ok(())
+}
+
 /// Greedy completions of every key of the synthetic mapping: how many
 /// values the model gets right, and a few examples.
 fn mapping_accuracy(

@@ -119,6 +119,14 @@ pub enum JobCommand {
         #[command(flatten)]
         job: job::JobArgs,
     },
+    /// Compute a finished job alone, on this machine, from the model and
+    /// data held here, and check that the swarm's adapter is the same bytes.
+    Audit {
+        #[command(flatten)]
+        job: job::JobArgs,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `tern adapter ...`.
@@ -214,6 +222,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Job(JobCommand::List { dir, json }) => job::list(&dir.data_dir, json),
         Command::Job(JobCommand::Watch { job, json }) => job::watch(&job, json),
         Command::Job(JobCommand::Cancel { job }) => job::cancel(&job),
+        Command::Job(JobCommand::Audit { job, json }) => job::audit(&job, json),
         Command::Demo(a) => job::demo(&a),
     }
 }

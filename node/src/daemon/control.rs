@@ -57,6 +57,11 @@ pub struct Status {
     /// The configured relays, and whether each holds our reservation.
     #[serde(default)]
     pub relays: Vec<crate::net::RelayInfo>,
+    /// Bytes received and sent over every connection since the start.
+    #[serde(default)]
+    pub bytes_in: u64,
+    #[serde(default)]
+    pub bytes_out: u64,
     pub known_peers: usize,
     pub blobs: usize,
     pub blob_bytes: u64,
@@ -210,6 +215,8 @@ async fn status(State(api): State<Api>, headers: HeaderMap) -> ApiResult<Status>
         connections: info.connections,
         nat: info.nat,
         relays: info.relays,
+        bytes_in: info.bytes_in,
+        bytes_out: info.bytes_out,
         known_peers: known,
         blobs: blobs.len(),
         blob_bytes: blobs.iter().map(|b| b.1).sum(),

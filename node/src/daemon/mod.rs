@@ -421,6 +421,7 @@ async fn rate_checked(shared: &Arc<Shared>, verdict: Verdict, peer: PeerId) -> b
 
 async fn on_advert(shared: &Arc<Shared>, source: PeerId, id: gossipsub::MessageId, data: Vec<u8>) {
     use gossipsub::MessageAcceptance::{Accept, Ignore, Reject};
+    shared.stats.lock().advert_bytes += data.len() as u64;
     // A forwarder past its rate is cut off before any signature is checked.
     let verdict = shared.advert_rate.lock().check(&source, now_ms());
     if !rate_checked(shared, verdict, source).await {

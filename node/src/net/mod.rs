@@ -265,6 +265,10 @@ pub struct NetInfo {
     pub nat: String,
     /// The configured relays and whether each holds a reservation for us.
     pub relays: Vec<RelayInfo>,
+    /// Bytes received and sent over every connection since the node
+    /// started (transport level: encryption and multiplexing included).
+    pub bytes_in: u64,
+    pub bytes_out: u64,
 }
 
 /// A configured relay.
@@ -550,6 +554,7 @@ pub fn start(config: &Config, key: libp2p::identity::Keypair) -> Result<(Net, mp
     let mdns_on = config.mdns;
     let max_conn = config.max_connections;
     let per_peer = config.max_connections_per_peer;
+    let mut metrics = libp2p::metrics::Registry::default();
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
@@ -560,6 +565,7 @@ pub fn start(config: &Config, key: libp2p::identity::Keypair) -> Result<(Net, mp
         .with_quic()
         .with_dns()?
         .with_relay_client(noise::Config::new, yamux::Config::default)?
+        .with_bandwidth_metrics(&mut metrics)
         .with_behaviour(|key, relay| {
             let peer = key.public().to_peer_id();
             // Anonymous: every advert is an envelope the daemon verifies
@@ -603,7 +609,13 @@ pub fn start(config: &Config, key: libp2p::identity::Keypair) -> Result<(Net, mp
                 banned: allow_block_list::Behaviour::default(),
                 gossip: gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_config)?,
                 mdns: Toggle::from(if mdns_on {
-                    Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer)?)
+                    // Asked every 30 s rather than 5 minutes: a host that
+                    // comes back on the LAN is found again soon.
+                    let config = mdns::Config {
+                        query_interval: Duration::from_secs(30),
+                        ..mdns::Config::default()
+                    };
+                    Some(mdns::tokio::Behaviour::new(config, peer)?)
                 } else {
                     None
                 }),
@@ -698,6 +710,8 @@ pub fn start(config: &Config, key: libp2p::identity::Keypair) -> Result<(Net, mp
         nat: if nat { "unknown" } else { "off" }.into(),
         punch: HashMap::new(),
         listen_addrs: HashMap::new(),
+        metrics,
+        redial: HashMap::new(),
     };
     for peer in bootstrap_peers.into_iter().chain(relay_peers) {
         event_loop.know(peer);
@@ -713,6 +727,27 @@ pub const RELAY_CIRCUIT_BYTES: u64 = 1 << 20;
 /// Task requests may take as long as the task; the worker's own timeout
 /// (`limits.task_timeout_secs`) is the real bound.
 const TASK_REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Bytes received and sent so far, summed over the transport's bandwidth
+/// counters (one per direction and protocol stack).
+fn traffic(registry: &libp2p::metrics::Registry) -> (u64, u64) {
+    let mut text = String::new();
+    if prometheus_client::encoding::text::encode(&mut text, registry).is_err() {
+        return (0, 0);
+    }
+    let (mut received, mut sent) = (0u64, 0u64);
+    for line in text.lines().filter(|l| l.starts_with("libp2p_bandwidth_bytes_total{")) {
+        let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
+            continue;
+        };
+        if line.contains("direction=\"Inbound\"") {
+            received += v as u64;
+        } else if line.contains("direction=\"Outbound\"") {
+            sent += v as u64;
+        }
+    }
+    (received, sent)
+}
 
 /// Whether an address runs through a relay.
 pub fn is_relayed(addr: &Multiaddr) -> bool {
@@ -766,7 +801,17 @@ pub struct EventLoop {
     /// (identify), for dialling a peer reached only through a relay
     /// (at most [`MAX_KNOWN`] peers, 8 addresses each).
     listen_addrs: HashMap<PeerId, Vec<Multiaddr>>,
+    /// The transport's byte counters (libp2p's bandwidth metrics).
+    metrics: libp2p::metrics::Registry,
+    /// Known peers whose last connection closed, to dial again: when
+    /// next, and the wait after that (doubling from a second; given up
+    /// past [`REDIAL_GIVE_UP`]), at most [`MAX_KNOWN`].
+    redial: HashMap<PeerId, (tokio::time::Instant, Duration)>,
 }
+
+/// The wait after which a lost peer is no longer dialled again (the waits
+/// before it add up to about eight minutes).
+const REDIAL_GIVE_UP: Duration = Duration::from_secs(256);
 
 /// An open connection.
 #[derive(Debug)]
@@ -818,6 +863,7 @@ impl EventLoop {
         let mut bootstrap = tokio::time::interval(Duration::from_secs(60));
         let mut relay_tick = tokio::time::interval(RelaySlot::FIRST_RETRY);
         let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut redial_tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_event(event).await,
@@ -834,6 +880,7 @@ impl EventLoop {
                     self.lift_bans(now);
                     self.grant_tenure(now);
                 }
+                _ = redial_tick.tick(), if !self.redial.is_empty() => self.redial_lost(),
             }
         }
     }
@@ -874,6 +921,39 @@ impl EventLoop {
         for id in relayed {
             tracing::debug!(%peer, "closing a relayed connection: a direct one is up");
             self.swarm.close_connection(id);
+        }
+    }
+
+    /// Dials the lost peers whose time has come (a partition that heals,
+    /// a link that came back, a peer that restarted): gossip and tasks
+    /// need a connection, and nothing else would make one before the next
+    /// Kademlia bootstrap or mDNS query, minutes away.
+    fn redial_lost(&mut self) {
+        let now = tokio::time::Instant::now();
+        let due: Vec<PeerId> = self
+            .redial
+            .iter()
+            .filter(|(_, (at, _))| *at <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in due {
+            let Some((_, wait)) = self.redial.get(&peer).copied() else {
+                continue;
+            };
+            if wait > REDIAL_GIVE_UP || self.bans.contains_key(&peer) {
+                self.redial.remove(&peer);
+                continue;
+            }
+            self.redial.insert(peer, (now + wait, wait * 2));
+            let addrs = self.listen_addrs.get(&peer).cloned().unwrap_or_default();
+            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                .condition(libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing)
+                .addresses(addrs)
+                .extend_addresses_through_behaviour()
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                tracing::debug!(%peer, "dialling a lost peer again: {e}");
+            }
         }
     }
 
@@ -1027,7 +1107,10 @@ impl EventLoop {
                     })
                     .collect();
                 connections.sort_by(|a, b| (&a.peer, &a.addr).cmp(&(&b.peer, &b.addr)));
+                let (bytes_in, bytes_out) = traffic(&self.metrics);
                 let _ = reply.send(NetInfo {
+                    bytes_in,
+                    bytes_out,
                     peer_id: self.swarm.local_peer_id().to_string(),
                     listen_addrs,
                     connected: self.swarm.connected_peers().map(|p| p.to_string()).collect(),
@@ -1172,6 +1255,7 @@ impl EventLoop {
                     // A direct connection is up already: this circuit is not needed.
                     self.swarm.close_connection(connection_id);
                 }
+                self.redial.remove(&peer_id);
                 if num_established.get() == 1 {
                     self.forward(Inbound::Connected { peer: peer_id }).await;
                 }
@@ -1179,8 +1263,23 @@ impl EventLoop {
             SwarmEvent::ExpiredListenAddr { address, .. } if self.relay_server => {
                 self.swarm.remove_external_address(&address);
             }
-            SwarmEvent::ConnectionClosed { connection_id, .. } => {
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                num_established,
+                ..
+            } => {
                 self.connections.remove(&connection_id);
+                if num_established == 0
+                    && self.known.contains_key(&peer_id)
+                    && !self.bans.contains_key(&peer_id)
+                    && (self.redial.len() < MAX_KNOWN || self.redial.contains_key(&peer_id))
+                {
+                    let first = Duration::from_secs(1);
+                    self.redial
+                        .entry(peer_id)
+                        .or_insert((tokio::time::Instant::now() + first, first));
+                }
                 if let Some((peer, since)) = self.unknown_inbound.remove(&connection_id)
                     && since.elapsed() >= TENURE
                 {

@@ -1,0 +1,309 @@
+//! `tern bench swarm --scale 32,64,128,256`: what one node pays as the
+//! swarm grows, measured in one run on loopback.
+//!
+//! One node is a `tern node` process of its own with the default
+//! settings (the observer: its memory is its own); the others are daemons
+//! in this process, each on an address of its own in 127.0.0.0/8 (as
+//! separate hosts would be) and bootstrapping from one drawn among those
+//! already started (a seeded draw), so no node is every node's neighbour. The
+//! swarm grows through the given sizes; at each one the figures are:
+//!
+//! - **convergence**: from the last start until every node's table holds
+//!   every node's advert;
+//! - **traffic**: bytes in and out per node per second over a window (by
+//!   default one advert interval, 30 s), at the transport (encryption,
+//!   multiplexing, gossip's duplicates and control messages, identify,
+//!   ping, Kademlia: everything the node's connections carry), for the
+//!   observer and as the mean over all nodes; and the advert bytes gossip
+//!   delivered (each message once), whose ratio to the traffic is gossip's
+//!   overhead;
+//! - **memory**: the observer's resident set, and the adverts it holds.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, ensure};
+use serde::Serialize;
+
+use super::{Daemon, QUIC, bench_config, proc_memory};
+use crate::config::Config;
+use crate::daemon::control::ControlClient;
+use crate::daemon::{self, NodeHandle};
+
+/// The wait between two nodes' starts.
+const JOIN_EVERY: Duration = Duration::from_millis(100);
+
+/// Node `i`'s listen address: an address of its own in 127.0.0.0/8, as
+/// if each node were a host of its own. On one address, gossipsub's IP
+/// colocation penalty (past 64 peers on one address, see `net`) would
+/// graylist the peers of any node with more than 64 connections.
+fn host(i: usize) -> String {
+    format!("/ip4/127.0.{}.{}/udp/0/quic-v1", 1 + i / 250, 1 + i % 250)
+}
+
+/// One swarm size's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScalePoint {
+    pub nodes: usize,
+    /// Seconds from the last start until every node held every advert;
+    /// `None` when that did not happen within the wait (4 advert
+    /// intervals and a minute), and then `least_known` says how far it got.
+    pub convergence_seconds: Option<f64>,
+    /// The fewest adverts one node held when convergence was judged.
+    pub least_known: usize,
+    /// Open connections per node, on average.
+    pub connections_per_node: f64,
+    /// Adverts dropped for a forwarder's rate or the accept rate, and
+    /// peers banned, summed over the in-process nodes during the step.
+    pub adverts_dropped: u64,
+    pub peers_banned: u64,
+    pub window_seconds: f64,
+    /// The observer process: transport bytes per second, in and out.
+    pub observer_bytes_in_per_second: f64,
+    pub observer_bytes_out_per_second: f64,
+    /// Mean over every node (in + out, per node).
+    pub mean_bytes_per_node_second: f64,
+    /// Advert bytes gossip delivered to the observer per second (each
+    /// message once).
+    pub observer_advert_bytes_per_second: f64,
+    /// Adverts the observer holds, and its resident memory.
+    pub observer_adverts_known: usize,
+    pub observer_rss_bytes: u64,
+}
+
+/// The scale run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScaleReport {
+    pub advert_interval_secs: u64,
+    pub advert_ttl_secs: u64,
+    /// The mean size of a signed advert as gossip carried it, bytes.
+    pub advert_bytes: f64,
+    pub points: Vec<ScalePoint>,
+}
+
+/// The observer: `tern node` with the default settings (on loopback, no
+/// mDNS), as its own process.
+struct Observer {
+    daemon: Daemon,
+    dir: std::path::PathBuf,
+}
+
+impl Observer {
+    fn start(root: &Path, bootstrap: String) -> Result<Self> {
+        let dir = root.join("observer");
+        std::fs::create_dir_all(&dir)?;
+        let mut config = Config {
+            listen: vec![QUIC.into()], // 127.0.0.1: no in-process node uses it
+            mdns: false,
+            control: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            // A node among hundreds on 2 cores: its speed benchmark would
+            // measure the contention, and every peer would recompute it.
+            bench: false,
+            ..Config::default()
+        };
+        config.data_dir = dir.clone();
+        config.bootstrap = vec![bootstrap];
+        let file = dir.join("node.toml");
+        std::fs::write(&file, toml::to_string(&config)?)?;
+        let exe = std::env::current_exe().context("finding the tern executable")?;
+        let child = Command::new(exe)
+            .arg("node")
+            .arg("--config")
+            .arg(&file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .context("starting tern node")?;
+        Ok(Self {
+            daemon: Daemon(child),
+            dir,
+        })
+    }
+
+    async fn get(&self, path: &'static str) -> Result<serde_json::Value> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || ControlClient::new(&dir)?.get(path)).await?
+    }
+
+    async fn known(&self) -> usize {
+        self.get("/v1/peers")
+            .await
+            .ok()
+            .and_then(|v| v.as_array().map(Vec::len))
+            .unwrap_or(0)
+    }
+
+    /// Bytes in, bytes out, advert bytes so far.
+    async fn counters(&self) -> Result<(u64, u64, u64)> {
+        let s = self.get("/v1/status").await?;
+        let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+        Ok((n(&s["bytes_in"]), n(&s["bytes_out"]), n(&s["stats"]["advert_bytes"])))
+    }
+}
+
+/// Bytes in and out summed over the in-process nodes.
+async fn swarm_traffic(swarm: &[NodeHandle]) -> Result<u64> {
+    let mut total = 0;
+    for s in swarm {
+        let i = s.shared.net.info().await?;
+        total += i.bytes_in + i.bytes_out;
+    }
+    Ok(total)
+}
+
+/// Runs the scale measurement through `sizes` (ascending).
+pub async fn measure_scale(root: &Path, sizes: &[usize], window: Duration) -> Result<ScaleReport> {
+    let mut sizes = sizes.to_vec();
+    sizes.sort_unstable();
+    sizes.dedup();
+    ensure!(
+        sizes.first().is_some_and(|&n| n >= 3),
+        "--scale sizes must be at least 3"
+    );
+    let defaults = Config::default();
+    let mut rng = kernels::rng::SplitMix64::new(0x5ca1e);
+    let mut swarm: Vec<NodeHandle> = vec![daemon::start(bench_config(&root.join("scale-0"), &host(0))).await?];
+    let boot = |n: &NodeHandle| n.dial_addrs().iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let first = boot(&swarm[0])
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("the first node has no address"))?;
+    let observer = Observer::start(root, first)?;
+    let mut points = Vec::new();
+    let (mut advert_bytes, mut adverts) = (0u64, 0u64);
+    let result = async {
+        for &n in &sizes {
+            // n - 1 in this process, and the observer.
+            while swarm.len() < n - 1 {
+                let i = swarm.len();
+                let mut c = bench_config(&root.join(format!("scale-{i}")), &host(i));
+                let pick = (rng.next_u64() % swarm.len() as u64) as usize;
+                c.bootstrap = boot(&swarm[pick]);
+                swarm.push(daemon::start(c).await?);
+                // Joins spread over time, as volunteers' are, not one burst.
+                tokio::time::sleep(JOIN_EVERY).await;
+            }
+            let t_last = Instant::now();
+            let limit = Duration::from_secs(4 * defaults.advert_interval_secs + 60);
+            let (convergence, least) = loop {
+                let least = swarm
+                    .iter()
+                    .map(|s| s.peers().len())
+                    .min()
+                    .unwrap_or(0)
+                    .min(observer.known().await);
+                if least >= n {
+                    break (Some(t_last.elapsed().as_secs_f64()), least);
+                }
+                if t_last.elapsed() > limit {
+                    eprintln!("scale: {n} nodes did not converge within {limit:?}: one holds only {least} adverts");
+                    break (None, least);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            let sum =
+                |f: fn(&crate::stats::Stats) -> u64| -> u64 { swarm.iter().map(|s| f(&s.shared.stats.lock())).sum() };
+            let (dropped0, banned0) = (
+                sum(|s| s.adverts_dropped + s.adverts_over_accept_rate),
+                sum(|s| s.peers_banned),
+            );
+            let (i0, o0, a0) = observer.counters().await?;
+            let s0 = swarm_traffic(&swarm).await?;
+            let accepted0: u64 = swarm.iter().map(|s| s.shared.stats.lock().adverts_accepted).sum();
+            let bytes0: u64 = swarm.iter().map(|s| s.shared.stats.lock().advert_bytes).sum();
+            let t0 = Instant::now();
+            tokio::time::sleep(window).await;
+            let (i1, o1, a1) = observer.counters().await?;
+            let s1 = swarm_traffic(&swarm).await?;
+            let secs = t0.elapsed().as_secs_f64();
+            adverts += swarm
+                .iter()
+                .map(|s| s.shared.stats.lock().adverts_accepted)
+                .sum::<u64>()
+                - accepted0;
+            advert_bytes += swarm.iter().map(|s| s.shared.stats.lock().advert_bytes).sum::<u64>() - bytes0;
+            let (rss, _) = proc_memory(observer.daemon.0.id())
+                .ok_or_else(|| anyhow!("this platform does not report a process's memory"))?;
+            let observer_bytes = (i1 - i0) + (o1 - o0);
+            let mut connected = 0;
+            for s in &swarm {
+                connected += s.shared.net.info().await?.connected.len();
+            }
+            points.push(ScalePoint {
+                nodes: n,
+                convergence_seconds: convergence,
+                least_known: least,
+                connections_per_node: connected as f64 / swarm.len() as f64,
+                adverts_dropped: sum(|s| s.adverts_dropped + s.adverts_over_accept_rate) - dropped0,
+                peers_banned: sum(|s| s.peers_banned) - banned0,
+                window_seconds: secs,
+                observer_bytes_in_per_second: (i1 - i0) as f64 / secs,
+                observer_bytes_out_per_second: (o1 - o0) as f64 / secs,
+                mean_bytes_per_node_second: ((s1 - s0) + observer_bytes) as f64 / secs / n as f64,
+                observer_advert_bytes_per_second: (a1 - a0) as f64 / secs,
+                observer_adverts_known: observer.known().await,
+                observer_rss_bytes: rss,
+            });
+            if let Some(p) = points.last() {
+                eprint!("{}", ScaleReport::row(p));
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    drop(observer);
+    for s in swarm {
+        s.shutdown().await;
+    }
+    result?;
+    Ok(ScaleReport {
+        advert_interval_secs: defaults.advert_interval_secs,
+        advert_ttl_secs: defaults.advert_ttl_secs,
+        advert_bytes: advert_bytes as f64 / adverts.max(1) as f64,
+        points,
+    })
+}
+
+impl ScaleReport {
+    const HEADER: &str = "| nodes | convergence s | connections per node | observer in KB/s | observer out KB/s | mean per node KB/s (in+out) | adverts delivered KB/s | traffic / adverts | adverts held | observer RSS MiB | adverts dropped, peers banned |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
+
+    /// One size's row of the table.
+    fn row(p: &ScalePoint) -> String {
+        let kb = |b: f64| b / 1e3;
+        let traffic = p.observer_bytes_in_per_second + p.observer_bytes_out_per_second;
+        let convergence = match p.convergence_seconds {
+            Some(c) => format!("{c:.2}"),
+            None => format!("not within the wait (one node held {})", p.least_known),
+        };
+        format!(
+            "| {} | {convergence} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {:.1} | {}, {} |\n",
+            p.nodes,
+            p.connections_per_node,
+            kb(p.observer_bytes_in_per_second),
+            kb(p.observer_bytes_out_per_second),
+            kb(p.mean_bytes_per_node_second),
+            kb(p.observer_advert_bytes_per_second),
+            traffic / p.observer_advert_bytes_per_second.max(1.0),
+            p.observer_adverts_known,
+            p.observer_rss_bytes as f64 / (1u64 << 20) as f64,
+            p.adverts_dropped,
+            p.peers_banned
+        )
+    }
+
+    /// The report as a Markdown table.
+    pub fn to_table(&self) -> String {
+        let mut s = format!(
+            "\nScale: QUIC on loopback (an address in 127.0.0.0/8 per node), advert interval {} s (TTL {} s), a signed advert {:.0} bytes as gossip carries it\n\n",
+            self.advert_interval_secs, self.advert_ttl_secs, self.advert_bytes
+        );
+        s += Self::HEADER;
+        for p in &self.points {
+            s += &Self::row(p);
+        }
+        s
+    }
+}
