@@ -554,6 +554,29 @@ fn bench_swarm_quick_measures_convergence_transfer_and_idle_memory() {
     let idle = r["idle"].as_array().unwrap();
     assert_eq!(idle[1]["peers_known"], 5, "the idle daemon joined the 4-node swarm");
     assert!(idle.iter().all(|i| i["rss_bytes"].as_u64().unwrap() > 1 << 20));
+
+    // The scale run: one swarm grown through two sizes, every node holding
+    // every advert at each, and the traffic counted.
+    let out = ok(&tern(&[
+        "bench",
+        "swarm",
+        "--scale",
+        "3,5",
+        "--quick",
+        "--json",
+        "--dir",
+        d.to_str().unwrap(),
+    ]));
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let points = r["scale"]["points"].as_array().unwrap();
+    assert_eq!(points.len(), 2, "{r}");
+    for (p, n) in points.iter().zip([3, 5]) {
+        assert_eq!(p["nodes"], n);
+        assert!(p["convergence_seconds"].as_f64().is_some(), "{p}");
+        assert_eq!(p["observer_adverts_known"], n, "{p}");
+        assert!(p["observer_rss_bytes"].as_u64().unwrap() > 1 << 20, "{p}");
+    }
+    assert!(r["scale"]["advert_bytes"].as_f64().unwrap() > 100.0, "{r}");
     let _ = std::fs::remove_dir_all(&d);
 }
 

@@ -415,6 +415,41 @@ fn behind_symmetric_nats_the_client_is_told_why_the_worker_cannot_be_used() {
     drop(s.relay);
 }
 
+/// A LAN host's settings: found by mDNS, QUIC on every address.
+const LAN: &str = "mdns = true\nlisten = [\"/ip4/0.0.0.0/udp/0/quic-v1\"]\n";
+
+/// Three daemons on one LAN (`PREFIX-h1..h3`), the third (the client)
+/// holding both others' adverts; with their directory.
+fn lan(name: &str) -> (Topology, PathBuf, Vec<Host>) {
+    let topo = Topology::up("lan", name, &[]);
+    let d = tempdir(&format!("netns-lan-{name}"));
+    let hosts: Vec<Host> = (1..=3)
+        .map(|i| Host::start(&topo.ns(&format!("h{i}")), &d.join(format!("h{i}")), LAN))
+        .collect();
+    for w in &hosts[..2] {
+        hosts[2].wait_for_advert(&w.public_key(), Duration::from_secs(60));
+    }
+    (topo, d, hosts)
+}
+
+/// `tern model init --preset tiny --seed SEED --format gguf-i2s` in `dir`.
+fn tiny_gguf(dir: &Path, seed: &str) -> PathBuf {
+    let model = dir.join(format!("tiny-{seed}.gguf"));
+    common::ok(&common::tern(&[
+        "model",
+        "init",
+        "--preset",
+        "tiny",
+        "--seed",
+        seed,
+        "--format",
+        "gguf-i2s",
+        "--out",
+        model.to_str().unwrap(),
+    ]));
+    model
+}
+
 /// Three hosts on one LAN, with no bootstrap address, find each other by
 /// mDNS alone and run a fine-tune job: the client's daemon hands its
 /// shards to the two others.
@@ -423,29 +458,9 @@ fn a_lan_forms_a_swarm_by_mdns_alone_and_runs_a_job() {
     if !netns_available() {
         return;
     }
-    let topo = Topology::up("lan", "l", &[]);
-    let d = tempdir("netns-lan");
-    let lan = "mdns = true\nlisten = [\"/ip4/0.0.0.0/udp/0/quic-v1\"]\n";
-    let hosts: Vec<Host> = (1..=3)
-        .map(|i| Host::start(&topo.ns(&format!("h{i}")), &d.join(format!("h{i}")), lan))
-        .collect();
+    let (_topo, d, hosts) = lan("l");
     let client = &hosts[2];
-    for w in &hosts[..2] {
-        client.wait_for_advert(&w.public_key(), Duration::from_secs(60));
-    }
-    let model = d.join("tiny.gguf");
-    common::ok(&common::tern(&[
-        "model",
-        "init",
-        "--preset",
-        "tiny",
-        "--seed",
-        "1",
-        "--format",
-        "gguf-i2s",
-        "--out",
-        model.to_str().unwrap(),
-    ]));
+    let model = tiny_gguf(&d, "1");
     let data = d.join("data.txt");
     std::fs::write(&data, "the swarm on the LAN trains on this text. ".repeat(64)).unwrap();
     let out = client.cli(&[
@@ -513,27 +528,9 @@ fn a_job_survives_a_killed_worker_a_killed_client_and_a_partition() {
     if !netns_available() {
         return;
     }
-    let topo = Topology::up("lan", "f", &[]);
-    let d = tempdir("netns-faults");
-    let lan = "mdns = true\nlisten = [\"/ip4/0.0.0.0/udp/0/quic-v1\"]\n";
-    let start = |i: usize| Host::start(&topo.ns(&format!("h{i}")), &d.join(format!("h{i}")), lan);
-    let (h1, h2, client) = (start(1), start(2), start(3));
-    for w in [&h1, &h2] {
-        client.wait_for_advert(&w.public_key(), Duration::from_secs(60));
-    }
-    let model = d.join("tiny.gguf");
-    common::ok(&common::tern(&[
-        "model",
-        "init",
-        "--preset",
-        "tiny",
-        "--seed",
-        "2",
-        "--format",
-        "gguf-i2s",
-        "--out",
-        model.to_str().unwrap(),
-    ]));
+    let (topo, d, hosts) = lan("f");
+    let [h1, h2, client]: [Host; 3] = hosts.try_into().ok().unwrap();
+    let model = tiny_gguf(&d, "2");
     let data = d.join("data.txt");
     std::fs::write(
         &data,
@@ -589,8 +586,8 @@ fn a_job_survives_a_killed_worker_a_killed_client_and_a_partition() {
         job_state(&client_dir, &id).is_some_and(|s| s["round"].as_u64().unwrap_or(0) >= 1)
     });
     client.kill();
-    let client = Host::start(&topo.ns("h3"), &client_dir, lan);
-    let h1 = Host::start(&topo.ns("h1"), &h1_dir, lan);
+    let client = Host::start(&topo.ns("h3"), &client_dir, LAN);
+    let h1 = Host::start(&topo.ns("h1"), &h1_dir, LAN);
 
     // A partition cuts h2 off for 10 s in the middle of a shard, and heals.
     wait_until(Duration::from_secs(120), "h2 runs a shard", || {

@@ -381,28 +381,23 @@ impl Drop for Daemon {
     }
 }
 
-/// Starts `tern node` as its own process, waits until it knows `peers`
-/// adverts, lets it settle for `idle`, and reads its memory.
-async fn idle_daemon(
-    root: &Path,
-    situation: &str,
-    bootstrap: Option<String>,
-    peers: usize,
-    idle: Duration,
-) -> Result<IdleMemory> {
-    let dir = root.join(format!("idle-{}", situation.replace(' ', "-")));
-    std::fs::create_dir_all(&dir)?;
-    let mut config = Config {
-        // The default daemon, but on loopback: its speed benchmark and GPU probe run.
+/// The default settings for a `tern node` process in `dir`, on loopback
+/// (QUIC on 127.0.0.1, no mDNS, a free control port).
+fn process_config(dir: &Path) -> Config {
+    Config {
         listen: vec![QUIC.into()],
         mdns: false,
         control: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        data_dir: dir.to_path_buf(),
         ..Config::default()
-    };
-    config.data_dir = dir.clone();
-    config.bootstrap = bootstrap.into_iter().collect();
+    }
+}
+
+/// Writes `config` to `dir/node.toml` and starts `tern node` on it as a
+/// process of its own (killed when the handle drops).
+fn spawn_node(dir: &Path, config: &Config) -> Result<Daemon> {
     let file = dir.join("node.toml");
-    std::fs::write(&file, toml::to_string(&config)?)?;
+    std::fs::write(&file, toml::to_string(config)?)?;
     let exe = std::env::current_exe().context("finding the tern executable")?;
     let child = Command::new(exe)
         .arg("node")
@@ -414,7 +409,26 @@ async fn idle_daemon(
         .env("RUST_LOG", "warn")
         .spawn()
         .context("starting tern node")?;
-    let daemon = Daemon(child);
+    Ok(Daemon(child))
+}
+
+/// Starts `tern node` as its own process, waits until it knows `peers`
+/// adverts, lets it settle for `idle`, and reads its memory.
+async fn idle_daemon(
+    root: &Path,
+    situation: &str,
+    bootstrap: Option<String>,
+    peers: usize,
+    idle: Duration,
+) -> Result<IdleMemory> {
+    let dir = root.join(format!("idle-{}", situation.replace(' ', "-")));
+    std::fs::create_dir_all(&dir)?;
+    let config = Config {
+        // The default daemon, but on loopback: its speed benchmark and GPU probe run.
+        bootstrap: bootstrap.into_iter().collect(),
+        ..process_config(&dir)
+    };
+    let daemon = spawn_node(&dir, &config)?;
     let pid = daemon.0.id();
     let t0 = Instant::now();
     let known = loop {

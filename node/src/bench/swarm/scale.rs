@@ -20,13 +20,12 @@
 //! - **memory**: the observer's resident set, and the adverts it holds.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, ensure};
+use anyhow::{Result, anyhow, ensure};
 use serde::Serialize;
 
-use super::{Daemon, QUIC, bench_config, proc_memory};
+use super::{Daemon, bench_config, proc_memory, process_config, spawn_node};
 use crate::config::Config;
 use crate::daemon::control::ControlClient;
 use crate::daemon::{self, NodeHandle};
@@ -93,34 +92,16 @@ impl Observer {
     fn start(root: &Path, bootstrap: String) -> Result<Self> {
         let dir = root.join("observer");
         std::fs::create_dir_all(&dir)?;
-        let mut config = Config {
-            listen: vec![QUIC.into()], // 127.0.0.1: no in-process node uses it
-            mdns: false,
-            control: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        let config = Config {
+            bootstrap: vec![bootstrap],
             // A node among hundreds on 2 cores: its speed benchmark would
             // measure the contention, and every peer would recompute it.
             bench: false,
-            ..Config::default()
+            // On 127.0.0.1, which no in-process node uses.
+            ..process_config(&dir)
         };
-        config.data_dir = dir.clone();
-        config.bootstrap = vec![bootstrap];
-        let file = dir.join("node.toml");
-        std::fs::write(&file, toml::to_string(&config)?)?;
-        let exe = std::env::current_exe().context("finding the tern executable")?;
-        let child = Command::new(exe)
-            .arg("node")
-            .arg("--config")
-            .arg(&file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .context("starting tern node")?;
-        Ok(Self {
-            daemon: Daemon(child),
-            dir,
-        })
+        let daemon = spawn_node(&dir, &config)?;
+        Ok(Self { daemon, dir })
     }
 
     async fn get(&self, path: &'static str) -> Result<serde_json::Value> {
@@ -173,7 +154,6 @@ pub async fn measure_scale(root: &Path, sizes: &[usize], window: Duration) -> Re
         .ok_or_else(|| anyhow!("the first node has no address"))?;
     let observer = Observer::start(root, first)?;
     let mut points = Vec::new();
-    let (mut advert_bytes, mut adverts) = (0u64, 0u64);
     let result = async {
         for &n in &sizes {
             // n - 1 in this process, and the observer.
@@ -212,19 +192,11 @@ pub async fn measure_scale(root: &Path, sizes: &[usize], window: Duration) -> Re
             );
             let (i0, o0, a0) = observer.counters().await?;
             let s0 = swarm_traffic(&swarm).await?;
-            let accepted0: u64 = swarm.iter().map(|s| s.shared.stats.lock().adverts_accepted).sum();
-            let bytes0: u64 = swarm.iter().map(|s| s.shared.stats.lock().advert_bytes).sum();
             let t0 = Instant::now();
             tokio::time::sleep(window).await;
             let (i1, o1, a1) = observer.counters().await?;
             let s1 = swarm_traffic(&swarm).await?;
             let secs = t0.elapsed().as_secs_f64();
-            adverts += swarm
-                .iter()
-                .map(|s| s.shared.stats.lock().adverts_accepted)
-                .sum::<u64>()
-                - accepted0;
-            advert_bytes += swarm.iter().map(|s| s.shared.stats.lock().advert_bytes).sum::<u64>() - bytes0;
             let (rss, _) = proc_memory(observer.daemon.0.id())
                 .ok_or_else(|| anyhow!("this platform does not report a process's memory"))?;
             let observer_bytes = (i1 - i0) + (o1 - o0);
@@ -255,6 +227,18 @@ pub async fn measure_scale(root: &Path, sizes: &[usize], window: Duration) -> Re
     }
     .await;
     drop(observer);
+    // Every advert gossip delivered to the in-process nodes, whatever
+    // became of it: the mean size of one as it travels.
+    let (mut advert_bytes, mut adverts) = (0u64, 0u64);
+    for n in &swarm {
+        let st = n.shared.stats.lock();
+        advert_bytes += st.advert_bytes;
+        adverts += st.adverts_accepted
+            + st.adverts_refused
+            + st.adverts_stale
+            + st.adverts_dropped
+            + st.adverts_over_accept_rate;
+    }
     for s in swarm {
         s.shutdown().await;
     }
