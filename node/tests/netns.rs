@@ -307,8 +307,10 @@ fn hole_punched_inference(name: &str, transport: Transport) {
 
     // The worker holds a reservation on the relay, and says where it is
     // reached: through the relay's circuit.
+    wait_until(Duration::from_secs(30), "the worker's relay reservation", || {
+        s.worker.status()["relays"][0]["reserved"] == true
+    });
     let st = s.worker.status();
-    assert_eq!(st["relays"][0]["reserved"], true, "{st}");
     assert!(
         st["listen_addrs"].to_string().contains("p2p-circuit"),
         "the worker advertises its circuit address: {st}"
