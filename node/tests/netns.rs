@@ -434,22 +434,9 @@ fn lan(name: &str) -> (Topology, PathBuf, Vec<Host>) {
     (topo, d, hosts)
 }
 
-/// `tern model init --preset tiny --seed SEED --format gguf-i2s` in `dir`.
+/// A tiny model as an I2_S GGUF file in `dir`.
 fn tiny_gguf(dir: &Path, seed: &str) -> PathBuf {
-    let model = dir.join(format!("tiny-{seed}.gguf"));
-    common::ok(&common::tern(&[
-        "model",
-        "init",
-        "--preset",
-        "tiny",
-        "--seed",
-        seed,
-        "--format",
-        "gguf-i2s",
-        "--out",
-        model.to_str().unwrap(),
-    ]));
-    model
+    common::init_with(dir, &format!("tiny-{seed}.gguf"), seed, &["--format", "gguf-i2s"])
 }
 
 /// Three hosts on one LAN, with no bootstrap address, find each other by

@@ -55,17 +55,10 @@ const RESEND_WAITS: [Duration; 5] = [
 /// the connection breaks (a relayed circuit closed for a punched hole, a
 /// link that dropped for seconds).
 async fn send(client: &Client, peer: libp2p::PeerId, envelope: Vec<u8>) -> Result<Vec<u8>> {
-    let mut waits = RESEND_WAITS.iter();
-    loop {
-        match client.blobs.net.request(peer, TASK_PROTOCOL, envelope.clone()).await {
-            Err(e) if crate::net::is_retryable(&e) => {
-                let Some(wait) = waits.next() else { return Err(e) };
-                tracing::info!(%peer, "{e:#}; sending the task again in {wait:?}");
-                tokio::time::sleep(*wait).await;
-            }
-            r => return r,
-        }
-    }
+    crate::net::resending("the task", &RESEND_WAITS, || {
+        client.blobs.net.request(peer, TASK_PROTOCOL, envelope.clone())
+    })
+    .await
 }
 
 /// Sends `task` to its worker and checks the answer: a valid signature by

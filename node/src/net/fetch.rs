@@ -283,17 +283,12 @@ async fn ask_again(
     id: &ContentId,
     what: wire::blob_request::What,
 ) -> Result<wire::blob_response::Result> {
-    let mut waits = [250, 1000, 2000].into_iter().map(Duration::from_millis);
-    loop {
-        match ask(blobs, peer, id, what).await {
-            Err(e) if crate::net::is_retryable(&e) => {
-                let Some(wait) = waits.next() else { return Err(e) };
-                tracing::debug!(%peer, blob = %id, "{e:#}; asking again in {wait:?}");
-                tokio::time::sleep(wait).await;
-            }
-            r => return r,
-        }
-    }
+    const WAITS: [Duration; 3] = [
+        Duration::from_millis(250),
+        Duration::from_secs(1),
+        Duration::from_secs(2),
+    ];
+    crate::net::resending("a blob request", &WAITS, || ask(blobs, peer, id, what)).await
 }
 
 /// Peers that may hold `id`: those given, those whose advert lists it, and

@@ -315,6 +315,27 @@ pub fn is_retryable(e: &anyhow::Error) -> bool {
         .any(|c| c.downcast_ref::<RequestFailed>().is_some_and(|r| r.retryable))
 }
 
+/// Runs `attempt` until it succeeds, fails for good, or fails retryably
+/// ([`is_retryable`]: a broken or unmade connection) after the last of
+/// `waits`, sleeping each wait in turn between attempts.
+pub async fn resending<T, F, Fut>(what: &str, waits: &[Duration], mut attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut waits = waits.iter();
+    loop {
+        match attempt().await {
+            Err(e) if is_retryable(&e) => {
+                let Some(wait) = waits.next() else { return Err(e) };
+                tracing::info!("{e:#}; sending {what} again in {wait:?}");
+                tokio::time::sleep(*wait).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// One open connection.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ConnectionInfo {
@@ -498,6 +519,16 @@ fn make_room(map: &mut HashMap<PeerId, tokio::time::Instant>, key: &PeerId, cap:
     let first = map.iter().min_by_key(|(_, t)| **t).map(|(p, _)| *p)?;
     map.remove(&first);
     Some(first)
+}
+
+/// Inserts into a per-peer map held to [`MAX_KNOWN`] peers: a new peer
+/// arriving at a full map starts it over (what it holds is advisory, and
+/// comes again from the peers still around).
+fn insert_bounded<V>(map: &mut HashMap<PeerId, V>, peer: PeerId, value: V) {
+    if map.len() >= MAX_KNOWN && !map.contains_key(&peer) {
+        map.clear();
+    }
+    map.insert(peer, value);
 }
 
 /// The IP address a multiaddress starts with, if any.
@@ -828,7 +859,8 @@ struct Conn {
 struct RelaySlot {
     addr: Multiaddr,
     listener: Option<libp2p::core::transport::ListenerId>,
-    /// The relay accepted a reservation on the open listener.
+    /// The relay accepted a reservation on the open listener (false again
+    /// when the listener closes).
     reserved: bool,
     retry_at: tokio::time::Instant,
     backoff: Duration,
@@ -945,15 +977,29 @@ impl EventLoop {
                 continue;
             }
             self.redial.insert(peer, (now + wait, wait * 2));
-            let addrs = self.listen_addrs.get(&peer).cloned().unwrap_or_default();
-            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
-                .condition(libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing)
-                .addresses(addrs)
+            self.dial_listen_addrs(peer, true);
+        }
+    }
+
+    /// Dials `peer` at the addresses outside relays it told identify it
+    /// listens on; `lost`: it is not connected, so the addresses the
+    /// behaviours know (Kademlia's) are tried too. A peer connected through
+    /// a relay is dialled at those addresses only, whatever it holds.
+    fn dial_listen_addrs(&mut self, peer: PeerId, lost: bool) {
+        use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+        let addrs = self.listen_addrs.get(&peer).cloned().unwrap_or_default();
+        if addrs.is_empty() && !lost {
+            return;
+        }
+        let opts = DialOpts::peer_id(peer).addresses(addrs);
+        let opts = if lost {
+            opts.condition(PeerCondition::DisconnectedAndNotDialing)
                 .extend_addresses_through_behaviour()
-                .build();
-            if let Err(e) = self.swarm.dial(opts) {
-                tracing::debug!(%peer, "dialling a lost peer again: {e}");
-            }
+        } else {
+            opts.condition(PeerCondition::Always)
+        };
+        if let Err(e) = self.swarm.dial(opts.build()) {
+            tracing::debug!(%peer, lost, "dialling: {e}");
         }
     }
 
@@ -1124,7 +1170,7 @@ impl EventLoop {
                         .iter()
                         .map(|r| RelayInfo {
                             addr: r.addr.to_string(),
-                            reserved: r.listener.is_some() && r.reserved,
+                            reserved: r.reserved,
                         })
                         .collect(),
                 });
@@ -1145,17 +1191,7 @@ impl EventLoop {
                 }
                 let _ = reply.send(path);
             }
-            Command::DialDirect { peer } => {
-                if let Some(addrs) = self.listen_addrs.get(&peer).filter(|a| !a.is_empty()) {
-                    let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
-                        .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
-                        .addresses(addrs.clone())
-                        .build();
-                    if let Err(e) = self.swarm.dial(opts) {
-                        tracing::debug!(%peer, "dialling directly: {e}");
-                    }
-                }
-            }
+            Command::DialDirect { peer } => self.dial_listen_addrs(peer, false),
             Command::Ban { .. } | Command::Trust { .. } => {}
         }
     }
@@ -1326,18 +1362,9 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result })) => match result {
                 Ok(_) => tracing::info!(peer = %remote_peer_id, "hole punched: a direct connection replaces the relay"),
                 Err(e) => {
-                    tracing::info!(peer = %remote_peer_id, "hole punching failed: {e}");
-                    if self.punch.len() >= MAX_KNOWN && !self.punch.contains_key(&remote_peer_id) {
-                        self.punch.clear();
-                    }
-                    let mut why = e.to_string();
-                    let mut source = std::error::Error::source(&e);
-                    while let Some(s) = source {
-                        why = format!("{why}: {s}");
-                        source = s.source();
-                    }
-                    self.punch
-                        .insert(remote_peer_id, format!("hole punching failed: {why}"));
+                    let why = format!("hole punching failed: {:#}", anyhow::Error::new(e));
+                    tracing::info!(peer = %remote_peer_id, "{why}");
+                    insert_bounded(&mut self.punch, remote_peer_id, why);
                 }
             },
             SwarmEvent::Behaviour(BehaviourEvent::Autonat(autonat::Event::StatusChanged { new, .. })) => {
@@ -1352,9 +1379,6 @@ impl EventLoop {
                 tracing::debug!(peer = ?peer_id, "dial failed: {error}");
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
-                if self.listen_addrs.len() >= MAX_KNOWN && !self.listen_addrs.contains_key(&peer_id) {
-                    self.listen_addrs.clear();
-                }
                 let direct: Vec<Multiaddr> = info
                     .listen_addrs
                     .iter()
@@ -1362,7 +1386,7 @@ impl EventLoop {
                     .take(8)
                     .cloned()
                     .collect();
-                self.listen_addrs.insert(peer_id, direct);
+                insert_bounded(&mut self.listen_addrs, peer_id, direct);
                 for addr in info.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }

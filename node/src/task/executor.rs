@@ -127,15 +127,6 @@ struct Kept {
 }
 
 impl Answers {
-    /// Tasks kept now.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// Forgets answers older than [`ANSWER_TTL`] and, past
     /// [`MAX_ANSWERS`], the oldest answers.
     fn prune(&mut self, now: tokio::time::Instant) {

@@ -21,8 +21,13 @@ pub fn tempdir(name: &str) -> PathBuf {
 
 /// `tern model init --preset tiny --seed SEED` into `dir/name`.
 pub fn init(dir: &Path, name: &str, seed: &str) -> PathBuf {
+    init_with(dir, name, seed, &[])
+}
+
+/// [`init`] with more arguments (`--format gguf-i2s`, say).
+pub fn init_with(dir: &Path, name: &str, seed: &str, extra: &[&str]) -> PathBuf {
     let m = dir.join(name);
-    ok(&tern(&[
+    let mut args = vec![
         "model",
         "init",
         "--preset",
@@ -31,7 +36,9 @@ pub fn init(dir: &Path, name: &str, seed: &str) -> PathBuf {
         seed,
         "--out",
         m.to_str().unwrap(),
-    ]));
+    ];
+    args.extend_from_slice(extra);
+    ok(&tern(&args));
     m
 }
 
