@@ -156,15 +156,18 @@ async fn colluding_sybils_are_caught_under_redundancy_with_spot_checks() {
 
 /// `advert` sealed by fresh key number `n` of the set `tag`, valid for the
 /// longest time a receiver accepts.
-fn fresh_key_advert(advert: &protocol::Advert, n: u32, tag: u8) -> Vec<u8> {
+/// On its key's advert shard, as an honest node would publish it.
+fn fresh_key_advert(advert: &protocol::Advert, n: u32, tag: u8) -> (u8, Vec<u8>) {
     let mut secret = [0u8; 32];
     secret[..4].copy_from_slice(&n.to_le_bytes());
     secret[31] = tag;
-    protocol::seal(
-        &Keypair::from_secret(secret),
+    let key = Keypair::from_secret(secret);
+    let bytes = protocol::seal(
+        &key,
         &Payload::Advert(advert.clone()),
         Validity::new(u64::from(n), now_ms(), protocol::limits::MAX_ADVERT_TTL_MS),
-    )
+    );
+    (protocol::shards::shard_of(&key.public()), bytes)
 }
 
 /// A peer floods the advert topic with adverts from thousands of fresh keys
@@ -188,13 +191,8 @@ async fn an_advert_and_task_flood_from_one_peer_is_cut_off_and_honest_work_runs(
     // passes validation and costs the receiver a signature check.
     let advert = attacker.shared.advert();
     for n in 0..flood {
-        if attacker
-            .shared
-            .net
-            .publish(fresh_key_advert(&advert, n, 0xa5))
-            .await
-            .is_err()
-        {
+        let (shard, bytes) = fresh_key_advert(&advert, n, 0xa5);
+        if attacker.shared.net.publish(shard, bytes).await.is_err() {
             // Every peer has cut it off.
             break;
         }
@@ -281,12 +279,8 @@ async fn a_peer_within_twice_its_rate_is_throttled_not_banned() {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for n in 0..280u32 {
         tick.tick().await;
-        attacker
-            .shared
-            .net
-            .publish(fresh_key_advert(&advert, n, 0x5a))
-            .await
-            .unwrap();
+        let (shard, bytes) = fresh_key_advert(&advert, n, 0x5a);
+        attacker.shared.net.publish(shard, bytes).await.unwrap();
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     for n in [client, relay] {

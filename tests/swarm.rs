@@ -43,6 +43,77 @@ async fn adverts_from_every_node_reach_every_other() {
     }
 }
 
+/// A node that joins learns the adverts its neighbours hold at once, by
+/// asking them (advert sync), not from a publication: the swarm's nodes
+/// advertise only every 5 minutes here and gossip keeps no history to
+/// replay, so without the sync it would wait minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_node_learns_the_swarm_from_its_neighbours_at_once() {
+    let slow = |_: usize, c: &mut node::config::Config| {
+        c.advert_interval_secs = 300;
+        c.advert_ttl_secs = 600;
+    };
+    let mut nodes = spawn_nodes(2, slow).await;
+    let (k0, k1) = (nodes[0].public_key(), nodes[1].public_key());
+    assert_eventually(WAIT, "the first two know each other", || {
+        nodes[0].peers().iter().any(|(k, _)| *k == k1) && nodes[1].peers().iter().any(|(k, _)| *k == k0)
+    })
+    .await;
+    // Past gossip's memory of recent messages (3 heartbeats of 0.5 s).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut c = node::config::Config::for_test(&tempdir("joiner"));
+    slow(2, &mut c);
+    c.bootstrap = nodes[0].dial_addrs().iter().map(|a| a.to_string()).collect();
+    nodes.push(node::daemon::start(c).await.unwrap());
+    let k2 = nodes[2].public_key();
+    assert_eventually(Duration::from_secs(15), "the joiner holds both adverts", || {
+        let known: Vec<_> = nodes[2].peers().into_iter().map(|(k, _)| k).collect();
+        known.contains(&k0) && known.contains(&k1)
+    })
+    .await;
+    assert_eventually(Duration::from_secs(15), "both hold the joiner's", || {
+        nodes[..2].iter().all(|n| n.peers().iter().any(|(k, _)| *k == k2))
+    })
+    .await;
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+/// With an advert target below the swarm's size, each node follows only
+/// some advert shards, holds the advert of every node in those (gossip and
+/// sync reach it within a shard), and none of the others once they expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_follow_part_of_the_advert_shards_and_hold_those_whole() {
+    use protocol::shards::{SHARDS, shard_of};
+    let nodes = spawn_nodes(8, |_, c| c.advert_target = 2).await;
+    let keys: Vec<_> = nodes.iter().map(|n| n.public_key()).collect();
+    assert_eventually(WAIT, "every node narrows what it follows", || {
+        nodes.iter().all(|n| n.shared.follow.lock().followed().len() < SHARDS)
+    })
+    .await;
+    // Adverts of shards no longer followed expire (10 s here) and none come in.
+    assert_eventually(WAIT, "each holds exactly the nodes of its shards", || {
+        nodes.iter().all(|n| {
+            let followed = n.shared.follow.lock().followed();
+            let mut held: Vec<_> = n.peers().into_iter().map(|(k, _)| k).collect();
+            let mut expected: Vec<_> = keys.iter().copied().filter(|k| followed.contains(shard_of(k))).collect();
+            held.sort();
+            expected.sort();
+            held == expected
+        })
+    })
+    .await;
+    // Its own shard is always among them.
+    for n in &nodes {
+        assert!(n.shared.follow.lock().followed().contains(n.shared.own_shard));
+        assert_eq!(n.shared.own_shard, shard_of(&n.public_key()));
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blob_added_on_one_node_is_fetched_and_verified_on_another() {
     let nodes = spawn_nodes(3, |_, _| {}).await;
@@ -587,11 +658,12 @@ async fn forged_replayed_expired_oversized_and_malformed_messages_are_refused() 
     let replay = third
         .shared
         .seal(&Payload::Advert(third.shared.advert()), Duration::from_secs(60));
-    third.shared.net.publish(replay.clone()).await.unwrap();
+    let own = third.shared.own_shard;
+    third.shared.net.publish(own, replay.clone()).await.unwrap();
     // The same bytes again are one gossip message (its id is their hash):
     // gossipsub itself drops them while it remembers the id.
     assert!(
-        third.shared.net.publish(replay).await.is_err(),
+        third.shared.net.publish(own, replay).await.is_err(),
         "a duplicate is not sent"
     );
     // An older advert of the same signer, sealed anew (other bytes), is a
@@ -602,13 +674,24 @@ async fn forged_replayed_expired_oversized_and_malformed_messages_are_refused() 
         Validity::new(3, now_ms() - 5_000, 60_000),
     );
     for bad in [forged, expired, oversized, b"\x0a\x03abc".to_vec(), older] {
-        third.shared.net.publish(bad).await.unwrap();
+        third.shared.net.publish(own, bad).await.unwrap();
     }
+    // A fresh, valid advert on another shard's topic: an honest node
+    // publishes only on its own shard, and forwards nothing else.
+    let elsewhere = third
+        .shared
+        .seal(&Payload::Advert(third.shared.advert()), Duration::from_secs(60));
+    third
+        .shared
+        .net
+        .publish((own + 1) % protocol::shards::SHARDS, elsewhere)
+        .await
+        .unwrap();
     // The older one is refused as stale by the peer table, which holds the
-    // signer's newer advert; the other four fail validation.
-    assert_eventually(WAIT, "four bad adverts refused and the replay found stale", || {
+    // signer's newer advert; the other five fail validation.
+    assert_eventually(WAIT, "five bad adverts refused and the replay found stale", || {
         let st = client.shared.stats.lock();
-        st.adverts_refused >= refused_before + 4 && st.adverts_stale > stale_before
+        st.adverts_refused >= refused_before + 5 && st.adverts_stale > stale_before
     })
     .await;
 

@@ -329,6 +329,10 @@ pub struct PeerEntry {
     pub expires_at_ms: u64,
     /// Whether its benchmark hash was recomputed and matched.
     pub score_verified: bool,
+    /// The signed envelope it came in, as received: what the node hands a
+    /// new neighbour that asks for the adverts it holds.
+    #[serde(skip)]
+    pub envelope: Vec<u8>,
 }
 
 /// The adverts heard, newest per signer, expiring on their own times.
@@ -434,6 +438,27 @@ impl PeerTable {
         v
     }
 
+    /// The signed envelopes of the signers in `shards`, newest first, at
+    /// most `limit`.
+    pub fn envelopes(&self, shards: crate::shards::ShardSet, limit: usize) -> Vec<Vec<u8>> {
+        let mut v: Vec<_> = self
+            .peers
+            .iter()
+            .filter(|(k, e)| !e.envelope.is_empty() && shards.contains(crate::shards::shard_of(k)))
+            .map(|(_, e)| e)
+            .collect();
+        v.sort_by_key(|e| std::cmp::Reverse(e.issued_at_ms));
+        v.into_iter().take(limit).map(|e| e.envelope.clone()).collect()
+    }
+
+    /// How many signers in `shards` the table holds.
+    pub fn count_in(&self, shards: crate::shards::ShardSet) -> usize {
+        self.peers
+            .keys()
+            .filter(|k| shards.contains(crate::shards::shard_of(k)))
+            .count()
+    }
+
     /// Number of peers.
     pub fn len(&self) -> usize {
         self.peers.len()
@@ -527,12 +552,34 @@ mod tests {
         assert_eq!(bench_seed(&a, 1), bench_seed(&a, 1));
     }
 
+    #[test]
+    fn a_table_hands_out_the_envelopes_of_the_shards_asked_newest_first() {
+        use crate::shards::{ShardSet, shard_of};
+        let mut t = PeerTable::new(64);
+        let keys: Vec<_> = (0..40u8).map(|n| Keypair::from_secret([n; 32]).public()).collect();
+        for (i, k) in keys.iter().enumerate() {
+            let mut e = entry(100 + i as u64, 1_000_000);
+            e.envelope = vec![i as u8];
+            assert!(t.insert(*k, e, 100));
+        }
+        let first = shard_of(&keys[0]);
+        let asked = ShardSet::from_own(first, 8);
+        let expected: Vec<usize> = (0..40).rev().filter(|&i| asked.contains(shard_of(&keys[i]))).collect();
+        assert_eq!(t.count_in(asked), expected.len());
+        let got = t.envelopes(asked, 1000);
+        assert_eq!(got, expected.iter().map(|&i| vec![i as u8]).collect::<Vec<_>>());
+        assert_eq!(t.envelopes(asked, 1).len(), 1, "the limit holds");
+        assert_eq!(t.envelopes(ShardSet::ALL, 1000).len(), 40);
+        assert!(t.envelopes(ShardSet(0), 1000).is_empty());
+    }
+
     fn entry(issued: u64, expires: u64) -> PeerEntry {
         PeerEntry {
             advert: sample(),
             issued_at_ms: issued,
             expires_at_ms: expires,
             score_verified: false,
+            envelope: Vec::new(),
         }
     }
 
@@ -567,6 +614,7 @@ mod tests {
             issued_at_ms: issued,
             expires_at_ms: issued + 600_000,
             score_verified: verified,
+            envelope: Vec::new(),
         };
         let mut t = PeerTable::new(8);
         for n in 0..4 {
@@ -601,6 +649,7 @@ mod tests {
             issued_at_ms: issued,
             expires_at_ms: issued + ttl,
             score_verified: false,
+            envelope: Vec::new(),
         };
         let mut t = PeerTable::new(512);
         let honest_keys: Vec<PublicKey> = (0..5).map(key).collect();

@@ -8,7 +8,9 @@
 //! - [`ContentId`]: the blake3 name of any stored or transferred bytes.
 //! - [`envelope`]: ed25519-signed envelopes ([`seal`], [`open`]), freshness
 //!   and the [`ReplayGuard`].
-//! - [`Advert`] and the [`PeerTable`]: what nodes offer, heard on gossip.
+//! - [`Advert`] and the [`PeerTable`]: what nodes offer, heard on gossip;
+//!   [`shards`]: which gossip topic carries whose advert, and how many a
+//!   node follows.
 //! - [`Task`] and [`TaskResult`]: work named by content ids, and answers.
 //! - [`blob`]: verified, resumable transfer by 1 MiB groups ([`Outline`]),
 //!   and directory manifests.
@@ -45,6 +47,7 @@ mod error;
 pub mod job;
 pub mod limits;
 pub mod schedule;
+pub mod shards;
 mod task;
 pub mod train;
 pub mod wire;

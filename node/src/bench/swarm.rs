@@ -98,6 +98,11 @@ pub struct SwarmBenchArgs {
     /// interval).
     #[arg(long, default_value_t = 30)]
     pub scale_window_secs: u64,
+    /// The nodes' `advert_target` in the scale measurement: how many
+    /// adverts each aims to hold, following as many advert shards as that
+    /// takes (below the swarm's size, each node holds only part of it).
+    #[arg(long, default_value_t = crate::config::Config::default().advert_target)]
+    pub advert_target: usize,
     /// Small sizes and counts: checks that everything works, measures
     /// nothing useful. Skips the flood run unless `--flood` is given.
     #[arg(long)]
@@ -195,7 +200,7 @@ pub fn run(args: &SwarmBenchArgs) -> Result<SwarmReport> {
                 cpu: crate::bench::cpu_model(),
                 network: None,
                 flood: None,
-                scale: Some(scale::measure_scale(&root, &args.scale, window).await?),
+                scale: Some(scale::measure_scale(&root, &args.scale, window, args.advert_target).await?),
             });
         }
         let network = if args.flood {

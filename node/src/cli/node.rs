@@ -140,9 +140,11 @@ pub fn status(dir: &DataDirArg, json: bool) -> Result<()> {
     println!("peer id     {}", f("peer_id"));
     println!("version     {}", f("version"));
     println!(
-        "connected   {} peers, {} known from adverts",
+        "connected   {} peers, {} known from adverts (following {} of {} advert shards)",
         f("connected_peers"),
-        f("known_peers")
+        f("known_peers"),
+        f("advert_shards_followed"),
+        protocol::shards::SHARDS
     );
     println!("blobs       {} ({} bytes)", f("blobs"), f("blob_bytes"));
     println!("tasks       {} running, on {}", f("active_tasks"), f("compute"));

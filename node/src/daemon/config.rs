@@ -93,6 +93,11 @@ pub struct Config {
     /// Seconds between adverts, and how long each stays valid.
     pub advert_interval_secs: u64,
     pub advert_ttl_secs: u64,
+    /// Adverts this node aims to hold: it follows its own advert shard and
+    /// as many next ones as hold about this many (`protocol::shards`), so
+    /// its gossip stays bounded however large the swarm. 0 follows every
+    /// shard (a client that wants to know the whole swarm, at any cost).
+    pub advert_target: usize,
     /// Run the benchmark and advertise its score.
     pub bench: bool,
     /// Look for a GPU to advertise (opening one takes a moment).
@@ -214,6 +219,7 @@ impl Default for Config {
             max_incoming_per_ip: 16,
             advert_interval_secs: 30,
             advert_ttl_secs: 120,
+            advert_target: 256,
             bench: true,
             gpu: true,
             compute: Compute::Auto,

@@ -63,6 +63,12 @@ pub struct Status {
     #[serde(default)]
     pub bytes_out: u64,
     pub known_peers: usize,
+    /// The advert shards this node follows (bit s for shard s; see
+    /// `protocol::shards`), and how many.
+    #[serde(default)]
+    pub advert_shards: u64,
+    #[serde(default)]
+    pub advert_shards_followed: u8,
     pub blobs: usize,
     pub blob_bytes: u64,
     pub active_tasks: u32,
@@ -206,6 +212,7 @@ async fn status(State(api): State<Api>, headers: HeaderMap) -> ApiResult<Status>
     let info = s.net.info().await?;
     let blobs = s.store.list();
     let known = s.peer_entries().len();
+    let followed = s.follow.lock().followed();
     Ok(Json(Status {
         version: env!("CARGO_PKG_VERSION").into(),
         peer_id: info.peer_id,
@@ -218,6 +225,8 @@ async fn status(State(api): State<Api>, headers: HeaderMap) -> ApiResult<Status>
         bytes_in: info.bytes_in,
         bytes_out: info.bytes_out,
         known_peers: known,
+        advert_shards: followed.0,
+        advert_shards_followed: followed.len(),
         blobs: blobs.len(),
         blob_bytes: blobs.iter().map(|b| b.1).sum(),
         active_tasks: s.worker.active_tasks.load(std::sync::atomic::Ordering::Relaxed),

@@ -140,6 +140,7 @@ pub async fn start(config: Config) -> Result<NodeHandle> {
     let (cancel_tx, cancel_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
     let peers = Arc::new(Peers::new(4096));
+    let own_shard = protocol::shards::shard_of(&key.public());
     let stats = Arc::new(Mutex::new(Stats::default()));
     let max_disk = config.limits.max_disk_mib.saturating_mul(1 << 20);
     let blobs = Blobs::new(store.clone(), net.clone(), peers.clone(), max_disk);
@@ -184,6 +185,10 @@ pub async fn start(config: Config) -> Result<NodeHandle> {
             1,
         )),
         direct_adverts: Mutex::new(Buckets::new(1.0 / DIRECT_ADVERT_GAP_SECS, 1, 4096)),
+        sync_rate: Mutex::new(Buckets::new(1.0 / SYNC_GAP_SECS, 3, 4096)),
+        own_shard,
+        advert_unheard: std::sync::atomic::AtomicBool::new(true),
+        follow: Mutex::new(protocol::shards::FollowPlan::new(own_shard, config.advert_target)),
         score_checks: Mutex::new(Default::default()),
         score_check_slot: tokio::sync::Semaphore::new(1),
         score: Mutex::new(None),
@@ -263,9 +268,11 @@ async fn publish_advert(shared: &Arc<Shared>) -> Result<()> {
     );
     // Our own advert goes in our own table too, so `tern peers` shows us.
     if let Ok(o) = protocol::open(&bytes) {
-        record_advert(shared, &o, advert);
+        record_advert(shared, &o, advert, &bytes);
     }
-    shared.net.publish(bytes).await
+    let r = shared.net.publish(shared.own_shard, bytes).await;
+    shared.advert_unheard.store(r.is_err(), Ordering::Relaxed);
+    r
 }
 
 async fn advert_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
@@ -275,6 +282,7 @@ async fn advert_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
+        follow_shards(&shared).await;
         if let Err(e) = publish_advert(&shared).await {
             tracing::debug!("advert not published: {e:#}");
         }
@@ -282,6 +290,59 @@ async fn advert_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         let _ = tokio::task::spawn_blocking(crate::daemon::memory::release_free).await;
     }
 }
+
+/// Judges again how many advert shards to follow from what the table
+/// holds in those followed now (`shards::FollowPlan`), and tells gossip.
+async fn follow_shards(shared: &Arc<Shared>) {
+    let held = {
+        let mut table = shared.peers.lock();
+        table.expire(now_ms());
+        table.count_in(shared.follow.lock().followed())
+    };
+    let changed = shared.follow.lock().update(held);
+    let shards = shared.follow.lock().followed();
+    if changed {
+        tracing::info!(shards = shards.len(), held, "following {} advert shards of {}", shards.len(), protocol::shards::SHARDS);
+        shared.net.follow(shards).await;
+    }
+    // A shard's adverts reach only the nodes that follow it and are
+    // connected to one another: in a large swarm few of a node's random
+    // neighbours follow the same shards, so it dials some that do (each
+    // node follows its own shard, and the table says whose that is).
+    let Ok(counts) = shared.net.shard_peers().await else {
+        return;
+    };
+    let me = shared.key.public();
+    let mut wanted: std::collections::HashMap<u8, usize> = shards
+        .iter()
+        .filter(|&s| usize::from(counts[s as usize]) < SHARD_NEIGHBOURS)
+        .map(|s| (s, SHARD_NEIGHBOURS - usize::from(counts[s as usize])))
+        .collect();
+    if wanted.is_empty() {
+        return;
+    }
+    let candidates: Vec<PeerId> = shared
+        .peers
+        .lock()
+        .entries()
+        .into_iter()
+        .filter(|(k, _)| *k != me)
+        .filter_map(|(k, _)| {
+            let n = wanted.get_mut(&protocol::shards::shard_of(&k))?;
+            if *n == 0 {
+                return None;
+            }
+            *n -= 1;
+            identity::peer_id(&k).ok()
+        })
+        .collect();
+    for peer in candidates {
+        shared.net.dial_peer(peer).await;
+    }
+}
+
+/// Connected peers a node wants on each advert shard it follows.
+const SHARD_NEIGHBOURS: usize = 3;
 
 /// Reads battery, charger and temperature every `power.check_secs` and
 /// pauses or resumes the worker as the power policy says (`task::power`);
@@ -351,7 +412,7 @@ async fn bench_loop(shared: Arc<Shared>) {
 
 /// Records an advert in the peer table; false when an equal or newer one
 /// from its signer is known (a replay, or gossip out of order).
-fn record_advert(shared: &Arc<Shared>, o: &Opened, advert: Advert) -> bool {
+fn record_advert(shared: &Arc<Shared>, o: &Opened, advert: Advert, envelope: &[u8]) -> bool {
     let verified = advert
         .score
         .as_ref()
@@ -361,6 +422,7 @@ fn record_advert(shared: &Arc<Shared>, o: &Opened, advert: Advert) -> bool {
         issued_at_ms: o.validity.issued_at_ms,
         expires_at_ms: o.validity.expires_at_ms,
         score_verified: verified == Some(true),
+        envelope: envelope.to_vec(),
     };
     shared.peers.lock().insert(o.signer, entry, now_ms())
 }
@@ -405,6 +467,13 @@ const ACCEPT_SHARE: f64 = 0.8;
 /// on a new connection).
 const DIRECT_ADVERT_GAP_SECS: f64 = 5.0;
 
+/// A peer may ask for an advert sync once in this many seconds (after a
+/// burst of 3: a connection that drops and comes back asks again).
+const SYNC_GAP_SECS: f64 = 10.0;
+
+/// Advert syncs this node asks at once (one a peer).
+const MAX_SYNCS: usize = 64;
+
 /// Drops a message from a peer past its rate, and bans it when it is past
 /// twice that; returns whether the message may be read.
 async fn rate_checked(shared: &Arc<Shared>, verdict: Verdict, peer: PeerId) -> bool {
@@ -419,17 +488,40 @@ async fn rate_checked(shared: &Arc<Shared>, verdict: Verdict, peer: PeerId) -> b
     }
 }
 
-async fn on_advert(shared: &Arc<Shared>, source: PeerId, id: gossipsub::MessageId, data: Vec<u8>) {
-    use gossipsub::MessageAcceptance::{Accept, Ignore, Reject};
+async fn on_advert(shared: &Arc<Shared>, source: PeerId, id: gossipsub::MessageId, shard: Option<u8>, data: Vec<u8>) {
     shared.stats.lock().advert_bytes += data.len() as u64;
+    let shards = shard.map_or(net::ShardSet::ALL, |s| net::ShardSet(1 << s));
+    let verdict = admit_advert(shared, source, shards, &data).await;
+    shared.net.validation(source, id, verdict).await;
+}
+
+/// Takes one advert from `source` (a gossip forwarder, or a neighbour
+/// answering an advert sync) into the table if it passes every check, and
+/// says what gossip should do with it: forward it (`Accept`), drop it
+/// (`Ignore`), or drop it and charge the forwarder (`Reject`). Its
+/// signer's shard must be in `shards`: the topic it came on, or the ones a
+/// sync asked for.
+async fn admit_advert(
+    shared: &Arc<Shared>,
+    source: PeerId,
+    shards: net::ShardSet,
+    data: &[u8],
+) -> gossipsub::MessageAcceptance {
+    use gossipsub::MessageAcceptance::{Accept, Ignore, Reject};
     // A forwarder past its rate is cut off before any signature is checked.
     let verdict = shared.advert_rate.lock().check(&source, now_ms());
     if !rate_checked(shared, verdict, source).await {
-        shared.net.validation(source, id, Ignore).await;
         shared.stats.lock().adverts_dropped += 1;
-        return;
+        return Ignore;
     }
-    match validate_advert(&data) {
+    match validate_advert(data) {
+        Ok((opened, _)) if !shards.contains(protocol::shards::shard_of(&opened.signer)) => {
+            // Not of a shard it was asked for (or of the topic it came on):
+            // an honest node never sends that.
+            shared.stats.lock().adverts_refused += 1;
+            tracing::warn!(from = %source, "refused an advert of a shard not asked for");
+            Reject
+        }
         Ok((opened, advert)) => {
             // What the node accepts it forwards, so all it accepts is capped
             // below any one neighbour's limit, with a place kept for each
@@ -444,20 +536,17 @@ async fn on_advert(shared: &Arc<Shared>, source: PeerId, id: gossipsub::MessageI
             let direct = identity::peer_id(&opened.signer).is_ok_and(|p| p == source)
                 && shared.direct_adverts.lock().allow(&opened.signer, now_ms());
             if news && !direct && !shared.accept_rate.lock().allow(&(), now_ms()) {
-                shared.net.validation(source, id, Ignore).await;
                 shared.stats.lock().adverts_over_accept_rate += 1;
-                return;
+                return Ignore;
             }
             let check = advert.score.as_ref().map(|s| (s.epoch, s.output_hash));
             let addrs = advert.listen_addrs.clone();
-            if !record_advert(shared, &opened, advert) {
+            if !record_advert(shared, &opened, advert, data) {
                 // Not newer than what the table holds: not forwarded, and no
                 // fault of the forwarder (gossip may reorder).
-                shared.net.validation(source, id, Ignore).await;
                 shared.stats.lock().adverts_stale += 1;
-                return;
+                return Ignore;
             }
-            shared.net.validation(source, id, Accept).await;
             shared.stats.lock().adverts_accepted += 1;
             if let Ok(peer) = identity::peer_id(&opened.signer) {
                 for a in &addrs {
@@ -469,6 +558,7 @@ async fn on_advert(shared: &Arc<Shared>, source: PeerId, id: gossipsub::MessageI
             if let Some((epoch, hash)) = check {
                 spawn_score_check(shared.clone(), opened.signer, epoch, hash);
             }
+            Accept
         }
         Err(e) => {
             // An advert that expired on the way is late, not forged: ignored.
@@ -477,14 +567,76 @@ async fn on_advert(shared: &Arc<Shared>, source: PeerId, id: gossipsub::MessageI
                 e.downcast_ref::<protocol::Error>(),
                 Some(protocol::Error::Expired { .. })
             );
-            shared
-                .net
-                .validation(source, id, if late { Ignore } else { Reject })
-                .await;
             shared.stats.lock().adverts_refused += 1;
             tracing::warn!(from = %source, "refused an advert: {e:#}");
+            if late { Ignore } else { Reject }
         }
     }
+}
+
+/// Most adverts one advert-sync answer carries.
+const SYNC_LIMIT: usize = 256;
+
+/// Asks a new neighbour for the adverts it holds in the shards this node
+/// follows, and takes each as a gossiped one would be taken (the same
+/// rates, checks and table), without forwarding any: the swarm already has
+/// them. This is how a new connection is told about, instead of each side
+/// publishing to the whole swarm.
+async fn sync_adverts(shared: Arc<Shared>, peer: PeerId) {
+    use prost::Message as _;
+    let followed = shared.follow.lock().followed();
+    let request = protocol::wire::AdvertSyncRequest { shards: followed.0 }.encode_to_vec();
+    let response = match shared.net.request(peer, net::SYNC_PROTOCOL, request).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(%peer, "advert sync: {e:#}");
+            return;
+        }
+    };
+    let adverts = match protocol::wire::AdvertSyncResponse::decode(response.as_slice()) {
+        Ok(r) if r.adverts.len() <= SYNC_LIMIT => r.adverts,
+        Ok(r) => {
+            tracing::warn!(%peer, "advert sync: {} adverts, more than the {SYNC_LIMIT} asked", r.adverts.len());
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(%peer, "advert sync: a malformed answer: {e}");
+            return;
+        }
+    };
+    shared.stats.lock().advert_bytes += adverts.iter().map(|a| a.len() as u64).sum::<u64>();
+    for data in adverts {
+        if admit_advert(&shared, peer, followed, &data).await == gossipsub::MessageAcceptance::Reject {
+            // One forged or malformed advert ends the answer (its rate was
+            // charged to the peer as for gossip; an honest node holds only
+            // adverts it verified).
+            tracing::warn!(%peer, "advert sync: a refused advert ends the answer");
+            return;
+        }
+    }
+}
+
+/// Answers a neighbour's advert sync: the adverts held in the shards it
+/// asks for (this node's own included), newest first.
+fn answer_sync(shared: &Shared, peer: PeerId, request: &[u8]) -> Option<Vec<u8>> {
+    use prost::Message as _;
+    if !shared.sync_rate.lock().allow(&peer, now_ms()) {
+        tracing::debug!(%peer, "advert sync refused: asked again too soon");
+        return None;
+    }
+    let shards = net::ShardSet(protocol::wire::AdvertSyncRequest::decode(request).ok()?.shards);
+    let mut table = shared.peers.lock();
+    table.expire(now_ms());
+    let mut adverts = table.envelopes(shards, SYNC_LIMIT);
+    if shards.contains(shared.own_shard) && table.get(&shared.key.public()).is_none() {
+        // Asked before the first advert went out: a fresh one.
+        adverts.truncate(SYNC_LIMIT - 1);
+        adverts.push(shared.seal(
+            &Payload::Advert(shared.advert()),
+            Duration::from_secs(shared.config.advert_ttl_secs),
+        ));
+    }
+    Some(protocol::wire::AdvertSyncResponse { adverts }.encode_to_vec())
 }
 
 /// Recomputes a peer's benchmark hash once per (peer, epoch) and marks its
@@ -531,10 +683,15 @@ fn spawn_score_check(shared: Arc<Shared>, signer: PublicKey, epoch: u64, hash: C
 async fn inbound_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>) {
     // Bounded concurrency for blob serving and tasks.
     let blob_slots = Arc::new(tokio::sync::Semaphore::new(64));
-    let mut last_advert = tokio::time::Instant::now() - Duration::from_secs(60);
+    let syncing: Arc<Mutex<std::collections::HashSet<PeerId>>> = Arc::default();
     while let Some(event) = inbound.recv().await {
         match event {
-            Inbound::Advert { source, id, data } => on_advert(&shared, source, id, data).await,
+            Inbound::Advert { source, id, shard, data } => on_advert(&shared, source, id, shard, data).await,
+            Inbound::AdvertSync { peer, request, channel } => {
+                if let Some(answer) = answer_sync(&shared, peer, &request) {
+                    shared.net.respond(net::SYNC_PROTOCOL, channel, answer).await;
+                }
+            }
             Inbound::BlobRequest { peer, request, channel } => {
                 let Ok(permit) = blob_slots.clone().try_acquire_owned() else {
                     tracing::debug!(%peer, "blob request dropped: too many in flight");
@@ -560,14 +717,31 @@ async fn inbound_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>)
                 }
                 tokio::spawn(executor::handle(shared.worker.clone(), peer, request, channel));
             }
-            Inbound::Connected { .. } => {
-                // Tell a new neighbour about us soon, rather than at the next tick.
-                if last_advert.elapsed() > Duration::from_millis(500) {
-                    last_advert = tokio::time::Instant::now();
+            Inbound::Connected { peer } => {
+                // A node whose last advert found no one to take it (it had
+                // just started, or was cut off) publishes again once it has
+                // a neighbour: once, not at every connection.
+                if shared.advert_unheard.swap(false, Ordering::Relaxed) {
                     let s = shared.clone();
                     tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_millis(600)).await;
+                        // Subscriptions are exchanged and the mesh grafted
+                        // within a heartbeat or two.
+                        tokio::time::sleep(Duration::from_millis(1200)).await;
                         let _ = publish_advert(&s).await;
+                    });
+                }
+                // The two sides swap what they hold (this node's own advert
+                // comes from its table too), rather than publishing to the
+                // whole swarm. Bounded: one sync a peer at a time.
+                let fresh = {
+                    let mut set = syncing.lock();
+                    set.len() < MAX_SYNCS && set.insert(peer)
+                };
+                if fresh {
+                    let (s, syncing) = (shared.clone(), syncing.clone());
+                    tokio::spawn(async move {
+                        sync_adverts(s, peer).await;
+                        syncing.lock().remove(&peer);
                     });
                 }
             }

@@ -45,6 +45,13 @@ pub struct Shared {
     pub accept_rate: Mutex<Buckets<()>>,
     /// When each signer's own advert last came straight from it.
     pub direct_adverts: Mutex<Buckets<PublicKey>>,
+    /// Advert-sync requests each peer may make.
+    pub sync_rate: Mutex<Buckets<PeerId>>,
+    /// The advert shard this node publishes on, and the ones it follows.
+    pub own_shard: u8,
+    /// Whether the last advert published found no peer to take it.
+    pub advert_unheard: std::sync::atomic::AtomicBool,
+    pub follow: Mutex<protocol::shards::FollowPlan>,
     /// Benchmark checks done and waiting, bounded.
     pub score_checks: Mutex<ScoreChecks>,
     /// One benchmark re-check runs at a time.

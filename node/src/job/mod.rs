@@ -1244,6 +1244,7 @@ mod tests {
             issued_at_ms: 0,
             expires_at_ms: u64::MAX,
             score_verified: true,
+            envelope: Vec::new(),
         };
         (key(n), entry)
     }

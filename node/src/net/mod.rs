@@ -5,7 +5,7 @@
 //!
 //! Protocols: QUIC and TCP (noise + yamux), identify, ping, Kademlia
 //! (`/tern/kad/1`), mDNS (optional), gossipsub (adverts on
-//! [`ADVERT_TOPIC`]), request-response `/tern/blob/1` and `/tern/task/1`,
+//! [`advert_topic`], one topic a shard), request-response `/tern/blob/1`, `/tern/task/1` and `/tern/advert-sync/1`,
 //! connection limits, the circuit relay client (listening through the
 //! configured `relays`), and, when configured, a relay server and AutoNAT +
 //! DCUtR.
@@ -30,12 +30,16 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::Config;
 pub use crate::identity::peer_of;
 
-/// Gossipsub topic of hardware adverts.
-pub const ADVERT_TOPIC: &str = "/tern/adverts/1";
+pub use protocol::shards::{ShardSet, topic as advert_topic};
 /// Blob transfer protocol.
 pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/blob/1");
 /// Task protocol: a signed task envelope in, a signed result envelope out.
 pub const TASK_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/task/1");
+/// Advert exchange between new neighbours: the shards the asker follows
+/// in, the adverts the answerer holds in them out.
+pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/advert-sync/1");
+/// Largest advert-sync answer: 256 adverts of the largest size.
+pub const MAX_SYNC_RESPONSE: usize = 256 * (protocol::limits::MAX_ADVERT_BYTES + 256);
 
 /// Length-prefixed opaque messages with a size limit per direction.
 #[derive(Debug, Clone)]
@@ -153,6 +157,7 @@ pub struct Behaviour {
     mdns: Toggle<mdns::tokio::Behaviour>,
     blob: request_response::Behaviour<Codec>,
     task: request_response::Behaviour<Codec>,
+    sync: request_response::Behaviour<Codec>,
     relay: relay::client::Behaviour,
     relay_server: Toggle<relay::Behaviour>,
     dcutr: Toggle<dcutr::Behaviour>,
@@ -165,11 +170,20 @@ pub type Responder = request_response::ResponseChannel<Vec<u8>>;
 /// What peers send that the node must act on.
 #[derive(Debug)]
 pub enum Inbound {
-    /// A gossip message on the advert topic, to validate and report.
+    /// A gossip message on an advert topic, to validate and report;
+    /// `shard` is the topic's (None for a topic that is not an advert
+    /// shard's).
     Advert {
         source: PeerId,
         id: gossipsub::MessageId,
+        shard: Option<u8>,
         data: Vec<u8>,
+    },
+    /// A new neighbour asks for the adverts held in the shards it follows.
+    AdvertSync {
+        peer: PeerId,
+        request: Vec<u8>,
+        channel: Responder,
     },
     /// A blob-protocol request.
     BlobRequest {
@@ -191,8 +205,18 @@ pub enum Inbound {
 #[derive(Debug)]
 pub enum Command {
     Publish {
+        shard: u8,
         data: Vec<u8>,
         reply: oneshot::Sender<Result<()>>,
+    },
+    Follow {
+        shards: ShardSet,
+    },
+    ShardPeers {
+        reply: oneshot::Sender<[u16; protocol::shards::SHARDS as usize]>,
+    },
+    DialPeer {
+        peer: PeerId,
     },
     Validation {
         source: PeerId,
@@ -367,9 +391,25 @@ impl Net {
         rx.await.map_err(|_| anyhow!("the network has stopped"))
     }
 
-    /// Publishes on the advert topic.
-    pub async fn publish(&self, data: Vec<u8>) -> Result<()> {
-        self.call(|reply| Command::Publish { data, reply }).await?
+    /// Publishes on advert shard `shard`'s topic.
+    pub async fn publish(&self, shard: u8, data: Vec<u8>) -> Result<()> {
+        self.call(|reply| Command::Publish { shard, data, reply }).await?
+    }
+
+    /// How many connected peers subscribe to each advert shard's topic.
+    pub async fn shard_peers(&self) -> Result<[u16; protocol::shards::SHARDS as usize]> {
+        self.call(|reply| Command::ShardPeers { reply }).await
+    }
+
+    /// Dials a peer at the addresses the swarm knows for it (adverts,
+    /// identify, Kademlia), unless connected.
+    pub async fn dial_peer(&self, peer: PeerId) {
+        let _ = self.tx.send(Command::DialPeer { peer }).await;
+    }
+
+    /// Follows (subscribes to) exactly the advert shards in `shards`.
+    pub async fn follow(&self, shards: ShardSet) {
+        let _ = self.tx.send(Command::Follow { shards }).await;
     }
 
     /// Reports a gossip message's validation result (forwarding it or not).
@@ -573,7 +613,10 @@ fn gossip_score_params() -> gossipsub::PeerScoreParams {
         ip_colocation_factor_threshold: 64.0,
         ..Default::default()
     };
-    p.topics.insert(gossipsub::IdentTopic::new(ADVERT_TOPIC).hash(), topic);
+    for s in 0..protocol::shards::SHARDS {
+        p.topics
+            .insert(gossipsub::IdentTopic::new(advert_topic(s)).hash(), topic.clone());
+    }
     p
 }
 
@@ -662,6 +705,7 @@ pub fn start(config: &Config, key: libp2p::identity::Keypair) -> Result<(Net, mp
                     protocol::limits::MAX_ENVELOPE_BYTES,
                     TASK_REQUEST_TIMEOUT,
                 ),
+                sync: rr(SYNC_PROTOCOL, 64, MAX_SYNC_RESPONSE, Duration::from_secs(20)),
                 relay,
                 relay_server: Toggle::from(relay_server.then(|| {
                     relay::Behaviour::new(
@@ -684,11 +728,14 @@ pub fn start(config: &Config, key: libp2p::identity::Keypair) -> Result<(Net, mp
         .gossip
         .with_peer_score(gossip_score_params(), gossipsub::PeerScoreThresholds::default())
         .map_err(|e| anyhow!("gossip peer scoring: {e}"))?;
-    swarm
-        .behaviour_mut()
-        .gossip
-        .subscribe(&gossipsub::IdentTopic::new(ADVERT_TOPIC))
-        .map_err(|e| anyhow!("subscribing to adverts: {e:?}"))?;
+    // Every shard to begin with: the daemon narrows it (`shards::FollowPlan`).
+    for s in ShardSet::ALL.iter() {
+        swarm
+            .behaviour_mut()
+            .gossip
+            .subscribe(&gossipsub::IdentTopic::new(advert_topic(s)))
+            .map_err(|e| anyhow!("subscribing to adverts: {e:?}"))?;
+    }
     for addr in &config.listen {
         let a: Multiaddr = addr.parse().with_context(|| format!("listen address {addr:?}"))?;
         swarm.listen_on(a).with_context(|| format!("listening on {addr}"))?;
@@ -796,7 +843,37 @@ fn is_unspecified(addr: &Multiaddr) -> bool {
 
 /// Requests awaiting their response. The blob and task behaviours number
 /// their requests independently, so the key says which one sent it.
-type Pending = HashMap<(bool, request_response::OutboundRequestId), oneshot::Sender<Result<Vec<u8>>>>;
+type Pending = HashMap<(Rr, request_response::OutboundRequestId), oneshot::Sender<Result<Vec<u8>>>>;
+
+/// The request-response behaviours, by protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Rr {
+    Blob,
+    Task,
+    Sync,
+}
+
+impl Rr {
+    fn of(protocol: &StreamProtocol) -> Rr {
+        if *protocol == BLOB_PROTOCOL {
+            Rr::Blob
+        } else if *protocol == SYNC_PROTOCOL {
+            Rr::Sync
+        } else {
+            Rr::Task
+        }
+    }
+}
+
+impl Behaviour {
+    fn rr(&mut self, protocol: &StreamProtocol) -> &mut request_response::Behaviour<Codec> {
+        match Rr::of(protocol) {
+            Rr::Blob => &mut self.blob,
+            Rr::Task => &mut self.task,
+            Rr::Sync => &mut self.sync,
+        }
+    }
+}
 
 /// The task that owns the swarm.
 pub struct EventLoop {
@@ -1078,13 +1155,39 @@ impl EventLoop {
         }
         let b = self.swarm.behaviour_mut();
         match command {
-            Command::Publish { data, reply } => {
+            Command::Publish { shard, data, reply } => {
                 let r = b
                     .gossip
-                    .publish(gossipsub::IdentTopic::new(ADVERT_TOPIC), data)
+                    .publish(gossipsub::IdentTopic::new(advert_topic(shard)), data)
                     .map(drop)
                     .map_err(|e| anyhow!("publishing: {e:?}"));
                 let _ = reply.send(r);
+            }
+            Command::ShardPeers { reply } => {
+                let mut counts = [0u16; protocol::shards::SHARDS as usize];
+                for (_, topics) in b.gossip.all_peers() {
+                    for t in topics {
+                        if let Some(s) = (0..protocol::shards::SHARDS).find(|&s| t.as_str() == advert_topic(s)) {
+                            counts[s as usize] = counts[s as usize].saturating_add(1);
+                        }
+                    }
+                }
+                let _ = reply.send(counts);
+            }
+            Command::DialPeer { peer } => {
+                if !self.swarm.is_connected(&peer) {
+                    let _ = self.swarm.dial(peer);
+                }
+            }
+            Command::Follow { shards } => {
+                for s in 0..protocol::shards::SHARDS {
+                    let t = gossipsub::IdentTopic::new(advert_topic(s));
+                    if shards.contains(s) {
+                        let _ = b.gossip.subscribe(&t);
+                    } else {
+                        b.gossip.unsubscribe(&t);
+                    }
+                }
             }
             Command::Validation { source, id, accept } => {
                 b.gossip.report_message_validation_result(&id, &source, accept);
@@ -1095,24 +1198,15 @@ impl EventLoop {
                 data,
                 reply,
             } => {
-                let id = if protocol == BLOB_PROTOCOL {
-                    b.blob.send_request(&peer, data)
-                } else {
-                    b.task.send_request(&peer, data)
-                };
-                self.pending.insert((protocol == BLOB_PROTOCOL, id), reply);
+                let id = b.rr(&protocol).send_request(&peer, data);
+                self.pending.insert((Rr::of(&protocol), id), reply);
             }
             Command::Respond {
                 protocol,
                 channel,
                 data,
             } => {
-                let r = if protocol == BLOB_PROTOCOL {
-                    b.blob.send_response(channel, data)
-                } else {
-                    b.task.send_response(channel, data)
-                };
-                if r.is_err() {
+                if b.rr(&protocol).send_response(channel, data).is_err() {
                     tracing::debug!("a peer went away before its response was sent");
                 }
             }
@@ -1402,15 +1496,18 @@ impl EventLoop {
                 message_id,
                 message,
             })) => {
+                let shard = (0..protocol::shards::SHARDS).find(|&s| message.topic.as_str() == advert_topic(s));
                 self.forward(Inbound::Advert {
                     source: propagation_source,
                     id: message_id,
+                    shard,
                     data: message.data,
                 })
                 .await;
             }
             SwarmEvent::Behaviour(BehaviourEvent::Blob(e)) => self.on_rr(e, BLOB_PROTOCOL).await,
             SwarmEvent::Behaviour(BehaviourEvent::Task(e)) => self.on_rr(e, TASK_PROTOCOL).await,
+            SwarmEvent::Behaviour(BehaviourEvent::Sync(e)) => self.on_rr(e, SYNC_PROTOCOL).await,
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 id,
                 result: kad::QueryResult::GetProviders(r),
@@ -1436,15 +1533,15 @@ impl EventLoop {
         match e {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request { request, channel, .. } => {
-                    let event = if protocol == BLOB_PROTOCOL {
-                        Inbound::BlobRequest { peer, request, channel }
-                    } else {
-                        Inbound::Task { peer, request, channel }
+                    let event = match Rr::of(&protocol) {
+                        Rr::Blob => Inbound::BlobRequest { peer, request, channel },
+                        Rr::Task => Inbound::Task { peer, request, channel },
+                        Rr::Sync => Inbound::AdvertSync { peer, request, channel },
                     };
                     self.forward(event).await;
                 }
                 request_response::Message::Response { request_id, response } => {
-                    if let Some(reply) = self.pending.remove(&(protocol == BLOB_PROTOCOL, request_id)) {
+                    if let Some(reply) = self.pending.remove(&(Rr::of(&protocol), request_id)) {
                         let _ = reply.send(Ok(response));
                     }
                 }
@@ -1455,7 +1552,7 @@ impl EventLoop {
                 error,
                 ..
             } => {
-                if let Some(reply) = self.pending.remove(&(protocol == BLOB_PROTOCOL, request_id)) {
+                if let Some(reply) = self.pending.remove(&(Rr::of(&protocol), request_id)) {
                     let retryable = matches!(
                         error,
                         request_response::OutboundFailure::ConnectionClosed

@@ -557,12 +557,13 @@ async fn flood_adverts(
         let mut secret = [0u8; 32];
         secret[..8].copy_from_slice(&base.to_le_bytes());
         secret[8..16].copy_from_slice(&n.to_le_bytes());
+        let key = Keypair::from_secret(secret);
         let bytes = protocol::seal(
-            &Keypair::from_secret(secret),
+            &key,
             &payload,
             Validity::new(n, now_ms(), protocol::limits::MAX_ADVERT_TTL_MS),
         );
-        match net.publish(bytes).await {
+        match net.publish(protocol::shards::shard_of(&key.public()), bytes).await {
             Ok(()) => c.adverts.fetch_add(1, Ordering::Relaxed),
             Err(_) => {
                 // No one takes them (every peer has cut it off): an attacker

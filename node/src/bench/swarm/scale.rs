@@ -27,6 +27,9 @@ use serde::Serialize;
 
 use super::{Daemon, bench_config, proc_memory, process_config, spawn_node};
 use crate::config::Config;
+use crate::net::ShardSet;
+use protocol::PublicKey;
+use protocol::shards::shard_of;
 use crate::daemon::control::ControlClient;
 use crate::daemon::{self, NodeHandle};
 
@@ -89,7 +92,7 @@ struct Observer {
 }
 
 impl Observer {
-    fn start(root: &Path, bootstrap: String) -> Result<Self> {
+    fn start(root: &Path, bootstrap: String, advert_target: usize) -> Result<Self> {
         let dir = root.join("observer");
         std::fs::create_dir_all(&dir)?;
         let config = Config {
@@ -97,6 +100,7 @@ impl Observer {
             // A node among hundreds on 2 cores: its speed benchmark would
             // measure the contention, and every peer would recompute it.
             bench: false,
+            advert_target,
             // On 127.0.0.1, which no in-process node uses.
             ..process_config(&dir)
         };
@@ -115,6 +119,25 @@ impl Observer {
             .ok()
             .and_then(|v| v.as_array().map(Vec::len))
             .unwrap_or(0)
+    }
+
+    /// Its key, and the advert shards it follows now.
+    async fn key_and_shards(&self) -> Result<(PublicKey, ShardSet)> {
+        let s = self.get("/v1/status").await?;
+        let key = s["public_key"].as_str().unwrap_or_default().parse()?;
+        Ok((key, ShardSet(s["advert_shards"].as_u64().unwrap_or(0))))
+    }
+
+    /// How many of the keys it holds adverts of are in `shards`.
+    async fn known_in(&self, shards: ShardSet) -> usize {
+        let rows = self.get("/v1/peers").await.ok();
+        rows.as_ref()
+            .and_then(|v| v.as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["public_key"].as_str()?.parse::<PublicKey>().ok())
+            .filter(|k| shards.contains(shard_of(k)))
+            .count()
     }
 
     /// Bytes in, bytes out, advert bytes so far.
@@ -136,7 +159,7 @@ async fn swarm_traffic(swarm: &[NodeHandle]) -> Result<u64> {
 }
 
 /// Runs the scale measurement through `sizes` (ascending).
-pub async fn measure_scale(root: &Path, sizes: &[usize], window: Duration) -> Result<ScaleReport> {
+pub async fn measure_scale(root: &Path, sizes: &[usize], window: Duration, advert_target: usize) -> Result<ScaleReport> {
     let mut sizes = sizes.to_vec();
     sizes.sort_unstable();
     sizes.dedup();
@@ -146,20 +169,24 @@ pub async fn measure_scale(root: &Path, sizes: &[usize], window: Duration) -> Re
     );
     let defaults = Config::default();
     let mut rng = kernels::rng::SplitMix64::new(0x5ca1e);
-    let mut swarm: Vec<NodeHandle> = vec![daemon::start(bench_config(&root.join("scale-0"), &host(0))).await?];
+    let config = |i: usize| Config {
+        advert_target,
+        ..bench_config(&root.join(format!("scale-{i}")), &host(i))
+    };
+    let mut swarm: Vec<NodeHandle> = vec![daemon::start(config(0)).await?];
     let boot = |n: &NodeHandle| n.dial_addrs().iter().map(|a| a.to_string()).collect::<Vec<_>>();
     let first = boot(&swarm[0])
         .into_iter()
         .next()
         .ok_or_else(|| anyhow!("the first node has no address"))?;
-    let observer = Observer::start(root, first)?;
+    let observer = Observer::start(root, first, advert_target)?;
     let mut points = Vec::new();
     let result = async {
         for &n in &sizes {
             // n - 1 in this process, and the observer.
             while swarm.len() < n - 1 {
                 let i = swarm.len();
-                let mut c = bench_config(&root.join(format!("scale-{i}")), &host(i));
+                let mut c = config(i);
                 let pick = (rng.next_u64() % swarm.len() as u64) as usize;
                 c.bootstrap = boot(&swarm[pick]);
                 swarm.push(daemon::start(c).await?);
@@ -168,14 +195,35 @@ pub async fn measure_scale(root: &Path, sizes: &[usize], window: Duration) -> Re
             }
             let t_last = Instant::now();
             let limit = Duration::from_secs(4 * defaults.advert_interval_secs + 60);
+            // Converged when every node holds the advert of every node in
+            // the shards it follows (all of them, unless the target is
+            // below the swarm's size).
             let (convergence, least) = loop {
+                let (observer_key, observer_shards) = observer.key_and_shards().await?;
+                let keys: Vec<PublicKey> = swarm
+                    .iter()
+                    .map(|s| s.shared.key.public())
+                    .chain([observer_key])
+                    .collect();
+                let missing = |shards: ShardSet, held: usize| {
+                    keys.iter().filter(|k| shards.contains(shard_of(k))).count().saturating_sub(held)
+                };
+                let most_missing = swarm
+                    .iter()
+                    .map(|s| {
+                        let shards = s.shared.follow.lock().followed();
+                        missing(shards, s.shared.peers.lock().count_in(shards))
+                    })
+                    .max()
+                    .unwrap_or(0)
+                    .max(missing(observer_shards, observer.known_in(observer_shards).await));
                 let least = swarm
                     .iter()
                     .map(|s| s.peers().len())
                     .min()
                     .unwrap_or(0)
                     .min(observer.known().await);
-                if least >= n {
+                if most_missing == 0 {
                     break (Some(t_last.elapsed().as_secs_f64()), least);
                 }
                 if t_last.elapsed() > limit {
