@@ -97,7 +97,11 @@ async fn nodes_follow_part_of_the_advert_shards_and_hold_those_whole() {
         nodes.iter().all(|n| {
             let followed = n.shared.follow.lock().followed();
             let mut held: Vec<_> = n.peers().into_iter().map(|(k, _)| k).collect();
-            let mut expected: Vec<_> = keys.iter().copied().filter(|k| followed.contains(shard_of(k))).collect();
+            let mut expected: Vec<_> = keys
+                .iter()
+                .copied()
+                .filter(|k| followed.contains(shard_of(k)))
+                .collect();
             held.sort();
             expected.sort();
             held == expected

@@ -4,6 +4,7 @@
 //! exit code; everything it runs lives here so tests can call it.
 //!
 //! One folder per concern:
+//! - [`api`]: the OpenAI-compatible HTTP API applications use.
 //! - [`cli`]: the command line, one file per command group.
 //! - [`bench`]: `tern bench ...`.
 //! - [`daemon`]: the node's lifecycle, its configuration, identity and
@@ -15,6 +16,7 @@
 //! - [`job`]: the client's side: distributed fine-tunes (their loop around
 //!   `protocol::schedule`), verified inference and the reputation record.
 
+pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod clock;

@@ -24,4 +24,11 @@ pub struct Stats {
     pub tasks_refused: u64,
     pub tasks_failed: u64,
     pub blob_requests_served: u64,
+    /// OpenAI API requests generated on this node, and those whose
+    /// generation stopped before its end because nothing read on (the
+    /// client went away, or a stop sequence ended the answer).
+    pub api_local: u64,
+    pub api_stopped_early: u64,
+    /// OpenAI API requests computed by a peer and verified here.
+    pub api_remote: u64,
 }

@@ -50,6 +50,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// How an OpenAI client reaches the running daemon: the base URL and
+    /// the API key (the control token), as environment variables.
+    Api(DataDirArg),
     /// Peers known from their adverts.
     Peers {
         #[command(flatten)]
@@ -214,6 +217,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Id(d) => node::id(&d),
         Command::Status { dir, json } => node::status(&dir, json),
         Command::Peers { dir, json } => node::peers(&dir, json),
+        Command::Api(dir) => node::api(&dir),
         Command::Blob(c) => node::blob(&c),
         Command::Submit(SubmitCommand::Finetune(a)) => job::submit_finetune(&a),
         Command::Submit(SubmitCommand::Infer(a)) => job::submit_infer(&a),

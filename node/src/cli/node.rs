@@ -125,6 +125,18 @@ pub fn id(dir: &DataDirArg) -> Result<()> {
     Ok(())
 }
 
+/// `tern api`.
+pub fn api(dir: &DataDirArg) -> Result<()> {
+    let c = ControlClient::new(&dir.data_dir)?;
+    let (base, token) = c.endpoint();
+    println!("export OPENAI_BASE_URL={base}/v1");
+    println!("export OPENAI_API_KEY={token}");
+    eprintln!(
+        "(an OpenAI client reads both from the environment: `eval $(tern api)`; models: curl -H \"Authorization: Bearer $OPENAI_API_KEY\" $OPENAI_BASE_URL/models)"
+    );
+    Ok(())
+}
+
 /// `tern status`.
 pub fn status(dir: &DataDirArg, json: bool) -> Result<()> {
     let s = ControlClient::new(&dir.data_dir)?.get("/v1/status")?;

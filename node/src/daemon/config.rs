@@ -98,6 +98,11 @@ pub struct Config {
     /// its gossip stays bounded however large the swarm. 0 follows every
     /// shard (a client that wants to know the whole swarm, at any cost).
     pub advert_target: usize,
+    /// Generate OpenAI API requests on this node when it holds the model
+    /// and is not paused by its power policy; false sends every one to a
+    /// peer (checked here before it is answered): a phone that should not
+    /// spend its battery on generation.
+    pub api_local: bool,
     /// Run the benchmark and advertise its score.
     pub bench: bool,
     /// Look for a GPU to advertise (opening one takes a moment).
@@ -220,6 +225,7 @@ impl Default for Config {
             advert_interval_secs: 30,
             advert_ttl_secs: 120,
             advert_target: 256,
+            api_local: true,
             bench: true,
             gpu: true,
             compute: Compute::Auto,

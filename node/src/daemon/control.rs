@@ -135,7 +135,7 @@ fn authorize(api: &Api, headers: &HeaderMap) -> std::result::Result<(), ApiError
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -172,11 +172,9 @@ pub async fn serve(
     let dir = &shared.config.data_dir;
     write_private(&dir.join("control.token"), token.as_bytes())?;
     write_private(&dir.join("control.addr"), addr.to_string().as_bytes())?;
-    let api = Api {
-        shared,
-        jobs,
-        token: Arc::new(token),
-    };
+    let token = Arc::new(token);
+    let openai = crate::api::openai::router(shared.clone(), token.clone());
+    let api = Api { shared, jobs, token };
     let app = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/peers", get(peers))
@@ -194,7 +192,8 @@ pub async fn serve(
             "/v1/jobs",
             post(submit_job).layer(axum::extract::DefaultBodyLimit::max(MAX_SPEC_BYTES)),
         )
-        .with_state(api);
+        .with_state(api)
+        .merge(openai);
     let task = tokio::spawn(async move {
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;
@@ -535,6 +534,11 @@ impl ControlClient {
             token: token.trim().to_string(),
             agent,
         })
+    }
+
+    /// The daemon's base URL (`http://127.0.0.1:PORT`) and its token.
+    pub fn endpoint(&self) -> (&str, &str) {
+        (&self.base, &self.token)
     }
 
     fn finish(

@@ -186,6 +186,7 @@ pub async fn start(config: Config) -> Result<NodeHandle> {
         )),
         direct_adverts: Mutex::new(Buckets::new(1.0 / DIRECT_ADVERT_GAP_SECS, 1, 4096)),
         sync_rate: Mutex::new(Buckets::new(1.0 / SYNC_GAP_SECS, 3, 4096)),
+        synced: Mutex::default(),
         own_shard,
         advert_unheard: std::sync::atomic::AtomicBool::new(true),
         follow: Mutex::new(protocol::shards::FollowPlan::new(own_shard, config.advert_target)),
@@ -302,7 +303,13 @@ async fn follow_shards(shared: &Arc<Shared>) {
     let changed = shared.follow.lock().update(held);
     let shards = shared.follow.lock().followed();
     if changed {
-        tracing::info!(shards = shards.len(), held, "following {} advert shards of {}", shards.len(), protocol::shards::SHARDS);
+        tracing::info!(
+            shards = shards.len(),
+            held,
+            "following {} advert shards of {}",
+            shards.len(),
+            protocol::shards::SHARDS
+        );
         shared.net.follow(shards).await;
     }
     // A shard's adverts reach only the nodes that follow it and are
@@ -474,6 +481,9 @@ const SYNC_GAP_SECS: f64 = 10.0;
 /// Advert syncs this node asks at once (one a peer).
 const MAX_SYNCS: usize = 64;
 
+/// Peers whose last sync time is kept.
+const MAX_SYNCED: usize = 4096;
+
 /// Drops a message from a peer past its rate, and bans it when it is past
 /// twice that; returns whether the message may be read.
 async fn rate_checked(shared: &Arc<Shared>, verdict: Verdict, peer: PeerId) -> bool {
@@ -585,6 +595,16 @@ const SYNC_LIMIT: usize = 256;
 async fn sync_adverts(shared: Arc<Shared>, peer: PeerId) {
     use prost::Message as _;
     let followed = shared.follow.lock().followed();
+    {
+        let mut synced = shared.synced.lock();
+        if synced.len() >= MAX_SYNCED && !synced.contains_key(&peer) {
+            // The one synced longest ago makes room.
+            if let Some(oldest) = synced.iter().min_by_key(|(_, at)| **at).map(|(p, _)| *p) {
+                synced.remove(&oldest);
+            }
+        }
+        synced.insert(peer, now_ms());
+    }
     let request = protocol::wire::AdvertSyncRequest { shards: followed.0 }.encode_to_vec();
     let response = match shared.net.request(peer, net::SYNC_PROTOCOL, request).await {
         Ok(r) => r,
@@ -686,7 +706,12 @@ async fn inbound_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>)
     let syncing: Arc<Mutex<std::collections::HashSet<PeerId>>> = Arc::default();
     while let Some(event) = inbound.recv().await {
         match event {
-            Inbound::Advert { source, id, shard, data } => on_advert(&shared, source, id, shard, data).await,
+            Inbound::Advert {
+                source,
+                id,
+                shard,
+                data,
+            } => on_advert(&shared, source, id, shard, data).await,
             Inbound::AdvertSync { peer, request, channel } => {
                 if let Some(answer) = answer_sync(&shared, peer, &request) {
                     shared.net.respond(net::SYNC_PROTOCOL, channel, answer).await;
@@ -733,7 +758,12 @@ async fn inbound_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>)
                 // The two sides swap what they hold (this node's own advert
                 // comes from its table too), rather than publishing to the
                 // whole swarm. Bounded: one sync a peer at a time.
-                let fresh = {
+                // Not again with a peer synced within two advert intervals:
+                // connected since, it heard the same gossip, and what it
+                // missed while apart is published again within an interval.
+                let gap = 2 * shared.config.advert_interval().as_millis() as u64;
+                let due = shared.synced.lock().get(&peer).is_none_or(|&at| now_ms() >= at + gap);
+                let fresh = due && {
                     let mut set = syncing.lock();
                     set.len() < MAX_SYNCS && set.insert(peer)
                 };

@@ -47,6 +47,8 @@ pub struct Shared {
     pub direct_adverts: Mutex<Buckets<PublicKey>>,
     /// Advert-sync requests each peer may make.
     pub sync_rate: Mutex<Buckets<PeerId>>,
+    /// When this node last asked each peer for an advert sync (ms), bounded.
+    pub synced: Mutex<std::collections::HashMap<PeerId, u64>>,
     /// The advert shard this node publishes on, and the ones it follows.
     pub own_shard: u8,
     /// Whether the last advert published found no peer to take it.

@@ -27,11 +27,11 @@ use serde::Serialize;
 
 use super::{Daemon, bench_config, proc_memory, process_config, spawn_node};
 use crate::config::Config;
+use crate::daemon::control::ControlClient;
+use crate::daemon::{self, NodeHandle};
 use crate::net::ShardSet;
 use protocol::PublicKey;
 use protocol::shards::shard_of;
-use crate::daemon::control::ControlClient;
-use crate::daemon::{self, NodeHandle};
 
 /// The wait between two nodes' starts.
 const JOIN_EVERY: Duration = Duration::from_millis(100);
@@ -159,7 +159,12 @@ async fn swarm_traffic(swarm: &[NodeHandle]) -> Result<u64> {
 }
 
 /// Runs the scale measurement through `sizes` (ascending).
-pub async fn measure_scale(root: &Path, sizes: &[usize], window: Duration, advert_target: usize) -> Result<ScaleReport> {
+pub async fn measure_scale(
+    root: &Path,
+    sizes: &[usize],
+    window: Duration,
+    advert_target: usize,
+) -> Result<ScaleReport> {
     let mut sizes = sizes.to_vec();
     sizes.sort_unstable();
     sizes.dedup();
@@ -206,7 +211,10 @@ pub async fn measure_scale(root: &Path, sizes: &[usize], window: Duration, adver
                     .chain([observer_key])
                     .collect();
                 let missing = |shards: ShardSet, held: usize| {
-                    keys.iter().filter(|k| shards.contains(shard_of(k))).count().saturating_sub(held)
+                    keys.iter()
+                        .filter(|k| shards.contains(shard_of(k)))
+                        .count()
+                        .saturating_sub(held)
                 };
                 let most_missing = swarm
                     .iter()
