@@ -580,6 +580,30 @@ fn bench_swarm_quick_measures_convergence_transfer_and_idle_memory() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// `tern bench api`: both paths generate the same tokens, and the figures
+/// are there.
+#[test]
+fn the_api_benchmark_measures_both_paths() {
+    let out = ok(&tern(&[
+        "bench",
+        "api",
+        "--preset",
+        "tiny",
+        "--runs",
+        "2",
+        "--max-tokens",
+        "12",
+        "--json",
+    ]));
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["engine"]["tokens"], r["api"]["tokens"], "{r}");
+    for side in ["engine", "api"] {
+        assert!(r[side]["first_token_seconds"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r[side]["tokens_per_second"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert!(r["tokens_per_second_ratio"].as_f64().unwrap() > 0.0);
+}
+
 #[cfg(unix)]
 #[test]
 fn a_finetune_submitted_through_the_cli_runs_on_a_daemon_and_its_adapter_is_fetched() {

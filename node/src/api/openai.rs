@@ -602,22 +602,15 @@ async fn start(
         return Ok((rx, origin));
     }
     let say = |m: &str| tracing::info!("api: {m}");
-    let answer = crate::job::infer::infer(
-        &api.shared.client,
-        s.model,
-        prompt,
-        s.max_tokens,
-        s.sampling,
-        &say,
-    )
-    .await
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            format!("no peer could compute it: {e:#}"),
-        )
-    })?;
+    let answer = crate::job::infer::infer(&api.shared.client, s.model, prompt, s.max_tokens, s.sampling, &say)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                format!("no peer could compute it: {e:#}"),
+            )
+        })?;
     api.shared.stats.lock().api_remote += 1;
     let origin = Origin {
         worker: answer.worker.to_string(),

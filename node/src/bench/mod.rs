@@ -15,6 +15,7 @@
 //!
 //! Every figure is the median of repeated runs.
 
+pub mod api;
 pub mod job;
 pub mod model;
 pub mod swarm;

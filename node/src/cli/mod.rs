@@ -172,6 +172,9 @@ pub enum BenchCommand {
     /// mode, the share of time outside compute, and the held-out loss
     /// against local training.
     Job(job_bench::JobBenchArgs),
+    /// Time to first token and tokens/s through the OpenAI API (streamed
+    /// over HTTP) against `tern generate`'s engine, in one run.
+    Api(crate::bench::api::ApiBenchArgs),
 }
 
 /// Runs a parsed command line.
@@ -191,6 +194,10 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(BenchCommand::Swarm(args)) => {
             let report = swarm_bench::run(&args)?;
+            print_report(args.json, &report, || report.to_table())
+        }
+        Command::Bench(BenchCommand::Api(args)) => {
+            let report = crate::bench::api::run(&args)?;
             print_report(args.json, &report, || report.to_table())
         }
         Command::Bench(BenchCommand::Job(args)) => {
