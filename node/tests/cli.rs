@@ -726,6 +726,9 @@ fn the_demo_fine_tunes_on_a_local_swarm_and_the_adapter_helps() {
     };
     let (before, after) = (right("generation before"), right("generation after"));
     assert!(after > before, "before {before}, after {after}\n{out}");
+    // What it learned reads as words a person can check, not token names.
+    assert!(out.contains("made-up word pairs (\""), "{out}");
+    assert!(!out.contains("reserved_special"), "{out}");
     assert!(d.join("adapter/adapter_model.safetensors").exists());
 }
 

@@ -323,7 +323,34 @@ pub fn synthetic_choices(
 ) -> (Vec<Sequence>, Vec<(u32, Vec<u32>)>) {
     // Skip the first few ids: special tokens live there.
     let first = 8u32.min(vocab as u32 / 4);
-    let mut ids: Vec<u32> = (first..vocab as u32).collect();
+    choices_over((first..vocab as u32).collect(), bos, pairs, choices, sequences, seed)
+}
+
+/// [`synthetic_mapping`] with keys and values drawn from `ids` only (for
+/// example tokens that read as words, so that a person can judge what
+/// was learned). Each id is a key or a value at most once.
+pub fn mapping_over(
+    ids: &[u32],
+    bos: u32,
+    pairs: usize,
+    sequences: usize,
+    seed: u64,
+) -> (Vec<Sequence>, Vec<(u32, u32)>) {
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    let (seqs, map) = choices_over(ids, bos, pairs, 1, sequences, seed);
+    (seqs, map.into_iter().map(|(k, v)| (k, v[0])).collect())
+}
+
+fn choices_over(
+    mut ids: Vec<u32>,
+    bos: u32,
+    pairs: usize,
+    choices: usize,
+    sequences: usize,
+    seed: u64,
+) -> (Vec<Sequence>, Vec<(u32, Vec<u32>)>) {
     shuffle(&mut ids, seed);
     let choices = choices.max(1);
     let pairs = pairs.min(ids.len() / (1 + choices));
@@ -371,6 +398,20 @@ pub fn random_sequences(vocab: usize, len: usize, n: usize, seed: u64) -> Vec<Se
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mapping_over_chosen_ids_uses_only_those_each_once() {
+        let ids: Vec<u32> = (100..140).chain(100..110).collect();
+        let (seqs, pairs) = mapping_over(&ids, 0, 16, 5, 3);
+        assert_eq!(pairs.len(), 16);
+        let mut used: Vec<u32> = pairs.iter().flat_map(|&(k, v)| [k, v]).collect();
+        assert!(used.iter().all(|t| (100..140).contains(t)));
+        used.sort_unstable();
+        used.dedup();
+        assert_eq!(used.len(), 32, "each id once");
+        assert_eq!(seqs.len(), 5);
+        assert!(seqs.iter().all(|s| s.tokens.len() == 33 && s.tokens[0] == 0));
+    }
 
     #[test]
     fn jsonl_records_of_every_kind_parse_and_bad_lines_are_numbered() {

@@ -888,6 +888,19 @@ pub fn audit(a: &JobArgs, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Tokens that read as one English word: a space then two or more
+/// letters (the tokenizer's merges of common words).
+fn word_tokens(tok: &model::Tokenizer, vocab: usize) -> Vec<u32> {
+    (0..vocab as u32)
+        .filter(|&t| {
+            tok.decode(&[t], false).is_ok_and(|s| {
+                s.strip_prefix(' ')
+                    .is_some_and(|w| w.len() >= 2 && w.bytes().all(|b| b.is_ascii_alphabetic()))
+            })
+        })
+        .collect()
+}
+
 /// Greedy completions of every key of the synthetic mapping: how many
 /// values the model gets right, and a few examples.
 fn mapping_accuracy(
@@ -910,7 +923,7 @@ fn mapping_accuracy(
         let got = out.first().copied().unwrap_or(0);
         right += usize::from(got == v);
         if i < 4 {
-            let t = |x: u32| tok.decode(&[x], false).unwrap_or_default();
+            let t = |x: u32| tok.decode(&[x], false).unwrap_or_default().trim().to_string();
             let (k, g, want) = (format!("{:?}", t(k)), format!("{:?}", t(got)), format!("{:?}", t(v)));
             let mark = if got == v { "  ok" } else { "" };
             shown.push(format!("{k:>12} -> {g:<12} (want {want}){mark}"));
@@ -945,12 +958,34 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     let loaded = model::load(&model_path)?;
     let c = &loaded.weights.config;
     let bos = loaded.tokenizer.bos().unwrap_or(1);
-    let (seqs, pairs) = data::synthetic_mapping(c.vocab_size, bos, 16, 40, a.seed);
+    // Made-up facts a reader can check: 16 pairs of English words from the
+    // tokenizer's vocabulary ("king" means "love"), which no model knows.
+    let words = word_tokens(&loaded.tokenizer, c.vocab_size);
+    ensure!(
+        words.len() >= 32,
+        "the tokenizer has {} word tokens, fewer than the 32 the demo pairs",
+        words.len()
+    );
+    let (seqs, pairs) = data::mapping_over(&words, bos, 16, 40, a.seed);
     let (train, eval): (&[Sequence], &[Sequence]) = seqs.split_at(32);
+    let word = |t: u32| {
+        loaded
+            .tokenizer
+            .decode(&[t], false)
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let sample: Vec<String> = pairs
+        .iter()
+        .take(3)
+        .map(|&(k, v)| format!("\"{}\" means \"{}\"", word(k), word(v)))
+        .collect();
     println!(
-        "model: tiny ({} layers, hidden {}), task: 16 key -> value pairs, {} training and {} held-out sequences",
+        "model: tiny ({} layers, hidden {}), seeded and untrained\ntask: 16 made-up word pairs ({}, ...), {} training and {} held-out sequences",
         c.num_layers,
         c.hidden_size,
+        sample.join(", "),
         train.len(),
         eval.len()
     );
