@@ -295,24 +295,36 @@ async fn ask_again(
 /// Kademlia's provider records.
 pub async fn providers(blobs: &Blobs, id: &ContentId, hint: &[PeerId]) -> Vec<PeerId> {
     let mut set: Vec<PeerId> = hint.to_vec();
-    for (key, entry) in blobs.peers.lock().entries() {
-        if (entry.advert.blobs.contains(id) || entry.advert.models.contains(id))
-            && let Ok(p) = crate::identity::peer_id(&key)
+    // A node that has just joined knows few peers, and its first Kademlia
+    // lookup can end before the swarm's addresses reach its routing
+    // table: when nothing is found, it looks again after a wait.
+    for wait in LOOKUP_WAITS {
+        tokio::time::sleep(wait).await;
+        for (key, entry) in blobs.peers.lock().entries() {
+            if (entry.advert.blobs.contains(id) || entry.advert.models.contains(id))
+                && let Ok(p) = crate::identity::peer_id(&key)
+            {
+                set.push(p);
+            }
+        }
+        if set.is_empty()
+            && let Ok(Ok(found)) =
+                tokio::time::timeout(Duration::from_secs(10), blobs.net.providers(id.as_bytes().to_vec())).await
         {
-            set.push(p);
+            set.extend(found);
+        }
+        let me = blobs.net.local_peer_id();
+        let mut seen = HashSet::new();
+        set.retain(|p| *p != me && seen.insert(*p));
+        if !set.is_empty() {
+            break;
         }
     }
-    if set.is_empty()
-        && let Ok(Ok(found)) =
-            tokio::time::timeout(Duration::from_secs(10), blobs.net.providers(id.as_bytes().to_vec())).await
-    {
-        set.extend(found);
-    }
-    let me = blobs.net.local_peer_id();
-    let mut seen = HashSet::new();
-    set.retain(|p| *p != me && seen.insert(*p));
     set
 }
+
+/// Waits before each search for a blob's providers, while none is found.
+const LOOKUP_WAITS: [Duration; 3] = [Duration::ZERO, Duration::from_secs(1), Duration::from_secs(3)];
 
 /// Fetches blob `id` into the store unless it is already there.
 pub async fn fetch(blobs: &Arc<Blobs>, id: &ContentId, hint: &[PeerId]) -> Result<()> {
