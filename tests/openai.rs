@@ -68,6 +68,24 @@ fn stream(base: &str, key: &str, path: &str, body: &Value) -> Vec<String> {
         .collect()
 }
 
+/// A completion request streamed: its pieces of text joined, after
+/// checking that the stream ends with `[DONE]`.
+fn streamed_completion(base: &str, key: &str, request: &Value) -> String {
+    let mut streamed = request.clone();
+    streamed["stream"] = json!(true);
+    let events = stream(base, key, "/v1/completions", &streamed);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
 /// What the model gives for this chat and seed, generated directly.
 fn direct(model: &std::path::Path, messages: &[Message], max_tokens: usize, seed: u64, temperature: f32) -> String {
     let loaded = kernels::model::load(model).unwrap();
@@ -205,20 +223,7 @@ async fn an_openai_client_gets_the_models_answers_streamed_or_whole() {
         assert_eq!(status, 200, "{whole}");
         assert_eq!(whole["object"], "text_completion");
         let text = whole["choices"][0]["text"].as_str().unwrap().to_string();
-        let mut streamed = request.clone();
-        streamed["stream"] = json!(true);
-        let events = stream(&base, &key, "/v1/completions", &streamed);
-        assert_eq!(events.last().unwrap(), "[DONE]");
-        let joined: String = events[..events.len() - 1]
-            .iter()
-            .map(|e| {
-                serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"]
-                    .as_str()
-                    .unwrap()
-                    .to_string()
-            })
-            .collect();
-        assert_eq!(joined, text);
+        assert_eq!(streamed_completion(&base, &key, &request), text);
 
         // A stop sequence ends the answer before it.
         if text.chars().count() > 4 {
@@ -380,19 +385,10 @@ async fn a_request_the_node_does_not_take_runs_on_a_peer_and_is_verified() {
         assert!(remote["tern"]["evidence"].is_string());
         assert_eq!(remote["choices"][0]["text"], local["choices"][0]["text"]);
         // Streamed from a peer: the verified answer, in pieces.
-        let mut streamed = request.clone();
-        streamed["stream"] = json!(true);
-        let events = stream(&b0, &k0, "/v1/completions", &streamed);
-        let joined: String = events[..events.len() - 1]
-            .iter()
-            .map(|e| {
-                serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"]
-                    .as_str()
-                    .unwrap()
-                    .to_string()
-            })
-            .collect();
-        assert_eq!(joined, local["choices"][0]["text"].as_str().unwrap());
+        assert_eq!(
+            streamed_completion(&b0, &k0, &request),
+            local["choices"][0]["text"].as_str().unwrap()
+        );
     })
     .await
     .unwrap();

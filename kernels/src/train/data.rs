@@ -304,8 +304,13 @@ pub fn synthetic_mapping(
     sequences: usize,
     seed: u64,
 ) -> (Vec<Sequence>, Vec<(u32, u32)>) {
-    let (seqs, map) = synthetic_choices(vocab, bos, pairs, 1, sequences, seed);
-    (seqs, map.into_iter().map(|(k, v)| (k, v[0])).collect())
+    // The same draw as `synthetic_choices` with one choice.
+    mapping_over(&ordinary_ids(vocab), bos, pairs, sequences, seed)
+}
+
+/// Every id past the first few, where special tokens live.
+fn ordinary_ids(vocab: usize) -> Vec<u32> {
+    (8u32.min(vocab as u32 / 4)..vocab as u32).collect()
 }
 
 /// [`synthetic_mapping`] where each key has `choices` values and every
@@ -321,9 +326,7 @@ pub fn synthetic_choices(
     sequences: usize,
     seed: u64,
 ) -> (Vec<Sequence>, Vec<(u32, Vec<u32>)>) {
-    // Skip the first few ids: special tokens live there.
-    let first = 8u32.min(vocab as u32 / 4);
-    choices_over((first..vocab as u32).collect(), bos, pairs, choices, sequences, seed)
+    choices_over(ordinary_ids(vocab), bos, pairs, choices, sequences, seed)
 }
 
 /// [`synthetic_mapping`] with keys and values drawn from `ids` only (for

@@ -141,7 +141,7 @@ fn admit(api: &OpenAi, headers: &HeaderMap) -> ApiResult<()> {
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| crate::daemon::control::constant_time_eq(t.as_bytes(), api.token.as_bytes()));
+        .is_some_and(|t| super::constant_time_eq(t.as_bytes(), api.token.as_bytes()));
     if ok {
         Ok(())
     } else {

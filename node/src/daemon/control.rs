@@ -124,7 +124,7 @@ fn authorize(api: &Api, headers: &HeaderMap) -> std::result::Result<(), ApiError
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| constant_time_eq(t.as_bytes(), api.token.as_bytes()));
+        .is_some_and(|t| crate::api::constant_time_eq(t.as_bytes(), api.token.as_bytes()));
     if ok {
         Ok(())
     } else {
@@ -133,10 +133,6 @@ fn authorize(api: &Api, headers: &HeaderMap) -> std::result::Result<(), ApiError
             "missing or wrong control token".into(),
         ))
     }
-}
-
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn parse_id(s: &str) -> std::result::Result<ContentId, ApiError> {
