@@ -478,7 +478,7 @@ const DIRECT_ADVERT_GAP_SECS: f64 = 5.0;
 /// burst of 3: a connection that drops and comes back asks again).
 const SYNC_GAP_SECS: f64 = 10.0;
 
-/// Advert syncs this node asks at once (one a peer).
+/// Advert syncs this node asks at once.
 const MAX_SYNCS: usize = 64;
 
 /// Peers whose last sync time is kept.
@@ -595,16 +595,6 @@ const SYNC_LIMIT: usize = 256;
 async fn sync_adverts(shared: Arc<Shared>, peer: PeerId) {
     use prost::Message as _;
     let followed = shared.follow.lock().followed();
-    {
-        let mut synced = shared.synced.lock();
-        if synced.len() >= MAX_SYNCED && !synced.contains_key(&peer) {
-            // The one synced longest ago makes room.
-            if let Some(oldest) = synced.iter().min_by_key(|(_, at)| **at).map(|(p, _)| *p) {
-                synced.remove(&oldest);
-            }
-        }
-        synced.insert(peer, now_ms());
-    }
     let request = protocol::wire::AdvertSyncRequest { shards: followed.0 }.encode_to_vec();
     let response = match shared.net.request(peer, net::SYNC_PROTOCOL, request).await {
         Ok(r) => r,
@@ -645,10 +635,15 @@ fn answer_sync(shared: &Shared, peer: PeerId, request: &[u8]) -> Option<Vec<u8>>
         return None;
     }
     let shards = net::ShardSet(protocol::wire::AdvertSyncRequest::decode(request).ok()?.shards);
-    let mut table = shared.peers.lock();
-    table.expire(now_ms());
-    let mut adverts = table.envelopes(shards, SYNC_LIMIT);
-    if shards.contains(shared.own_shard) && table.get(&shared.key.public()).is_none() {
+    let (mut adverts, own_held) = {
+        let mut table = shared.peers.lock();
+        table.expire(now_ms());
+        (
+            table.envelopes(shards, SYNC_LIMIT),
+            table.get(&shared.key.public()).is_some(),
+        )
+    };
+    if shards.contains(shared.own_shard) && !own_held {
         // Asked before the first advert went out: a fresh one.
         adverts.truncate(SYNC_LIMIT - 1);
         adverts.push(shared.seal(
@@ -703,7 +698,7 @@ fn spawn_score_check(shared: Arc<Shared>, signer: PublicKey, epoch: u64, hash: C
 async fn inbound_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>) {
     // Bounded concurrency for blob serving and tasks.
     let blob_slots = Arc::new(tokio::sync::Semaphore::new(64));
-    let syncing: Arc<Mutex<std::collections::HashSet<PeerId>>> = Arc::default();
+    let syncs = Arc::new(tokio::sync::Semaphore::new(MAX_SYNCS));
     while let Some(event) = inbound.recv().await {
         match event {
             Inbound::Advert {
@@ -757,21 +752,25 @@ async fn inbound_loop(shared: Arc<Shared>, mut inbound: mpsc::Receiver<Inbound>)
                 }
                 // The two sides swap what they hold (this node's own advert
                 // comes from its table too), rather than publishing to the
-                // whole swarm. Bounded: one sync a peer at a time.
+                // whole swarm. Bounded: at most MAX_SYNCS at once.
                 // Not again with a peer synced within two advert intervals:
                 // connected since, it heard the same gossip, and what it
                 // missed while apart is published again within an interval.
+                // Marked as it starts, so a second connection of the same
+                // peer meanwhile asks nothing more.
                 let gap = 2 * shared.config.advert_interval().as_millis() as u64;
                 let due = shared.synced.lock().get(&peer).is_none_or(|&at| now_ms() >= at + gap);
-                let fresh = due && {
-                    let mut set = syncing.lock();
-                    set.len() < MAX_SYNCS && set.insert(peer)
-                };
-                if fresh {
-                    let (s, syncing) = (shared.clone(), syncing.clone());
+                if due && let Ok(permit) = syncs.clone().try_acquire_owned() {
+                    {
+                        let mut synced = shared.synced.lock();
+                        // The peer synced longest ago makes room.
+                        net::make_room(&mut synced, &peer, MAX_SYNCED);
+                        synced.insert(peer, now_ms());
+                    }
+                    let s = shared.clone();
                     tokio::spawn(async move {
                         sync_adverts(s, peer).await;
-                        syncing.lock().remove(&peer);
+                        drop(permit);
                     });
                 }
             }

@@ -552,7 +552,7 @@ fn message_id(m: &gossipsub::Message) -> gossipsub::MessageId {
 /// When `map` holds `cap` entries and not `key`, removes the entry with
 /// the smallest time (the ban that ends first, the peer seen longest ago)
 /// and returns its key.
-fn make_room(map: &mut HashMap<PeerId, tokio::time::Instant>, key: &PeerId, cap: usize) -> Option<PeerId> {
+pub(crate) fn make_room<V: Ord + Copy>(map: &mut HashMap<PeerId, V>, key: &PeerId, cap: usize) -> Option<PeerId> {
     if map.len() < cap || map.contains_key(key) {
         return None;
     }
