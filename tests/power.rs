@@ -221,6 +221,9 @@ async fn a_job_whose_phone_pauses_mid_shard_ends_with_the_same_adapter() {
         "{failures:?}"
     );
     assert!(state.reassigned >= 1);
+    // Handing back is the worker keeping its word: recorded as such, not
+    // as a failure.
+    assert!(state.workers[&victim].handed_back >= 1, "{:?}", state.workers);
     assert!(
         state.excluded().is_empty(),
         "pausing is not cheating: {:?}",

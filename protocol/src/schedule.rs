@@ -29,6 +29,14 @@ use crate::{ContentId, PublicKey};
 /// workers are asked meanwhile, and the round's timer asks again.
 pub const RETRY_SAME_WORKER_MS: u64 = 1000;
 
+/// Hand-backs of one shard (a worker that paused for its battery or heat,
+/// or shut down, returning the task undone) that do not use up one of the
+/// shard's attempts. A hand-back is the worker keeping its word, not a
+/// failure; past this many, a shard handed back again and again counts
+/// them as attempts, so a peer that only ever hands back cannot hold a
+/// round open for ever.
+pub const FREE_HANDBACKS_PER_SHARD: u32 = 8;
+
 /// How an accepted result was checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -62,6 +70,9 @@ pub struct WorkerRecord {
     pub assigned: u64,
     pub accepted: u64,
     pub failed: u64,
+    /// Tasks it handed back undone (it paused or shut down): not failures.
+    #[serde(default)]
+    pub handed_back: u64,
     pub wrong: u64,
     /// Why it no longer gets this job's tasks.
     pub excluded: Option<String>,
@@ -152,6 +163,10 @@ pub enum Outcome {
     Result(Got),
     /// Not done, or not delivered: the shard goes to another worker.
     Failed(String),
+    /// Handed back undone by a worker that paused (battery, heat) or is
+    /// shutting down: the shard goes to another worker, and the worker's
+    /// record shows a hand-back rather than a failure.
+    HandedBack(String),
     /// A signed result that cannot be right: the worker is caught.
     Wrong {
         why: String,
@@ -316,6 +331,8 @@ pub struct Round {
     /// Workers that failed each shard this round, and when they last did.
     failed: BTreeMap<u32, BTreeMap<PublicKey, u64>>,
     attempts: BTreeMap<u32, u32>,
+    /// Hand-backs per shard that gave their attempt back.
+    handbacks: BTreeMap<u32, u32>,
     last_error: BTreeMap<u32, String>,
     /// Shards waiting for the client's re-run, with the results it judges.
     refereeing: BTreeMap<u32, Vec<Counted>>,
@@ -342,6 +359,7 @@ impl Round {
             asked: BTreeMap::new(),
             failed: BTreeMap::new(),
             attempts: BTreeMap::new(),
+            handbacks: BTreeMap::new(),
             last_error: BTreeMap::new(),
             refereeing: BTreeMap::new(),
             idle_since: None,
@@ -454,11 +472,26 @@ impl Round {
         if self.ledger.accepted.contains_key(&s) || self.ledger.is_excluded(&worker) {
             return;
         }
+        let handed_back = matches!(outcome, Outcome::HandedBack(_));
         match outcome {
             Outcome::Unwanted => {}
-            Outcome::Failed(why) => {
+            Outcome::Failed(why) | Outcome::HandedBack(why) => {
                 self.ledger.reassigned += 1;
-                self.ledger.worker(worker).failed += 1;
+                let rec = self.ledger.worker(worker);
+                if handed_back {
+                    rec.handed_back += 1;
+                    // The attempt is given back, a bounded number of times.
+                    let n = self.handbacks.entry(s).or_default();
+                    if *n < FREE_HANDBACKS_PER_SHARD {
+                        *n += 1;
+                        if let Some(t) = self.attempts.get_mut(&s) {
+                            *t = t.saturating_sub(1);
+                        }
+                    }
+                } else {
+                    rec.failed += 1;
+                }
+                // Either way the same worker waits before it is asked again.
                 self.failed.entry(s).or_default().insert(worker, now);
                 out.push(Action::Failed {
                     shard: s,
@@ -1141,6 +1174,45 @@ mod tests {
         // 3 + 3 per copy + 1 per peer.
         assert_eq!(attempts, 7);
         assert_eq!(last_error.as_deref(), Some("try 7"));
+    }
+
+    #[test]
+    fn hand_backs_are_not_failures_and_give_their_attempt_back_a_bounded_number_of_times() {
+        let mut r = round(plan(1, 1, 0.0));
+        let w0 = peers(1)[0].key;
+        let mut a = see(&mut r, 0, peers(1));
+        let (mut now, mut handed) = (0, 0u32);
+        let last = loop {
+            let Some(&(task, _, _)) = sends(&a).first() else {
+                now += RETRY_SAME_WORKER_MS;
+                a = r.handle(Input::Timer { now_ms: now });
+                if sends(&a).is_empty() {
+                    break a.last().cloned();
+                }
+                continue;
+            };
+            now += 1;
+            handed += 1;
+            a = answer(
+                &mut r,
+                now,
+                task,
+                Outcome::HandedBack("the worker paused: battery at 20%".into()),
+            );
+            assert!(
+                a.iter()
+                    .any(|x| matches!(x, Action::Failed { worker, .. } if *worker == w0)),
+                "the shard is freed for another worker: {a:?}"
+            );
+        };
+        let rec = &r.ledger().workers[&w0];
+        assert_eq!((rec.failed, rec.handed_back), (0, u64::from(handed)));
+        // The free hand-backs, then the 7 attempts a failing shard gets.
+        assert_eq!(handed, FREE_HANDBACKS_PER_SHARD + 7);
+        let Some(Action::Fail(Failure::TooManyAttempts { attempts, .. })) = last else {
+            panic!("{last:?}")
+        };
+        assert_eq!(attempts, 7);
     }
 
     #[test]

@@ -766,11 +766,12 @@ pub fn status_text(s: &JobState) -> String {
             .unwrap_or_default();
         let _ = writeln!(
             o,
-            "  {}  assigned {}  accepted {}  failed {}  wrong {}{ex}",
+            "  {}  assigned {}  accepted {}  failed {}  handed back {}  wrong {}{ex}",
             short(&k.to_string()),
             w.assigned,
             w.accepted,
             w.failed,
+            w.handed_back,
             w.wrong
         );
     }

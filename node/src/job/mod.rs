@@ -895,8 +895,10 @@ impl Job {
             .map_err(|e| Outcome::Failed(format!("keeping evidence: {e:#}")))?;
         let _ = store.pin(&evidence);
         let r = &sub.result;
-        if r.status != TaskStatus::Done {
-            return Err(Outcome::Failed(format!("{:?}: {}", r.status, r.error)));
+        match r.status {
+            TaskStatus::Done => {}
+            TaskStatus::HandedBack => return Err(Outcome::HandedBack(r.error.clone())),
+            s => return Err(Outcome::Failed(format!("{s:?}: {}", r.error))),
         }
         let output = r
             .output
