@@ -1,6 +1,8 @@
-//! What applications use: the OpenAI-compatible HTTP API (`openai`),
-//! served by the daemon on the control API's address.
+//! What applications and people use: the OpenAI-compatible HTTP API
+//! (`openai`) and the web dashboard (`dashboard`), served by the daemon on
+//! the control API's address.
 
+pub mod dashboard;
 pub mod openai;
 pub mod text;
 

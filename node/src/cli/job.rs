@@ -933,6 +933,37 @@ fn mapping_accuracy(
     Ok((right, shown))
 }
 
+/// Runs a job in `client`'s job runner, passing its events to `on`;
+/// returns its final state.
+async fn run_in_daemon(client: &NodeHandle, spec: JobSpec, on: &job::Progress) -> Result<JobState> {
+    use crate::job::runner::Run;
+    use tokio::sync::broadcast::error::RecvError;
+    let id = client.jobs.submit(spec)?;
+    let mut told = 0;
+    loop {
+        if let Some(mut rx) = client.jobs.subscribe(&id) {
+            loop {
+                match rx.recv().await {
+                    Ok(e) => on(&e),
+                    Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => break,
+                }
+            }
+        }
+        match client.jobs.run_of(&id) {
+            Some(Run::Finished) => return JobState::load(&client.shared.config.data_dir, &id),
+            Some(Run::Failed { error }) => bail!("the job failed: {error}"),
+            Some(Run::Cancelled) => bail!("the job was cancelled"),
+            None => bail!("the daemon lost the job"),
+            Some(Run::Retrying { error, attempt, .. }) if attempt > told => {
+                told = attempt;
+                eprintln!("the job stopped ({error}); the daemon runs it again shortly (attempt {attempt})");
+            }
+            Some(Run::Running | Run::Retrying { .. }) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
 /// `tern demo`.
 pub fn demo(a: &DemoArgs) -> Result<()> {
     ensure!(a.workers >= 1, "the demo needs at least one worker");
@@ -1024,8 +1055,17 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
             spec.local_steps,
             spec.verify
         );
+        if let Ok(c) = ControlClient::new(&client.shared.config.data_dir) {
+            let (base, token) = c.endpoint();
+            println!(
+                "watch it live in a browser: {}",
+                crate::api::dashboard::address(base, token)
+            );
+        }
+        // Through the client daemon's job runner, as `tern submit` does, so
+        // the dashboard shows the job.
         let (bar, on) = progress(&spec, false);
-        let r = job::run(&client.shared.client, spec, &*on).await;
+        let r = run_in_daemon(client, spec, &*on).await;
         bar.finish_and_clear();
         let adapter_dir = root.join("adapter");
         if let Ok(s) = &r {

@@ -137,6 +137,25 @@ pub fn api(dir: &DataDirArg) -> Result<()> {
     Ok(())
 }
 
+/// `tern dashboard`.
+pub fn dashboard(dir: &DataDirArg, open: bool) -> Result<()> {
+    let c = ControlClient::new(&dir.data_dir)?;
+    // Asks the daemon, so a stale address or token is an error here
+    // rather than a page that cannot log in.
+    c.get("/v1/status")?;
+    let (base, token) = c.endpoint();
+    let address = crate::api::dashboard::address(base, token);
+    println!("{address}");
+    eprintln!("(the address carries the key in its fragment, which browsers do not send; keep it to yourself)");
+    if open {
+        let opener = if cfg!(target_os = "macos") { "open" } else { "xdg-open" };
+        if let Err(e) = std::process::Command::new(opener).arg(&address).spawn() {
+            eprintln!("could not start {opener}: {e}; open the address by hand");
+        }
+    }
+    Ok(())
+}
+
 /// `tern status`.
 pub fn status(dir: &DataDirArg, json: bool) -> Result<()> {
     let s = ControlClient::new(&dir.data_dir)?.get("/v1/status")?;

@@ -81,6 +81,9 @@ pub struct Status {
     /// it works.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused: Option<String>,
+    /// The tasks this node runs for others now.
+    #[serde(default)]
+    pub tasks: Vec<crate::task::executor::RunningTask>,
     pub stats: serde_json::Value,
 }
 
@@ -183,13 +186,19 @@ pub async fn serve(
         .route("/v1/jobs/{id}/events", get(job_events))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/infer", post(infer))
+        .route("/v1/dashboard", get(dashboard))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .route(
             "/v1/jobs",
             post(submit_job).layer(axum::extract::DefaultBodyLimit::max(MAX_SPEC_BYTES)),
         )
         .with_state(api)
-        .merge(openai);
+        .merge(openai)
+        .merge(crate::api::dashboard::router())
+        // Every route: a Host (and Origin) that names this machine, so a
+        // page on another name that resolves here (DNS rebinding) cannot
+        // use the node even where it needs no key.
+        .layer(axum::middleware::from_fn(loopback_names_only));
     let task = tokio::spawn(async move {
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;
@@ -199,6 +208,25 @@ pub async fn serve(
         }
     });
     Ok((addr, task))
+}
+
+async fn loopback_names_only(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    match crate::api::openai::local_host(request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `GET /v1/dashboard`: what the web dashboard shows, in one answer.
+async fn dashboard(State(api): State<Api>, headers: HeaderMap) -> ApiResult<crate::api::dashboard::View> {
+    authorize(&api, &headers)?;
+    let info = api.shared.net.info().await?;
+    Ok(Json(crate::api::dashboard::view(
+        &api.shared,
+        &api.jobs,
+        info,
+        crate::clock::now_ms(),
+    )))
 }
 
 async fn status(State(api): State<Api>, headers: HeaderMap) -> ApiResult<Status> {
@@ -231,6 +259,7 @@ async fn status(State(api): State<Api>, headers: HeaderMap) -> ApiResult<Status>
             a.describe(*power)
         },
         paused: s.worker.paused.borrow().clone(),
+        tasks: s.worker.running.lock().values().cloned().collect(),
         stats: serde_json::to_value(s.stats.lock().clone()).unwrap_or_default(),
     }))
 }

@@ -44,6 +44,9 @@ pub struct Worker {
     /// Tasks computing and answered lately, for a submitter that asks again.
     pub answers: Mutex<Answers>,
     pub active_tasks: AtomicU32,
+    /// The tasks holding a slot now, by task id (at most `max_tasks`), for
+    /// `tern status` and the dashboard.
+    pub running: Mutex<std::collections::BTreeMap<ContentId, RunningTask>>,
     /// Task computations (generation, training) running on blocking
     /// threads. A task that times out or is cancelled stops its
     /// computation at the next step or token, and keeps its slot until then.
@@ -84,12 +87,35 @@ impl Worker {
             )),
             answers: Mutex::new(Answers::default()),
             active_tasks: AtomicU32::new(0),
+            running: Mutex::default(),
             computing: AtomicU32::new(0),
             accepting: AtomicBool::new(true),
             cancel,
             paused: watch::Sender::new(None),
             stats,
         }
+    }
+}
+
+/// A task this worker runs, as `tern status` and the dashboard show it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RunningTask {
+    pub task: ContentId,
+    /// `infer` or `lora_shard`.
+    pub kind: String,
+    /// The submitter.
+    pub client: PublicKey,
+    pub model: ContentId,
+    /// When it took its slot (ms since the Unix epoch).
+    pub since_ms: u64,
+}
+
+/// Lists a task in [`Worker::running`] while alive.
+struct Listed(Arc<Worker>, ContentId);
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        self.0.running.lock().remove(&self.1);
     }
 }
 
@@ -341,6 +367,21 @@ async fn process(worker: &Arc<Worker>, peer: PeerId, request: &[u8]) -> TaskResu
         return refuse(id, inputs, format!("busy: {max} tasks already running"));
     }
     let slot = Arc::new(Slot(worker.clone()));
+    let (kind, model) = match &task.params {
+        TaskParams::Infer(p) => ("infer", p.model),
+        TaskParams::LoraShard(p) => ("lora_shard", p.model),
+    };
+    worker.running.lock().insert(
+        id,
+        RunningTask {
+            task: id,
+            kind: kind.into(),
+            client: opened.signer,
+            model,
+            since_ms: now_ms(),
+        },
+    );
+    let _listed = Listed(worker.clone(), id);
     let timeout = Duration::from_secs(worker.config.limits.task_timeout_secs);
     let mut cancel = worker.cancel.clone();
     let mut paused = worker.paused.subscribe();
