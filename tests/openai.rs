@@ -398,3 +398,84 @@ async fn a_request_the_node_does_not_take_runs_on_a_peer_and_is_verified() {
         n.shutdown().await;
     }
 }
+
+/// `api_listen` serves the OpenAI API, and only it, on an address other
+/// machines reach: any Host, the key on every route but `/health`, the
+/// same answers as on the control address; the control address still
+/// refuses other Hosts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_listen_serves_the_api_to_other_machines_with_the_key() {
+    let nodes = spawn_nodes(1, |_, c| c.api_listen = Some("0.0.0.0:0".parse().unwrap())).await;
+    let (control, key) = endpoint(&nodes[0]);
+    let addr: std::net::SocketAddr = std::fs::read_to_string(nodes[0].shared.config.data_dir.join("api.addr"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(addr.ip().is_unspecified(), "{addr}");
+    // Reached as another machine would, by a name that is not loopback.
+    let public = format!("http://127.0.0.1:{}", addr.port());
+    let dir = tempdir("openai-listen");
+    let (model, _) = nodes[0].shared.store.import_file(&tiny_model(&dir)).unwrap();
+    nodes[0].shared.store.pin(&model).unwrap();
+    let id = model.to_string();
+    tokio::task::spawn_blocking(move || {
+        let call = |base: &str, path: &str, key: Option<&str>, body: Option<&Value>| {
+            let url = format!("{base}{path}");
+            let with = |r: ureq::RequestBuilder<ureq::typestate::WithoutBody>| match key {
+                Some(k) => r.header("authorization", format!("Bearer {k}")),
+                None => r,
+            };
+            let with_body = |r: ureq::RequestBuilder<ureq::typestate::WithBody>| match key {
+                Some(k) => r.header("authorization", format!("Bearer {k}")),
+                None => r,
+            };
+            let mut resp = match body {
+                Some(b) => with_body(agent().post(&url).header("host", "tern.example:8080")).send_json(b),
+                None => with(agent().get(&url).header("host", "tern.example:8080")).call(),
+            }
+            .unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.body_mut().read_json::<Value>().unwrap_or(Value::Null))
+        };
+        assert_eq!(call(&public, "/health", None, None).0, 200);
+        assert_eq!(call(&public, "/v1/models", None, None).0, 401);
+        assert_eq!(call(&public, "/v1/models", Some("wrong"), None).0, 401);
+        let (status, models) = call(&public, "/v1/models", Some(&key), None);
+        assert_eq!(status, 200, "{models}");
+        assert!(
+            models["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["id"] == id.as_str())
+        );
+        // Nothing of the control API is there, key or not.
+        assert_eq!(call(&public, "/v1/status", Some(&key), None).0, 404);
+        assert_eq!(call(&public, "/", Some(&key), None).0, 404);
+        let request = json!({
+            "model": &id,
+            "messages": [{"role": "user", "content": "hello there"}],
+            "max_tokens": 12,
+            "temperature": 0.8,
+            "seed": 5,
+        });
+        assert_eq!(call(&public, "/v1/chat/completions", None, Some(&request)).0, 401);
+        let (status, remote) = call(&public, "/v1/chat/completions", Some(&key), Some(&request));
+        assert_eq!(status, 200, "{remote}");
+        // The control address gives the same text, and still refuses a
+        // Host that is not a loopback name.
+        let (status, local) = post(&control, &key, "/v1/chat/completions", &request);
+        assert_eq!(status, 200, "{local}");
+        assert_eq!(
+            remote["choices"][0]["message"]["content"],
+            local["choices"][0]["message"]["content"]
+        );
+        assert_eq!(call(&control, "/v1/models", Some(&key), None).0, 403);
+    })
+    .await
+    .unwrap();
+    for n in nodes {
+        n.shutdown().await;
+    }
+}

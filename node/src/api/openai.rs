@@ -1,5 +1,7 @@
 //! The OpenAI-compatible API, served by the daemon beside its control API
-//! (same address and port; the control token is the API key):
+//! (same address and port; the control token is the API key), and, with
+//! `api_listen`, alone on an address other machines reach (the key
+//! required on every route but `/health`, any Host):
 //! `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`
 //! (plain JSON, or server-sent events with `"stream": true`), and
 //! `GET /health`.
@@ -54,6 +56,11 @@ pub struct OpenAi {
     /// One local generation at a time: it uses every thread the node has.
     slot: Arc<Semaphore>,
     tokenizers: Arc<Mutex<Tokenizers>>,
+    /// Served on the control address, where the Host and Origin must be
+    /// loopback names (against DNS rebinding); false on `api_listen`,
+    /// where clients name the machine as they reach it and the key guards
+    /// every route.
+    loopback: bool,
 }
 
 /// The tokenizers kept loaded, oldest first.
@@ -65,20 +72,33 @@ impl std::fmt::Debug for OpenAi {
     }
 }
 
-/// The routes, ready to merge into the control API's router.
-pub fn router(shared: Arc<Shared>, token: Arc<String>) -> Router {
-    let api = OpenAi {
-        shared,
-        token,
-        slot: Arc::new(Semaphore::new(1)),
-        tokenizers: Arc::default(),
-    };
-    Router::new()
-        .route("/v1/models", get(models))
-        .route("/v1/chat/completions", post(chat))
-        .route("/v1/completions", post(completions))
-        .route("/health", get(health))
-        .with_state(api)
+impl OpenAi {
+    /// The API's state: one generation slot and tokenizer cache, whichever
+    /// address a request comes to.
+    pub fn new(shared: Arc<Shared>, token: Arc<String>) -> Self {
+        Self {
+            shared,
+            token,
+            slot: Arc::new(Semaphore::new(1)),
+            tokenizers: Arc::default(),
+            loopback: true,
+        }
+    }
+
+    /// The routes: for the control address (`loopback`, merged into the
+    /// control API's router), or for `api_listen`.
+    pub fn router(&self, loopback: bool) -> Router {
+        let api = OpenAi {
+            loopback,
+            ..self.clone()
+        };
+        Router::new()
+            .route("/v1/models", get(models))
+            .route("/v1/chat/completions", post(chat))
+            .route("/v1/completions", post(completions))
+            .route("/health", get(health))
+            .with_state(api)
+    }
 }
 
 /// An error as OpenAI sends it.
@@ -136,7 +156,9 @@ type ApiResult<T> = Result<T, ApiError>;
 /// The key (the control token) and, against DNS rebinding, a Host (and
 /// an Origin, when a browser sends one) that names this machine.
 fn admit(api: &OpenAi, headers: &HeaderMap) -> ApiResult<()> {
-    local_host(headers)?;
+    if api.loopback {
+        local_host(headers)?;
+    }
     let ok = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -243,7 +265,9 @@ async fn models(State(api): State<OpenAi>, headers: HeaderMap) -> ApiResult<Json
 /// `GET /health`: 200 once the node has a model to serve (held here or
 /// advertised by a peer), 503 before. Needs no key.
 async fn health(State(api): State<OpenAi>, headers: HeaderMap) -> Response {
-    if let Err(e) = local_host(&headers) {
+    if api.loopback
+        && let Err(e) = local_host(&headers)
+    {
         return e.into_response();
     }
     let n = known_models(&api.shared).len();

@@ -134,6 +134,12 @@ pub fn api(dir: &DataDirArg) -> Result<()> {
     eprintln!(
         "(an OpenAI client reads both from the environment: `eval $(tern api)`; models: curl -H \"Authorization: Bearer $OPENAI_API_KEY\" $OPENAI_BASE_URL/models)"
     );
+    if let Ok(public) = std::fs::read_to_string(dir.data_dir.join("api.addr")) {
+        eprintln!(
+            "(other machines: http://{}/v1 with the same key, this machine's address in place of an unspecified one; the key changes when the daemon restarts)",
+            public.trim()
+        );
+    }
     Ok(())
 }
 

@@ -103,6 +103,12 @@ pub struct Config {
     /// peer (checked here before it is answered): a phone that should not
     /// spend its battery on generation.
     pub api_local: bool,
+    /// Also serve the OpenAI API (and only it) on this address, for other
+    /// machines: `0.0.0.0:8080`, say. Every request there needs the key
+    /// (the control token, which `tern api` prints; it changes when the
+    /// daemon restarts), whatever Host it names. Plain HTTP: put a TLS
+    /// proxy in front of it beyond a trusted network. None: loopback only.
+    pub api_listen: Option<SocketAddr>,
     /// Run the benchmark and advertise its score.
     pub bench: bool,
     /// Look for a GPU to advertise (opening one takes a moment).
@@ -226,6 +232,7 @@ impl Default for Config {
             advert_ttl_secs: 120,
             advert_target: 256,
             api_local: true,
+            api_listen: None,
             bench: true,
             gpu: true,
             compute: Compute::Auto,

@@ -172,7 +172,23 @@ pub async fn serve(
     write_private(&dir.join("control.token"), token.as_bytes())?;
     write_private(&dir.join("control.addr"), addr.to_string().as_bytes())?;
     let token = Arc::new(token);
-    let openai = crate::api::openai::router(shared.clone(), token.clone());
+    let openai = crate::api::openai::OpenAi::new(shared.clone(), token.clone());
+    let public = match shared.config.api_listen {
+        Some(at) => {
+            let l = tokio::net::TcpListener::bind(at)
+                .await
+                .with_context(|| format!("binding the OpenAI API on {at} (api_listen)"))?;
+            let bound = l.local_addr()?;
+            write_private(&dir.join("api.addr"), bound.to_string().as_bytes())?;
+            tracing::info!("the OpenAI API also listens on {bound} (api_listen; the key is required)");
+            Some((l, openai.router(false)))
+        }
+        None => {
+            let _ = std::fs::remove_file(dir.join("api.addr"));
+            None
+        }
+    };
+    let openai = openai.router(true);
     let api = Api { shared, jobs, token };
     let app = Router::new()
         .route("/v1/status", get(status))
@@ -200,12 +216,26 @@ pub async fn serve(
         // use the node even where it needs no key.
         .layer(axum::middleware::from_fn(loopback_names_only));
     let task = tokio::spawn(async move {
+        let mut stop2 = stop.clone();
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
-            tracing::error!("control API: {e}");
-        }
+        let control = async move {
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+                tracing::error!("control API: {e}");
+            }
+        };
+        let public = async move {
+            if let Some((l, router)) = public {
+                let shutdown = async move {
+                    let _ = stop2.wait_for(|s| *s).await;
+                };
+                if let Err(e) = axum::serve(l, router).with_graceful_shutdown(shutdown).await {
+                    tracing::error!("OpenAI API on api_listen: {e}");
+                }
+            }
+        };
+        tokio::join!(control, public);
     });
     Ok((addr, task))
 }
