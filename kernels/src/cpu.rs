@@ -16,7 +16,7 @@
 //! count or on how the work is split.
 
 #[cfg(target_arch = "aarch64")]
-mod arm;
+pub(crate) mod arm;
 mod scalar;
 mod team;
 #[cfg(target_arch = "x86_64")]

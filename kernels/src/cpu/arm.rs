@@ -85,6 +85,36 @@ fn mul_acc(acc: int32x4_t, c: int8x16_t, x: int8x16_t) -> int32x4_t {
     vpadalq_s16(acc, p)
 }
 
+/// The integer dot product of 32 signed bytes at `w` with 32 at `x` (a
+/// `Q8_0` block), as four i32 lanes whose sum is it. A product is at most
+/// 128 * 127 and an i16 lane holds two: no overflow.
+///
+/// # Safety
+/// `w` and `x` must be readable for 32 bytes.
+#[inline]
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn block32_neon(w: *const i8, x: *const i8) -> int32x4_t {
+    // SAFETY: the caller guarantees 32 readable bytes at each.
+    unsafe {
+        let acc = mul_acc(vdupq_n_s32(0), vld1q_s8(w), vld1q_s8(x));
+        mul_acc(acc, vld1q_s8(w.add(16)), vld1q_s8(x.add(16)))
+    }
+}
+
+/// As [`block32_neon`], with `SDOT`.
+///
+/// # Safety
+/// As [`block32_neon`]; the CPU must have dotprod.
+#[inline]
+#[target_feature(enable = "neon,dotprod")]
+pub(crate) unsafe fn block32_dotprod(w: *const i8, x: *const i8) -> int32x4_t {
+    // SAFETY: the caller guarantees 32 readable bytes at each, and dotprod.
+    unsafe {
+        let acc = sdot(vdupq_n_s32(0), vld1q_s8(w), vld1q_s8(x));
+        sdot(acc, vld1q_s8(w.add(16)), vld1q_s8(x.add(16)))
+    }
+}
+
 /// One 32-byte group (128 columns) of a packed row against 128 activations.
 ///
 /// # Safety

@@ -119,6 +119,21 @@ pub(crate) fn rows(isa: Isa, rows: &[u8], x: &Q8Activations, tokens: usize, dst:
                 continue;
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        if matches!(isa, Isa::Neon | Isa::Dotprod | Isa::I8mm) {
+            for (t, o) in d.iter_mut().enumerate() {
+                // SAFETY: the caller passes only an available ISA; dotprod
+                // comes with `Dotprod` and `I8mm`.
+                *o = unsafe {
+                    if isa == Isa::Neon {
+                        arm::row_neon(row, x, t)
+                    } else {
+                        arm::row_dotprod(row, x, t)
+                    }
+                };
+            }
+            continue;
+        }
         let _ = isa;
         for (t, o) in d.iter_mut().enumerate() {
             *o = row_scalar(row, x, t);
@@ -147,7 +162,7 @@ pub(crate) fn row_scalar(row: &[u8], x: &Q8Activations, t: usize) -> f32 {
 
 /// The sequential tail of a row: blocks `from..` one after another.
 #[inline]
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
 fn tail(row: &[u8], q: &[i8], dx: &[f32], from: usize) -> f32 {
     let mut tail = 0f32;
     for (b, d) in dx.iter().enumerate().skip(from) {
@@ -324,6 +339,87 @@ mod x86 {
         };
         let p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(xq, w));
         _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use std::arch::aarch64::*;
+
+    use super::{BLOCK_BYTES, Q8_0_BLOCK, Q8Activations, block_scale};
+    use crate::cpu::arm::{block32_dotprod, block32_neon};
+
+    /// [`super::row_scalar`] with NEON (`DOT`: `SDOT`), 16 blocks at a
+    /// time: each block's integer dot product (exact, in any order), then
+    /// `acc += isum * (d_w * d_x)` in 16 lanes held as four vectors, the
+    /// remaining blocks sequentially, and `tensor::dot`'s reduction: the
+    /// scalar order exactly (separate multiply and add, as there).
+    ///
+    /// # Safety
+    /// The CPU must have dotprod if `DOT`.
+    #[inline(always)]
+    unsafe fn row_with<const DOT: bool>(row: &[u8], x: &Q8Activations, t: usize) -> f32 {
+        // SAFETY: NEON is part of ARMv8-A; each block's reads are in
+        // bounds (k < nb), and dotprod is present if DOT (caller).
+        unsafe {
+            let (q, dx) = x.token(t);
+            let full = dx.len() / 16 * 16;
+            let mut acc = [vdupq_n_f32(0.0); 4];
+            let mut b = 0;
+            while b < full {
+                for (v, a) in acc.iter_mut().enumerate() {
+                    let k0 = b + 4 * v;
+                    let mut lanes = [vdupq_n_s32(0); 4];
+                    for (j, l) in lanes.iter_mut().enumerate() {
+                        let k = k0 + j;
+                        // k < nb: the 32 values of block k of the row (after
+                        // its 2-byte scale) and of the token are in bounds.
+                        let w = row.as_ptr().add(k * BLOCK_BYTES + 2).cast::<i8>();
+                        let xq = q.as_ptr().add(k * Q8_0_BLOCK);
+                        *l = if DOT {
+                            block32_dotprod(w, xq)
+                        } else {
+                            block32_neon(w, xq)
+                        };
+                    }
+                    // The four blocks' sums, in block order.
+                    let isum = vpaddq_s32(vpaddq_s32(lanes[0], lanes[1]), vpaddq_s32(lanes[2], lanes[3]));
+                    let mut scale = [0f32; 4];
+                    for (j, s) in scale.iter_mut().enumerate() {
+                        *s = block_scale(row, k0 + j) * dx[k0 + j];
+                    }
+                    let term = vmulq_f32(vcvtq_f32_s32(isum), vld1q_f32(scale.as_ptr()));
+                    *a = vaddq_f32(*a, term);
+                }
+                b += 16;
+            }
+            let tail = super::tail(row, q, dx, full);
+            let mut lanes = [0f32; 16];
+            for (v, a) in acc.iter().enumerate() {
+                vst1q_f32(lanes.as_mut_ptr().add(4 * v), *a);
+            }
+            super::reduce16(lanes, tail)
+        }
+    }
+
+    /// [`row_with`] with NEON.
+    ///
+    /// # Safety
+    /// None beyond an AArch64 CPU (NEON is part of ARMv8-A).
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn row_neon(row: &[u8], x: &Q8Activations, t: usize) -> f32 {
+        // SAFETY: no dotprod is used.
+        unsafe { row_with::<false>(row, x, t) }
+    }
+
+    /// [`row_with`] with `SDOT`.
+    ///
+    /// # Safety
+    /// The CPU must have dotprod.
+    #[target_feature(enable = "neon,dotprod")]
+    pub(super) unsafe fn row_dotprod(row: &[u8], x: &Q8Activations, t: usize) -> f32 {
+        // SAFETY: dotprod is present (caller).
+        unsafe { row_with::<true>(row, x, t) }
     }
 }
 

@@ -437,7 +437,77 @@ impl FloatTensor {
             }
             return rows;
         }
+        #[cfg(target_arch = "aarch64")]
+        {
+            // bf16 only: f16 needs FCVTL, whose NaN handling would have to
+            // be checked against the `half` crate's to stay the same bytes.
+            if self.dtype != FloatDtype::Bf16 {
+                return 0;
+            }
+            let k = self.cols;
+            let tokens = dst.len() / rows.max(1);
+            let bytes = &self.data[r0 * k * 2..(r0 + rows) * k * 2];
+            for (i, row) in bytes.chunks_exact(2 * k).enumerate() {
+                for t in 0..tokens {
+                    // SAFETY: NEON is part of ARMv8-A; `row` holds `k` values.
+                    dst[i * tokens + t] = unsafe { arm::dot_bf16(row, &x[t * k..(t + 1) * k]) };
+                }
+            }
+            return rows;
+        }
         0
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use std::arch::aarch64::*;
+
+    /// The dot product of a row of bf16 values with `x`, in exactly
+    /// [`super::dot`]'s order: 16 lanes (four vectors) of separate multiply
+    /// and add, a sequential tail, then the same reduction tree. A bf16 is
+    /// the top half of an f32, so widening is a shift, exact for every bit
+    /// pattern.
+    ///
+    /// # Safety
+    /// `row.len() == 2 * x.len()` (NEON is part of ARMv8-A).
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
+        let k = x.len();
+        debug_assert_eq!(row.len(), 2 * k);
+        let full = k / 16 * 16;
+        let mut acc = [vdupq_n_f32(0.0); 4];
+        let mut i = 0;
+        while i < full {
+            // SAFETY: i + 16 <= k, so 32 bytes at 2 i of the row and 16
+            // floats at i of `x` are in bounds.
+            unsafe {
+                let h0 = vld1q_u16(row.as_ptr().add(2 * i).cast());
+                let h1 = vld1q_u16(row.as_ptr().add(2 * i + 16).cast());
+                let w = [
+                    vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(h0))),
+                    vreinterpretq_f32_u32(vshll_high_n_u16::<16>(h0)),
+                    vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(h1))),
+                    vreinterpretq_f32_u32(vshll_high_n_u16::<16>(h1)),
+                ];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let xv = vld1q_f32(x.as_ptr().add(i + 4 * j));
+                    *a = vaddq_f32(*a, vmulq_f32(w[j], xv));
+                }
+            }
+            i += 16;
+        }
+        let mut tail = 0f32;
+        for (j, xv) in x.iter().enumerate().skip(full) {
+            let bits = u16::from_le_bytes([row[2 * j], row[2 * j + 1]]);
+            tail += f32::from_bits(u32::from(bits) << 16) * xv;
+        }
+        let mut lanes = [0f32; 16];
+        for (v, a) in acc.iter().enumerate() {
+            // SAFETY: `lanes` holds 16 floats; 4 v + 4 <= 16.
+            unsafe { vst1q_f32(lanes.as_mut_ptr().add(4 * v), *a) };
+        }
+        super::reduce16(lanes, tail)
     }
 }
 
