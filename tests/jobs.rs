@@ -233,7 +233,8 @@ async fn a_worker_killed_mid_round_is_replaced_and_spot_checks_pass_honest_work(
     assert!(state.finished);
     assert_eq!(adapter_of(&nodes[0], &state), reference(&s, &nodes[0])[1]);
     let v = &state.workers[&victim];
-    assert!(v.failed >= 1 && state.reassigned >= 1, "{v:?}");
+    // Shut down, it hands its task back (or its connection just drops).
+    assert!(v.failed + v.handed_back >= 1 && state.reassigned >= 1, "{v:?}");
     assert!(
         state.excluded().is_empty(),
         "failing is not cheating: {:?}",

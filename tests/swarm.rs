@@ -846,3 +846,50 @@ async fn a_data_directory_runs_one_node_and_a_taken_control_port_is_not_fatal() 
         d.shutdown().await;
     }
 }
+
+/// The connection budget: twelve nodes that all bootstrap from the first
+/// (which so starts connected to every other) come down to about their
+/// target of 4 peers (at most 6, the high-water mark), every advert still
+/// reaches every node, and a node that joins afterwards is heard by all
+/// over the trimmed graph.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_node_keeps_about_its_connection_budget_and_still_hears_every_advert() {
+    let n = 12;
+    let budget = |_: usize, c: &mut node::config::Config| {
+        c.target_connections = 4;
+        c.connection_idle_secs = 2;
+    };
+    let mut nodes = spawn_nodes(n, budget).await;
+    assert_eventually(Duration::from_secs(60), "every node holds every advert", || {
+        nodes.iter().all(|x| x.peers().len() >= n)
+    })
+    .await;
+    let high = node::net::budget::high_water(4);
+    assert_eventually_async(Duration::from_secs(60), "every node within its budget", || async {
+        for x in &nodes {
+            if x.shared.net.info().await.unwrap().connected.len() > high {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    let mut trimmed = 0;
+    for x in &nodes {
+        trimmed += x.shared.net.info().await.unwrap().trimmed;
+    }
+    assert!(trimmed > 0, "the first node started with {} peers", n - 1);
+
+    let mut c = node::config::Config::for_test(&tempdir("budget-joiner"));
+    budget(n, &mut c);
+    c.bootstrap = nodes[n / 2].dial_addrs().iter().map(|a| a.to_string()).collect();
+    nodes.push(node::daemon::start(c).await.unwrap());
+    let joiner = nodes[n].public_key();
+    assert_eventually(Duration::from_secs(60), "every node holds the joiner's advert", || {
+        nodes.iter().all(|x| x.peers().iter().any(|(k, _)| *k == joiner))
+    })
+    .await;
+    for x in nodes {
+        x.shutdown().await;
+    }
+}

@@ -729,6 +729,15 @@ fn the_demo_fine_tunes_on_a_local_swarm_and_the_adapter_helps() {
     // What it learned reads as words a person can check, not token names.
     assert!(out.contains("made-up word pairs (\""), "{out}");
     assert!(!out.contains("reserved_special"), "{out}");
+    // Where to watch it: the client's dashboard, its key in the fragment.
+    let watch = out
+        .lines()
+        .find(|l| l.starts_with("watch it live in a browser: "))
+        .unwrap();
+    assert!(
+        watch.contains("http://127.0.0.1:") && watch.contains("/#token="),
+        "{watch}"
+    );
     assert!(d.join("adapter/adapter_model.safetensors").exists());
 }
 

@@ -103,6 +103,10 @@ pub struct SwarmBenchArgs {
     /// takes (below the swarm's size, each node holds only part of it).
     #[arg(long, default_value_t = crate::config::Config::default().advert_target)]
     pub advert_target: usize,
+    /// The nodes' `target_connections` in the scale measurement (0: no
+    /// connection budget).
+    #[arg(long, default_value_t = crate::config::Config::default().target_connections)]
+    pub target_connections: u32,
     /// Small sizes and counts: checks that everything works, measures
     /// nothing useful. Skips the flood run unless `--flood` is given.
     #[arg(long)]
@@ -200,7 +204,10 @@ pub fn run(args: &SwarmBenchArgs) -> Result<SwarmReport> {
                 cpu: crate::bench::cpu_model(),
                 network: None,
                 flood: None,
-                scale: Some(scale::measure_scale(&root, &args.scale, window, args.advert_target).await?),
+                scale: Some(
+                    scale::measure_scale(&root, &args.scale, window, args.advert_target, args.target_connections)
+                        .await?,
+                ),
             });
         }
         let network = if args.flood {

@@ -86,6 +86,18 @@ pub struct Config {
     /// `max_connections`; the rest is kept for known peers.
     pub max_connections: u32,
     pub max_connections_per_peer: u32,
+    /// The connection budget: peers this node stays connected to. Above
+    /// a quarter more, it disconnects the longest idle peers that have no
+    /// request in flight, are not among the three it keeps per followed
+    /// advert topic, are no configured relay, and neither connected nor
+    /// had a request within `connection_idle_secs`; and it dials no lost
+    /// or newly found peer while at the budget. 0 (the default): no
+    /// budget, `max_connections` alone bounds them. Off by default because
+    /// at 128 nodes it cut connections from 110 to 44 per node but raised
+    /// traffic from 48 to 69 KB/s: peers it disconnects redial, and each
+    /// new connection costs an advert sync (BENCHMARKS.md).
+    pub target_connections: u32,
+    pub connection_idle_secs: u64,
     /// Most inbound connections from one IP address (loopback exempt): a
     /// flood of fresh keys from one host cannot take every slot from the
     /// peers already connected.
@@ -227,6 +239,8 @@ impl Default for Config {
             control: SocketAddr::from(([127, 0, 0, 1], 7447)),
             max_connections: 128,
             max_connections_per_peer: 2,
+            target_connections: 0,
+            connection_idle_secs: 30,
             max_incoming_per_ip: 16,
             advert_interval_secs: 30,
             advert_ttl_secs: 120,

@@ -10,6 +10,7 @@
 //! configured `relays`), and, when configured, a relay server and AutoNAT +
 //! DCUtR.
 
+pub mod budget;
 pub mod fetch;
 pub mod peers;
 pub mod rate;
@@ -293,6 +294,12 @@ pub struct NetInfo {
     /// started (transport level: encryption and multiplexing included).
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// The connection budget (`target_connections`; 0: none), and the
+    /// connections it has closed since the start.
+    #[serde(default)]
+    pub target_connections: usize,
+    #[serde(default)]
+    pub trimmed: u64,
 }
 
 /// A configured relay.
@@ -790,6 +797,18 @@ pub fn start(config: &Config, key: libp2p::identity::Keypair) -> Result<(Net, mp
         listen_addrs: HashMap::new(),
         metrics,
         redial: HashMap::new(),
+        target_connections: config.target_connections as usize,
+        used: HashMap::new(),
+        busy: HashMap::new(),
+        trimmed: HashMap::new(),
+        trimmed_total: 0,
+        relay_peers: relay_peers.clone(),
+        idle_for: Duration::from_secs(config.connection_idle_secs),
+        salt: {
+            let mut salt = [0u8; 32];
+            getrandom::fill(&mut salt).map_err(|e| anyhow::anyhow!("the OS random generator: {e}"))?;
+            salt
+        },
     };
     for peer in bootstrap_peers.into_iter().chain(relay_peers) {
         event_loop.know(peer);
@@ -915,7 +934,29 @@ pub struct EventLoop {
     /// next, and the wait after that (doubling from a second; given up
     /// past [`REDIAL_GIVE_UP`]), at most [`MAX_KNOWN`].
     redial: HashMap<PeerId, (tokio::time::Instant, Duration)>,
+    /// The connection budget (see [`budget`]); 0: none.
+    target_connections: usize,
+    /// When each peer last had a request either way (at most
+    /// [`MAX_KNOWN`]).
+    used: HashMap<PeerId, tokio::time::Instant>,
+    /// Requests in flight per peer, either way.
+    busy: HashMap<PeerId, u32>,
+    /// Peers the budget disconnected, and when: not dialled again by this
+    /// node (redial, mDNS) for [`TRIMMED_FOR`] (at most [`MAX_KNOWN`]).
+    trimmed: HashMap<PeerId, tokio::time::Instant>,
+    trimmed_total: u64,
+    /// The configured relays' peer ids: never trimmed.
+    relay_peers: HashSet<PeerId>,
+    /// How long a connection is kept after it opened or was last used.
+    idle_for: Duration,
+    /// Keys the budget's ranking of peers: secret, so no peer can make
+    /// itself the one every node keeps.
+    salt: [u8; 32],
 }
+
+/// How long a peer the budget disconnected is not dialled again by this
+/// node's own redials and mDNS dials.
+const TRIMMED_FOR: Duration = Duration::from_secs(600);
 
 /// The wait after which a lost peer is no longer dialled again (the waits
 /// before it add up to about eight minutes).
@@ -927,6 +968,7 @@ struct Conn {
     peer: PeerId,
     addr: Multiaddr,
     relayed: bool,
+    since: tokio::time::Instant,
 }
 
 /// A configured relay: its circuit listener while one is open, else when
@@ -988,6 +1030,7 @@ impl EventLoop {
                     let now = tokio::time::Instant::now();
                     self.lift_bans(now);
                     self.grant_tenure(now);
+                    self.trim(now);
                 }
                 _ = redial_tick.tick(), if !self.redial.is_empty() => self.redial_lost(),
             }
@@ -1129,6 +1172,83 @@ impl EventLoop {
         self.unknown_inbound.retain(|_, (p, _)| *p != peer);
     }
 
+    /// Counts a request to or from `peer` starting (`1`) or ending (`-1`).
+    fn use_peer(&mut self, peer: PeerId, delta: i32) {
+        let now = tokio::time::Instant::now();
+        make_room(&mut self.used, &peer, MAX_KNOWN);
+        self.used.insert(peer, now);
+        if delta > 0 {
+            *self.busy.entry(peer).or_default() += 1;
+        } else if let Some(n) = self.busy.get_mut(&peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.busy.remove(&peer);
+            }
+        }
+    }
+
+    fn recently_trimmed(&self, peer: &PeerId) -> bool {
+        self.trimmed.get(peer).is_some_and(|t| t.elapsed() < TRIMMED_FOR)
+    }
+
+    /// Whether this node holds as many peers as its budget wants: then it
+    /// dials no lost or newly found peer on its own.
+    fn at_budget(&self) -> bool {
+        self.target_connections > 0 && self.swarm.connected_peers().count() >= self.target_connections
+    }
+
+    /// Applies the connection budget (see [`budget`]): above its high-water
+    /// mark, disconnects the longest idle peers that nothing protects.
+    fn trim(&mut self, now: tokio::time::Instant) {
+        if self.target_connections == 0 {
+            return;
+        }
+        // Each peer's newest connection.
+        let mut newest: HashMap<PeerId, tokio::time::Instant> = HashMap::new();
+        for c in self.connections.values() {
+            let e = newest.entry(c.peer).or_insert(c.since);
+            *e = (*e).max(c.since);
+        }
+        if newest.len() <= budget::high_water(self.target_connections) {
+            return;
+        }
+        let gossip = &self.swarm.behaviour().gossip;
+        let ours: HashSet<&gossipsub::TopicHash> = gossip.topics().collect();
+        let subscribed: Vec<(PeerId, Vec<gossipsub::TopicHash>)> = gossip
+            .all_peers()
+            .map(|(p, ts)| (*p, ts.into_iter().filter(|t| ours.contains(t)).cloned().collect()))
+            .collect();
+        let mesh: HashSet<PeerId> = gossip.all_mesh_peers().copied().collect();
+        let salt = &self.salt;
+        let keepers = budget::topic_keepers(&subscribed, &mesh, |p| {
+            let h = blake3::keyed_hash(salt, &p.to_bytes());
+            u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or_default())
+        });
+        let weighed: Vec<budget::Weighed> = newest
+            .iter()
+            .map(|(peer, since)| {
+                let last = self.used.get(peer).map_or(*since, |u| (*u).max(*since));
+                let protected = keepers.contains(peer)
+                    || self.busy.contains_key(peer)
+                    || self.relay_peers.contains(peer)
+                    || now.duration_since(last) < self.idle_for;
+                budget::Weighed {
+                    peer: *peer,
+                    protected,
+                    idle_ms: now.duration_since(last).as_millis() as u64,
+                }
+            })
+            .collect();
+        for peer in budget::to_trim(&weighed, self.target_connections) {
+            tracing::debug!(%peer, "disconnecting: over the connection budget and idle");
+            make_room(&mut self.trimmed, &peer, MAX_KNOWN);
+            self.trimmed.insert(peer, now);
+            self.redial.remove(&peer);
+            self.trimmed_total += 1;
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
     /// Peers whose inbound connection has been open for [`TENURE`] become known.
     fn grant_tenure(&mut self, now: tokio::time::Instant) {
         let tenured: Vec<PeerId> = self
@@ -1200,6 +1320,7 @@ impl EventLoop {
             } => {
                 let id = b.rr(&protocol).send_request(&peer, data);
                 self.pending.insert((Rr::of(&protocol), id), reply);
+                self.use_peer(peer, 1);
             }
             Command::Respond {
                 protocol,
@@ -1267,6 +1388,8 @@ impl EventLoop {
                             reserved: r.reserved,
                         })
                         .collect(),
+                    target_connections: self.target_connections,
+                    trimmed: self.trimmed_total,
                 });
             }
             Command::Path { peer, reply } => {
@@ -1376,6 +1499,7 @@ impl EventLoop {
                         peer: peer_id,
                         addr,
                         relayed,
+                        since: tokio::time::Instant::now(),
                     },
                 );
                 if !relayed {
@@ -1400,9 +1524,14 @@ impl EventLoop {
                 ..
             } => {
                 self.connections.remove(&connection_id);
+                if num_established == 0 {
+                    self.busy.remove(&peer_id);
+                }
                 if num_established == 0
                     && self.known.contains_key(&peer_id)
                     && !self.bans.contains_key(&peer_id)
+                    && !self.recently_trimmed(&peer_id)
+                    && !self.at_budget()
                     && (self.redial.len() < MAX_KNOWN || self.redial.contains_key(&peer_id))
                 {
                     let first = Duration::from_secs(1);
@@ -1488,7 +1617,9 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 for (peer, addr) in found {
                     self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
-                    let _ = self.swarm.dial(addr);
+                    if !self.swarm.is_connected(&peer) && !self.recently_trimmed(&peer) && !self.at_budget() {
+                        let _ = self.swarm.dial(addr);
+                    }
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossip(gossipsub::Event::Message {
@@ -1533,6 +1664,7 @@ impl EventLoop {
         match e {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request { request, channel, .. } => {
+                    self.use_peer(peer, 1);
                     let event = match Rr::of(&protocol) {
                         Rr::Blob => Inbound::BlobRequest { peer, request, channel },
                         Rr::Task => Inbound::Task { peer, request, channel },
@@ -1541,6 +1673,7 @@ impl EventLoop {
                     self.forward(event).await;
                 }
                 request_response::Message::Response { request_id, response } => {
+                    self.use_peer(peer, -1);
                     if let Some(reply) = self.pending.remove(&(Rr::of(&protocol), request_id)) {
                         let _ = reply.send(Ok(response));
                     }
@@ -1552,6 +1685,7 @@ impl EventLoop {
                 error,
                 ..
             } => {
+                self.use_peer(peer, -1);
                 if let Some(reply) = self.pending.remove(&(Rr::of(&protocol), request_id)) {
                     let retryable = matches!(
                         error,
@@ -1569,9 +1703,10 @@ impl EventLoop {
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
+                self.use_peer(peer, -1);
                 tracing::debug!(%peer, "inbound {protocol} request failed: {error}");
             }
-            request_response::Event::ResponseSent { .. } => {}
+            request_response::Event::ResponseSent { peer, .. } => self.use_peer(peer, -1),
         }
     }
 }

@@ -77,6 +77,8 @@ pub struct ScalePoint {
 /// The scale run.
 #[derive(Debug, Clone, Serialize)]
 pub struct ScaleReport {
+    /// The nodes' connection budget (0: none).
+    pub target_connections: u32,
     pub advert_interval_secs: u64,
     pub advert_ttl_secs: u64,
     /// The mean size of a signed advert as gossip carried it, bytes.
@@ -92,7 +94,7 @@ struct Observer {
 }
 
 impl Observer {
-    fn start(root: &Path, bootstrap: String, advert_target: usize) -> Result<Self> {
+    fn start(root: &Path, bootstrap: String, advert_target: usize, target_connections: u32) -> Result<Self> {
         let dir = root.join("observer");
         std::fs::create_dir_all(&dir)?;
         let config = Config {
@@ -101,6 +103,7 @@ impl Observer {
             // measure the contention, and every peer would recompute it.
             bench: false,
             advert_target,
+            target_connections,
             // On 127.0.0.1, which no in-process node uses.
             ..process_config(&dir)
         };
@@ -164,6 +167,7 @@ pub async fn measure_scale(
     sizes: &[usize],
     window: Duration,
     advert_target: usize,
+    target_connections: u32,
 ) -> Result<ScaleReport> {
     let mut sizes = sizes.to_vec();
     sizes.sort_unstable();
@@ -176,6 +180,7 @@ pub async fn measure_scale(
     let mut rng = kernels::rng::SplitMix64::new(0x5ca1e);
     let config = |i: usize| Config {
         advert_target,
+        target_connections,
         ..bench_config(&root.join(format!("scale-{i}")), &host(i))
     };
     let mut swarm: Vec<NodeHandle> = vec![daemon::start(config(0)).await?];
@@ -184,7 +189,7 @@ pub async fn measure_scale(
         .into_iter()
         .next()
         .ok_or_else(|| anyhow!("the first node has no address"))?;
-    let observer = Observer::start(root, first, advert_target)?;
+    let observer = Observer::start(root, first, advert_target, target_connections)?;
     let mut points = Vec::new();
     let result = async {
         for &n in &sizes {
@@ -300,6 +305,7 @@ pub async fn measure_scale(
     }
     result?;
     Ok(ScaleReport {
+        target_connections,
         advert_interval_secs: defaults.advert_interval_secs,
         advert_ttl_secs: defaults.advert_ttl_secs,
         advert_bytes: advert_bytes as f64 / adverts.max(1) as f64,
