@@ -211,25 +211,25 @@ impl Drop for Host {
 /// circuit carries), made once per test process.
 fn small_model() -> PathBuf {
     static MODEL: OnceLock<PathBuf> = OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            let d = tempdir("netns-model");
-            let m = d.join("small.gguf");
-            common::ok(&common::tern(&[
-                "model",
-                "init",
-                "--preset",
-                "small",
-                "--seed",
-                "3",
-                "--format",
-                "gguf-i2s",
-                "--out",
-                m.to_str().unwrap(),
-            ]));
-            m
-        })
-        .clone()
+    MODEL.get_or_init(|| small_gguf(&tempdir("netns-model"), "3")).clone()
+}
+
+/// A `small` model with its own seed (so its own content id) in `dir`.
+fn small_gguf(dir: &Path, seed: &str) -> PathBuf {
+    let m = dir.join(format!("small-{seed}.gguf"));
+    common::ok(&common::tern(&[
+        "model",
+        "init",
+        "--preset",
+        "small",
+        "--seed",
+        seed,
+        "--format",
+        "gguf-i2s",
+        "--out",
+        m.to_str().unwrap(),
+    ]));
+    m
 }
 
 /// Transports of a NAT test.
@@ -296,8 +296,9 @@ fn nat_swarm(name: &str, transport: Transport, symmetric: bool) -> NatSwarm {
 /// start on its circuit and end on a direct, hole-punched connection
 /// (the client's own connection table says so), over which a worker
 /// fetches a model twenty times what a circuit carries and answers an
-/// inference the client verifies.
-fn hole_punched_inference(name: &str, transport: Transport) {
+/// inference the client verifies; with `job`, then runs a fine-tune on
+/// another such model that the worker must fetch the same way.
+fn hole_punched_inference(name: &str, transport: Transport, job: bool) {
     if !netns_available() {
         return;
     }
@@ -370,16 +371,65 @@ fn hole_punched_inference(name: &str, transport: Transport) {
     let text = String::from_utf8_lossy(&s.client.cli(&["status"]).stdout).into_owned();
     assert!(text.contains(&format!("connection  direct  {worker_id}")), "{text}");
     assert!(s.worker.log().contains("hole punched") || s.client.log().contains("hole punched"));
+    if !job {
+        return;
+    }
+
+    // A fine-tune between the NATed client and the NATed worker, on a model
+    // the worker does not hold yet: the shard task's inputs cross the hole.
+    let d = tempdir(&format!("netns-{name}-job"));
+    let job_model = small_gguf(&d, "4");
+    let data = d.join("data.txt");
+    std::fs::write(&data, "a job between two homes, through a punched hole. ".repeat(64)).unwrap();
+    let out = s.client.cli(&[
+        "submit",
+        "finetune",
+        "--model",
+        job_model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--rounds",
+        "2",
+        "--local-steps",
+        "2",
+        "--shards",
+        "1",
+        "--seq-len",
+        "32",
+        "--verify",
+        "none",
+        "--min-workers",
+        "1",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "the job across the NATs failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(worker_key.as_str()),
+        "the NATed worker took the shards: {text}"
+    );
+    let model_id = protocol::ContentId::of(&std::fs::read(&job_model).unwrap()).to_string();
+    let held = String::from_utf8_lossy(&s.worker.cli(&["blob", "list"]).stdout).into_owned();
+    assert!(held.contains(&model_id), "the worker fetched the job's model: {held}");
+    let to_worker = s.client.connections_to(&worker_id);
+    assert!(
+        !to_worker.is_empty() && to_worker.iter().all(|c| c["relayed"] == false),
+        "still direct after the job: {to_worker:?}"
+    );
 }
 
 #[test]
-fn behind_two_nats_a_hole_is_punched_over_quic_and_carries_a_model() {
-    hole_punched_inference("q", Transport::Quic);
+fn behind_two_nats_a_hole_is_punched_over_quic_and_carries_a_model_and_a_job() {
+    hole_punched_inference("q", Transport::Quic, true);
 }
 
 #[test]
 fn behind_two_nats_a_hole_is_punched_over_tcp_and_carries_a_model() {
-    hole_punched_inference("t", Transport::Tcp);
+    hole_punched_inference("t", Transport::Tcp, false);
 }
 
 /// Behind routers that map every flow to a random port (symmetric NATs),
