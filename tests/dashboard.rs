@@ -14,24 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use node::daemon::NodeHandle;
 use node::job::Verify;
 use serde_json::Value;
-use tern_tests::{setup, spawn_nodes, wait_for_swarm};
-
-fn endpoint(n: &NodeHandle) -> (String, String) {
-    let c = node::control::ControlClient::new(&n.shared.config.data_dir).unwrap();
-    let (base, token) = c.endpoint();
-    (base.to_string(), token.to_string())
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .into()
-}
+use tern_tests::{agent, endpoint, setup, spawn_nodes, wait_for_swarm};
 
 /// GETs a path with optional key and Host; returns the status, content
 /// type and body.

@@ -245,3 +245,20 @@ pub fn shard_task(
         }),
     }
 }
+
+/// A daemon's HTTP base URL (its control address) and its key.
+pub fn endpoint(n: &NodeHandle) -> (String, String) {
+    let c = node::control::ControlClient::new(&n.shared.config.data_dir).expect("the daemon's control files");
+    let (base, token) = c.endpoint();
+    (base.to_string(), token.to_string())
+}
+
+/// An HTTP client that returns error statuses as responses, for tests
+/// that check them.
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .into()
+}

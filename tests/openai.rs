@@ -12,22 +12,7 @@ use std::time::Duration;
 
 use kernels::model::chat::Message;
 use serde_json::{Value, json};
-use tern_tests::{assert_eventually, spawn_nodes, tempdir, tiny_model};
-
-/// The daemon's API base URL and key.
-fn endpoint(n: &node::daemon::NodeHandle) -> (String, String) {
-    let c = node::control::ControlClient::new(&n.shared.config.data_dir).unwrap();
-    let (base, token) = c.endpoint();
-    (base.to_string(), token.to_string())
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(120)))
-        .build()
-        .into()
-}
+use tern_tests::{agent, assert_eventually, endpoint, spawn_nodes, tempdir, tiny_model};
 
 /// POSTs JSON; returns the status and the body as JSON.
 fn post(base: &str, key: &str, path: &str, body: &Value) -> (u16, Value) {

@@ -1139,15 +1139,17 @@ mod tests {
         assert!(see(&mut r, 40_000, peers(3)).is_empty());
     }
 
-    #[test]
-    fn a_shard_that_keeps_failing_ends_the_round() {
-        let mut r = round(plan(1, 1, 0.0));
-        let mut a = see(&mut r, 0, peers(1));
+    /// A one-shard round with one peer that answers every task it gets
+    /// with `outcome(try)`, the timer moving on as the scheduler's retry
+    /// wait asks (nothing is sent inside it); returns how many tasks it
+    /// got and the round's last action.
+    fn lone_worker(r: &mut Round, outcome: impl Fn(u32) -> Outcome) -> (u32, Option<Action>) {
+        let mut a = see(r, 0, peers(1));
         let (mut now, mut tries) = (0, 0);
-        let last = loop {
+        loop {
             let Some(&(task, _, _)) = sends(&a).first() else {
                 // The lone worker is asked again, not at once but a while
-                // after its failure.
+                // after its last answer.
                 assert!(
                     r.handle(Input::Timer {
                         now_ms: now + RETRY_SAME_WORKER_MS - 1
@@ -1157,14 +1159,24 @@ mod tests {
                 now += RETRY_SAME_WORKER_MS;
                 a = r.handle(Input::Timer { now_ms: now });
                 if sends(&a).is_empty() {
-                    break a.last().cloned();
+                    return (tries, a.last().cloned());
                 }
                 continue;
             };
             now += 1;
             tries += 1;
-            a = answer(&mut r, now, task, Outcome::Failed(format!("try {tries}")));
-        };
+            a = answer(r, now, task, outcome(tries));
+            assert!(
+                a.iter().any(|x| matches!(x, Action::Failed { .. })),
+                "the shard is freed for another worker: {a:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_shard_that_keeps_failing_ends_the_round() {
+        let mut r = round(plan(1, 1, 0.0));
+        let (_, last) = lone_worker(&mut r, |t| Outcome::Failed(format!("try {t}")));
         let Some(Action::Fail(Failure::TooManyAttempts {
             attempts, last_error, ..
         })) = last
@@ -1180,31 +1192,9 @@ mod tests {
     fn hand_backs_are_not_failures_and_give_their_attempt_back_a_bounded_number_of_times() {
         let mut r = round(plan(1, 1, 0.0));
         let w0 = peers(1)[0].key;
-        let mut a = see(&mut r, 0, peers(1));
-        let (mut now, mut handed) = (0, 0u32);
-        let last = loop {
-            let Some(&(task, _, _)) = sends(&a).first() else {
-                now += RETRY_SAME_WORKER_MS;
-                a = r.handle(Input::Timer { now_ms: now });
-                if sends(&a).is_empty() {
-                    break a.last().cloned();
-                }
-                continue;
-            };
-            now += 1;
-            handed += 1;
-            a = answer(
-                &mut r,
-                now,
-                task,
-                Outcome::HandedBack("the worker paused: battery at 20%".into()),
-            );
-            assert!(
-                a.iter()
-                    .any(|x| matches!(x, Action::Failed { worker, .. } if *worker == w0)),
-                "the shard is freed for another worker: {a:?}"
-            );
-        };
+        let (handed, last) = lone_worker(&mut r, |_| {
+            Outcome::HandedBack("the worker paused: battery at 20%".into())
+        });
         let rec = &r.ledger().workers[&w0];
         assert_eq!((rec.failed, rec.handed_back), (0, u64::from(handed)));
         // The free hand-backs, then the 7 attempts a failing shard gets.
