@@ -446,6 +446,24 @@ async fn api_listen_serves_the_api_to_other_machines_with_the_key() {
             "seed": 5,
         });
         assert_eq!(call(&public, "/v1/chat/completions", None, Some(&request)).0, 401);
+        // The key is checked before a body is read: a request that
+        // announces 5 MB and sends none of it is answered 401 at once
+        // without the key (with it, the server would wait for the body).
+        let announce = || {
+            use std::io::{Read as _, Write as _};
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", addr.port())).unwrap();
+            c.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+            write!(
+                c,
+                "POST /v1/chat/completions HTTP/1.1\r\nhost: tern.example\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                5 << 20
+            )
+            .unwrap();
+            let mut head = [0u8; 12];
+            c.read_exact(&mut head).expect("an answer before the body");
+            String::from_utf8_lossy(&head[9..12]).into_owned()
+        };
+        assert_eq!(announce(), "401");
         let (status, remote) = call(&public, "/v1/chat/completions", Some(&key), Some(&request));
         assert_eq!(status, 200, "{remote}");
         // The control address gives the same text, and still refuses a

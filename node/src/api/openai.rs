@@ -92,12 +92,56 @@ impl OpenAi {
             loopback,
             ..self.clone()
         };
-        Router::new()
+        // The key (and, on the control address, the Host) is checked before
+        // a body is read; on `api_listen`, at most `PUBLIC_REQUESTS` run at
+        // once.
+        let keyed = Router::new()
             .route("/v1/models", get(models))
             .route("/v1/chat/completions", post(chat))
             .route("/v1/completions", post(completions))
-            .route("/health", get(health))
-            .with_state(api)
+            .route_layer(axum::middleware::from_fn_with_state(api.clone(), key_first))
+            .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES));
+        let router = keyed.route("/health", get(health)).with_state(api);
+        if loopback {
+            router
+        } else {
+            let slots = Arc::new(Semaphore::new(PUBLIC_REQUESTS));
+            router.layer(axum::middleware::from_fn(
+                move |r: axum::extract::Request, next: axum::middleware::Next| {
+                    let slots = slots.clone();
+                    async move {
+                        let Ok(_slot) = slots.try_acquire_owned() else {
+                            return ApiError::new(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "server_error",
+                                "too many requests at once; try again",
+                            )
+                            .into_response();
+                        };
+                        next.run(r).await
+                    }
+                },
+            ))
+        }
+    }
+}
+
+/// The largest request body: a chat history of about half a million
+/// words.
+const MAX_REQUEST_BYTES: usize = 4 << 20;
+
+/// Requests `api_listen` serves at once; more are answered 503.
+const PUBLIC_REQUESTS: usize = 64;
+
+/// Refuses a request without the key before its body is read.
+async fn key_first(
+    State(api): State<OpenAi>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match admit(&api, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
     }
 }
 
@@ -187,14 +231,16 @@ pub fn local_host(headers: &HeaderMap) -> ApiResult<()> {
         } else {
             h.rsplit_once(':').map_or(h, |(n, _)| n)
         };
-        matches!(name, "localhost" | "127.0.0.1" | "::1")
+        // Any loopback address the control API may be set to listen on
+        // (127.0.1.1 too), or the name `localhost`.
+        name == "localhost" || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
     };
     let host = headers.get("host").and_then(|v| v.to_str().ok()).unwrap_or_default();
     if !host_ok(host) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "invalid_request_error",
-            format!("Host {host:?} is not this machine (localhost, 127.0.0.1 or [::1])"),
+            format!("Host {host:?} is not this machine (localhost or a loopback address)"),
         ));
     }
     if let Some(origin) = headers.get("origin").and_then(|v| v.to_str().ok()) {
@@ -964,7 +1010,13 @@ mod tests {
 
     #[test]
     fn only_loopback_hosts_and_origins_pass() {
-        for host in ["127.0.0.1:8080", "localhost:1", "[::1]:9", "localhost"] {
+        for host in [
+            "127.0.0.1:8080",
+            "localhost:1",
+            "[::1]:9",
+            "localhost",
+            "127.0.1.1:7447",
+        ] {
             assert!(local_host(&headers(&[("host", host)])).is_ok(), "{host}");
         }
         for host in ["evil.example:8080", "127.0.0.1.evil.example", "", "192.168.1.2:80"] {

@@ -55,13 +55,7 @@ pub enum Command {
     Api(DataDirArg),
     /// The running daemon's web dashboard: prints its address, which
     /// carries the key (open it in a browser on this machine).
-    Dashboard {
-        #[command(flatten)]
-        dir: DataDirArg,
-        /// Also open it in the default browser (xdg-open, open).
-        #[arg(long)]
-        open: bool,
-    },
+    Dashboard(DataDirArg),
     /// Peers known from their adverts.
     Peers {
         #[command(flatten)]
@@ -234,7 +228,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Status { dir, json } => node::status(&dir, json),
         Command::Peers { dir, json } => node::peers(&dir, json),
         Command::Api(dir) => node::api(&dir),
-        Command::Dashboard { dir, open } => node::dashboard(&dir, open),
+        Command::Dashboard(dir) => node::dashboard(&dir),
         Command::Blob(c) => node::blob(&c),
         Command::Submit(SubmitCommand::Finetune(a)) => job::submit_finetune(&a),
         Command::Submit(SubmitCommand::Infer(a)) => job::submit_infer(&a),

@@ -144,7 +144,7 @@ pub fn api(dir: &DataDirArg) -> Result<()> {
 }
 
 /// `tern dashboard`.
-pub fn dashboard(dir: &DataDirArg, open: bool) -> Result<()> {
+pub fn dashboard(dir: &DataDirArg) -> Result<()> {
     let c = ControlClient::new(&dir.data_dir)?;
     // Asks the daemon, so a stale address or token is an error here
     // rather than a page that cannot log in.
@@ -152,13 +152,11 @@ pub fn dashboard(dir: &DataDirArg, open: bool) -> Result<()> {
     let (base, token) = c.endpoint();
     let address = crate::api::dashboard::address(base, token);
     println!("{address}");
-    eprintln!("(the address carries the key in its fragment, which browsers do not send; keep it to yourself)");
-    if open {
-        let opener = if cfg!(target_os = "macos") { "open" } else { "xdg-open" };
-        if let Err(e) = std::process::Command::new(opener).arg(&address).spawn() {
-            eprintln!("could not start {opener}: {e}; open the address by hand");
-        }
-    }
+    // Not opened for the user: a browser started with the address would
+    // show the key to every local user in its command line.
+    eprintln!(
+        "(open it in a browser here; the address carries the key in its fragment, which browsers do not send: keep it to yourself)"
+    );
     Ok(())
 }
 

@@ -1523,10 +1523,9 @@ impl EventLoop {
                 num_established,
                 ..
             } => {
+                // `busy` is left as it is: every request in flight still
+                // gets its failure event, which counts it down.
                 self.connections.remove(&connection_id);
-                if num_established == 0 {
-                    self.busy.remove(&peer_id);
-                }
                 if num_established == 0
                     && self.known.contains_key(&peer_id)
                     && !self.bans.contains_key(&peer_id)

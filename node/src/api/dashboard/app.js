@@ -391,14 +391,18 @@ async function refresh() {
 let watching = null;
 
 async function watchJob(id) {
-  if (watching === id) return;
-  watching = id;
+  if (watching && watching.id === id) return;
+  // One stream at a time: the one for another job closes now, not at its
+  // next line (a quiet job sends one every 10 s).
+  if (watching) watching.abort.abort();
+  const me = { id, abort: new AbortController() };
+  watching = me;
   try {
-    const r = await api(`/v1/jobs/${id}/events`);
+    const r = await api(`/v1/jobs/${id}/events`, { signal: me.abort.signal });
     const reader = r.body.getReader();
     const decoder = new TextDecoder();
     let buf = '';
-    while (watching === id) {
+    for (;;) {
       const { value, done } = await reader.read();
       if (done) break;
       buf += decoder.decode(value, { stream: true });
@@ -407,16 +411,21 @@ async function watchJob(id) {
       while ((end = buf.indexOf('\n')) >= 0) {
         const line = buf.slice(0, end);
         buf = buf.slice(end + 1);
-        const e = JSON.parse(line);
+        let e = null;
+        try {
+          e = JSON.parse(line);
+        } catch (_) {
+          continue;
+        }
         if (['round_done', 'accepted', 'caught', 'failed', 'retrying', 'started'].includes(e.event)) changed = true;
       }
       if (changed) refresh();
     }
-    reader.cancel().catch(() => {});
   } catch (_) {
-    // Not running (any more): polling goes on.
+    // Aborted, or not running (any more): polling goes on.
   } finally {
-    if (watching === id) watching = null;
+    me.abort.abort();
+    if (watching === me) watching = null;
   }
 }
 
@@ -477,6 +486,8 @@ async function send(text) {
     await readEvents(r, (data) => {
       if (data === '[DONE]') return;
       const chunk = JSON.parse(data);
+      // A generation that fails mid-stream ends with an error event.
+      if (chunk.error) throw new Error(chunk.error.message || 'the generation failed');
       if (chunk.tern) origin = chunk.tern;
       const choice = chunk.choices && chunk.choices[0];
       if (!choice) return;
@@ -501,6 +512,8 @@ async function send(text) {
     history_.pop();
     reply.append(el('span', { class: 'meta bad' }, e.name === 'AbortError' ? 'stopped' : e.message || String(e)));
   } finally {
+    // Closes the stream if it is still open (an error mid-way).
+    abort.abort();
     reply.setAttribute('data-done', 'true');
     abort = null;
     $('chat-send').disabled = false;
