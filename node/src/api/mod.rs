@@ -6,6 +6,15 @@ pub mod dashboard;
 pub mod openai;
 pub mod text;
 
+/// Whether the request's `Authorization: Bearer` key is `token`.
+pub fn bearer_is(headers: &axum::http::HeaderMap, token: &str) -> bool {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| constant_time_eq(t.as_bytes(), token.as_bytes()))
+}
+
 /// Compares a presented key with the token in time that does not depend
 /// on where they differ.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

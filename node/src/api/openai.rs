@@ -56,11 +56,6 @@ pub struct OpenAi {
     /// One local generation at a time: it uses every thread the node has.
     slot: Arc<Semaphore>,
     tokenizers: Arc<Mutex<Tokenizers>>,
-    /// Served on the control address, where the Host and Origin must be
-    /// loopback names (against DNS rebinding); false on `api_listen`,
-    /// where clients name the machine as they reach it and the key guards
-    /// every route.
-    loopback: bool,
 }
 
 /// The tokenizers kept loaded, oldest first.
@@ -81,20 +76,17 @@ impl OpenAi {
             token,
             slot: Arc::new(Semaphore::new(1)),
             tokenizers: Arc::default(),
-            loopback: true,
         }
     }
 
-    /// The routes: for the control address (`loopback`, merged into the
-    /// control API's router), or for `api_listen`.
+    /// The routes: for the control address (`loopback`: merged into the
+    /// control API's router, whose middleware refuses a Host or Origin
+    /// that is not a loopback name), or for `api_listen` (any Host: the
+    /// key guards every route but `/health`).
     pub fn router(&self, loopback: bool) -> Router {
-        let api = OpenAi {
-            loopback,
-            ..self.clone()
-        };
-        // The key (and, on the control address, the Host) is checked before
-        // a body is read; on `api_listen`, at most `PUBLIC_REQUESTS` run at
-        // once.
+        let api = self.clone();
+        // The key is checked before a body is read; on `api_listen`, at
+        // most `PUBLIC_REQUESTS` run at once.
         let keyed = Router::new()
             .route("/v1/models", get(models))
             .route("/v1/chat/completions", post(chat))
@@ -197,18 +189,10 @@ impl From<anyhow::Error> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// The key (the control token) and, against DNS rebinding, a Host (and
-/// an Origin, when a browser sends one) that names this machine.
+/// The key (the control token). On the control address, the Host and
+/// Origin were checked before (the control router's middleware).
 fn admit(api: &OpenAi, headers: &HeaderMap) -> ApiResult<()> {
-    if api.loopback {
-        local_host(headers)?;
-    }
-    let ok = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| super::constant_time_eq(t.as_bytes(), api.token.as_bytes()));
-    if ok {
+    if super::bearer_is(headers, &api.token) {
         Ok(())
     } else {
         let mut e = ApiError::new(
@@ -290,9 +274,9 @@ fn known_models(shared: &Shared) -> Vec<(ContentId, bool, usize)> {
     out
 }
 
-/// `GET /v1/models`.
-async fn models(State(api): State<OpenAi>, headers: HeaderMap) -> ApiResult<Json<Value>> {
-    admit(&api, &headers)?;
+/// `GET /v1/models`. Like the completions, it runs after [`key_first`]
+/// has checked the key.
+async fn models(State(api): State<OpenAi>) -> ApiResult<Json<Value>> {
     let data: Vec<Value> = known_models(&api.shared)
         .into_iter()
         .map(|(id, here, peers)| {
@@ -310,12 +294,7 @@ async fn models(State(api): State<OpenAi>, headers: HeaderMap) -> ApiResult<Json
 
 /// `GET /health`: 200 once the node has a model to serve (held here or
 /// advertised by a peer), 503 before. Needs no key.
-async fn health(State(api): State<OpenAi>, headers: HeaderMap) -> Response {
-    if api.loopback
-        && let Err(e) = local_host(&headers)
-    {
-        return e.into_response();
-    }
+async fn health(State(api): State<OpenAi>) -> Response {
     let n = known_models(&api.shared).len();
     if n > 0 {
         (StatusCode::OK, Json(json!({ "status": "ok", "models": n }))).into_response()
@@ -740,8 +719,7 @@ fn usage(prompt: usize, completion: usize) -> Value {
 }
 
 /// `POST /v1/chat/completions`.
-async fn chat(State(api): State<OpenAi>, headers: HeaderMap, body: axum::body::Bytes) -> ApiResult<Response> {
-    admit(&api, &headers)?;
+async fn chat(State(api): State<OpenAi>, body: axum::body::Bytes) -> ApiResult<Response> {
     let req: ChatRequest = parse(&body)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages must not be empty"));
@@ -783,8 +761,7 @@ async fn chat(State(api): State<OpenAi>, headers: HeaderMap, body: axum::body::B
 }
 
 /// `POST /v1/completions`.
-async fn completions(State(api): State<OpenAi>, headers: HeaderMap, body: axum::body::Bytes) -> ApiResult<Response> {
-    admit(&api, &headers)?;
+async fn completions(State(api): State<OpenAi>, body: axum::body::Bytes) -> ApiResult<Response> {
     let req: CompletionRequest = parse(&body)?;
     let prompt = match req.prompt {
         Prompt::One(p) => p,

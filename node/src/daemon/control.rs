@@ -123,12 +123,7 @@ struct Api {
 }
 
 fn authorize(api: &Api, headers: &HeaderMap) -> std::result::Result<(), ApiError> {
-    let ok = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| crate::api::constant_time_eq(t.as_bytes(), api.token.as_bytes()));
-    if ok {
+    if crate::api::bearer_is(headers, &api.token) {
         Ok(())
     } else {
         Err(ApiError(

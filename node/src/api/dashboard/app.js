@@ -385,6 +385,24 @@ async function refresh() {
   }
 }
 
+/** Reads a fetch response's body to its end, calling `onFrame` with each piece of text before `separator`. */
+async function readFrames(response, separator, onFrame) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buf = '';
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buf += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buf.indexOf(separator)) >= 0) {
+      const frame = buf.slice(0, end);
+      buf = buf.slice(end + separator.length);
+      onFrame(frame);
+    }
+  }
+}
+
 // A running job's events (JSON lines) make the page refresh as they
 // happen, so a round's point appears when the round ends rather than at
 // the next poll.
@@ -399,28 +417,16 @@ async function watchJob(id) {
   watching = me;
   try {
     const r = await api(`/v1/jobs/${id}/events`, { signal: me.abort.signal });
-    const reader = r.body.getReader();
-    const decoder = new TextDecoder();
-    let buf = '';
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buf += decoder.decode(value, { stream: true });
-      let end;
-      let changed = false;
-      while ((end = buf.indexOf('\n')) >= 0) {
-        const line = buf.slice(0, end);
-        buf = buf.slice(end + 1);
-        let e = null;
-        try {
-          e = JSON.parse(line);
-        } catch (_) {
-          continue;
-        }
-        if (['round_done', 'accepted', 'caught', 'failed', 'retrying', 'started'].includes(e.event)) changed = true;
+    await readFrames(r, '\n', (line) => {
+      let e = null;
+      try {
+        e = JSON.parse(line);
+      } catch (_) {
+        return;
       }
-      if (changed) refresh();
-    }
+      // Refreshes asked for while one runs come together in one more.
+      if (['round_done', 'accepted', 'caught', 'failed', 'retrying', 'started'].includes(e.event)) refresh();
+    });
   } catch (_) {
     // Aborted, or not running (any more): polling goes on.
   } finally {
@@ -436,22 +442,11 @@ let abort = null;
 
 /** Reads server-sent events from a fetch response, calling `onData` with each `data:` payload. */
 async function readEvents(response, onData) {
-  const reader = response.body.getReader();
-  const decoder = new TextDecoder();
-  let buf = '';
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    buf += decoder.decode(value, { stream: true });
-    let end;
-    while ((end = buf.indexOf('\n\n')) >= 0) {
-      const event = buf.slice(0, end);
-      buf = buf.slice(end + 2);
-      for (const line of event.split('\n')) {
-        if (line.startsWith('data: ')) onData(line.slice(6));
-      }
+  await readFrames(response, '\n\n', (event) => {
+    for (const line of event.split('\n')) {
+      if (line.startsWith('data: ')) onData(line.slice(6));
     }
-  }
+  });
 }
 
 async function send(text) {
